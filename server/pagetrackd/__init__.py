@@ -1,0 +1,3 @@
+"""pagetrackd: Linux KVM's x86 page-track facility as a daemon."""
+
+__all__: list[str] = []

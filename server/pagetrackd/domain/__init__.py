@@ -1,0 +1,90 @@
+"""The pure page-track core: no gRPC, no protobuf, no asyncio.
+
+Everything the daemon does to a simulated VM goes through :class:`Registry` and
+:class:`Vm`. Words used throughout, as in KVM:
+
+* **gfn** -- guest frame number, ``gpa >> 12``.
+* **memslot** -- a range of guest frames backed by memory (``KVM_SET_USER_MEMORY_REGION``).
+* **track counter** -- per gfn, a ``uint16``; the gfn is write-tracked while it is > 0.
+* **seq** -- per VM, gap-free, increasing number given to every notified write.
+"""
+
+from pagetrackd.domain.cost import CostModel
+from pagetrackd.domain.errors import (
+    AlreadyExists,
+    CounterOverflow,
+    DmaRejected,
+    FailedPrecondition,
+    GfnNotInSlot,
+    InvalidArgument,
+    MoveRefused,
+    NotFound,
+    NotTracked,
+    PageTrackError,
+    QuotaExceeded,
+    ResourceExhausted,
+    SlotNotFound,
+    SlotOverlap,
+    VmNotFound,
+)
+from pagetrackd.domain.events import EventBatch, WriteEvent
+from pagetrackd.domain.notifiers import Notifier
+from pagetrackd.domain.registry import Registry
+from pagetrackd.domain.types import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    DmaPolicy,
+    Gfn,
+    Memslot,
+    Semantics,
+    SlotChange,
+    SlotFlags,
+    Source,
+    TenantId,
+    TrackInfo,
+    VmLimits,
+    WritePath,
+    WritePiece,
+    WriteResult,
+)
+from pagetrackd.domain.vm import Vm, VmStats
+
+__all__ = [
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "AlreadyExists",
+    "CostModel",
+    "CounterOverflow",
+    "DmaPolicy",
+    "DmaRejected",
+    "EventBatch",
+    "FailedPrecondition",
+    "Gfn",
+    "GfnNotInSlot",
+    "InvalidArgument",
+    "Memslot",
+    "MoveRefused",
+    "NotFound",
+    "NotTracked",
+    "Notifier",
+    "PageTrackError",
+    "QuotaExceeded",
+    "Registry",
+    "ResourceExhausted",
+    "Semantics",
+    "SlotChange",
+    "SlotFlags",
+    "SlotNotFound",
+    "SlotOverlap",
+    "Source",
+    "TenantId",
+    "TrackInfo",
+    "Vm",
+    "VmLimits",
+    "VmNotFound",
+    "VmStats",
+    "WriteEvent",
+    "WritePath",
+    "WritePiece",
+    "WriteResult",
+]

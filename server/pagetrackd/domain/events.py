@@ -1,0 +1,112 @@
+"""Track-write events, one at a time and columnar in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from pagetrackd.domain.types import PAGE_SHIFT, Source
+
+
+@dataclass(frozen=True, slots=True)
+class WriteEvent:
+    """One notified write: what KVM passes to ``track_write(gpa, new, bytes)``, plus
+    the seq, the vCPU and the source. ``data`` is the new bytes, already in guest
+    memory when the event is delivered; it never crosses a page boundary."""
+
+    seq: int
+    vcpu: int
+    gpa: int
+    data: bytes
+    source: Source = Source.GUEST
+
+    @property
+    def gfn(self) -> int:
+        """The written frame."""
+        return self.gpa >> PAGE_SHIFT
+
+    @property
+    def length(self) -> int:
+        """Number of bytes written."""
+        return len(self.data)
+
+
+U64 = npt.NDArray[np.uint64]
+U32 = npt.NDArray[np.uint32]
+U8 = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Events in seq order, stored as columns: the i-th event is ``seq[i]``,
+    ``gpa[i]``, ``length[i]`` bytes of ``data`` starting at ``sum(length[:i])``,
+    ``vcpu[i]`` and ``source[i]``. Seqs need not be contiguous (filters drop some)."""
+
+    seq: U64
+    gpa: U64
+    length: U32
+    vcpu: U32
+    source: U8
+    data: bytes
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    @property
+    def offsets(self) -> U64:
+        """Start of each event's bytes in ``data``."""
+        out = np.zeros(len(self), dtype=np.uint64)
+        if len(self) > 1:
+            np.cumsum(self.length[:-1], out=out[1:])
+        return out
+
+    def events(self) -> Iterator[WriteEvent]:
+        """The batch as :class:`WriteEvent` objects, in order."""
+        pos = 0
+        data = self.data
+        for seq, gpa, length, vcpu, source in zip(
+            self.seq.tolist(),
+            self.gpa.tolist(),
+            self.length.tolist(),
+            self.vcpu.tolist(),
+            self.source.tolist(),
+            strict=True,
+        ):
+            yield WriteEvent(seq, vcpu, gpa, data[pos : pos + length], Source(source))
+            pos += length
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> EventBatch:
+        """The events where ``mask`` is true, in order."""
+        if bool(mask.all()):
+            return self
+        offsets = self.offsets
+        keep = np.flatnonzero(mask)
+        buf = memoryview(self.data)
+        data = b"".join(
+            buf[o : o + n]
+            for o, n in zip(offsets[keep].tolist(), self.length[keep].tolist(), strict=True)
+        )
+        return EventBatch(
+            self.seq[keep], self.gpa[keep], self.length[keep], self.vcpu[keep],
+            self.source[keep], data,
+        )
+
+    @classmethod
+    def from_events(cls, events: Sequence[WriteEvent]) -> EventBatch:
+        """Pack events into columns."""
+        return cls(
+            np.fromiter((e.seq for e in events), np.uint64, len(events)),
+            np.fromiter((e.gpa for e in events), np.uint64, len(events)),
+            np.fromiter((len(e.data) for e in events), np.uint32, len(events)),
+            np.fromiter((e.vcpu for e in events), np.uint32, len(events)),
+            np.fromiter((int(e.source) for e in events), np.uint8, len(events)),
+            b"".join(e.data for e in events),
+        )
+
+    @classmethod
+    def empty(cls) -> EventBatch:
+        """A batch with no events."""
+        return cls.from_events(())

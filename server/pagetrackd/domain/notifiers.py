@@ -1,0 +1,175 @@
+"""Notifiers: who is told of every emulated write, as ``kvm_page_track_notifier_node``.
+
+KVM calls a VM's notifiers synchronously on the vCPU's write path, newest registered
+first (registration inserts at the list head; ``arch/x86/kvm/mmu/page_track.c``).
+Unregistering waits for in-flight callbacks (``synchronize_srcu``); here everything
+runs on one thread, so once :meth:`NotifierList.unregister` returns the node is never
+called again, even by a dispatch that is already walking the list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import structlog
+
+from pagetrackd.domain.events import EventBatch, WriteEvent
+
+if TYPE_CHECKING:
+    from pagetrackd.domain.vm import Vm
+
+log = structlog.get_logger("pagetrackd.notifiers")
+
+
+class Notifier(Protocol):
+    """What a VM calls. ``external`` is true for users outside the MMU (KVMGT, streams):
+    linux-6.6 semantics refuse a memslot MOVE while one is registered."""
+
+    name: str
+    external: bool
+
+    def track_write(self, vm: Vm, event: WriteEvent) -> None:
+        """An emulated write landed; ``event.data`` is already in guest memory."""
+
+    def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
+        """The gfns ``[base_gfn, base_gfn + npages)`` are gone (slot deleted or moved):
+        forget per-gfn state there and do not remove tracking for them afterwards."""
+
+
+@runtime_checkable
+class BatchNotifier(Protocol):
+    """A notifier that may receive the events of a batched write all at once, after
+    the whole batch has been applied. Only for notifiers that do not read guest
+    memory when told (remote streams): they see the same events in the same order."""
+
+    def track_write_batch(self, vm: Vm, batch: EventBatch) -> None:
+        """The emulated writes of one batch, in seq order."""
+
+
+@runtime_checkable
+class ClosingNotifier(Protocol):
+    """A notifier that wants to know when its VM is deleted (after the regions are gone)."""
+
+    def vm_closed(self, vm: Vm) -> None:
+        """The VM is being deleted; the notifier has been unregistered."""
+
+
+@dataclass(slots=True, eq=False)
+class NotifierNode:
+    """A registration: the notifier, its id and its error count."""
+
+    node_id: int
+    notifier: Notifier
+    batch: bool
+    active: bool = True
+    errors: int = 0
+    calls: int = 0
+
+
+class NotifierList:
+    """A VM's notifiers, newest first."""
+
+    __slots__ = ("_nodes", "_next_id", "sync", "batch", "errors")
+
+    def __init__(self) -> None:
+        self._nodes: list[NotifierNode] = []
+        self._next_id = 1
+        self.sync: tuple[NotifierNode, ...] = ()  #: nodes called once per event
+        self.batch: tuple[NotifierNode, ...] = ()  #: nodes that take batches
+        self.errors = 0
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def nodes(self) -> tuple[NotifierNode, ...]:
+        """Registered nodes, newest first."""
+        return tuple(self._nodes)
+
+    @property
+    def has_external(self) -> bool:
+        """KVM's ``kvm_page_track_has_external_user`` (the fixed, non-inverted one)."""
+        return any(n.notifier.external for n in self._nodes)
+
+    def register(self, notifier: Notifier) -> NotifierNode:
+        """Register at the head of the list; returns the node (its id names it)."""
+        node = NotifierNode(self._next_id, notifier, isinstance(notifier, BatchNotifier))
+        self._next_id += 1
+        self._nodes.insert(0, node)
+        self._refresh()
+        return node
+
+    def unregister(self, node: NotifierNode) -> bool:
+        """Remove a node; false if it was not registered. It is never called again."""
+        if not node.active:
+            return False
+        node.active = False
+        self._nodes.remove(node)
+        self._refresh()
+        return True
+
+    def _refresh(self) -> None:
+        self.sync = tuple(n for n in self._nodes if not n.batch)
+        self.batch = tuple(n for n in self._nodes if n.batch)
+
+    def _failed(self, node: NotifierNode, vm: Vm, hook: str) -> None:
+        node.errors += 1
+        self.errors += 1
+        log.exception(
+            "notifier.failed", vm=vm.name, notifier=node.notifier.name, node=node.node_id,
+            hook=hook,
+        )
+
+    def dispatch_write(self, vm: Vm, event: WriteEvent) -> int:
+        """Tell every node of one event, newest first; returns the calls made."""
+        calls = 0
+        for node in self._nodes.copy() if len(self._nodes) > 1 else self._nodes:
+            if not node.active:
+                continue
+            calls += 1
+            node.calls += 1
+            try:
+                node.notifier.track_write(vm, event)
+            except Exception:
+                self._failed(node, vm, "track_write")
+        return calls
+
+    def dispatch_sync(self, vm: Vm, event: WriteEvent) -> int:
+        """Tell only the per-event nodes of one event (batch nodes are told later)."""
+        calls = 0
+        for node in self.sync:
+            if not node.active:
+                continue
+            calls += 1
+            node.calls += 1
+            try:
+                node.notifier.track_write(vm, event)
+            except Exception:
+                self._failed(node, vm, "track_write")
+        return calls
+
+    def dispatch_batch(self, vm: Vm, batch: EventBatch) -> int:
+        """Give a batch to every batch node; returns the event deliveries made."""
+        calls = 0
+        for node in self.batch:
+            if not node.active:
+                continue
+            calls += len(batch)
+            node.calls += len(batch)
+            try:
+                node.notifier.track_write_batch(vm, batch)  # type: ignore[attr-defined]
+            except Exception:
+                self._failed(node, vm, "track_write_batch")
+        return calls
+
+    def dispatch_remove_region(
+        self, vm: Vm, base_gfn: int, npages: int, *, internal_only: bool = False
+    ) -> None:
+        """Tell nodes that a gfn range is gone, newest first."""
+        for node in self._nodes.copy():
+            if not node.active or (internal_only and node.notifier.external):
+                continue
+            try:
+                node.notifier.track_remove_region(vm, base_gfn, npages)
+            except Exception:
+                self._failed(node, vm, "track_remove_region")

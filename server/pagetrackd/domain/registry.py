@@ -1,0 +1,77 @@
+"""Tenants and their VMs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pagetrackd.domain.errors import AlreadyExists, InvalidArgument, VmNotFound
+from pagetrackd.domain.types import TenantId
+from pagetrackd.domain.vm import Vm
+
+_NAME_MAX = 63
+_NAME_CHARS = re.compile(r"^[a-z0-9._-]+$")
+
+
+def check_vm_name(name: str) -> None:
+    """Raise InvalidArgument naming the rule a VM name breaks.
+
+    Rules: 1 to 63 characters; lowercase letters, digits, '-', '_' and '.'; starts and
+    ends with a letter or digit.
+    """
+    if not name:
+        raise InvalidArgument("VM name is empty; give 1 to 63 characters")
+    if len(name) > _NAME_MAX:
+        raise InvalidArgument(f"VM name is {len(name)} characters; at most {_NAME_MAX}")
+    if not _NAME_CHARS.match(name):
+        raise InvalidArgument(
+            f"VM name {name!r} may hold only lowercase letters, digits, '-', '_' and '.'"
+        )
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        raise InvalidArgument(f"VM name {name!r} must start and end with a letter or digit")
+
+
+class Registry:
+    """Every tenant's VMs. A tenant never sees another's: an unknown name and another
+    tenant's VM raise the same VmNotFound."""
+
+    def __init__(self) -> None:
+        self._vms: dict[TenantId, dict[str, Vm]] = {}
+
+    def create_vm(self, tenant: TenantId, name: str, **options: Any) -> Vm:
+        """Create a VM named ``name`` for ``tenant``; options go to :class:`Vm`."""
+        check_vm_name(name)
+        vms = self._vms.setdefault(tenant, {})
+        if name in vms:
+            raise AlreadyExists(f"VM {name!r} already exists")
+        vm = Vm(name, **options)
+        vms[name] = vm
+        return vm
+
+    def get_vm(self, tenant: TenantId, name: str) -> Vm:
+        """The tenant's VM called ``name``."""
+        vm = self._vms.get(tenant, {}).get(name)
+        if vm is None:
+            raise VmNotFound(f"VM {name!r} not found")
+        return vm
+
+    def list_vms(self, tenant: TenantId | None = None) -> list[tuple[TenantId, Vm]]:
+        """(tenant, VM) pairs sorted by tenant and name; all tenants when ``tenant`` is None."""
+        out: list[tuple[TenantId, Vm]] = []
+        for t in sorted(self._vms):
+            if tenant is not None and t != tenant:
+                continue
+            out.extend((t, self._vms[t][n]) for n in sorted(self._vms[t]))
+        return out
+
+    def count_vms(self, tenant: TenantId) -> int:
+        """How many VMs ``tenant`` has."""
+        return len(self._vms.get(tenant, {}))
+
+    def delete_vm(self, tenant: TenantId, name: str) -> None:
+        """Delete a VM: notifiers hear every region go, plugins detach, state is freed."""
+        vm = self.get_vm(tenant, name)
+        vm.close()
+        del self._vms[tenant][name]
+        if not self._vms[tenant]:
+            del self._vms[tenant]

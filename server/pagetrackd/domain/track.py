@@ -1,0 +1,191 @@
+"""The track pool of one memslot: a ``uint16`` track counter per page, with owners.
+
+Counters live in chunks of :data:`CHUNK` pages allocated on first use, so a huge slot
+with a few tracked pages costs a small directory and a few chunks (KVM allocates the
+whole array when the slot is created; this is where the simulator saves memory).
+
+Every reference has an owner. References held by leases and plugins are recorded per
+owner; the rest belong to the tenant. So for every page:
+``counter == attributed + tenant references`` and ``attributed == sum of owner counts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from pagetrackd.domain.types import TENANT_OWNER
+
+CHUNK_SHIFT = 5
+CHUNK = 1 << CHUNK_SHIFT
+COUNTER_MAX = 0xFFFF  #: USHRT_MAX, KVM's bound on a track counter
+
+I64 = npt.NDArray[np.int64]
+
+
+class ChunkedCounters:
+    """``npages`` ``uint16`` counters, all zero until written, stored in chunks.
+
+    Row 0 of the chunk pool is a permanent row of zeros that every missing chunk
+    points at, so reads need no masking.
+    """
+
+    __slots__ = ("npages", "_dir", "_rows", "_nrows", "nonzero")
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self._dir: npt.NDArray[np.unsignedinteger] | None = None
+        self._rows = np.zeros((1, CHUNK), dtype=np.uint16)
+        self._nrows = 1
+        self.nonzero = 0  #: number of pages whose counter is > 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the directory and the chunks."""
+        d = 0 if self._dir is None else self._dir.nbytes
+        return d + self._rows.nbytes
+
+    def get1(self, index: int) -> int:
+        """The counter of one page."""
+        if self._dir is None:
+            return 0
+        return int(self._rows[self._dir[index >> CHUNK_SHIFT], index & (CHUNK - 1)])
+
+    def get(self, index: I64) -> npt.NDArray[np.uint16]:
+        """The counters of many pages (any order, repeats allowed)."""
+        if self._dir is None:
+            return np.zeros(index.shape, dtype=np.uint16)
+        out: npt.NDArray[np.uint16] = self._rows[
+            self._dir[index >> CHUNK_SHIFT], index & (CHUNK - 1)
+        ]
+        return out
+
+    def _ensure_chunks(self, index: I64) -> None:
+        if self._dir is None:
+            self._dir = np.zeros((self.npages + CHUNK - 1) >> CHUNK_SHIFT, dtype=np.uint16)
+        chunks = np.unique(index >> CHUNK_SHIFT)
+        missing = chunks[self._dir[chunks] == 0]
+        if missing.size == 0:
+            return
+        need = self._nrows + missing.size
+        if need - 1 > np.iinfo(self._dir.dtype).max:
+            self._dir = self._dir.astype(np.uint32)
+        if need > self._rows.shape[0]:
+            cap = max(need, self._rows.shape[0] + self._rows.shape[0] // 4 + 8)
+            grown = np.zeros((cap, CHUNK), dtype=np.uint16)
+            grown[: self._nrows] = self._rows[: self._nrows]
+            self._rows = grown
+        self._dir[missing] = np.arange(self._nrows, need, dtype=self._dir.dtype)
+        self._nrows = need
+
+    def set(self, index: I64, values: npt.NDArray[np.uint16]) -> None:
+        """Set the counters of distinct pages ``index`` to ``values``."""
+        if index.size == 0:
+            return
+        before = self.get(index)
+        self._ensure_chunks(index)
+        assert self._dir is not None
+        self._rows[self._dir[index >> CHUNK_SHIFT], index & (CHUNK - 1)] = values
+        self.nonzero += int(np.count_nonzero(values)) - int(np.count_nonzero(before))
+
+    def nonzero_indices(self) -> I64:
+        """Pages whose counter is > 0, ascending."""
+        if self._dir is None or self.nonzero == 0:
+            return np.zeros(0, dtype=np.int64)
+        chunks = np.flatnonzero(self._dir)
+        rows = self._rows[self._dir[chunks]]
+        r, c = np.nonzero(rows)
+        out = (chunks[r].astype(np.int64) << CHUNK_SHIFT) + c
+        return np.sort(out)
+
+
+class SlotTracking:
+    """Track counters, owner records and large-page disallow counts of one slot."""
+
+    __slots__ = ("counters", "attributed", "owners", "lpage_2m", "lpage_1g", "base_gfn")
+
+    def __init__(self, npages: int, base_gfn: int) -> None:
+        self.base_gfn = base_gfn
+        self.counters = ChunkedCounters(npages)
+        #: references held by owners other than the tenant, summed per page
+        self.attributed = ChunkedCounters(npages)
+        #: owner -> {page index -> references}; never holds the tenant or a zero
+        self.owners: dict[str, dict[int, int]] = {}
+        #: 2 MiB / 1 GiB region (absolute gfn >> 9 / >> 18) -> tracked gfns inside it
+        self.lpage_2m: dict[int, int] = {}
+        self.lpage_1g: dict[int, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate bytes held by the counters."""
+        return self.counters.nbytes + self.attributed.nbytes
+
+    def held(self, index: I64, owner: str) -> npt.NDArray[np.int64]:
+        """References ``owner`` holds on each of the distinct pages ``index``."""
+        if owner == TENANT_OWNER:
+            return self.counters.get(index).astype(np.int64) - self.attributed.get(index)
+        refs = self.owners.get(owner)
+        if not refs:
+            return np.zeros(index.shape, dtype=np.int64)
+        return np.fromiter((refs.get(i, 0) for i in index.tolist()), np.int64, index.size)
+
+    def apply(self, index: I64, delta: I64, owner: str) -> tuple[I64, I64]:
+        """Add ``delta`` references for ``owner`` to the distinct pages ``index``.
+
+        The caller has checked the bounds. Returns the pages that became tracked and
+        the pages that became untracked.
+        """
+        before = self.counters.get(index).astype(np.int64)
+        after = before + delta
+        self.counters.set(index, after.astype(np.uint16))
+        if owner != TENANT_OWNER:
+            attributed = self.attributed.get(index).astype(np.int64) + delta
+            self.attributed.set(index, attributed.astype(np.uint16))
+            refs = self.owners.setdefault(owner, {})
+            for i, d in zip(index.tolist(), delta.tolist(), strict=True):
+                n = refs.get(i, 0) + d
+                if n:
+                    refs[i] = n
+                else:
+                    del refs[i]
+            if not refs:
+                del self.owners[owner]
+        started = index[(before == 0) & (after > 0)]
+        stopped = index[(before > 0) & (after == 0)]
+        self._count_lpages(started, +1)
+        self._count_lpages(stopped, -1)
+        return started, stopped
+
+    def _count_lpages(self, index: I64, step: int) -> None:
+        if index.size == 0:
+            return
+        gfns = index + self.base_gfn
+        for table, shift in ((self.lpage_2m, 9), (self.lpage_1g, 18)):
+            regions, counts = np.unique(gfns >> shift, return_counts=True)
+            for r, c in zip(regions.tolist(), counts.tolist(), strict=True):
+                n = table.get(r, 0) + step * c
+                if n:
+                    table[r] = n
+                else:
+                    del table[r]
+
+    def rebase(self, base_gfn: int) -> None:
+        """The slot moved: recompute the region counts for its new base."""
+        self.base_gfn = base_gfn
+        self.lpage_2m.clear()
+        self.lpage_1g.clear()
+        self._count_lpages(self.counters.nonzero_indices(), +1)
+
+    def owners_of(self, index: int) -> dict[str, int]:
+        """Owner -> references for one page, the tenant's share included."""
+        out = {o: refs[index] for o, refs in self.owners.items() if index in refs}
+        tenant = self.counters.get1(index) - self.attributed.get1(index)
+        if tenant:
+            out[TENANT_OWNER] = tenant
+        return out
+
+    def owner_pages(self, owner: str) -> Iterable[tuple[int, int]]:
+        """(page index, references) pairs held by a non-tenant owner."""
+        return list(self.owners.get(owner, {}).items())

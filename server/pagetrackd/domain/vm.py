@@ -1,0 +1,865 @@
+"""A simulated VM: memslots, guest memory, the track pool, the write path and notifiers.
+
+Every method either completes or raises a :class:`PageTrackError` having changed
+nothing. The rules follow KVM x86 (see ``KVM_SEMANTICS.md``; rule ids like R4.4 below).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from pagetrackd.domain.cost import CostModel
+from pagetrackd.domain.errors import (
+    CounterOverflow,
+    DmaRejected,
+    FailedPrecondition,
+    GfnNotInSlot,
+    InvalidArgument,
+    MoveRefused,
+    NotTracked,
+    SlotNotFound,
+    SlotOverlap,
+)
+from pagetrackd.domain.events import EventBatch, WriteEvent
+from pagetrackd.domain.memslots import MemslotTable, Slot
+from pagetrackd.domain.notifiers import ClosingNotifier, Notifier, NotifierList, NotifierNode
+from pagetrackd.domain.track import COUNTER_MAX
+from pagetrackd.domain.types import (
+    NO_VCPU,
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    TENANT_OWNER,
+    DmaPolicy,
+    Memslot,
+    Semantics,
+    SlotChange,
+    SlotFlags,
+    Source,
+    TrackInfo,
+    VmLimits,
+    WritePath,
+    WritePiece,
+    WriteResult,
+)
+
+I64 = npt.NDArray[np.int64]
+
+_OWNER_RE = re.compile(r"^[a-z][a-z0-9_.:/-]{0,127}$")
+#: gfns one tracking call may name, counting every gfn of every range
+MAX_GFNS_PER_CALL = 1 << 22
+#: writes one batch may hold
+MAX_BATCH_WRITES = 1 << 20
+
+
+@dataclass(slots=True)
+class VmStats:
+    """Counters of one VM since it was created."""
+
+    writes: int = 0  #: guest write calls (a batch counts each write)
+    pieces: list[int] = field(default_factory=lambda: [0, 0, 0])  #: by WritePath
+    bytes_written: int = 0  #: bytes that reached guest memory from the guest
+    dma_writes: int = 0
+    dma_notified: int = 0
+    dma_rejected: int = 0
+    notifications: int = 0  #: notifier calls, one per event per notifier
+    notifier_errors: int = 0
+    cycles: list[int] = field(default_factory=lambda: [0, 0, 0])  #: by WritePath
+    dma_cycles: int = 0
+    vcpu_cycles: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def mmio_exits(self) -> int:
+        """Pieces that exited to user space (not applied)."""
+        return self.pieces[WritePath.MMIO_EXIT]
+
+    @property
+    def emulations(self) -> int:
+        """Pieces that were trapped, emulated and notified."""
+        return self.pieces[WritePath.EMULATED]
+
+    @property
+    def fast_writes(self) -> int:
+        """Pieces applied natively."""
+        return self.pieces[WritePath.FAST]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The outcome of a batched write, per piece (pieces are page-sized parts of writes,
+    in write order): the write each came from, its gpa, length, path and seq (0 if none)."""
+
+    write_index: I64
+    gpa: I64
+    length: I64
+    path: npt.NDArray[np.int8]
+    seq: I64
+
+    def count(self, path: WritePath) -> int:
+        """Pieces that took ``path``."""
+        return int(np.count_nonzero(self.path == path))
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the first event of the batch, 0 if none."""
+        s = self.seq[self.seq > 0]
+        return int(s[0]) if s.size else 0
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last event of the batch, 0 if none."""
+        s = self.seq[self.seq > 0]
+        return int(s[-1]) if s.size else 0
+
+
+def gfns_from(ranges: Iterable[tuple[int, int]] = (), gfns: Iterable[int] = ()) -> I64:
+    """One array of gfns from ``(start, count)`` ranges and a list, in the given order.
+
+    Raises InvalidArgument for negative values or more than MAX_GFNS_PER_CALL gfns.
+    """
+    parts: list[I64] = []
+    total = 0
+    for start, count in ranges:
+        if start < 0 or count <= 0:
+            raise InvalidArgument(
+                f"gfn range start={start} count={count}: start must be >= 0 and count > 0"
+            )
+        total += count
+        if total > MAX_GFNS_PER_CALL:
+            raise InvalidArgument(f"a call may name at most {MAX_GFNS_PER_CALL} gfns")
+        parts.append(np.arange(start, start + count, dtype=np.int64))
+    listed = np.fromiter(gfns, dtype=np.int64) if not isinstance(gfns, np.ndarray) else gfns
+    if listed.size:
+        if (listed < 0).any():
+            raise InvalidArgument("gfns must be >= 0")
+        total += listed.size
+        if total > MAX_GFNS_PER_CALL:
+            raise InvalidArgument(f"a call may name at most {MAX_GFNS_PER_CALL} gfns")
+        parts.append(listed.astype(np.int64, copy=False))
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+class Vm:
+    """One simulated VM. Not thread-safe: the daemon drives it from one event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        vcpus: int = 8,
+        dma_policy: DmaPolicy = DmaPolicy.BYPASS,
+        semantics: Semantics = Semantics.V2016,
+        cost: CostModel | None = None,
+        limits: VmLimits | None = None,
+    ) -> None:
+        if not 1 <= vcpus <= 4096:
+            raise InvalidArgument(f"vcpus must be between 1 and 4096, got {vcpus}")
+        self.name = name
+        self.vcpus = vcpus
+        self.dma_policy = dma_policy
+        self.semantics = semantics
+        self.cost = cost or CostModel()
+        self.limits = limits or VmLimits()
+        self.slots = MemslotTable()
+        self.notifiers = NotifierList()
+        self.stats = VmStats()
+        #: seq of the last event; the next event gets seq + 1 (gap-free, R-stream)
+        self.seq = 0
+        #: bumped whenever tracking or memslots change, so a batch in progress knows
+        #: its classification is stale
+        self.generation = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ memslots
+
+    def set_memslot(
+        self, slot_id: int, base_gfn: int, npages: int, flags: SlotFlags = SlotFlags.NONE
+    ) -> SlotChange:
+        """``KVM_SET_USER_MEMORY_REGION``: create, move, change flags of or delete
+        (``npages == 0``) a slot. Returns what it did; NONE if nothing changed."""
+        lim = self.limits
+        if not 0 <= slot_id < lim.max_slots:
+            raise InvalidArgument(
+                f"slot id {slot_id} out of range: must be 0..{lim.max_slots - 1}"
+            )
+        try:
+            flags = SlotFlags(flags)
+        except ValueError:
+            raise InvalidArgument(
+                f"unknown memslot flags {flags:#x}: only READONLY and LOG_DIRTY_PAGES exist"
+            ) from None
+        if flags & ~(SlotFlags.READONLY | SlotFlags.LOG_DIRTY_PAGES):
+            raise InvalidArgument(
+                f"unknown memslot flags {int(flags):#x}: only READONLY and LOG_DIRTY_PAGES exist"
+            )
+        if npages < 0:
+            raise InvalidArgument(f"npages must be >= 0, got {npages}")
+        old = self.slots.by_id.get(slot_id)
+        if npages == 0:
+            if old is None:
+                raise SlotNotFound(f"slot {slot_id} does not exist; nothing to delete")
+            self._delete_slot(old)
+            return SlotChange.DELETE
+        if not 0 <= base_gfn or base_gfn + npages > lim.gfn_limit:
+            raise InvalidArgument(
+                f"gfn range {base_gfn:#x}+{npages:#x} exceeds the {lim.gfn_bits}-bit gfn space"
+                f" (last gfn {lim.gfn_limit - 1:#x})"
+            )
+        if old is not None:
+            if npages != old.info.npages:
+                raise InvalidArgument(
+                    f"slot {slot_id} has {old.info.npages} pages; a live slot cannot change"
+                    " size (delete it first)"
+                )
+            if (flags ^ old.info.flags) & SlotFlags.READONLY:
+                raise InvalidArgument(
+                    f"slot {slot_id}: READONLY cannot be toggled on a live slot (as in KVM)"
+                )
+        clash = self.slots.overlapping(base_gfn, npages, slot_id)
+        if clash is not None:
+            c = clash.info
+            raise SlotOverlap(
+                f"gfns {base_gfn:#x}..{base_gfn + npages - 1:#x} overlap slot {c.slot_id}"
+                f" ({c.base_gfn:#x}..{c.end_gfn - 1:#x})"
+            )
+        new = Memslot(slot_id, base_gfn, npages, flags)
+        if old is None:
+            self.slots.by_id[slot_id] = Slot(new)
+            self.slots.reindex()
+            self.generation += 1
+            return SlotChange.CREATE
+        if base_gfn != old.info.base_gfn:
+            self._move_slot(old, new)
+            return SlotChange.MOVE
+        if flags == old.info.flags:
+            return SlotChange.NONE
+        # FLAGS_ONLY keeps the counters (the arch data is shared, R6.2).
+        old.info = new
+        if flags & SlotFlags.LOG_DIRTY_PAGES:
+            if old.dirty is None:
+                old.dirty = set()
+        else:
+            old.dirty = None
+        self.generation += 1
+        return SlotChange.FLAGS_ONLY
+
+    def _delete_slot(self, slot: Slot) -> None:
+        info = slot.info
+        if self.semantics is Semantics.V2016:
+            # track_flush_slot ran before the memslot update was committed (R5.5).
+            self.notifiers.dispatch_remove_region(self, info.base_gfn, info.npages)
+            del self.slots.by_id[info.slot_id]
+            self.slots.reindex()
+        else:
+            # track_remove_region runs once the deletion is certain (R5.6).
+            del self.slots.by_id[info.slot_id]
+            self.slots.reindex()
+            self.notifiers.dispatch_remove_region(self, info.base_gfn, info.npages)
+        self.generation += 1
+
+    def _move_slot(self, slot: Slot, new: Memslot) -> None:
+        old = slot.info
+        if self.semantics is Semantics.LINUX_6_6:
+            if self.notifiers.has_external:
+                raise MoveRefused(
+                    f"slot {old.slot_id} cannot move while an external notifier is registered"
+                    " (linux-6.6 semantics; KVM returns -EINVAL)"
+                )
+            # The moved slot gets fresh, zeroed counters (R6.3); the shadow MMU is told
+            # because KVM zaps the slot's shadow pages.
+            self.notifiers.dispatch_remove_region(
+                self, old.base_gfn, old.npages, internal_only=True
+            )
+            memory = slot.memory
+            moved = Slot(new, memory)
+            moved.dirty = slot.dirty if new.flags & SlotFlags.LOG_DIRTY_PAGES else None
+            self.slots.by_id[old.slot_id] = moved
+        else:
+            # 2016: notifiers hear that the old range is gone; counters move with the
+            # slot (the seed series' v2 fix).
+            self.notifiers.dispatch_remove_region(self, old.base_gfn, old.npages)
+            slot = self.slots.by_id[old.slot_id]
+            slot.info = new
+            slot.tracking.rebase(new.base_gfn)
+            if new.flags & SlotFlags.LOG_DIRTY_PAGES:
+                if slot.dirty is None:
+                    slot.dirty = set()
+            else:
+                slot.dirty = None
+        self.slots.reindex()
+        self.generation += 1
+
+    def memslots(self) -> list[Memslot]:
+        """Live memslots in gfn order."""
+        return [s.info for s in self.slots.slots()]
+
+    def get_dirty_log(self, slot_id: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the slot's dirty bitmap (bit i = page i, little-endian
+        bit order, padded to 64-bit words), then cleared."""
+        slot = self.slots.by_id.get(slot_id)
+        if slot is None:
+            raise SlotNotFound(f"slot {slot_id} does not exist")
+        if slot.dirty is None:
+            raise FailedPrecondition(
+                f"slot {slot_id} does not have LOG_DIRTY_PAGES set; enable it first"
+            )
+        words = (slot.info.npages + 63) // 64
+        bits = np.zeros(words * 64, dtype=np.uint8)
+        if slot.dirty:
+            bits[np.fromiter(slot.dirty, np.int64, len(slot.dirty))] = 1
+        slot.dirty = set()
+        return np.packbits(bits, bitorder="little").tobytes()
+
+    # ------------------------------------------------------------------ tracking
+
+    def _check_owner(self, owner: str) -> None:
+        if not _OWNER_RE.match(owner):
+            raise InvalidArgument(
+                f"owner {owner!r} is not valid: 1-128 chars, lowercase letters, digits and _.:/-"
+                ", starting with a letter"
+            )
+
+    def _group(self, gfns: I64) -> list[tuple[Slot, I64, I64]]:
+        """Split gfns by slot: (slot, distinct page indexes, occurrences of each)."""
+        if gfns.size == 0:
+            return []
+        if int(gfns.min()) < 0:
+            raise InvalidArgument("gfns must be >= 0")
+        pos = self.slots.find_many(gfns)
+        outside = np.flatnonzero(pos < 0)
+        if outside.size:
+            g = int(gfns[outside[0]])
+            raise GfnNotInSlot(
+                f"gfn {g:#x} is not in any memslot ({outside.size} of the gfns are outside)"
+            )
+        slots = self.slots.slots()
+        out = []
+        for p in np.unique(pos).tolist():
+            slot = slots[p]
+            idx, counts = np.unique(gfns[pos == p] - slot.base_gfn, return_counts=True)
+            out.append((slot, idx, counts.astype(np.int64)))
+        return out
+
+    def track_add(self, gfns: I64 | Sequence[int], owner: str = TENANT_OWNER) -> int:
+        """Add one reference per listed gfn (a gfn listed twice gets two), all or none.
+
+        Returns how many gfns became tracked (0 -> 1). The first reference
+        write-protects the gfn and disallows 2M/1G mappings over it (R3.1).
+        Raises GfnNotInSlot (KVM: -EINVAL, R2.3) or CounterOverflow (KVM WARNs and
+        skips, R1.3; we refuse and change nothing).
+        """
+        self._check_owner(owner)
+        arr = np.asarray(gfns, dtype=np.int64)
+        groups = self._group(arr)
+        for slot, idx, cnt in groups:
+            after = slot.tracking.counters.get(idx).astype(np.int64) + cnt
+            over = np.flatnonzero(after > COUNTER_MAX)
+            if over.size:
+                g = slot.base_gfn + int(idx[over[0]])
+                raise CounterOverflow(
+                    f"gfn {g:#x}: track counter would pass {COUNTER_MAX}"
+                    " (KVM would WARN and skip; pagetrack refuses)"
+                )
+        started = 0
+        for slot, idx, cnt in groups:
+            s, _ = slot.tracking.apply(idx, cnt, owner)
+            started += int(s.size)
+        if groups:
+            self.generation += 1
+        return started
+
+    def track_remove(self, gfns: I64 | Sequence[int], owner: str = TENANT_OWNER) -> int:
+        """Drop one of ``owner``'s references per listed gfn, all or none.
+
+        Returns how many gfns became untracked (1 -> 0). Write access then comes back
+        lazily and large pages are allowed again (R3.2). Raises NotTracked when the
+        owner holds fewer references than asked (KVM WARNs on 0 and ignores, R2.4).
+        """
+        self._check_owner(owner)
+        arr = np.asarray(gfns, dtype=np.int64)
+        groups = self._group(arr)
+        for slot, idx, cnt in groups:
+            held = slot.tracking.held(idx, owner)
+            short = np.flatnonzero(held < cnt)
+            if short.size:
+                i = int(short[0])
+                g = slot.base_gfn + int(idx[i])
+                raise NotTracked(
+                    f"gfn {g:#x}: owner {owner!r} holds {int(held[i])} reference(s),"
+                    f" cannot remove {int(cnt[i])}"
+                )
+        stopped = 0
+        for slot, idx, cnt in groups:
+            _, s = slot.tracking.apply(idx, -cnt, owner)
+            stopped += int(s.size)
+        if groups:
+            self.generation += 1
+        return stopped
+
+    def release_owner(self, owner: str) -> int:
+        """Drop every reference ``owner`` holds (a lease ended). Returns gfns untracked."""
+        if owner == TENANT_OWNER:
+            raise InvalidArgument("the tenant's references are not released as a whole")
+        stopped = 0
+        for slot in self.slots.slots():
+            pages = slot.tracking.owner_pages(owner)
+            if not pages:
+                continue
+            idx = np.array([p for p, _ in pages], dtype=np.int64)
+            cnt = np.array([c for _, c in pages], dtype=np.int64)
+            _, s = slot.tracking.apply(idx, -cnt, owner)
+            stopped += int(s.size)
+            self.generation += 1
+        return stopped
+
+    def is_tracked(self, gfn: int) -> bool:
+        """``kvm_gfn_is_write_tracked``: false outside memslots (R1.5)."""
+        slot = self.slots.find(gfn)
+        return slot is not None and slot.tracking.counters.get1(gfn - slot.base_gfn) > 0
+
+    def track_query(self, gfns: Iterable[int]) -> list[TrackInfo]:
+        """What the track pool knows of each gfn (a gfn outside memslots: all zero)."""
+        out = []
+        for gfn in gfns:
+            slot = self.slots.find(gfn)
+            if slot is None:
+                out.append(TrackInfo(gfn, 0))
+                continue
+            t = slot.tracking
+            i = gfn - slot.base_gfn
+            count = t.counters.get1(i)
+            out.append(
+                TrackInfo(
+                    gfn,
+                    count,
+                    t.owners_of(i) if count else {},
+                    write_protected=count > 0,
+                    lpage_disallowed_2m=(gfn >> 9) in t.lpage_2m,
+                    lpage_disallowed_1g=(gfn >> 18) in t.lpage_1g,
+                )
+            )
+        return out
+
+    def tracked_gfns(self, owner: str | None = None) -> I64:
+        """Every tracked gfn ascending, or those ``owner`` holds a reference on."""
+        parts = []
+        for slot in self.slots.slots():
+            t = slot.tracking
+            if owner is None:
+                idx = t.counters.nonzero_indices()
+            elif owner == TENANT_OWNER:
+                idx = t.counters.nonzero_indices()
+                idx = idx[t.held(idx, owner) > 0]
+            else:
+                idx = np.array(sorted(t.owners.get(owner, {})), dtype=np.int64)
+            parts.append(idx + slot.base_gfn)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    @property
+    def tracked_count(self) -> int:
+        """Number of gfns whose counter is > 0."""
+        return sum(s.tracking.counters.nonzero for s in self.slots.slots())
+
+    # ------------------------------------------------------------------ notifiers
+
+    def register_notifier(self, notifier: Notifier) -> NotifierNode:
+        """``kvm_page_track_register_notifier``: insert at the head (called first)."""
+        return self.notifiers.register(notifier)
+
+    def unregister_notifier(self, node: NotifierNode) -> bool:
+        """Unregister; after it returns the notifier is never called again (R5.2)."""
+        return self.notifiers.unregister(node)
+
+    # ------------------------------------------------------------------ guest access
+
+    def _check_access(self, gpa: int, n: int) -> None:
+        lim = self.limits
+        if n <= 0:
+            raise InvalidArgument("a write needs at least one byte of data")
+        if n > lim.max_write_bytes:
+            raise InvalidArgument(
+                f"{n} bytes in one access; at most {lim.max_write_bytes} are allowed"
+            )
+        if gpa < 0 or gpa + n > lim.gfn_limit << PAGE_SHIFT:
+            raise InvalidArgument(
+                f"gpa {gpa:#x}+{n} is outside the {lim.gfn_bits + PAGE_SHIFT}-bit guest"
+                " physical address space"
+            )
+
+    def _check_vcpu(self, vcpu: int) -> None:
+        if not 0 <= vcpu < self.vcpus:
+            raise InvalidArgument(
+                f"vcpu {vcpu} does not exist: this VM has vcpus 0..{self.vcpus - 1}"
+            )
+
+    def write(self, vcpu: int, gpa: int, data: bytes) -> WriteResult:
+        """One guest write: split at page boundaries (R4.3); each piece exits as MMIO,
+        lands natively, or is emulated: applied first, then notified (R4.4)."""
+        self._check_vcpu(vcpu)
+        n = len(data)
+        self._check_access(gpa, n)
+        stats = self.stats
+        stats.writes += 1
+        if (gpa & PAGE_MASK) + n <= PAGE_SIZE:
+            piece = self._write_piece(vcpu, gpa, data)
+            return WriteResult((piece,))
+        view = memoryview(data)
+        pieces = []
+        off = 0
+        while off < n:
+            g = gpa + off
+            plen = min(PAGE_SIZE - (g & PAGE_MASK), n - off)
+            pieces.append(self._write_piece(vcpu, g, view[off : off + plen]))
+            off += plen
+        return WriteResult(tuple(pieces))
+
+    def _charge(self, vcpu: int, path: WritePath, cycles: int) -> None:
+        stats = self.stats
+        stats.pieces[path] += 1
+        if cycles:
+            stats.cycles[path] += cycles
+            stats.vcpu_cycles[vcpu] = stats.vcpu_cycles.get(vcpu, 0) + cycles
+
+    def _write_piece(self, vcpu: int, gpa: int, data: bytes | memoryview) -> WritePiece:
+        gfn = gpa >> PAGE_SHIFT
+        slot = self.slots.find(gfn)
+        n = len(data)
+        if slot is None or slot.readonly:
+            self._charge(vcpu, WritePath.MMIO_EXIT, self.cost.mmio_exit_cycles)
+            return WritePiece(gpa, n, WritePath.MMIO_EXIT)
+        index = gfn - slot.info.base_gfn
+        slot.memory.write(index, gpa & PAGE_MASK, data)
+        self.stats.bytes_written += n
+        if slot.dirty is not None:
+            slot.dirty.add(index)
+        if slot.tracking.counters.get1(index) == 0:
+            self._charge(vcpu, WritePath.FAST, self.cost.fast_cycles)
+            return WritePiece(gpa, n, WritePath.FAST)
+        self._charge(vcpu, WritePath.EMULATED, self.cost.emulate_cycles)
+        self.seq += 1
+        seq = self.seq
+        if self.notifiers:
+            event = WriteEvent(seq, vcpu, gpa, bytes(data))
+            self.stats.notifications += self.notifiers.dispatch_write(self, event)
+            self.stats.notifier_errors = self.notifiers.errors
+        return WritePiece(gpa, n, WritePath.EMULATED, seq)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Read guest memory; pages never written read as zeros. Every byte must be in
+        a memslot."""
+        self._check_access(gpa, length)
+        out = bytearray()
+        off = 0
+        while off < length:
+            g = gpa + off
+            plen = min(PAGE_SIZE - (g & PAGE_MASK), length - off)
+            slot = self.slots.find(g >> PAGE_SHIFT)
+            if slot is None:
+                raise FailedPrecondition(f"gpa {g:#x} is not in any memslot; it is not RAM")
+            out += slot.memory.read((g >> PAGE_SHIFT) - slot.info.base_gfn, g & PAGE_MASK, plen)
+            off += plen
+        return bytes(out)
+
+    def dma_write(self, gpa: int, data: bytes) -> WriteResult:
+        """A device-model write into guest memory, by the VM's DMA policy.
+
+        KVM's host-side writes never notify (R4.7): ``bypass``. ``notify`` delivers them
+        as events with source DMA; ``reject`` refuses a DMA that touches a tracked gfn.
+        Every byte must be in a writable memslot; nothing is written otherwise.
+        """
+        n = len(data)
+        self._check_access(gpa, n)
+        plan: list[tuple[Slot, int, int, int]] = []  # slot, gpa, offset in data, length
+        off = 0
+        while off < n:
+            g = gpa + off
+            plen = min(PAGE_SIZE - (g & PAGE_MASK), n - off)
+            slot = self.slots.find(g >> PAGE_SHIFT)
+            if slot is None or slot.readonly:
+                raise FailedPrecondition(
+                    f"DMA to gpa {g:#x}: not in a writable memslot; nothing was written"
+                )
+            plan.append((slot, g, off, plen))
+            off += plen
+        policy = self.dma_policy
+        if policy is DmaPolicy.REJECT:
+            for slot, g, _, _ in plan:
+                if slot.tracking.counters.get1((g >> PAGE_SHIFT) - slot.base_gfn):
+                    self.stats.dma_rejected += 1
+                    raise DmaRejected(
+                        f"DMA to write-tracked gfn {g >> PAGE_SHIFT:#x} rejected by the VM's"
+                        " dma_policy=reject; nothing was written"
+                    )
+        view = memoryview(data)
+        pieces = []
+        self.stats.dma_writes += 1
+        for slot, g, o, plen in plan:
+            index = (g >> PAGE_SHIFT) - slot.base_gfn
+            slot.memory.write(index, g & PAGE_MASK, view[o : o + plen])
+            if slot.dirty is not None:
+                slot.dirty.add(index)
+            self.stats.dma_cycles += self.cost.dma_cycles
+            if policy is DmaPolicy.NOTIFY and slot.tracking.counters.get1(index):
+                self.seq += 1
+                self.stats.dma_notified += 1
+                event = WriteEvent(self.seq, NO_VCPU, g, bytes(view[o : o + plen]), Source.DMA)
+                self.stats.notifications += self.notifiers.dispatch_write(self, event)
+                self.stats.notifier_errors = self.notifiers.errors
+                pieces.append(WritePiece(g, plen, WritePath.EMULATED, self.seq))
+            else:
+                pieces.append(WritePiece(g, plen, WritePath.FAST))
+        return WriteResult(tuple(pieces))
+
+    # ------------------------------------------------------------------ batched writes
+
+    def write_batch(
+        self,
+        gpa: npt.ArrayLike,
+        vcpu: npt.ArrayLike,
+        length: npt.ArrayLike,
+        data: bytes,
+    ) -> BatchResult:
+        """Many guest writes in one call: write i is ``length[i]`` bytes of ``data``
+        (concatenated in order) at ``gpa[i]`` from ``vcpu[i]``.
+
+        The outcome, guest memory and events equal those of calling :meth:`write` for
+        each in order. numpy classifies the pieces in bulk; per-event notifiers are called
+        after each emulated piece, batch notifiers once with all the events at the end.
+        If a notifier changes tracking or memslots, the rest of the batch is classified
+        again, so the equivalence holds.
+        """
+        g = np.asarray(gpa, dtype=np.int64).ravel()
+        v = np.asarray(vcpu, dtype=np.int64).ravel()
+        n = np.asarray(length, dtype=np.int64).ravel()
+        count = g.size
+        if not (v.size == count and n.size == count):
+            raise InvalidArgument(
+                f"gpa, vcpu and length must have one entry per write: got {g.size}, {v.size},"
+                f" {n.size}"
+            )
+        if count > MAX_BATCH_WRITES:
+            raise InvalidArgument(f"{count} writes in one batch; at most {MAX_BATCH_WRITES}")
+        if count == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return BatchResult(empty, empty, empty, np.zeros(0, dtype=np.int8), empty)
+        lim = self.limits
+        if int(n.min()) <= 0 or int(n.max()) > lim.max_write_bytes:
+            raise InvalidArgument(
+                f"every write needs 1..{lim.max_write_bytes} bytes"
+            )
+        total = int(n.sum())
+        if total != len(data):
+            raise InvalidArgument(
+                f"lengths add up to {total} bytes but data holds {len(data)}"
+            )
+        if int(g.min()) < 0 or int((g + n).max()) > lim.gfn_limit << PAGE_SHIFT:
+            raise InvalidArgument(
+                f"a write falls outside the {lim.gfn_bits + PAGE_SHIFT}-bit guest physical"
+                " address space"
+            )
+        if int(v.min()) < 0 or int(v.max()) >= self.vcpus:
+            raise InvalidArgument(
+                f"vcpu ids must be 0..{self.vcpus - 1}; got {int(v.min())}..{int(v.max())}"
+            )
+        offs = np.zeros(count, dtype=np.int64)
+        np.cumsum(n[:-1], out=offs[1:])
+        # Split writes at page boundaries (R4.3).
+        first_page = g >> PAGE_SHIFT
+        npieces = ((g + n - 1) >> PAGE_SHIFT) - first_page + 1
+        if int(npieces.max()) == 1:
+            widx = np.arange(count, dtype=np.int64)
+            pgpa, plen, poff = g, n, offs
+        else:
+            widx = np.repeat(np.arange(count, dtype=np.int64), npieces)
+            starts = np.cumsum(npieces) - npieces
+            k = np.arange(widx.size, dtype=np.int64) - np.repeat(starts, npieces)
+            pgpa = np.where(k == 0, g[widx], (first_page[widx] + k) << PAGE_SHIFT)
+            pend = np.minimum(g[widx] + n[widx], (first_page[widx] + k + 1) << PAGE_SHIFT)
+            plen = pend - pgpa
+            poff = offs[widx] + (pgpa - g[widx])
+        pvcpu = v[widx]
+        self.stats.writes += count
+        return self._apply_pieces(widx, pgpa, plen, poff, pvcpu, data)
+
+    def _classify(
+        self, pgpa: I64
+    ) -> tuple[npt.NDArray[np.int8], I64, I64]:
+        """Path, slot position and page index of each piece, from current state."""
+        gfn = pgpa >> PAGE_SHIFT
+        pos = self.slots.find_many(gfn)
+        path = np.full(gfn.size, WritePath.MMIO_EXIT, dtype=np.int8)
+        index = np.zeros(gfn.size, dtype=np.int64)
+        for p, slot in enumerate(self.slots.slots()):
+            mask = pos == p
+            if not mask.any() or slot.readonly:
+                continue
+            idx = gfn[mask] - slot.base_gfn
+            index[mask] = idx
+            tracked = slot.tracking.counters.get(idx) > 0
+            path[mask] = np.where(tracked, WritePath.EMULATED, WritePath.FAST)
+        return path, pos, index
+
+    def _apply_pieces(
+        self, widx: I64, pgpa: I64, plen: I64, poff: I64, pvcpu: I64, data: bytes
+    ) -> BatchResult:
+        path, pos, index = self._classify(pgpa)
+        seq = np.zeros(pgpa.size, dtype=np.int64)
+        slots = self.slots.slots()
+        view = memoryview(data)
+        sync = self.notifiers.sync
+        stats = self.stats
+        if not sync:
+            # No per-event notifier: nothing can change tracking mid-batch, so one pass.
+            self._apply_range(0, pgpa.size, path, pos, index, pgpa, plen, poff, slots, view)
+            emulated = path == WritePath.EMULATED
+            n_emul = int(np.count_nonzero(emulated))
+            if n_emul:
+                seq[emulated] = np.arange(self.seq + 1, self.seq + 1 + n_emul, dtype=np.int64)
+                self.seq += n_emul
+        else:
+            i = 0
+            total = pgpa.size
+            while i < total:
+                emul = np.flatnonzero(path[i:] == WritePath.EMULATED)
+                j = total if emul.size == 0 else i + int(emul[0])
+                self._apply_range(i, j, path, pos, index, pgpa, plen, poff, slots, view)
+                if j == total:
+                    break
+                # Emulate piece j: write first, then notify (R4.4).
+                slot = slots[pos[j]]
+                o = int(poff[j])
+                ln = int(plen[j])
+                gp = int(pgpa[j])
+                slot.memory.write(int(index[j]), gp & PAGE_MASK, view[o : o + ln])
+                if slot.dirty is not None:
+                    slot.dirty.add(int(index[j]))
+                self.seq += 1
+                seq[j] = self.seq
+                gen = self.generation
+                event = WriteEvent(self.seq, int(pvcpu[j]), gp, bytes(view[o : o + ln]))
+                stats.notifications += self.notifiers.dispatch_sync(self, event)
+                i = j + 1
+                if self.generation != gen and i < total:
+                    # A notifier changed tracking or memslots: classify the rest again.
+                    path[i:], pos[i:], index[i:] = self._classify(pgpa[i:])
+                    slots = self.slots.slots()
+            stats.notifier_errors = self.notifiers.errors
+        # Accounting, in bulk.
+        counts = np.bincount(path, minlength=3)
+        cost = self.cost
+        per_path = (cost.mmio_exit_cycles, cost.fast_cycles, cost.emulate_cycles)
+        for p in (WritePath.MMIO_EXIT, WritePath.FAST, WritePath.EMULATED):
+            stats.pieces[p] += int(counts[p])
+            stats.cycles[p] += int(counts[p]) * per_path[p]
+        stats.bytes_written += int(plen[path != WritePath.MMIO_EXIT].sum())
+        if any(per_path):
+            cyc = np.asarray(per_path, dtype=np.int64)[path]
+            vids, vc = np.unique(pvcpu, return_inverse=True)
+            sums = np.bincount(vc, weights=cyc, minlength=vids.size)
+            for vid, c in zip(vids.tolist(), sums.tolist(), strict=True):
+                if c:
+                    stats.vcpu_cycles[vid] = stats.vcpu_cycles.get(vid, 0) + int(c)
+        emulated = np.flatnonzero(path == WritePath.EMULATED)
+        if emulated.size and self.notifiers.batch:
+            batch = EventBatch(
+                seq[emulated].astype(np.uint64),
+                pgpa[emulated].astype(np.uint64),
+                plen[emulated].astype(np.uint32),
+                pvcpu[emulated].astype(np.uint32),
+                np.zeros(emulated.size, dtype=np.uint8),
+                b"".join(
+                    view[o : o + ln]
+                    for o, ln in zip(poff[emulated].tolist(), plen[emulated].tolist(), strict=True)
+                ),
+            )
+            stats.notifications += self.notifiers.dispatch_batch(self, batch)
+            stats.notifier_errors = self.notifiers.errors
+        return BatchResult(widx, pgpa, plen, path, seq)
+
+    def _apply_range(
+        self,
+        a: int,
+        b: int,
+        path: npt.NDArray[np.int8],
+        pos: I64,
+        index: I64,
+        pgpa: I64,
+        plen: I64,
+        poff: I64,
+        slots: list[Slot],
+        view: memoryview,
+    ) -> None:
+        """Store pieces a..b-1 that reach memory (FAST and, when called for a whole
+        batch, EMULATED), in order; mark them dirty where the slot logs."""
+        if a >= b:
+            return
+        sel = np.flatnonzero(path[a:b] != WritePath.MMIO_EXIT) + a
+        if sel.size == 0:
+            return
+        writers = [s.memory.write for s in slots]
+        for p, i, gp, o, ln in zip(
+            pos[sel].tolist(),
+            index[sel].tolist(),
+            pgpa[sel].tolist(),
+            poff[sel].tolist(),
+            plen[sel].tolist(),
+            strict=True,
+        ):
+            writers[p](i, gp & PAGE_MASK, view[o : o + ln])
+        for p, slot in enumerate(slots):
+            if slot.dirty is not None:
+                mask = pos[sel] == p
+                if mask.any():
+                    slot.dirty.update(index[sel][mask].tolist())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Delete the VM: every notifier hears that every region is gone, then is
+        unregistered (plugins detach); then memory, counters and slots are freed."""
+        if self.closed:
+            return
+        for slot in self.slots.slots():
+            self.notifiers.dispatch_remove_region(self, slot.base_gfn, slot.info.npages)
+        for node in self.notifiers.nodes():
+            self.notifiers.unregister(node)
+            if isinstance(node.notifier, ClosingNotifier):
+                try:
+                    node.notifier.vm_closed(self)
+                except Exception:
+                    self.notifiers._failed(node, self, "vm_closed")
+        self.slots = MemslotTable()
+        self.closed = True
+        self.generation += 1
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of guest memory held (written data only)."""
+        return sum(s.memory.nbytes for s in self.slots.slots())
+
+    @property
+    def counter_bytes(self) -> int:
+        """Bytes held by track counters."""
+        return sum(s.tracking.nbytes for s in self.slots.slots())
+
+    def set_policy(
+        self,
+        *,
+        dma_policy: DmaPolicy | None = None,
+        semantics: Semantics | None = None,
+        cost: CostModel | None = None,
+    ) -> None:
+        """Change the VM's policies; unset arguments stay as they are."""
+        if dma_policy is not None:
+            self.dma_policy = dma_policy
+        if semantics is not None:
+            self.semantics = semantics
+        if cost is not None:
+            self.cost = cost
