@@ -1,0 +1,12 @@
+"""In-process plugins, by name. Each entry makes a fresh, unattached plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pagetrackd.plugins.base import AuditReport, Mismatch, Plugin
+
+#: name -> factory; filled in by the plugin modules below.
+PLUGINS: dict[str, Callable[[], Plugin]] = {}
+
+__all__ = ["PLUGINS", "AuditReport", "Mismatch", "Plugin"]

@@ -1,0 +1,13 @@
+"""Workloads by kind. Each factory takes (seed, options) and returns a Workload."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pagetrackd.workloads.base import Workload
+
+#: kind -> factory(seed, options); filled in by the workload modules.
+WORKLOADS: dict[str, Callable[[int, Mapping[str, Any]], Workload]] = {}
+
+__all__ = ["WORKLOADS", "Workload"]
