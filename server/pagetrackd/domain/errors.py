@@ -82,3 +82,15 @@ class Compacted(OutOfRange):
     def __init__(self, message: str, *, oldest_seq: int) -> None:
         super().__init__(message)
         self.oldest_seq = oldest_seq
+
+
+class Unauthenticated(PageTrackError):
+    """Raised when a call carries no valid bearer token."""
+
+
+class PermissionDenied(PageTrackError):
+    """Raised when the caller's role may not make this call."""
+
+
+class Unavailable(PageTrackError):
+    """Raised when the daemon is shutting down and takes no new work."""

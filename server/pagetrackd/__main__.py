@@ -1,0 +1,112 @@
+"""``pagetrackd``: serve KVM page tracking over gRPC until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+import structlog
+
+from pagetrackd import __version__
+from pagetrackd import logging as pt_logging
+from pagetrackd.app import Daemon
+from pagetrackd.config import DEFAULT_LISTEN, Config, load
+from pagetrackd.domain import PageTrackError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pagetrackd",
+        description=(
+            "Serve Linux KVM's x86 page-track facility (guest write tracking) over gRPC."
+            " Settings come from --config (TOML), then PAGETRACK_* environment variables"
+            " (e.g. PAGETRACK_LISTEN, PAGETRACK_TOKENS_FILE), then these flags."
+        ),
+    )
+    p.add_argument("--version", action="version", version=f"pagetrackd {__version__}")
+    p.add_argument("--config", metavar="FILE", help="TOML file with the settings below")
+    p.add_argument(
+        "--listen", action="append", metavar="ADDR",
+        help=f"HOST:PORT or unix:PATH to serve on; repeatable (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument("--tokens-file", metavar="FILE",
+                   help="TOML file of sha256-hashed bearer tokens; without it one 'default'"
+                   " tenant is served, on loopback and unix sockets only")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow listening on a non-loopback address without tokens")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="server private key")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"],
+                   help="auto = JSON unless stderr is a terminal")
+    p.add_argument("--grace", dest="grace_s", type=float, metavar="SECONDS",
+                   help="time in-flight calls get on shutdown (default 5)")
+    p.add_argument("--history-events", type=int, metavar="N",
+                   help="events kept per VM for Watch resume (default 65536)")
+    p.add_argument("--history-bytes", type=int, metavar="N",
+                   help="bytes of event data kept per VM for resume (default 16 MiB)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on this port (default off)")
+    p.add_argument("--metrics-host", metavar="HOST", help="address for metrics (127.0.0.1)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="save VM state here periodically and on SIGTERM; load it at start")
+    p.add_argument("--save-interval", dest="save_interval_s", type=float, metavar="SECONDS",
+                   help="how often state is saved (default 30)")
+    p.add_argument("--ready-file", metavar="FILE",
+                   help="write the bound addresses (JSON) here once serving")
+    p.add_argument("--demo", action="store_true", default=None,
+                   help="create a demo VM with tracked pages and a running workload")
+    return p
+
+
+async def _serve(config: Config) -> int:
+    daemon = Daemon(config)
+    await daemon.start()
+    if config.demo:
+        from pagetrackd.demo import setup_demo
+
+        setup_demo(daemon.engine)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    structlog.get_logger("pagetrackd").info("daemon.stopping")
+    await daemon.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pagetrackd`` command."""
+    args = _parser().parse_args(argv)
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
+    if flags.get("listen") is not None:
+        flags["listen"] = tuple(flags["listen"])
+    try:
+        config = load(args.config, flags=flags)
+    except PageTrackError as exc:
+        print(f"pagetrackd: {exc}", file=sys.stderr)
+        return 2
+    json = {"auto": None, "json": True, "console": False}[config.log_format]
+    pt_logging.configure(config.log_level, json)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # uvloop is not built for every platform
+        runner = asyncio.run
+    try:
+        return int(runner(_serve(config)))
+    except PageTrackError as exc:
+        print(f"pagetrackd: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pagetrackd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The Daemon: engine + gRPC server (our services, health, reflection) + lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagetrack.v1 import pagetrack_pb2 as pb
+from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+from pagetrackd.auth import Authenticator
+from pagetrackd.config import Config, parse_listen
+from pagetrackd.engine import Engine, EngineConfig
+from pagetrackd.transport.interceptors import RequestContextInterceptor
+from pagetrackd.transport.limits import ServerLimits
+from pagetrackd.transport.servicer import (
+    AdminService,
+    LeaseService,
+    MemoryService,
+    PluginService,
+    TrackingService,
+    VmService,
+    WorkloadService,
+)
+from pagetrackd.transport.watch import WatchService
+
+log = structlog.get_logger("pagetrackd")
+
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name
+    for name in (
+        "VmService", "MemoryService", "TrackingService", "LeaseService", "WatchService",
+        "PluginService", "WorkloadService", "AdminService",
+    )
+)
+
+
+def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    key = Path(config.tls_key).read_bytes()
+    cert = Path(config.tls_cert).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def _remove_stale_socket(path: str) -> None:
+    p = Path(path)
+    if p.exists() and p.is_socket():
+        p.unlink()  # left by a daemon that did not shut down cleanly
+
+
+def _write_ready(path: str, addresses: list[str]) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps({"addresses": addresses}))
+    tmp.replace(path)
+
+
+class Daemon:
+    """One pagetrackd: start() binds and serves, stop() drains and ends streams."""
+
+    def __init__(self, config: Config, limits: ServerLimits | None = None) -> None:
+        self.config = config
+        self.limits = limits or ServerLimits()
+        self.engine = Engine(
+            EngineConfig(history_events=config.history_events, history_bytes=config.history_bytes)
+        )
+        self.auth = (
+            Authenticator.from_file(Path(config.tokens_file))
+            if config.tokens_file
+            else Authenticator()
+        )
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.addresses: list[str] = []
+        self.watch = WatchService(self.engine, self.limits)
+
+    async def start(self) -> list[str]:
+        """Bind every listen address and start serving; returns the bound addresses
+        (with real ports when port 0 was asked for)."""
+        lim = self.limits
+        server = grpc.aio.server(
+            interceptors=[RequestContextInterceptor(self.auth)],
+            options=[
+                ("grpc.max_receive_message_length", lim.max_message_bytes),
+                ("grpc.max_send_message_length", lim.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        engine = self.engine
+        pbg.add_VmServiceServicer_to_server(VmService(engine), server)
+        pbg.add_MemoryServiceServicer_to_server(MemoryService(engine, lim), server)
+        pbg.add_TrackingServiceServicer_to_server(TrackingService(engine, lim), server)
+        pbg.add_LeaseServiceServicer_to_server(LeaseService(engine), server)
+        pbg.add_WatchServiceServicer_to_server(self.watch, server)
+        pbg.add_PluginServiceServicer_to_server(PluginService(engine), server)
+        pbg.add_WorkloadServiceServicer_to_server(WorkloadService(engine), server)
+        pbg.add_AdminServiceServicer_to_server(AdminService(engine, lim), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        creds = _server_credentials(self.config)
+        bound = []
+        for addr in self.config.listen:
+            host, port = parse_listen(addr)
+            if host == "unix":
+                _remove_stale_socket(port)
+                server.add_insecure_port(addr)
+                bound.append(addr)
+                continue
+            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            real = (
+                server.add_secure_port(target, creds)
+                if creds is not None
+                else server.add_insecure_port(target)
+            )
+            bound.append(f"[{host}]:{real}" if ":" in host else f"{host}:{real}")
+        await engine.start()
+        await server.start()
+        self.server = server
+        self.addresses = bound
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if not self.auth.enabled and self.config.insecure:
+            log.warning("daemon.insecure", detail="serving without tokens on a network address")
+        log.info("daemon.listening", addresses=bound, tls=creds is not None, auth=self.auth.enabled)
+        if self.config.ready_file:
+            _write_ready(self.config.ready_file, bound)
+        return bound
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop: health NOT_SERVING, streams end with UNAVAILABLE, in-flight calls get
+        ``grace`` seconds."""
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.engine.stop()
+        for stream in list(self.watch.streams.values()):
+            stream.wake.set()
+        if self.server is not None:
+            await self.server.stop(grace)
+        log.info("daemon.stopped")
+
+    async def wait(self) -> None:
+        """Until the server ends."""
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+__all__ = ["Daemon", "asyncio"]

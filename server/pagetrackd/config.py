@@ -1,0 +1,145 @@
+"""Daemon configuration: TOML file, then ``PAGETRACK_*`` environment variables, then
+command-line flags, each overriding the one before."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pagetrackd.domain import InvalidArgument
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``pagetrackd`` can be told. Field names are the TOML keys; the
+    environment variable is ``PAGETRACK_`` + the upper-cased name."""
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)  #: HOST:PORT or unix:PATH, repeatable
+    tokens_file: str = ""  #: TOML file of hashed bearer tokens; empty = no auth
+    insecure: bool = False  #: allow non-loopback listening without tokens
+    tls_cert: str = ""  #: PEM server certificate; with tls_key, serve TLS on TCP
+    tls_key: str = ""  #: PEM private key
+    log_level: str = "info"
+    log_format: str = "auto"  #: auto (JSON unless a terminal), json or console
+    grace_s: float = 5.0  #: seconds in-flight calls get on shutdown
+    history_events: int = 65536  #: per-VM resume history, in events
+    history_bytes: int = 16 << 20  #: per-VM resume history, in bytes of event data
+    metrics_port: int = 0  #: Prometheus metrics on this TCP port; 0 = off
+    metrics_host: str = "127.0.0.1"
+    state_dir: str = ""  #: where VM state is saved and loaded; empty = nothing saved
+    save_interval_s: float = 30.0  #: how often state is saved (and on shutdown)
+    ready_file: str = ""  #: once serving, write the bound addresses here (JSON)
+    demo: bool = False  #: create a demo VM with slots, tracking and a workload at start
+
+    def check(self) -> None:
+        """Raise InvalidArgument for settings that cannot work together."""
+        if not self.listen:
+            raise InvalidArgument("listen: give at least one address")
+        for addr in self.listen:
+            parse_listen(addr)
+        if self.log_format not in ("auto", "json", "console"):
+            raise InvalidArgument("log_format must be auto, json or console")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise InvalidArgument("log_level must be debug, info, warning or error")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("tls_cert and tls_key go together")
+        if not self.tokens_file and not self.insecure:
+            for addr in self.listen:
+                if not is_local(addr):
+                    raise InvalidArgument(
+                        f"refusing to listen on {addr} without a tokens file: anyone who can"
+                        " reach it could use every VM. Give --tokens-file, or --insecure if"
+                        " the network is trusted"
+                    )
+
+
+def parse_listen(addr: str) -> tuple[str, str]:
+    """Split a listen address into ("unix", path) or (host, port)."""
+    if addr.startswith("unix:"):
+        if len(addr) <= 5:
+            raise InvalidArgument("unix: needs a path, e.g. unix:/run/pagetrack.sock")
+        return "unix", addr[5:]
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise InvalidArgument(f"listen address {addr!r}: use HOST:PORT or unix:PATH")
+    return host.strip("[]"), port
+
+
+def is_local(addr: str) -> bool:
+    """Whether an address is a unix socket or on loopback."""
+    host, _ = parse_listen(addr)
+    if host in ("unix", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _coerce(name: str, value: Any, current: Any) -> Any:
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list | tuple):
+            return tuple(str(v) for v in value)
+        raise InvalidArgument(f"{name} must be a list of strings")
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise InvalidArgument(f"{name} must be true or false, got {value!r}")
+    try:
+        return type(current)(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(
+            f"{name} must be a {type(current).__name__}, got {value!r}"
+        ) from None
+
+
+def merge(base: Config, values: Mapping[str, Any], origin: str) -> Config:
+    """``base`` with ``values`` applied; unknown keys are an error naming ``origin``."""
+    known = {f.name for f in fields(Config)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise InvalidArgument(f"{origin}: unknown setting {key!r}")
+        changes[key] = _coerce(key, value, getattr(base, key))
+    return replace(base, **changes)
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """File, then environment, then flags."""
+    config = Config()
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument(f"config file {path}: {exc}") from None
+        config = merge(config, data, f"config file {path}")
+    env = os.environ if env is None else env
+    from_env = {
+        f.name: env[f"PAGETRACK_{f.name.upper()}"]
+        for f in fields(Config)
+        if f"PAGETRACK_{f.name.upper()}" in env
+    }
+    config = merge(config, from_env, "environment")
+    config = merge(config, {k: v for k, v in (flags or {}).items() if v is not None}, "flags")
+    config.check()
+    return config
+
+
+__all__ = ["Config", "field", "load", "parse_listen"]

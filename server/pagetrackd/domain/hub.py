@@ -1,0 +1,517 @@
+"""Remote notifiers: per-VM event history and the subscribers behind Watch streams.
+
+Each Watch stream is one :class:`Subscriber`, registered on its VM as a notifier of its
+own (so it is an *external* user, called newest first like every KVM notifier). It
+never slows the vCPU: events go into a bounded queue with ``put``-and-return, and what
+does not fit is handled by the stream's slow-consumer policy, always accounted for:
+
+* ``drop`` -- the events are dropped and the stream later gets one gap record with
+  the exact seq range and count;
+* ``coalesce`` -- while behind, only the latest write per gfn is kept; superseded
+  events are reported as a gap with reason COALESCED;
+* ``disconnect`` -- the stream is ended with its lag;
+* ``block`` -- the writer is asked to wait for room (the transport does the waiting,
+  up to a bound); if it still has no room the events are dropped and reported.
+
+A per-VM :class:`History` keeps recent events so that a stream can resume from a seq.
+The design follows etcd's watchable store: a revision (our seq), each subscriber's
+position, bounded queues, and ``Compacted`` for history that is gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from pagetrackd.domain.errors import Compacted, InvalidArgument
+from pagetrackd.domain.events import EventBatch, WriteEvent
+from pagetrackd.domain.types import PAGE_SHIFT, TENANT_OWNER, Source
+
+if TYPE_CHECKING:
+    from pagetrackd.domain.notifiers import NotifierNode
+    from pagetrackd.domain.vm import Vm
+
+
+class SlowPolicy(enum.Enum):
+    """What a stream does when its queue is full."""
+
+    DROP = "drop"
+    COALESCE = "coalesce"
+    DISCONNECT = "disconnect"
+    BLOCK = "block"
+
+
+class GapReason(enum.Enum):
+    """Why events are missing from a stream."""
+
+    DROPPED = "dropped"  #: the queue was full (drop policy, or block that timed out)
+    COALESCED = "coalesced"  #: superseded by a later write to the same gfn
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Events the stream will never get: ``count`` events with seqs in
+    ``[first_seq, last_seq]`` that matched its filter."""
+
+    first_seq: int
+    last_seq: int
+    count: int
+    reason: GapReason
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRemoved:
+    """A memslot's gfns are gone (delete or move); ``at_seq`` is the VM's seq then."""
+
+    base_gfn: int
+    npages: int
+    at_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stamped:
+    """Events with the wall-clock time (ns) at which they reached the hub."""
+
+    batch: EventBatch
+    ts_ns: int
+
+
+Item = Stamped | Gap | RegionRemoved
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which events a stream wants. Empty ``ranges`` means every gfn; ``sources`` None
+    means both; ``owner`` keeps only gfns that owner holds a tracking reference on."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    sources: frozenset[Source] | None = None
+    owner: str | None = None
+
+    def mask(self, vm: Vm, batch: EventBatch) -> npt.NDArray[np.bool_] | None:
+        """Which events of ``batch`` pass, or None when all do."""
+        keep: npt.NDArray[np.bool_] | None = None
+        if self.ranges:
+            gfn = (batch.gpa >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            keep = np.zeros(len(batch), dtype=np.bool_)
+            for start, count in self.ranges:
+                keep |= (gfn >= start) & (gfn < start + count)
+        if self.sources is not None:
+            allowed = np.isin(batch.source, [int(s) for s in self.sources])
+            keep = allowed if keep is None else keep & allowed
+        if self.owner is not None:
+            gfns = (batch.gpa >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            owned = np.isin(gfns, vm.tracked_gfns(self.owner))
+            keep = owned if keep is None else keep & owned
+        return keep
+
+    def passes(self, vm: Vm, event: WriteEvent) -> bool:
+        """Whether one event passes."""
+        gfn = event.gpa >> PAGE_SHIFT
+        if self.ranges and not any(s <= gfn < s + c for s, c in self.ranges):
+            return False
+        if self.sources is not None and event.source not in self.sources:
+            return False
+        if self.owner is not None:
+            info = vm.track_query([gfn])[0]
+            return info.owners.get(self.owner, 0) > 0
+        return True
+
+
+def make_filter(
+    ranges: Sequence[tuple[int, int]] = (),
+    sources: Sequence[Source] = (),
+    owner: str | None = None,
+) -> Filter:
+    """Validate and build a filter."""
+    for start, count in ranges:
+        if start < 0 or count <= 0:
+            raise InvalidArgument(
+                f"filter gfn range start={start} count={count}: start >= 0 and count > 0"
+            )
+    if len(ranges) > 1024:
+        raise InvalidArgument(f"{len(ranges)} filter ranges; at most 1024")
+    return Filter(tuple(ranges), frozenset(sources) if sources else None, owner or None)
+
+
+def _stamp(batch: EventBatch) -> Stamped:
+    return Stamped(batch, time.time_ns())
+
+
+class History:
+    """A VM's recent events and region records, bounded in events and bytes.
+
+    Registered as the VM's first (so last-called) notifier. Single events are gathered
+    into batches of up to 256 before they are stored.
+    """
+
+    name = "history"
+    external = False
+
+    def __init__(self, max_events: int = 65536, max_bytes: int = 16 << 20) -> None:
+        if max_events < 0 or max_bytes < 0:
+            raise InvalidArgument("history bounds must be >= 0")
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._items: deque[Item] = deque()
+        self._pending: list[WriteEvent] = []
+        self._pending_ts = 0
+        self.events = 0
+        self.nbytes = 0
+        #: lowest seq a resume may still start from
+        self.oldest_seq = 1
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch = EventBatch.from_events(self._pending)
+            self._pending = []
+            self._append(Stamped(batch, self._pending_ts))
+
+    def _append(self, item: Item) -> None:
+        self._items.append(item)
+        if isinstance(item, Stamped):
+            self.events += len(item.batch)
+            self.nbytes += len(item.batch.data) + 29 * len(item.batch)
+        while self._items and (self.events > self.max_events or self.nbytes > self.max_bytes):
+            old = self._items.popleft()
+            if isinstance(old, Stamped):
+                self.events -= len(old.batch)
+                self.nbytes -= len(old.batch.data) + 29 * len(old.batch)
+                self.oldest_seq = int(old.batch.seq[-1]) + 1
+
+    def track_write(self, vm: Vm, event: WriteEvent) -> None:
+        """Keep one event."""
+        if not self._pending:
+            self._pending_ts = time.time_ns()
+        self._pending.append(event)
+        if len(self._pending) >= 256:
+            self._flush()
+
+    def track_write_batch(self, vm: Vm, batch: EventBatch) -> None:
+        """Keep a batch of events."""
+        self._flush()
+        self._append(_stamp(batch))
+
+    def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
+        """Keep a region record in order with the events."""
+        self._flush()
+        self._append(RegionRemoved(base_gfn, npages, vm.seq))
+
+    def since(self, start_seq: int, head_seq: int) -> list[Item]:
+        """Items with events of seq >= ``start_seq`` (region records after it too).
+
+        Raises Compacted when ``start_seq`` is older than what is held.
+        """
+        if start_seq > head_seq + 1:
+            raise InvalidArgument(
+                f"start_seq {start_seq} is in the future: the VM's last seq is {head_seq}"
+            )
+        if self.max_events == 0 and start_seq <= head_seq:
+            raise Compacted(
+                "this daemon keeps no event history; resume is not possible",
+                oldest_seq=head_seq + 1,
+            )
+        if start_seq < self.oldest_seq:
+            raise Compacted(
+                f"seq {start_seq} is no longer held; the oldest held is {self.oldest_seq}",
+                oldest_seq=self.oldest_seq,
+            )
+        self._flush()
+        out: list[Item] = []
+        for item in self._items:
+            if isinstance(item, Stamped):
+                b = item.batch
+                if int(b.seq[-1]) < start_seq:
+                    continue
+                if int(b.seq[0]) < start_seq:
+                    item = Stamped(b.select(b.seq >= start_seq), item.ts_ns)
+                out.append(item)
+            elif isinstance(item, RegionRemoved) and item.at_seq >= start_seq - 1:
+                out.append(item)
+        return out
+
+
+@dataclass(slots=True)
+class StreamCounters:
+    """What a stream has been through, for progress messages and metrics."""
+
+    queued: int = 0  #: events put in the queue (after filtering)
+    sent: int = 0  #: events taken from the queue to be sent
+    dropped: int = 0  #: events lost to a full queue, all reported in gaps
+    coalesced: int = 0  #: events superseded by later writes to the same gfn
+    filtered: int = 0  #: events the filter did not want
+    blocked_writes: int = 0  #: writes that waited for room (block policy)
+    block_timeouts: int = 0  #: waits that ran out, then dropped
+
+
+class Subscriber:
+    """One remote notifier (a Watch stream): filter, bounded queue, policy, counters.
+
+    ``wake`` is called whenever the queue gains something; the transport uses it to
+    wake the task that sends. Everything here runs on the daemon's event loop.
+    """
+
+    external = True
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        flt: Filter | None = None,
+        queue_limit: int = 65536,
+        policy: SlowPolicy = SlowPolicy.DROP,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        if not 1 <= queue_limit <= 1 << 22:
+            raise InvalidArgument(f"queue_limit {queue_limit} must be 1..{1 << 22} events")
+        self.name = name
+        self.filter = flt or Filter()
+        self.queue_limit = queue_limit
+        self.policy = policy
+        self.wake = wake
+        self.node: NotifierNode | None = None
+        self._items: deque[Item] = deque()
+        self._singles: list[WriteEvent] = []  # single events not yet packed
+        self._singles_ts = 0
+        self.depth = 0  #: events queued, singles included
+        self.counters = StreamCounters()
+        self._gap: list[int] | None = None  # [first, last, count] of dropped events
+        self._coalesce: dict[int, WriteEvent] = {}
+        self._coalesce_first = 0
+        self._coalesce_last = 0
+        self._superseded = 0
+        #: set when the disconnect policy fired: the lag that made it fire
+        self.overflowed_lag: int | None = None
+        self.last_seq = 0  #: seq of the last event taken for sending
+
+    # ----------------------------------------------------------------- producer side
+
+    @property
+    def full(self) -> bool:
+        """Whether the queue has no room."""
+        return self.depth >= self.queue_limit
+
+    @property
+    def room(self) -> int:
+        """Events that still fit."""
+        return max(0, self.queue_limit - self.depth)
+
+    def _note_gap(self, first: int, last: int, count: int) -> None:
+        self.counters.dropped += count
+        if self._gap is None:
+            self._gap = [first, last, count]
+        else:
+            self._gap[1] = last
+            self._gap[2] += count
+
+    def _flush_gap(self) -> None:
+        if self._gap is not None:
+            self._pack_singles()
+            first, last, count = self._gap
+            self._items.append(Gap(first, last, count, GapReason.DROPPED))
+            self._gap = None
+
+    def _pack_singles(self) -> None:
+        if self._singles:
+            self._items.append(Stamped(EventBatch.from_events(self._singles), self._singles_ts))
+            self._singles = []
+
+    def _overflow(self, events: Sequence[WriteEvent] | None, batch: EventBatch | None) -> None:
+        """Handle events that do not fit, by policy."""
+        if self.policy is SlowPolicy.DISCONNECT:
+            if self.overflowed_lag is None:
+                self.overflowed_lag = self.depth + (len(batch) if batch else len(events or ()))
+            seqs = batch.seq if batch is not None else [e.seq for e in events or ()]
+            if len(seqs):
+                self._note_gap(int(seqs[0]), int(seqs[-1]), len(seqs))
+            self.wake()
+            return
+        if self.policy is SlowPolicy.COALESCE:
+            evs = list(batch.events()) if batch is not None else list(events or ())
+            for e in evs:
+                if len(self._coalesce) >= self.queue_limit and e.gfn not in self._coalesce:
+                    self._note_gap(e.seq, e.seq, 1)
+                    continue
+                if not self._coalesce:
+                    self._coalesce_first = e.seq
+                old = self._coalesce.pop(e.gfn, None)
+                if old is not None:
+                    self._superseded += 1
+                self._coalesce[e.gfn] = e
+                self._coalesce_last = e.seq
+            return
+        if batch is not None:
+            self._note_gap(int(batch.seq[0]), int(batch.seq[-1]), len(batch))
+        elif events:
+            self._note_gap(events[0].seq, events[-1].seq, len(events))
+
+    def track_write(self, vm: Vm, event: WriteEvent) -> None:
+        """Queue one event (if the filter wants it)."""
+        f = self.filter
+        if (f.ranges or f.sources is not None or f.owner is not None) and not f.passes(
+            vm, event
+        ):
+            self.counters.filtered += 1
+            return
+        if self.depth >= self.queue_limit or self._coalesce:
+            self._overflow((event,), None)
+            return
+        if self._gap is not None:
+            self._flush_gap()
+        if not self._singles:
+            self._singles_ts = time.time_ns()
+        self._singles.append(event)
+        self.depth += 1
+        self.counters.queued += 1
+        if len(self._singles) >= 512:
+            self._pack_singles()
+        self.wake()
+
+    def track_write_batch(self, vm: Vm, batch: EventBatch) -> None:
+        """Queue a batch of events (those the filter wants; what fits)."""
+        mask = self.filter.mask(vm, batch)
+        if mask is not None:
+            kept = int(np.count_nonzero(mask))
+            self.counters.filtered += len(batch) - kept
+            if kept == 0:
+                return
+            batch = batch.select(mask)
+        if self._coalesce:
+            self._overflow(None, batch)
+            return
+        room = self.room
+        if room < len(batch):
+            if room:
+                head = batch.select(np.arange(len(batch)) < room)
+                self._put(head)
+            rest = batch.select(np.arange(len(batch)) >= room)
+            self._overflow(None, rest)
+            return
+        self._put(batch)
+
+    def _put(self, batch: EventBatch) -> None:
+        if self._gap is not None:
+            self._flush_gap()
+        self._pack_singles()
+        self._items.append(_stamp(batch))
+        self.depth += len(batch)
+        self.counters.queued += len(batch)
+        self.wake()
+
+    def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
+        """Queue a region record; it is never dropped (one per slot change)."""
+        self._pack_singles()
+        self._flush_gap()
+        self._items.append(RegionRemoved(base_gfn, npages, vm.seq))
+        self.wake()
+
+    def vm_closed(self, vm: Vm) -> None:
+        """The VM is gone; the transport ends the stream once the queue is drained."""
+        self.node = None
+        self.wake()
+
+    def preload(self, items: list[Item]) -> None:
+        """Put history items (a resume backlog) at the front, ahead of live events.
+        They count towards depth but are never dropped (they were held already)."""
+        for item in reversed(items):
+            self._items.appendleft(item)
+            if isinstance(item, Stamped):
+                self.depth += len(item.batch)
+                self.counters.queued += len(item.batch)
+        if items:
+            self.wake()
+
+    # ----------------------------------------------------------------- consumer side
+
+    def take(self, max_events: int) -> list[Item]:
+        """Take up to ``max_events`` events (and the records in between), in order.
+
+        When the queue drains while coalesced events wait, they are released, in seq
+        order, after a gap record for the superseded ones.
+        """
+        out: list[Item] = []
+        budget = max_events
+        self._pack_singles()
+        while self._items and budget > 0:
+            item = self._items[0]
+            if isinstance(item, Stamped):
+                n = len(item.batch)
+                if n > budget:
+                    idx = np.arange(n)
+                    head = Stamped(item.batch.select(idx < budget), item.ts_ns)
+                    self._items[0] = Stamped(item.batch.select(idx >= budget), item.ts_ns)
+                    item = head
+                    n = budget
+                else:
+                    self._items.popleft()
+                budget -= n
+                self.depth -= n
+                self.counters.sent += n
+                self.last_seq = int(item.batch.seq[-1])
+            else:
+                self._items.popleft()
+            out.append(item)
+        if not self._items and self._gap is not None and budget > 0:
+            self._flush_gap()
+            out.append(self._items.popleft())
+        if not self._items and self._coalesce and self.depth == 0:
+            self._release_coalesced()
+        return out
+
+    def _release_coalesced(self) -> None:
+        events = sorted(self._coalesce.values(), key=lambda e: e.seq)
+        self._coalesce = {}
+        if self._superseded:
+            self.counters.coalesced += self._superseded
+            self._items.append(
+                Gap(self._coalesce_first, self._coalesce_last, self._superseded,
+                    GapReason.COALESCED)
+            )
+            self._superseded = 0
+        batch = EventBatch.from_events(events)
+        self._items.append(_stamp(batch))
+        self.depth += len(batch)
+        self.counters.queued += len(batch)
+        self.wake()
+
+    @property
+    def pending(self) -> bool:
+        """Whether anything waits to be taken."""
+        return bool(self._items or self._singles or self._gap or self._coalesce)
+
+
+@dataclass(slots=True)
+class VmHub:
+    """The streams side of one VM: its history and its subscribers."""
+
+    history: History
+    subscribers: dict[int, Subscriber] = field(default_factory=dict)
+
+    def subscribe(self, vm: Vm, sub: Subscriber, start_seq: int | None = None) -> int:
+        """Register ``sub`` on ``vm``; with ``start_seq``, preload the backlog from the
+        history first. Returns the notifier id. Raises Compacted if the backlog is gone."""
+        backlog = self.history.since(start_seq, vm.seq) if start_seq is not None else []
+        node = vm.register_notifier(sub)
+        sub.node = node
+        sub.preload(backlog)
+        self.subscribers[node.node_id] = sub
+        return node.node_id
+
+    def unsubscribe(self, vm: Vm, sub: Subscriber) -> None:
+        """Unregister ``sub``; it gets nothing more, and its queue is dropped."""
+        if sub.node is not None:
+            vm.unregister_notifier(sub.node)
+            self.subscribers.pop(sub.node.node_id, None)
+            sub.node = None
+
+
+def tenant_owner() -> str:
+    """The owner name of references a tenant adds directly."""
+    return TENANT_OWNER

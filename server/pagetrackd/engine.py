@@ -1,0 +1,454 @@
+"""The daemon's state and operations, without any wire format.
+
+The engine owns the registry of VMs, each VM's event hub (history and Watch
+subscribers), plugins, workloads and leases. The gRPC servicers translate requests
+into calls here and results back; tests can drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from pagetrackd.domain import (
+    AlreadyExists,
+    CostModel,
+    DmaPolicy,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    Registry,
+    Semantics,
+    TenantId,
+    Unavailable,
+    Vm,
+    VmLimits,
+)
+from pagetrackd.domain.hub import History, Subscriber, VmHub
+from pagetrackd.leases import Lease, LeaseKind, LeaseTable
+from pagetrackd.plugins import PLUGINS, Plugin
+from pagetrackd.workloads import WORKLOADS, Workload
+
+log = structlog.get_logger("pagetrackd.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Per-tenant limits. The defaults are generous for a single user."""
+
+    vms: int = 256
+    guest_pages: int = 1 << 36  #: pages summed over the tenant's memslots
+    tracked_gfns: int = 1 << 26
+    watchers: int = 4096
+    workloads: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine settings (see ``pagetrackd --help`` for their flags)."""
+
+    history_events: int = 65536
+    history_bytes: int = 16 << 20
+    quotas: Quotas = field(default_factory=Quotas)
+    lease_check_interval_s: float = 0.05
+
+
+@dataclass(eq=False)
+class VmEntry:
+    """A VM with everything the daemon keeps beside it."""
+
+    tenant: TenantId
+    vm: Vm
+    hub: VmHub
+    created_at_ns: int
+    plugins: dict[str, Plugin] = field(default_factory=dict)
+    #: woken whenever a block-policy subscriber's queue drains
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        """The VM's name."""
+        return self.vm.name
+
+
+@dataclass(eq=False)
+class WorkloadRun:
+    """One workload started through the API."""
+
+    run_id: str
+    tenant: TenantId
+    entry: VmEntry
+    kind: str
+    workload: Workload
+    rate: float  #: writes per second; 0 = as fast as possible
+    count: int  #: stop after this many writes; 0 = no bound
+    duration_s: float  #: stop after this long; 0 = no bound
+    config: dict[str, Any]
+    state: str = "running"  #: running, finished, stopped, failed
+    error: str = ""
+    writes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    started_ns: int = field(default_factory=time.time_ns)
+    ended: float | None = None
+    stats_before: tuple[list[int], list[int]] = ((0, 0, 0), (0, 0, 0))  # type: ignore[assignment]
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds the workload ran (so far)."""
+        return (self.ended or time.monotonic()) - self.started
+
+    @property
+    def achieved_rate(self) -> float:
+        """Writes per second achieved."""
+        e = self.elapsed_s
+        return self.writes / e if e > 0 else 0.0
+
+
+class Engine:
+    """Everything the daemon serves, by tenant."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.registry = Registry()
+        self.entries: dict[tuple[TenantId, str], VmEntry] = {}
+        self.leases = LeaseTable(self._release_lease)
+        self.workloads: dict[str, WorkloadRun] = {}
+        self._next_workload = 1
+        self.shutting_down = asyncio.Event()
+        self.started_ns = time.time_ns()
+        self._lease_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start background work (lease expiry)."""
+        self._lease_task = asyncio.create_task(self._expire_leases(), name="lease-expiry")
+
+    async def stop(self) -> None:
+        """Stop taking work: streams end, workloads stop, background tasks end."""
+        self.shutting_down.set()
+        for run in list(self.workloads.values()):
+            if run.state == "running":
+                await self.stop_workload(run.tenant, run.run_id)
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+
+    def check_serving(self) -> None:
+        """Raise Unavailable once shutdown has begun."""
+        if self.shutting_down.is_set():
+            raise Unavailable("pagetrackd is shutting down; retry against a running daemon")
+
+    async def _expire_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_check_interval_s)
+            try:
+                self.leases.expire()
+            except Exception:
+                log.exception("lease.expiry_failed")
+
+    # ------------------------------------------------------------------ VMs
+
+    def create_vm(
+        self,
+        tenant: TenantId,
+        name: str,
+        *,
+        vcpus: int = 8,
+        dma_policy: DmaPolicy = DmaPolicy.BYPASS,
+        semantics: Semantics = Semantics.V2016,
+        cost: CostModel | None = None,
+        limits: VmLimits | None = None,
+        history_events: int | None = None,
+        history_bytes: int | None = None,
+    ) -> VmEntry:
+        """Create a VM for ``tenant`` with its event history."""
+        self.check_serving()
+        q = self.config.quotas
+        if self.registry.count_vms(tenant) >= q.vms:
+            raise QuotaExceeded(
+                f"tenant already has {q.vms} VMs, its quota", quota="vms", limit=q.vms
+            )
+        h_events = self.config.history_events if history_events is None else history_events
+        h_bytes = self.config.history_bytes if history_bytes is None else history_bytes
+        if not 0 <= h_events <= 1 << 24 or not 0 <= h_bytes <= 1 << 32:
+            raise InvalidArgument(
+                "history_events must be 0..16777216 and history_bytes 0..4294967296"
+            )
+        vm = self.registry.create_vm(
+            tenant, name, vcpus=vcpus, dma_policy=dma_policy, semantics=semantics,
+            cost=cost, limits=limits,
+        )
+        history = History(h_events, h_bytes)
+        vm.register_notifier(history)
+        entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
+        self.entries[(tenant, name)] = entry
+        log.info("vm.created", tenant=tenant, vm=name)
+        return entry
+
+    def vm(self, tenant: TenantId, name: str) -> VmEntry:
+        """The tenant's VM; another tenant's is NotFound like an unknown name."""
+        self.registry.get_vm(tenant, name)  # raises VmNotFound with the standard message
+        return self.entries[(tenant, name)]
+
+    def list_vms(self, tenant: TenantId | None) -> list[VmEntry]:
+        """VMs of one tenant (or all), sorted by tenant and name."""
+        return [self.entries[(t, vm.name)] for t, vm in self.registry.list_vms(tenant)]
+
+    def delete_vm(self, tenant: TenantId, name: str) -> int:
+        """Delete a VM: workloads stop, notifiers hear regions go, streams close.
+        Returns the VM's last seq."""
+        entry = self.vm(tenant, name)
+        for run in list(self.workloads.values()):
+            if run.entry is entry and run.task is not None and not run.task.done():
+                run.task.cancel()
+                run.state = "stopped"
+                run.ended = time.monotonic()
+        for plugin in list(entry.plugins.values()):
+            plugin.detach()
+        entry.plugins.clear()
+        last = entry.vm.seq
+        self.registry.delete_vm(tenant, name)
+        del self.entries[(tenant, name)]
+        entry.room.set()
+        log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
+        return last
+
+    def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
+        """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""
+        q = self.config.quotas.guest_pages
+        used = sum(
+            s.npages for e in self.list_vms(tenant) for s in e.vm.memslots()
+        )
+        if used + extra > q:
+            raise QuotaExceeded(
+                f"memslots would hold {used + extra} guest pages; the tenant's quota is {q}",
+                quota="guest_pages", limit=q,
+            )
+
+    def check_tracked(self, tenant: TenantId, extra: int) -> None:
+        """Raise QuotaExceeded if ``extra`` more tracked gfns pass the tenant's quota."""
+        q = self.config.quotas.tracked_gfns
+        used = sum(e.vm.tracked_count for e in self.list_vms(tenant))
+        if used + extra > q:
+            raise QuotaExceeded(
+                f"{used + extra} gfns would be tracked; the tenant's quota is {q}",
+                quota="tracked_gfns", limit=q,
+            )
+
+    # ------------------------------------------------------------------ streams
+
+    def watchers(self, tenant: TenantId) -> int:
+        """Watch streams the tenant has open."""
+        return sum(len(e.hub.subscribers) for e in self.list_vms(tenant))
+
+    def subscribe(
+        self, entry: VmEntry, sub: Subscriber, start_seq: int | None
+    ) -> int:
+        """Register a Watch subscriber (after the quota check)."""
+        self.check_serving()
+        q = self.config.quotas.watchers
+        if self.watchers(entry.tenant) >= q:
+            raise QuotaExceeded(
+                f"tenant already has {q} Watch streams open, its quota",
+                quota="watchers", limit=q,
+            )
+        return entry.hub.subscribe(entry.vm, sub, start_seq)
+
+    def unsubscribe(self, entry: VmEntry, sub: Subscriber) -> None:
+        """Unregister a Watch subscriber; nothing more reaches it."""
+        entry.hub.unsubscribe(entry.vm, sub)
+        entry.room.set()
+
+    async def admit(self, entry: VmEntry, timeout_s: float) -> None:
+        """Before a guest write: wait while a block-policy stream's queue is full, up to
+        ``timeout_s``. What still does not fit afterwards is dropped and reported."""
+        blocking = [
+            s for s in entry.hub.subscribers.values()
+            if s.policy.value == "block" and s.full
+        ]
+        if not blocking:
+            return
+        for s in blocking:
+            s.counters.blocked_writes += 1
+        deadline = time.monotonic() + timeout_s
+        while any(s.full and s.node is not None for s in blocking):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for s in blocking:
+                    if s.full:
+                        s.counters.block_timeouts += 1
+                return
+            entry.room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry.room.wait(), left)
+
+    # ------------------------------------------------------------------ leases
+
+    def _release_lease(self, lease: Lease) -> None:
+        released = 0
+        for entry in self.list_vms(lease.tenant):
+            released += entry.vm.release_owner(lease.owner)
+        log.info("lease.ended", tenant=lease.tenant, lease=lease.lease_id, untracked=released)
+
+    def stream_lease(self, tenant: TenantId) -> Lease:
+        """A lease that lives as long as one Watch stream."""
+        return self.leases.create(tenant, 0, "watch", LeaseKind.STREAM)
+
+    def lease_owner(self, tenant: TenantId, lease_id: str) -> str:
+        """The owner name for tracking under ``lease_id`` ("" = the tenant)."""
+        if not lease_id:
+            return "tenant"
+        return self.leases.get(tenant, lease_id).owner
+
+    def lease_references(self, lease: Lease) -> int:
+        """Tracking references held under a lease, over the tenant's VMs."""
+        total = 0
+        for entry in self.list_vms(lease.tenant):
+            for slot in entry.vm.slots.slots():
+                total += sum(slot.tracking.owners.get(lease.owner, {}).values())
+        return total
+
+    # ------------------------------------------------------------------ plugins
+
+    def attach_plugin(
+        self, entry: VmEntry, kind: str, options: Mapping[str, Any]
+    ) -> Plugin:
+        """Attach a plugin by name to a VM."""
+        self.check_serving()
+        factory = PLUGINS.get(kind)
+        if factory is None:
+            raise InvalidArgument(
+                f"unknown plugin {kind!r}; available: {', '.join(sorted(PLUGINS)) or 'none'}"
+            )
+        if kind in entry.plugins:
+            raise AlreadyExists(f"plugin {kind!r} is already attached to VM {entry.name!r}")
+        plugin = factory()
+        plugin.attach(entry.vm, **options)
+        entry.plugins[kind] = plugin
+        return plugin
+
+    def plugin(self, entry: VmEntry, kind: str) -> Plugin:
+        """An attached plugin."""
+        plugin = entry.plugins.get(kind)
+        if plugin is None:
+            raise NotFound(f"plugin {kind!r} is not attached to VM {entry.name!r}")
+        return plugin
+
+    def detach_plugin(self, entry: VmEntry, kind: str) -> int:
+        """Detach a plugin; returns the tracking references it released."""
+        plugin = self.plugin(entry, kind)
+        owner = f"plugin:{kind}"
+        refs = sum(
+            sum(s.tracking.owners.get(owner, {}).values()) for s in entry.vm.slots.slots()
+        )
+        plugin.detach()
+        del entry.plugins[kind]
+        return refs
+
+    # ------------------------------------------------------------------ workloads
+
+    def start_workload(
+        self,
+        entry: VmEntry,
+        kind: str,
+        *,
+        seed: int,
+        rate: float,
+        count: int,
+        duration_s: float,
+        options: Mapping[str, Any],
+    ) -> WorkloadRun:
+        """Set a workload up on a VM and start running it in the background."""
+        self.check_serving()
+        factory = WORKLOADS.get(kind)
+        if factory is None:
+            raise InvalidArgument(
+                f"unknown workload {kind!r}; available: {', '.join(sorted(WORKLOADS)) or 'none'}"
+            )
+        if rate < 0 or rate > 1e8:
+            raise InvalidArgument(f"rate {rate} must be 0 (as fast as possible) .. 1e8 writes/s")
+        if count < 0 or duration_s < 0:
+            raise InvalidArgument("count and duration must be >= 0")
+        q = self.config.quotas.workloads
+        running = sum(
+            1 for r in self.workloads.values() if r.tenant == entry.tenant and r.state == "running"
+        )
+        if running >= q:
+            raise QuotaExceeded(
+                f"tenant already runs {q} workloads, its quota", quota="workloads", limit=q
+            )
+        workload = factory(seed, options)
+        workload.setup(entry.vm)
+        run_id = f"w{self._next_workload}"
+        self._next_workload += 1
+        run = WorkloadRun(
+            run_id, entry.tenant, entry, kind, workload, rate, count, duration_s,
+            {"seed": seed, **dict(options)},
+        )
+        run.stats_before = (list(entry.vm.stats.pieces), list(entry.vm.stats.cycles))
+        self.workloads[run_id] = run
+        run.task = asyncio.create_task(self._run_workload(run), name=f"workload-{run_id}")
+        log.info("workload.started", tenant=entry.tenant, vm=entry.name, kind=kind, id=run_id)
+        return run
+
+    async def _run_workload(self, run: WorkloadRun) -> None:
+        chunk = 256
+        vm = run.entry.vm
+        try:
+            while True:
+                if run.count and run.writes >= run.count:
+                    break
+                if run.duration_s and run.elapsed_s >= run.duration_s:
+                    break
+                n = chunk
+                if run.rate:
+                    due = int(run.rate * run.elapsed_s) - run.writes
+                    if due <= 0:
+                        await asyncio.sleep(min(0.005, 1 / run.rate))
+                        continue
+                    n = min(n, due)
+                if run.count:
+                    n = min(n, run.count - run.writes)
+                await self.admit(run.entry, 1.0)
+                if vm.closed:
+                    break
+                made = run.workload.step(vm, n)
+                if made == 0:
+                    break
+                run.writes += made
+                await asyncio.sleep(0)
+            run.state = "finished"
+        except asyncio.CancelledError:
+            run.state = "stopped"
+            raise
+        except Exception as exc:  # a workload bug must not take the daemon down
+            run.state = "failed"
+            run.error = f"{type(exc).__name__}: {exc}"
+            log.exception("workload.failed", id=run.run_id)
+        finally:
+            run.ended = time.monotonic()
+
+    def workload(self, tenant: TenantId, run_id: str) -> WorkloadRun:
+        """One of the tenant's workloads."""
+        run = self.workloads.get(run_id)
+        if run is None or run.tenant != tenant:
+            raise NotFound(f"workload {run_id!r} not found")
+        return run
+
+    async def stop_workload(self, tenant: TenantId, run_id: str) -> WorkloadRun:
+        """Stop a workload; it keeps its figures."""
+        run = self.workload(tenant, run_id)
+        if run.task is not None and not run.task.done():
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run.task
+        return run

@@ -1,0 +1,192 @@
+"""Proto <-> domain conversions. Enum numbers differ (proto reserves 0 for UNSPECIFIED)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from pagetrack.v1 import pagetrack_pb2 as pb
+from pagetrackd.domain import (
+    CostModel,
+    DmaPolicy,
+    InvalidArgument,
+    Memslot,
+    Semantics,
+    SlotChange,
+    SlotFlags,
+    Source,
+    TrackInfo,
+    WritePath,
+)
+from pagetrackd.domain.events import EventBatch
+from pagetrackd.domain.hub import Gap, GapReason, RegionRemoved, SlowPolicy
+from pagetrackd.domain.types import TENANT_OWNER
+
+DMA_POLICY = {
+    pb.DMA_POLICY_BYPASS: DmaPolicy.BYPASS,
+    pb.DMA_POLICY_NOTIFY: DmaPolicy.NOTIFY,
+    pb.DMA_POLICY_REJECT: DmaPolicy.REJECT,
+}
+DMA_POLICY_PB = {v: k for k, v in DMA_POLICY.items()}
+SEMANTICS = {pb.SEMANTICS_2016: Semantics.V2016, pb.SEMANTICS_LINUX_6_6: Semantics.LINUX_6_6}
+SEMANTICS_PB = {v: k for k, v in SEMANTICS.items()}
+CHANGE_PB = {
+    SlotChange.CREATE: pb.MEMSLOT_CHANGE_CREATE,
+    SlotChange.MOVE: pb.MEMSLOT_CHANGE_MOVE,
+    SlotChange.FLAGS_ONLY: pb.MEMSLOT_CHANGE_FLAGS_ONLY,
+    SlotChange.DELETE: pb.MEMSLOT_CHANGE_DELETE,
+    SlotChange.NONE: pb.MEMSLOT_CHANGE_UNSPECIFIED,
+}
+SOURCES = {pb.EVENT_SOURCE_GUEST: Source.GUEST, pb.EVENT_SOURCE_DMA: Source.DMA}
+POLICY = {
+    pb.SLOW_CONSUMER_POLICY_UNSPECIFIED: SlowPolicy.DROP,
+    pb.SLOW_CONSUMER_POLICY_DROP: SlowPolicy.DROP,
+    pb.SLOW_CONSUMER_POLICY_COALESCE: SlowPolicy.COALESCE,
+    pb.SLOW_CONSUMER_POLICY_DISCONNECT: SlowPolicy.DISCONNECT,
+    pb.SLOW_CONSUMER_POLICY_BLOCK: SlowPolicy.BLOCK,
+}
+POLICY_PB = {v: k for k, v in POLICY.items() if k != pb.SLOW_CONSUMER_POLICY_UNSPECIFIED}
+PLUGIN_KIND = {pb.PLUGIN_KIND_SHADOW_MMU: "shadow_mmu", pb.PLUGIN_KIND_VGPU: "vgpu"}
+PLUGIN_KIND_PB = {v: k for k, v in PLUGIN_KIND.items()}
+WORKLOAD_KIND = {
+    pb.WORKLOAD_KIND_GPU_PPGTT: "gpu-ppgtt",
+    pb.WORKLOAD_KIND_GUEST_PAGETABLES: "guest-pagetables",
+    pb.WORKLOAD_KIND_RANDOM_WRITES: "random-writes",
+    pb.WORKLOAD_KIND_KERNEL_BUILD: "kernel-build",
+}
+WORKLOAD_KIND_PB = {v: k for k, v in WORKLOAD_KIND.items()}
+WORKLOAD_STATE_PB = {
+    "running": pb.WORKLOAD_STATE_RUNNING,
+    "finished": pb.WORKLOAD_STATE_FINISHED,
+    "stopped": pb.WORKLOAD_STATE_STOPPED,
+    "failed": pb.WORKLOAD_STATE_FAILED,
+}
+GAP_REASON_PB = {
+    GapReason.DROPPED: pb.GAP_REASON_QUEUE_OVERFLOW,
+    GapReason.COALESCED: pb.GAP_REASON_UNSPECIFIED,
+}
+
+
+def enum_value(
+    table: Mapping[Any, object], value: int, field: str, allow_unset: bool = True
+) -> None:
+    """Raise InvalidArgument for an enum number outside ``table``."""
+    if value == 0 and allow_unset:
+        return
+    if value not in table:
+        raise InvalidArgument(f"{field}: unknown value {value}")
+
+
+def cost_model(msg: pb.CostModel, base: CostModel) -> CostModel:
+    """A cost model from ``base`` with the fields the message sets."""
+    return CostModel(
+        mmio_exit_cycles=(
+            msg.mmio_exit_cycles if msg.HasField("mmio_exit_cycles") else base.mmio_exit_cycles
+        ),
+        emulate_cycles=(
+            msg.emulate_cycles if msg.HasField("emulate_cycles") else base.emulate_cycles
+        ),
+        fast_cycles=msg.fast_cycles if msg.HasField("fast_cycles") else base.fast_cycles,
+        dma_cycles=msg.dma_cycles if msg.HasField("dma_cycles") else base.dma_cycles,
+        host_hz=float(msg.host_hz) if msg.HasField("host_hz") else base.host_hz,
+    )
+
+
+def cost_model_pb(cost: CostModel) -> pb.CostModel:
+    """The message form of a cost model."""
+    return pb.CostModel(
+        mmio_exit_cycles=cost.mmio_exit_cycles,
+        emulate_cycles=cost.emulate_cycles,
+        fast_cycles=cost.fast_cycles,
+        dma_cycles=cost.dma_cycles,
+        host_hz=int(cost.host_hz),
+    )
+
+
+def memslot_pb(slot: Memslot, tracked: int = 0, dirty: int = 0) -> pb.Memslot:
+    """The message form of a memslot."""
+    return pb.Memslot(
+        slot=slot.slot_id,
+        base_gfn=slot.base_gfn,
+        npages=slot.npages,
+        readonly=bool(slot.flags & SlotFlags.READONLY),
+        log_dirty_pages=bool(slot.flags & SlotFlags.LOG_DIRTY_PAGES),
+        tracked_gfns=tracked,
+        dirty_pages=dirty,
+    )
+
+
+def path_pb(path: WritePath) -> pb.WritePath.ValueType:
+    """WritePath to its proto number."""
+    return pb.WritePath.ValueType(int(path) + 1)
+
+
+def owner_pb(owner: str, count: int) -> pb.OwnerCount:
+    """One owner's references on a gfn."""
+    if owner == TENANT_OWNER:
+        return pb.OwnerCount(kind=pb.OWNER_KIND_TENANT, id="", count=count)
+    kind, _, ident = owner.partition(":")
+    k = {"lease": pb.OWNER_KIND_LEASE, "plugin": pb.OWNER_KIND_PLUGIN}.get(
+        kind, pb.OWNER_KIND_UNSPECIFIED
+    )
+    return pb.OwnerCount(kind=k, id=ident, count=count)
+
+
+def track_state_pb(info: TrackInfo, slot: int | None, owners: bool) -> pb.GfnTrackState:
+    """What the track pool knows of one gfn."""
+    return pb.GfnTrackState(
+        gfn=info.gfn,
+        in_memslot=slot is not None,
+        slot=slot or 0,
+        counter=info.count,
+        owners=[owner_pb(o, c) for o, c in sorted(info.owners.items())] if owners else [],
+        write_protected=info.write_protected,
+        lpage_2m_disallowed=info.lpage_disallowed_2m,
+        lpage_1g_disallowed=info.lpage_disallowed_1g,
+    )
+
+
+def event_batch_pb(
+    batch: EventBatch, ts_ns: int, head_seq: int, omit_data: bool
+) -> pb.EventBatch:
+    """A columnar event batch message, built from numpy columns in bulk."""
+    flags = batch.source.astype(np.uint32) | np.uint32(pb.TRACK_MODE_WRITE << 8)
+    if omit_data:
+        flags |= np.uint32(pb.EVENT_FLAG_DATA_OMITTED)
+    n = len(batch)
+    msg = pb.EventBatch(head_seq=head_seq, data=b"" if omit_data else batch.data)
+    msg.seq.extend(batch.seq.tolist())
+    msg.gpa.extend(batch.gpa.tolist())
+    msg.length.extend(batch.length.tolist())
+    msg.vcpu.extend(batch.vcpu.tolist())
+    msg.flags.extend(flags.tolist())
+    msg.timestamp_ns.extend([ts_ns] * n)
+    return msg
+
+
+def gap_pb(gap: Gap) -> pb.Gap:
+    """A gap record."""
+    return pb.Gap(
+        first_seq=gap.first_seq,
+        last_seq=gap.last_seq,
+        count=gap.count,
+        reason=GAP_REASON_PB[gap.reason],
+    )
+
+
+def region_pb(rec: RegionRemoved) -> pb.RegionRemoved:
+    """A region-removed record."""
+    return pb.RegionRemoved(base_gfn=rec.base_gfn, npages=rec.npages, at_seq=rec.at_seq)
+
+
+def gfn_ranges(ranges: Iterable[pb.GfnRange]) -> list[tuple[int, int]]:
+    """(start, count) pairs from range messages."""
+    return [(r.start, r.count) for r in ranges]
+
+
+def now_ns() -> int:
+    """Wall-clock time in ns."""
+    return time.time_ns()

@@ -1,0 +1,159 @@
+"""Per-RPC authentication and logging context."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from pagetrackd.auth import Authenticator, current_caller
+from pagetrackd.domain import PageTrackError
+from pagetrackd.transport.status import code_for
+
+log = structlog.get_logger("pagetrackd.rpc")
+
+#: Stock services that answer without a token (health checks, grpcurl discovery).
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
+
+
+def _reset(token: Any) -> None:
+    # An async generator may be finalized in another context; the var dies with it then.
+    with contextlib.suppress(ValueError):
+        current_caller.reset(token)
+
+
+def _code(context: Any) -> str:
+    try:
+        code = context.code()
+    except Exception:  # older grpc versions have no code() on aio contexts
+        code = None
+    if code is None:
+        return "OK"
+    return str(code.name if hasattr(code, "name") else code)
+
+
+class RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates each call, binds tenant/rpc/peer for logging, logs the outcome."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        authorization = None
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode()
+        auth = self._auth
+
+        def begin(context: Any) -> tuple[float, Any]:
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(rpc=rpc, peer=context.peer())
+            caller = auth.authenticate(authorization)
+            structlog.contextvars.bind_contextvars(tenant=caller.tenant)
+            return time.perf_counter(), current_caller.set(caller)
+
+        def finish(context: Any, started: float, error: BaseException | None) -> None:
+            ms = round((time.perf_counter() - started) * 1000, 3)
+            code = _code(context)
+            if error is not None and code == "OK":
+                code = "CANCELLED"
+            if code in ("OK", "CANCELLED"):
+                log.debug("rpc.done", code=code, ms=ms)
+            else:
+                log.warning("rpc.failed", code=code, ms=ms)
+            structlog.contextvars.clear_contextvars()
+
+        async def refuse(context: Any, exc: PageTrackError) -> None:
+            log.warning("rpc.unauthenticated", rpc=rpc, peer=context.peer())
+            structlog.contextvars.clear_contextvars()
+            await context.abort(code_for(exc), str(exc))
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                try:
+                    started, token = begin(context)
+                except PageTrackError as exc:
+                    await refuse(context, exc)
+                    return None
+                error: BaseException | None = None
+                try:
+                    return await inner_uu(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    _reset(token)
+                    finish(context, started, error)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    started, token = begin(context)
+                except PageTrackError as exc:
+                    await refuse(context, exc)
+                    return
+                error: BaseException | None = None
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    _reset(token)
+                    finish(context, started, error)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator: Any, context: Any) -> Any:
+                try:
+                    started, token = begin(context)
+                except PageTrackError as exc:
+                    await refuse(context, exc)
+                    return None
+                error: BaseException | None = None
+                try:
+                    return await inner_su(request_iterator, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    _reset(token)
+                    finish(context, started, error)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

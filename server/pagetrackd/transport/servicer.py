@@ -1,0 +1,843 @@
+"""gRPC servicers: validate, convert, call the engine, convert back. Nothing else."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import grpc
+import numpy as np
+
+from pagetrack.v1 import pagetrack_pb2 as pb
+from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+from pagetrackd import __version__
+from pagetrackd.auth import current_caller
+from pagetrackd.domain import (
+    CostModel,
+    InvalidArgument,
+    NotFound,
+    SlotFlags,
+    TenantId,
+    VmLimits,
+    WritePath,
+)
+from pagetrackd.domain.types import TENANT_OWNER
+from pagetrackd.domain.vm import gfns_from
+from pagetrackd.engine import Engine, VmEntry, WorkloadRun
+from pagetrackd.leases import Lease, LeaseKind
+from pagetrackd.plugins import Plugin
+from pagetrackd.transport import convert as cv
+from pagetrackd.transport.limits import ServerLimits
+from pagetrackd.transport.status import unary
+
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def _tenant() -> TenantId:
+    return current_caller.get().tenant
+
+
+def _vm_pb(engine: Engine, entry: VmEntry) -> pb.Vm:
+    vm = entry.vm
+    running = sum(
+        1 for r in engine.workloads.values() if r.entry is entry and r.state == "running"
+    )
+    return pb.Vm(
+        name=vm.name,
+        tenant=entry.tenant,
+        options=pb.VmOptions(
+            dma_policy=cv.DMA_POLICY_PB[vm.dma_policy],
+            semantics=cv.SEMANTICS_PB[vm.semantics],
+            cost=cv.cost_model_pb(vm.cost),
+            limits=pb.VmLimits(
+                max_memslots=vm.limits.max_slots,
+                gfn_bits=vm.limits.gfn_bits,
+                max_vcpus=vm.vcpus,
+                history_events=entry.hub.history.max_events,
+                history_bytes=entry.hub.history.max_bytes,
+            ),
+        ),
+        created_at_ns=entry.created_at_ns,
+        memslot_count=len(vm.slots),
+        tracked_gfns=vm.tracked_count,
+        resident_pages=sum(s.memory.pages for s in vm.slots.slots()),
+        head_seq=vm.seq,
+        oldest_seq=max(entry.hub.history.oldest_seq, 1),
+        notifier_count=len(vm.notifiers) - 1,  # the history is not a user's notifier
+        plugins=[cv.PLUGIN_KIND_PB[k] for k in entry.plugins if k in cv.PLUGIN_KIND_PB],
+        running_workloads=running,
+    )
+
+
+def _require(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    return value
+
+
+class VmService(pbg.VmServiceServicer):
+    """VM lifecycle and policies."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @unary
+    async def CreateVm(self, request: pb.CreateVmRequest, context: Ctx) -> pb.CreateVmResponse:
+        opts = request.options
+        cv.enum_value(cv.DMA_POLICY, opts.dma_policy, "options.dma_policy")
+        cv.enum_value(cv.SEMANTICS, opts.semantics, "options.semantics")
+        lim = opts.limits
+        base = VmLimits()
+        max_slots = lim.max_memslots if lim.HasField("max_memslots") else base.max_slots
+        gfn_bits = lim.gfn_bits if lim.HasField("gfn_bits") else base.gfn_bits
+        if not 1 <= max_slots <= 32768:
+            raise InvalidArgument(f"options.limits.max_memslots {max_slots} must be 1..32768")
+        if not 12 <= gfn_bits <= 40:
+            raise InvalidArgument(f"options.limits.gfn_bits {gfn_bits} must be 12..40")
+        entry = self.engine.create_vm(
+            _tenant(),
+            request.name,
+            vcpus=lim.max_vcpus if lim.HasField("max_vcpus") else 8,
+            dma_policy=cv.DMA_POLICY.get(opts.dma_policy, cv.DMA_POLICY[pb.DMA_POLICY_BYPASS]),
+            semantics=cv.SEMANTICS.get(opts.semantics, cv.SEMANTICS[pb.SEMANTICS_2016]),
+            cost=cv.cost_model(opts.cost, CostModel()),
+            limits=VmLimits(max_slots=max_slots, gfn_bits=gfn_bits),
+            history_events=lim.history_events if lim.HasField("history_events") else None,
+            history_bytes=lim.history_bytes if lim.HasField("history_bytes") else None,
+        )
+        return pb.CreateVmResponse(vm=_vm_pb(self.engine, entry))
+
+    @unary
+    async def GetVm(self, request: pb.GetVmRequest, context: Ctx) -> pb.GetVmResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        return pb.GetVmResponse(vm=_vm_pb(self.engine, entry))
+
+    @unary
+    async def ListVms(self, request: pb.ListVmsRequest, context: Ctx) -> pb.ListVmsResponse:
+        caller = current_caller.get()
+        if request.all_tenants:
+            caller.require_admin("listing every tenant's VMs")
+        entries = self.engine.list_vms(None if request.all_tenants else caller.tenant)
+        size = request.page_size or 1000
+        if size > 1000:
+            raise InvalidArgument(f"page_size {size}: at most 1000")
+        start = 0
+        if request.page_token:
+            try:
+                start = int(request.page_token)
+            except ValueError:
+                raise InvalidArgument("page_token is not one this server gave out") from None
+            if not 0 <= start <= len(entries):
+                raise InvalidArgument("page_token is out of date; list again from the start")
+        page = entries[start : start + size]
+        token = str(start + size) if start + size < len(entries) else ""
+        return pb.ListVmsResponse(
+            vms=[_vm_pb(self.engine, e) for e in page], next_page_token=token
+        )
+
+    @unary
+    async def DeleteVm(self, request: pb.DeleteVmRequest, context: Ctx) -> pb.DeleteVmResponse:
+        last = self.engine.delete_vm(_tenant(), request.vm)
+        return pb.DeleteVmResponse(last_seq=last)
+
+    @unary
+    async def SetVmPolicy(
+        self, request: pb.SetVmPolicyRequest, context: Ctx
+    ) -> pb.SetVmPolicyResponse:
+        cv.enum_value(cv.DMA_POLICY, request.dma_policy, "dma_policy")
+        cv.enum_value(cv.SEMANTICS, request.semantics, "semantics")
+        entry = self.engine.vm(_tenant(), request.vm)
+        cost = (
+            cv.cost_model(request.cost, entry.vm.cost) if request.HasField("cost") else None
+        )
+        entry.vm.set_policy(
+            dma_policy=cv.DMA_POLICY.get(request.dma_policy),
+            semantics=cv.SEMANTICS.get(request.semantics),
+            cost=cost,
+        )
+        return pb.SetVmPolicyResponse(vm=_vm_pb(self.engine, entry))
+
+
+class MemoryService(pbg.MemoryServiceServicer):
+    """Memslots, dirty logs and guest memory access."""
+
+    def __init__(self, engine: Engine, limits: ServerLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+
+    @unary
+    async def SetMemoryRegion(
+        self, request: pb.SetMemoryRegionRequest, context: Ctx
+    ) -> pb.SetMemoryRegionResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        vm = entry.vm
+        old = vm.slots.by_id.get(request.slot)
+        if request.npages and (old is None or old.info.npages != request.npages):
+            self.engine.check_guest_pages(entry.tenant, request.npages)
+        flags = SlotFlags.NONE
+        if request.readonly:
+            flags |= SlotFlags.READONLY
+        if request.log_dirty_pages:
+            flags |= SlotFlags.LOG_DIRTY_PAGES
+        old_base = old.info.base_gfn if old is not None else 0
+        change = vm.set_memslot(request.slot, request.base_gfn, request.npages, flags)
+        new = vm.slots.by_id.get(request.slot)
+        region = (
+            cv.memslot_pb(new.info, new.tracking.counters.nonzero)
+            if new is not None
+            else pb.Memslot(slot=request.slot, base_gfn=old_base)
+        )
+        return pb.SetMemoryRegionResponse(
+            change=cv.CHANGE_PB[change], region=region, old_base_gfn=old_base, at_seq=vm.seq
+        )
+
+    @unary
+    async def ListMemoryRegions(
+        self, request: pb.ListMemoryRegionsRequest, context: Ctx
+    ) -> pb.ListMemoryRegionsResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        return pb.ListMemoryRegionsResponse(
+            regions=[
+                cv.memslot_pb(
+                    s.info, s.tracking.counters.nonzero, len(s.dirty) if s.dirty else 0
+                )
+                for s in entry.vm.slots.slots()
+            ]
+        )
+
+    @unary
+    async def GetDirtyLog(
+        self, request: pb.GetDirtyLogRequest, context: Ctx
+    ) -> pb.GetDirtyLogResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        bitmap = entry.vm.get_dirty_log(request.slot)
+        info = entry.vm.slots.by_id[request.slot].info
+        count = int(np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8)).sum())
+        return pb.GetDirtyLogResponse(
+            slot=info.slot_id, base_gfn=info.base_gfn, npages=info.npages, bitmap=bitmap,
+            dirty_count=count,
+        )
+
+    @unary
+    async def WriteGuest(
+        self, request: pb.WriteGuestRequest, context: Ctx
+    ) -> pb.WriteGuestResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        if entry.hub.subscribers:
+            await self.engine.admit(entry, 1.0)
+        vm = entry.vm
+        before = sum(vm.stats.cycles)
+        result = vm.write(request.vcpu, request.gpa, request.data)
+        return pb.WriteGuestResponse(
+            pieces=[
+                pb.WritePiece(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
+                for p in result.pieces
+            ],
+            cycles=sum(vm.stats.cycles) - before,
+        )
+
+    @unary
+    async def WriteGuestBatch(
+        self, request: pb.WriteGuestBatchRequest, context: Ctx
+    ) -> pb.WriteGuestBatchResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        n = len(request.gpa)
+        if n > self.limits.max_batch_writes:
+            raise InvalidArgument(
+                f"{n} writes in one batch; at most {self.limits.max_batch_writes}"
+            )
+        if len(request.length) != n:
+            raise InvalidArgument(f"length has {len(request.length)} entries; gpa has {n}")
+        if len(request.vcpu) == 1:
+            vcpu = np.full(n, request.vcpu[0], dtype=np.int64)
+        elif len(request.vcpu) == n:
+            vcpu = np.array(request.vcpu, dtype=np.int64)
+        else:
+            raise InvalidArgument(
+                f"vcpu has {len(request.vcpu)} entries; give one per write ({n}) or exactly one"
+            )
+        if entry.hub.subscribers:
+            await self.engine.admit(entry, 1.0)
+        vm = entry.vm
+        before = sum(vm.stats.cycles)
+        result = vm.write_batch(
+            np.array(request.gpa, dtype=np.uint64).astype(np.int64),
+            vcpu,
+            np.array(request.length, dtype=np.int64),
+            request.data,
+        )
+        reply = pb.WriteGuestBatchResponse(
+            writes=n,
+            pieces=pb.WritePathCounts(
+                mmio_exit=result.count(WritePath.MMIO_EXIT),
+                fast=result.count(WritePath.FAST),
+                emulated=result.count(WritePath.EMULATED),
+            ),
+            cycles=sum(vm.stats.cycles) - before,
+        )
+        if result.first_seq:
+            reply.first_seq = result.first_seq
+            reply.last_seq = result.last_seq
+        if request.want_pieces:
+            reply.piece_path = (result.path + 1).astype(np.uint8).tobytes()
+            reply.piece_write.extend(result.write_index.tolist())
+        return reply
+
+    @unary
+    async def ReadGuest(self, request: pb.ReadGuestRequest, context: Ctx) -> pb.ReadGuestResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        if request.length > self.limits.max_write_bytes:
+            raise InvalidArgument(
+                f"length {request.length}: at most {self.limits.max_write_bytes} bytes per read"
+            )
+        return pb.ReadGuestResponse(data=entry.vm.read(request.gpa, request.length))
+
+    @unary
+    async def DmaWrite(self, request: pb.DmaWriteRequest, context: Ctx) -> pb.DmaWriteResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        vm = entry.vm
+        before = vm.stats.dma_cycles
+        result = vm.dma_write(request.gpa, request.data)
+        bypass = vm.dma_policy.value == "bypass"
+        pieces = []
+        for p in result.pieces:
+            if p.path is WritePath.EMULATED:
+                path = pb.DMA_PATH_NOTIFIED
+            elif bypass and vm.is_tracked(p.gpa >> 12):
+                path = pb.DMA_PATH_BYPASSED
+            else:
+                path = pb.DMA_PATH_APPLIED
+            pieces.append(pb.DmaPiece(gpa=p.gpa, length=p.length, path=path, seq=p.seq))
+        return pb.DmaWriteResponse(pieces=pieces, cycles=vm.stats.dma_cycles - before)
+
+
+class TrackingService(pbg.TrackingServiceServicer):
+    """Add, remove and query write tracking."""
+
+    def __init__(self, engine: Engine, limits: ServerLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+
+    def _gfns(self, request: Any) -> Any:
+        cv.enum_value({pb.TRACK_MODE_WRITE: 1}, request.mode, "mode")
+        total = sum(r.count for r in request.ranges) + len(request.gfns)
+        if total > self.limits.max_gfns_per_request:
+            raise InvalidArgument(
+                f"{total} gfns in one request; at most {self.limits.max_gfns_per_request}"
+            )
+        if total == 0:
+            raise InvalidArgument("name at least one gfn (ranges or gfns)")
+        return gfns_from(
+            cv.gfn_ranges(request.ranges), np.array(request.gfns, dtype=np.uint64)
+        )
+
+    @unary
+    async def AddTracking(
+        self, request: pb.TrackingChangeRequest, context: Ctx
+    ) -> pb.TrackingChangeResponse:
+        tenant = _tenant()
+        entry = self.engine.vm(tenant, request.vm)
+        owner = self.engine.lease_owner(tenant, request.lease_id)
+        gfns = self._gfns(request)
+        self.engine.check_tracked(tenant, len(np.unique(gfns)))
+        started = entry.vm.track_add(gfns, owner)
+        return pb.TrackingChangeResponse(
+            references=len(gfns), transitions=started, tracked_gfns=entry.vm.tracked_count
+        )
+
+    @unary
+    async def RemoveTracking(
+        self, request: pb.TrackingChangeRequest, context: Ctx
+    ) -> pb.TrackingChangeResponse:
+        tenant = _tenant()
+        entry = self.engine.vm(tenant, request.vm)
+        owner = self.engine.lease_owner(tenant, request.lease_id)
+        gfns = self._gfns(request)
+        stopped = entry.vm.track_remove(gfns, owner)
+        return pb.TrackingChangeResponse(
+            references=len(gfns), transitions=stopped, tracked_gfns=entry.vm.tracked_count
+        )
+
+    @unary
+    async def QueryTracking(
+        self, request: pb.QueryTrackingRequest, context: Ctx
+    ) -> pb.QueryTrackingResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        vm = entry.vm
+        cv.enum_value({pb.TRACK_MODE_WRITE: 1}, request.mode, "mode")
+        if not request.ranges and not request.gfns:
+            if not request.only_tracked:
+                raise InvalidArgument("name gfns or ranges, or set only_tracked to list all")
+            gfns = vm.tracked_gfns()
+        else:
+            total = sum(r.count for r in request.ranges) + len(request.gfns)
+            if total > 1 << 20:
+                raise InvalidArgument(f"{total} gfns in one query; at most {1 << 20}")
+            gfns = gfns_from(
+                cv.gfn_ranges(request.ranges), np.array(request.gfns, dtype=np.uint64)
+            )
+            if request.only_tracked:
+                gfns = np.array([g for g in gfns.tolist() if vm.is_tracked(g)], dtype=np.int64)
+        if len(gfns) > 1 << 20:
+            raise InvalidArgument(f"{len(gfns)} gfns to report; query at most {1 << 20} at once")
+        out = []
+        for info in vm.track_query(gfns.tolist()):
+            slot = vm.slots.find(info.gfn)
+            out.append(
+                cv.track_state_pb(
+                    info, None if slot is None else slot.info.slot_id, request.include_owners
+                )
+            )
+        return pb.QueryTrackingResponse(gfns=out)
+
+
+def _lease_pb(engine: Engine, lease: Lease) -> pb.Lease:
+    remaining = engine.leases.remaining_ms(lease)
+    return pb.Lease(
+        id=lease.lease_id,
+        kind=pb.LEASE_KIND_TTL if lease.kind is LeaseKind.TTL else pb.LEASE_KIND_STREAM,
+        ttl_ms=lease.ttl_ms,
+        expires_at_ns=cv.now_ns() + remaining * 1_000_000 if lease.kind is LeaseKind.TTL else 0,
+        references=engine.lease_references(lease),
+        label=lease.label,
+    )
+
+
+class LeaseService(pbg.LeaseServiceServicer):
+    """Leases for tracking that must not outlive its holder."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @unary
+    async def CreateLease(
+        self, request: pb.CreateLeaseRequest, context: Ctx
+    ) -> pb.CreateLeaseResponse:
+        self.engine.check_serving()
+        lease = self.engine.leases.create(_tenant(), request.ttl_ms, request.label)
+        return pb.CreateLeaseResponse(lease=_lease_pb(self.engine, lease))
+
+    @unary
+    async def KeepAliveLease(
+        self, request: pb.KeepAliveLeaseRequest, context: Ctx
+    ) -> pb.KeepAliveLeaseResponse:
+        lease = self.engine.leases.keep_alive(_tenant(), _require(request.lease_id, "lease_id"))
+        return pb.KeepAliveLeaseResponse(lease=_lease_pb(self.engine, lease))
+
+    @unary
+    async def RevokeLease(
+        self, request: pb.RevokeLeaseRequest, context: Ctx
+    ) -> pb.RevokeLeaseResponse:
+        tenant = _tenant()
+        lease = self.engine.leases.get(tenant, _require(request.lease_id, "lease_id"))
+        refs = self.engine.lease_references(lease)
+        before = sum(e.vm.tracked_count for e in self.engine.list_vms(tenant))
+        self.engine.leases.end(lease)
+        after = sum(e.vm.tracked_count for e in self.engine.list_vms(tenant))
+        return pb.RevokeLeaseResponse(released_references=refs, untracked_gfns=before - after)
+
+    @unary
+    async def ListLeases(
+        self, request: pb.ListLeasesRequest, context: Ctx
+    ) -> pb.ListLeasesResponse:
+        return pb.ListLeasesResponse(
+            leases=[_lease_pb(self.engine, le) for le in self.engine.leases.of_tenant(_tenant())]
+        )
+
+
+def _plugin_status_pb(kind: str, plugin: Plugin, vm_entry: VmEntry) -> pb.PluginStatus:
+    counters: dict[str, int] = {}
+    info: dict[str, str] = {}
+    for key, value in plugin.status().items():
+        if isinstance(value, bool):
+            info[key] = str(value).lower()
+        elif isinstance(value, int) and value >= 0:
+            counters[key] = value
+        else:
+            info[key] = str(value)
+    tracked = len(vm_entry.vm.tracked_gfns(f"plugin:{kind}"))
+    return pb.PluginStatus(
+        kind=cv.PLUGIN_KIND_PB.get(kind, pb.PLUGIN_KIND_UNSPECIFIED),
+        tracked_gfns=tracked,
+        counters=counters,
+        info=info,
+    )
+
+
+def _int_options(options: Any) -> dict[str, Any]:
+    """Plugin and workload options arrive as strings; numbers become ints or floats."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        v: Any = value
+        for conv in (lambda s: int(s, 0), float):
+            try:
+                v = conv(value)
+                break
+            except ValueError:
+                continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidArgument(f"option {key}={value!r} is not a finite number")
+        if value in ("true", "false"):
+            v = value == "true"
+        out[key] = v
+    return out
+
+
+class PluginService(pbg.PluginServiceServicer):
+    """The in-process consumers: shadow MMU and vGPU."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _kind(self, kind: pb.PluginKind.ValueType) -> str:
+        name = cv.PLUGIN_KIND.get(kind)
+        if name is None:
+            raise InvalidArgument(f"kind: unknown plugin kind {kind}; use SHADOW_MMU or VGPU")
+        return name
+
+    def _plugin(self, vm: str, kind: pb.PluginKind.ValueType) -> tuple[VmEntry, Plugin]:
+        entry = self.engine.vm(_tenant(), vm)
+        return entry, self.engine.plugin(entry, self._kind(kind))
+
+    @unary
+    async def AttachPlugin(
+        self, request: pb.AttachPluginRequest, context: Ctx
+    ) -> pb.AttachPluginResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        kind = self._kind(request.kind)
+        plugin = self.engine.attach_plugin(entry, kind, _int_options(request.options))
+        return pb.AttachPluginResponse(status=_plugin_status_pb(kind, plugin, entry))
+
+    @unary
+    async def DetachPlugin(
+        self, request: pb.DetachPluginRequest, context: Ctx
+    ) -> pb.DetachPluginResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        refs = self.engine.detach_plugin(entry, self._kind(request.kind))
+        return pb.DetachPluginResponse(released_references=refs)
+
+    @unary
+    async def ListPlugins(
+        self, request: pb.ListPluginsRequest, context: Ctx
+    ) -> pb.ListPluginsResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        return pb.ListPluginsResponse(
+            plugins=[_plugin_status_pb(k, p, entry) for k, p in entry.plugins.items()]
+        )
+
+    @unary
+    async def AuditPlugin(
+        self, request: pb.AuditPluginRequest, context: Ctx
+    ) -> pb.AuditPluginResponse:
+        _, plugin = self._plugin(request.vm, request.kind)
+        report = plugin.audit()
+        limit = request.max_mismatches or 100
+        return pb.AuditPluginResponse(
+            checked_entries=report.checked,
+            mismatch_count=len(report.mismatches),
+            mismatches=[
+                pb.AuditMismatch(
+                    table=f"{m.address:#x}", level=m.level, expected=m.guest, actual=m.shadow,
+                    reason=m.reason,
+                )
+                for m in report.mismatches[:limit]
+            ],
+        )
+
+    @unary
+    async def SetShadowRoot(
+        self, request: pb.SetShadowRootRequest, context: Ctx
+    ) -> pb.SetShadowRootResponse:
+        _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_SHADOW_MMU)
+        out = plugin.call("set_root", root=request.cr3)
+        return pb.SetShadowRootResponse(
+            root_gfn=int(out.get("root_gfn", request.cr3 >> 12)),
+            shadow_pages=int(out.get("shadow_pages", 0)),
+        )
+
+    @unary
+    async def TranslateShadow(
+        self, request: pb.TranslateShadowRequest, context: Ctx
+    ) -> pb.TranslateShadowResponse:
+        _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_SHADOW_MMU)
+        out = plugin.call("translate", gva=request.gva, write=request.write)
+        return pb.TranslateShadowResponse(
+            present=bool(out.get("present", False)),
+            gpa=int(out.get("gpa", 0) or 0),
+            page_bytes=int(out.get("page_bytes", 4096) or 0),
+            writable=bool(out.get("writable", False)),
+            fault=str(out.get("fault", "") or ""),
+            shadow_pages_created=int(out.get("shadow_pages_created", 0) or 0),
+        )
+
+    @unary
+    async def BuildPpgtt(
+        self, request: pb.BuildPpgttRequest, context: Ctx
+    ) -> pb.BuildPpgttResponse:
+        _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
+        args: dict[str, Any] = _int_options(request.options)
+        if request.root_gpa:
+            args["root_gpa"] = request.root_gpa
+        if request.levels:
+            args["levels"] = request.levels
+        out = plugin.call("build_ppgtt", **args)
+        return pb.BuildPpgttResponse(
+            ppgtt_id=int(out.get("ppgtt_id", 0)),
+            shadow_tables=int(out.get("shadow_tables", 0)),
+            scratch_entries=int(out.get("scratch_entries", 0)),
+            violations=int(out.get("violations", 0)),
+        )
+
+    @unary
+    async def SubmitVgpu(
+        self, request: pb.SubmitVgpuRequest, context: Ctx
+    ) -> pb.SubmitVgpuResponse:
+        _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
+        out = plugin.call("submit", ppgtt_id=request.ppgtt_id, gpu_addrs=list(request.gpu_addrs))
+        return pb.SubmitVgpuResponse(
+            flushed_entries=int(out.get("flushed_entries", out.get("flushed", 0))),
+            gpa=[int(x) for x in out.get("gpa", [])],
+            scratch=[bool(x) for x in out.get("scratch", [])],
+        )
+
+    @unary
+    async def DestroyPpgtt(
+        self, request: pb.DestroyPpgttRequest, context: Ctx
+    ) -> pb.DestroyPpgttResponse:
+        _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
+        out = plugin.call("destroy_ppgtt", ppgtt_id=request.ppgtt_id)
+        return pb.DestroyPpgttResponse(released_references=int(out.get("released", 0)))
+
+
+def _workload_pb(run: WorkloadRun) -> pb.WorkloadStatus:
+    stats = run.entry.vm.stats
+    pieces = [a - b for a, b in zip(stats.pieces, run.stats_before[0], strict=True)]
+    cycles = [a - b for a, b in zip(stats.cycles, run.stats_before[1], strict=True)]
+    cfg = pb.StartWorkloadRequest(
+        vm=run.entry.name,
+        kind=cv.WORKLOAD_KIND_PB.get(run.kind, pb.WORKLOAD_KIND_UNSPECIFIED),
+        rate=run.rate,
+        count=run.count,
+        duration_ms=int(run.duration_s * 1000),
+        seed=int(run.config.get("seed", 0)),
+        options={k: str(v) for k, v in run.config.items() if k != "seed"},
+    )
+    return pb.WorkloadStatus(
+        id=run.run_id,
+        vm=run.entry.name,
+        config=cfg,
+        state=cv.WORKLOAD_STATE_PB[run.state],
+        error=run.error,
+        started_at_ns=run.started_ns,
+        elapsed_ms=int(run.elapsed_s * 1000),
+        writes=run.writes,
+        achieved_rate=run.achieved_rate,
+        writes_by_path=pb.WritePathCounts(
+            mmio_exit=pieces[WritePath.MMIO_EXIT],
+            fast=pieces[WritePath.FAST],
+            emulated=pieces[WritePath.EMULATED],
+        ),
+        cycles=pb.CycleCounts(
+            mmio_exit=cycles[WritePath.MMIO_EXIT],
+            fast=cycles[WritePath.FAST],
+            emulated=cycles[WritePath.EMULATED],
+            total=sum(cycles),
+        ),
+    )
+
+
+class WorkloadService(pbg.WorkloadServiceServicer):
+    """Simulated vCPUs generating write streams."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @unary
+    async def StartWorkload(
+        self, request: pb.StartWorkloadRequest, context: Ctx
+    ) -> pb.StartWorkloadResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        kind = cv.WORKLOAD_KIND.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(
+                f"kind: unknown workload kind {request.kind}; use GPU_PPGTT, GUEST_PAGETABLES,"
+                " RANDOM_WRITES or KERNEL_BUILD"
+            )
+        if not math.isfinite(request.rate) or not math.isfinite(request.tracked_fraction):
+            raise InvalidArgument("rate and tracked_fraction must be finite numbers")
+        if not 0 <= request.tracked_fraction <= 1:
+            raise InvalidArgument(
+                f"tracked_fraction {request.tracked_fraction} must be between 0 and 1"
+            )
+        options = _int_options(request.options)
+        if request.vcpus:
+            options["vcpus"] = request.vcpus
+        if request.tracked_fraction:
+            options["tracked_fraction"] = request.tracked_fraction
+        run = self.engine.start_workload(
+            entry, kind, seed=request.seed, rate=request.rate, count=request.count,
+            duration_s=request.duration_ms / 1000, options=options,
+        )
+        return pb.StartWorkloadResponse(workload=_workload_pb(run))
+
+    @unary
+    async def StopWorkload(
+        self, request: pb.StopWorkloadRequest, context: Ctx
+    ) -> pb.StopWorkloadResponse:
+        run = await self.engine.stop_workload(_tenant(), _require(request.id, "id"))
+        return pb.StopWorkloadResponse(workload=_workload_pb(run))
+
+    @unary
+    async def GetWorkload(
+        self, request: pb.GetWorkloadRequest, context: Ctx
+    ) -> pb.GetWorkloadResponse:
+        run = self.engine.workload(_tenant(), _require(request.id, "id"))
+        return pb.GetWorkloadResponse(workload=_workload_pb(run))
+
+    @unary
+    async def ListWorkloads(
+        self, request: pb.ListWorkloadsRequest, context: Ctx
+    ) -> pb.ListWorkloadsResponse:
+        tenant = _tenant()
+        if request.vm:
+            self.engine.vm(tenant, request.vm)
+        runs = [
+            r for r in self.engine.workloads.values()
+            if r.tenant == tenant and (not request.vm or r.entry.name == request.vm)
+        ]
+        return pb.ListWorkloadsResponse(workloads=[_workload_pb(r) for r in runs])
+
+
+def vm_stats_pb(engine: Engine, entry: VmEntry) -> pb.VmStats:
+    """Everything counted for one VM."""
+    vm = entry.vm
+    s = vm.stats
+    subs = entry.hub.subscribers.values()
+    cycles_total = sum(s.cycles) + s.dma_cycles
+    return pb.VmStats(
+        vm=vm.name,
+        guest_writes=s.writes,
+        writes=pb.WritePathCounts(
+            mmio_exit=s.pieces[WritePath.MMIO_EXIT],
+            fast=s.pieces[WritePath.FAST],
+            emulated=s.pieces[WritePath.EMULATED],
+        ),
+        bytes_written=s.bytes_written,
+        mmio_exits=s.mmio_exits,
+        emulations=s.emulations,
+        dma=pb.DmaCounts(
+            applied=s.dma_writes, notified=s.dma_notified, rejected=s.dma_rejected
+        ),
+        notifications=s.notifications,
+        notifier_errors=s.notifier_errors,
+        events_dropped=sum(x.counters.dropped for x in subs),
+        events_coalesced=sum(x.counters.coalesced for x in subs),
+        tracked_gfns=vm.tracked_count,
+        write_protected_gfns=vm.tracked_count,
+        memory_bytes=vm.memory_bytes,
+        track_pool_bytes=vm.counter_bytes,
+        cycles=pb.CycleCounts(
+            mmio_exit=s.cycles[WritePath.MMIO_EXIT],
+            fast=s.cycles[WritePath.FAST],
+            emulated=s.cycles[WritePath.EMULATED],
+            dma=s.dma_cycles,
+            total=cycles_total,
+        ),
+        simulated_seconds=cycles_total / vm.cost.host_hz,
+        vcpus=[
+            pb.VcpuStats(vcpu=v, cycles=pb.CycleCounts(total=c))
+            for v, c in sorted(s.vcpu_cycles.items())
+        ],
+        head_seq=vm.seq,
+        oldest_seq=max(entry.hub.history.oldest_seq, 1),
+        notifiers=len(vm.notifiers) - 1,
+        uptime_ms=(cv.now_ns() - entry.created_at_ns) // 1_000_000,
+    )
+
+
+class AdminService(pbg.AdminServiceServicer):
+    """Server information and statistics."""
+
+    def __init__(self, engine: Engine, limits: ServerLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+
+    @unary
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: Ctx
+    ) -> pb.GetServerInfoResponse:
+        caller = current_caller.get()
+        lim = self.limits
+        q = self.engine.config.quotas
+        return pb.GetServerInfoResponse(
+            version=__version__,
+            tenant=caller.tenant,
+            role=caller.role,
+            limits=pb.ServerLimits(
+                max_message_bytes=lim.max_message_bytes,
+                max_write_bytes=lim.max_write_bytes,
+                max_batch_writes=lim.max_batch_writes,
+                max_batch_bytes=lim.max_message_bytes,
+                max_gfns_per_request=lim.max_gfns_per_request,
+                max_filter_ranges=lim.max_filter_ranges,
+                max_watch_batch_events=lim.max_watch_batch_events,
+                default_watch_batch_events=lim.default_watch_batch_events,
+                max_watch_batch_bytes=lim.max_watch_batch_bytes,
+                default_watch_batch_bytes=lim.default_watch_batch_bytes,
+                max_watch_batch_delay_ms=lim.max_watch_batch_delay_ms,
+                default_watch_batch_delay_ms=lim.default_watch_batch_delay_ms,
+                max_queue_limit=lim.max_queue_limit,
+                default_queue_limit=lim.default_queue_limit,
+                max_block_timeout_ms=lim.max_block_timeout_ms,
+                default_block_timeout_ms=lim.default_block_timeout_ms,
+                min_heartbeat_interval_ms=lim.min_heartbeat_interval_ms,
+                max_heartbeat_interval_ms=lim.max_heartbeat_interval_ms,
+                default_heartbeat_interval_ms=lim.default_heartbeat_interval_ms,
+                min_lease_ttl_ms=100,
+                max_lease_ttl_ms=24 * 3600 * 1000,
+                max_audit_mismatches=lim.max_audit_mismatches,
+            ),
+            quotas=pb.TenantQuotas(
+                vms=q.vms, guest_pages=q.guest_pages, tracked_gfns=q.tracked_gfns,
+                watchers=q.watchers, workloads=q.workloads,
+            ),
+            started_at_ns=self.engine.started_ns,
+        )
+
+    @unary
+    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
+        tenant = _tenant()
+        if request.vm:
+            entries = [self.engine.vm(tenant, request.vm)]
+        else:
+            entries = self.engine.list_vms(tenant)
+        return pb.GetStatsResponse(vms=[vm_stats_pb(self.engine, e) for e in entries])
+
+    async def SnapshotVm(
+        self, request: pb.SnapshotVmRequest, context: Ctx
+    ) -> AsyncIterator[pb.SnapshotChunk]:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "SnapshotVm is not available in this version"
+        )
+        yield pb.SnapshotChunk()
+
+    async def RestoreVm(
+        self, request_iterator: AsyncIterator[pb.RestoreVmRequest], context: Ctx
+    ) -> pb.RestoreVmResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "RestoreVm is not available in this version"
+        )
+
+
+__all__ = [
+    "AdminService",
+    "LeaseService",
+    "MemoryService",
+    "NotFound",
+    "PluginService",
+    "TENANT_OWNER",
+    "TrackingService",
+    "VmService",
+    "WorkloadService",
+]

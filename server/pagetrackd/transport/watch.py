@@ -1,0 +1,296 @@
+"""The Watch stream: a remote notifier delivering batches, gaps, region records and
+heartbeats, and its companions Unwatch and ListNotifiers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import grpc
+
+from pagetrack.v1 import pagetrack_pb2 as pb
+from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+from pagetrackd.auth import current_caller
+from pagetrackd.domain import Compacted, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from pagetrackd.domain.hub import (
+    Gap,
+    RegionRemoved,
+    SlowPolicy,
+    Stamped,
+    Subscriber,
+    make_filter,
+)
+from pagetrackd.engine import Engine, VmEntry
+from pagetrackd.transport import convert as cv
+from pagetrackd.transport.limits import ServerLimits
+from pagetrackd.transport.status import streaming, unary
+
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def _bounded(
+    request: pb.WatchRequest, field: str, default: int, low: int, high: int, unit: str
+) -> int:
+    if not request.HasField(field):  # type: ignore[arg-type]
+        return default
+    value = int(getattr(request, field))
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} {value} must be {low}..{high} {unit}")
+    return value
+
+
+class _Stream:
+    """State of one open Watch stream."""
+
+    def __init__(self, entry: VmEntry, sub: Subscriber, wake: asyncio.Event) -> None:
+        self.entry = entry
+        self.sub = sub
+        self.wake = wake
+        self.unwatched = False
+        self.registered_ns = time.time_ns()
+        self.lease_id = ""
+
+
+class WatchService(pbg.WatchServiceServicer):
+    """Remote notifiers."""
+
+    def __init__(self, engine: Engine, limits: ServerLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+        #: (tenant, vm, notifier id) -> open stream
+        self.streams: dict[tuple[str, str, int], _Stream] = {}
+
+    @streaming
+    async def Watch(
+        self, request: pb.WatchRequest, context: Ctx
+    ) -> AsyncIterator[pb.WatchResponse]:
+        engine = self.engine
+        lim = self.limits
+        tenant = current_caller.get().tenant
+        entry = engine.vm(tenant, request.vm)
+        max_events = _bounded(
+            request, "max_batch_events", lim.default_watch_batch_events, 1,
+            lim.max_watch_batch_events, "events",
+        )
+        max_bytes = _bounded(
+            request, "max_batch_bytes", lim.default_watch_batch_bytes, 4096,
+            lim.max_watch_batch_bytes, "bytes",
+        )
+        delay_ms = _bounded(
+            request, "max_batch_delay_ms", lim.default_watch_batch_delay_ms, 0,
+            lim.max_watch_batch_delay_ms, "ms",
+        )
+        queue_limit = _bounded(
+            request, "queue_limit", lim.default_queue_limit, 1, lim.max_queue_limit, "events"
+        )
+        heartbeat_ms = _bounded(
+            request, "heartbeat_interval_ms", lim.default_heartbeat_interval_ms,
+            lim.min_heartbeat_interval_ms, lim.max_heartbeat_interval_ms, "ms",
+        )
+        cv.enum_value(cv.POLICY, request.policy, "policy")
+        policy = cv.POLICY[request.policy]
+        block_ms = 0
+        if policy is SlowPolicy.BLOCK:
+            block_ms = _bounded(
+                request, "block_timeout_ms", lim.default_block_timeout_ms, 1,
+                lim.max_block_timeout_ms, "ms",
+            )
+        if len(request.gfn_ranges) > lim.max_filter_ranges:
+            raise InvalidArgument(
+                f"{len(request.gfn_ranges)} gfn_ranges; at most {lim.max_filter_ranges}"
+            )
+        for s in request.sources:
+            cv.enum_value(cv.SOURCES, s, "sources", allow_unset=False)
+        for m in request.modes:
+            cv.enum_value({pb.TRACK_MODE_WRITE: 1}, m, "modes", allow_unset=False)
+        owner_leases = list(request.owner_leases)
+        if len(owner_leases) > 64:
+            raise InvalidArgument(f"{len(owner_leases)} owner_leases; at most 64")
+        for lease_id in owner_leases:
+            engine.leases.get(tenant, lease_id)
+        if owner_leases and not request.only_owned:
+            raise InvalidArgument("owner_leases needs only_owned")
+
+        lease = engine.stream_lease(tenant)
+        owner = None
+        if request.only_owned:
+            # One owner filter per stream: its own lease, or the first named lease.
+            owner = (
+                engine.leases.get(tenant, owner_leases[0]).owner if owner_leases else lease.owner
+            )
+        flt = make_filter(
+            cv.gfn_ranges(request.gfn_ranges),
+            [cv.SOURCES[s] for s in request.sources],
+            owner,
+        )
+        wake = asyncio.Event()
+        sub = Subscriber(
+            name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
+            wake=wake.set,
+        )
+        start_seq = request.start_seq if request.HasField("start_seq") else None
+        history = entry.hub.history
+        compacted_gap: pb.Gap | None = None
+        try:
+            notifier_id = engine.subscribe(entry, sub, start_seq)
+        except Compacted as exc:
+            if not request.allow_compacted or start_seq is None:
+                engine.leases.end(lease)
+                raise
+            compacted_gap = pb.Gap(
+                first_seq=start_seq, last_seq=exc.oldest_seq - 1,
+                count=exc.oldest_seq - start_seq, reason=pb.GAP_REASON_COMPACTED,
+            )
+            notifier_id = engine.subscribe(entry, sub, exc.oldest_seq)
+        except BaseException:
+            engine.leases.end(lease)
+            raise
+        stream = _Stream(entry, sub, wake)
+        stream.lease_id = lease.lease_id
+        key = (tenant, entry.name, notifier_id)
+        self.streams[key] = stream
+        try:
+            yield pb.WatchResponse(
+                registered=pb.Registered(
+                    notifier_id=notifier_id,
+                    head_seq=entry.vm.seq,
+                    oldest_seq=max(history.oldest_seq, 1),
+                    start_seq=start_seq if start_seq is not None else entry.vm.seq + 1,
+                    lease_id=lease.lease_id,
+                    max_batch_events=max_events,
+                    max_batch_bytes=max_bytes,
+                    max_batch_delay_ms=delay_ms,
+                    queue_limit=queue_limit,
+                    policy=cv.POLICY_PB[policy],
+                    block_timeout_ms=block_ms,
+                    heartbeat_interval_ms=heartbeat_ms,
+                )
+            )
+            if compacted_gap is not None:
+                yield pb.WatchResponse(gap=compacted_gap)
+            async for msg in self._deliver(stream, max_events, max_bytes, delay_ms,
+                                           heartbeat_ms, request.omit_data):
+                yield msg
+        finally:
+            self.streams.pop(key, None)
+            if sub.node is not None and not entry.vm.closed:
+                engine.unsubscribe(entry, sub)
+            engine.leases.end(lease)
+
+    async def _deliver(
+        self,
+        stream: _Stream,
+        max_events: int,
+        max_bytes: int,
+        delay_ms: int,
+        heartbeat_ms: int,
+        omit_data: bool,
+    ) -> AsyncIterator[pb.WatchResponse]:
+        sub = stream.sub
+        vm = stream.entry.vm
+        shutdown = self.engine.shutting_down
+        heartbeat_s = heartbeat_ms / 1000
+        next_beat = time.monotonic() + heartbeat_s
+        # Cap events per message by bytes too (the data column dominates).
+        while True:
+            if shutdown.is_set():
+                raise Unavailable("pagetrackd is shutting down; reconnect and resume from the"
+                                  f" last seq you saw ({sub.last_seq})")
+            if sub.overflowed_lag is not None:
+                raise ResourceExhausted(
+                    f"stream fell {sub.overflowed_lag} events behind its queue limit"
+                    f" {sub.queue_limit} (policy disconnect); last seq delivered {sub.last_seq}"
+                )
+            if not sub.pending:
+                if stream.unwatched or sub.node is None:
+                    reason = pb.CLOSE_REASON_UNWATCHED if stream.unwatched else (
+                        pb.CLOSE_REASON_VM_DELETED
+                    )
+                    yield pb.WatchResponse(closed=pb.Closed(reason=reason, last_seq=sub.last_seq))
+                    return
+                stream.wake.clear()
+                timeout = max(0.0, next_beat - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.wake.wait(), timeout)
+            elif delay_ms and sub.depth < max_events and sub.node is not None:
+                # Let the batch fill up, at most delay_ms.
+                stream.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.wake.wait(), delay_ms / 1000)
+            if sub.pending:
+                budget = max(1, min(max_events, max_bytes // 8))
+                for item in sub.take(budget):
+                    if isinstance(item, Stamped):
+                        yield pb.WatchResponse(
+                            events=cv.event_batch_pb(item.batch, item.ts_ns, vm.seq, omit_data)
+                        )
+                    elif isinstance(item, Gap):
+                        yield pb.WatchResponse(gap=cv.gap_pb(item))
+                    elif isinstance(item, RegionRemoved):
+                        yield pb.WatchResponse(region_removed=cv.region_pb(item))
+                if sub.policy is SlowPolicy.BLOCK and not sub.full:
+                    stream.entry.room.set()
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + heartbeat_s
+                c = sub.counters
+                yield pb.WatchResponse(
+                    progress=pb.Progress(
+                        head_seq=vm.seq,
+                        sent_seq=sub.last_seq,
+                        lag=max(0, vm.seq - sub.last_seq),
+                        queue_depth=sub.depth,
+                        sent_total=c.sent,
+                        dropped_total=c.dropped,
+                        coalesced_total=c.coalesced,
+                        timestamp_ns=time.time_ns(),
+                    )
+                )
+
+    @unary
+    async def Unwatch(self, request: pb.UnwatchRequest, context: Ctx) -> pb.UnwatchResponse:
+        tenant = current_caller.get().tenant
+        entry = self.engine.vm(tenant, request.vm)
+        stream = self.streams.get((tenant, entry.name, request.notifier_id))
+        if stream is None:
+            raise NotFound(f"no open Watch stream with notifier_id {request.notifier_id}")
+        # Unregister now: once this call returns, no event is queued for the stream.
+        self.engine.unsubscribe(entry, stream.sub)
+        stream.unwatched = True
+        stream.wake.set()
+        return pb.UnwatchResponse(last_seq=entry.vm.seq)
+
+    @unary
+    async def ListNotifiers(
+        self, request: pb.ListNotifiersRequest, context: Ctx
+    ) -> pb.ListNotifiersResponse:
+        tenant = current_caller.get().tenant
+        entry = self.engine.vm(tenant, request.vm)
+        out = []
+        plugin_names = {f"{k}" for k in entry.plugins}
+        for node in entry.vm.notifiers.nodes():
+            n = node.notifier
+            if n is entry.hub.history:
+                continue
+            stream = self.streams.get((tenant, entry.name, node.node_id))
+            if stream is not None:
+                s = stream.sub
+                out.append(
+                    pb.NotifierInfo(
+                        notifier_id=node.node_id, kind=pb.NOTIFIER_KIND_WATCH, name=s.name,
+                        registered_at_ns=stream.registered_ns, policy=cv.POLICY_PB[s.policy],
+                        queue_depth=s.depth, queue_limit=s.queue_limit,
+                        lag=max(0, entry.vm.seq - s.last_seq), sent_total=s.counters.sent,
+                        dropped_total=s.counters.dropped,
+                        coalesced_total=s.counters.coalesced, lease_id=stream.lease_id,
+                    )
+                )
+            else:
+                kind = pb.NOTIFIER_KIND_PLUGIN if n.name in plugin_names else (
+                    pb.NOTIFIER_KIND_UNSPECIFIED
+                )
+                out.append(pb.NotifierInfo(notifier_id=node.node_id, kind=kind, name=n.name))
+        return pb.ListNotifiersResponse(notifiers=out)
