@@ -1,0 +1,222 @@
+"""Event hub: bounded queues, slow-consumer policies, history and resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagetrackd.domain import Compacted, Vm
+from pagetrackd.domain.hub import (
+    Gap,
+    GapReason,
+    History,
+    RegionRemoved,
+    SlowPolicy,
+    Stamped,
+    Subscriber,
+    VmHub,
+    make_filter,
+)
+from pagetrackd.domain.types import Source
+
+
+def _vm(tracked: int = 64) -> Vm:
+    vm = Vm("vm")
+    vm.set_memslot(0, 0, 1024)
+    vm.track_add(np.arange(tracked, dtype=np.int64))
+    return vm
+
+
+def _write(vm: Vm, n: int, single: bool, gfns: int = 64) -> None:
+    gpa = (np.arange(n, dtype=np.int64) % gfns) << 12
+    if single:
+        for g in gpa.tolist():
+            vm.write(0, g, b"\x01" * 8)
+    else:
+        vm.write_batch(gpa, np.zeros(n, dtype=np.int64), np.full(n, 8), b"\x01" * 8 * n)
+
+
+def _drain(
+    sub: Subscriber, max_events: int = 1000
+) -> tuple[list[int], list[Gap], list[RegionRemoved]]:
+    seqs: list[int] = []
+    gaps: list[Gap] = []
+    regions: list[RegionRemoved] = []
+    while sub.pending:
+        for item in sub.take(max_events):
+            if isinstance(item, Stamped):
+                seqs.extend(item.batch.seq.tolist())
+            elif isinstance(item, Gap):
+                gaps.append(item)
+            else:
+                regions.append(item)
+    return seqs, gaps, regions
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    policy=st.sampled_from([SlowPolicy.DROP, SlowPolicy.COALESCE, SlowPolicy.BLOCK]),
+    limit=st.integers(1, 50),
+    bursts=st.lists(st.tuples(st.integers(1, 120), st.booleans(), st.integers(0, 80)), max_size=6),
+)
+def test_every_event_is_delivered_or_accounted_for(
+    policy: SlowPolicy, limit: int, bursts: list[tuple[int, bool, int]]
+) -> None:
+    """received + dropped + coalesced == written, seqs increase, and the queue never
+    holds more than its limit -- whatever the policy and the consumer's pace."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s", queue_limit=limit, policy=policy)
+    hub.subscribe(vm, sub)
+    received: list[int] = []
+    gaps: list[Gap] = []
+    for n, single, take in bursts:
+        _write(vm, n, single)
+        assert sub.depth <= limit
+        for item in sub.take(take) if take else []:
+            if isinstance(item, Stamped):
+                received.extend(item.batch.seq.tolist())
+            elif isinstance(item, Gap):
+                gaps.append(item)
+    seqs, more_gaps, _ = _drain(sub)
+    received += seqs
+    gaps += more_gaps
+    written = vm.seq
+    lost = sum(g.count for g in gaps)
+    assert len(received) + lost == written
+    assert received == sorted(received) or policy is SlowPolicy.COALESCE
+    assert len(set(received)) == len(received)
+    assert sub.counters.dropped + sub.counters.coalesced == lost
+    for g in gaps:
+        assert g.first_seq <= g.last_seq
+        if g.reason is GapReason.DROPPED:
+            assert g.count <= g.last_seq - g.first_seq + 1
+
+
+def test_drop_gap_reports_the_exact_range() -> None:
+    """A stalled consumer of queue 10 misses seqs 11..100 and is told exactly that."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s", queue_limit=10)
+    hub.subscribe(vm, sub)
+    _write(vm, 100, single=True)
+    seqs, gaps, _ = _drain(sub)
+    assert seqs == list(range(1, 11))
+    assert gaps == [Gap(11, 100, 90, GapReason.DROPPED)]
+
+
+def test_gap_sits_between_the_events_around_it() -> None:
+    """Events after a gap come after the gap record, in seq order."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s", queue_limit=5)
+    hub.subscribe(vm, sub)
+    _write(vm, 8, single=False)
+    first = sub.take(100)
+    _write(vm, 3, single=False)
+    rest = sub.take(100)
+    kinds = [type(i).__name__ for i in first + rest]
+    assert kinds == ["Stamped", "Gap", "Stamped"]
+    gap = (first + rest)[1]
+    assert isinstance(gap, Gap) and (gap.first_seq, gap.last_seq, gap.count) == (6, 8, 3)
+
+
+def test_coalesce_keeps_latest_write_per_gfn() -> None:
+    """While behind, only the newest event per gfn is kept; the rest are reported."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s", queue_limit=8, policy=SlowPolicy.COALESCE)
+    hub.subscribe(vm, sub)
+    _write(vm, 40, single=True, gfns=8)  # 8 fit, 32 are coalesced over 8 gfns
+    seqs, gaps, _ = _drain(sub)
+    assert seqs[:8] == list(range(1, 9))
+    assert sorted(seqs[8:]) == list(range(33, 41))
+    assert sum(g.count for g in gaps) == 24
+    assert all(g.reason is GapReason.COALESCED for g in gaps)
+
+
+def test_coalesce_memory_is_bounded_by_the_queue_limit() -> None:
+    """Coalescing keeps at most queue_limit gfns; writes to more gfns are dropped and
+    reported, so memory stays bounded."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s", queue_limit=4, policy=SlowPolicy.COALESCE)
+    hub.subscribe(vm, sub)
+    _write(vm, 40, single=True, gfns=8)
+    seqs, gaps, _ = _drain(sub)
+    assert len(seqs) + sum(g.count for g in gaps) == 40
+    assert any(g.reason is GapReason.DROPPED for g in gaps)
+
+
+def test_disconnect_policy_records_lag_and_accounts() -> None:
+    """The disconnect policy marks the stream with its lag and counts what it lost."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s", queue_limit=3, policy=SlowPolicy.DISCONNECT)
+    hub.subscribe(vm, sub)
+    _write(vm, 10, single=True)
+    assert sub.overflowed_lag is not None
+    assert sub.counters.dropped == 7
+
+
+def test_filters_by_range_and_source() -> None:
+    """Only events in the gfn ranges and of the chosen source are queued."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s", flt=make_filter([(2, 2)], [Source.GUEST]))
+    hub.subscribe(vm, sub)
+    _write(vm, 16, single=False, gfns=8)
+    _write(vm, 16, single=True, gfns=8)
+    seqs, _, _ = _drain(sub)
+    assert len(seqs) == 8
+    assert sub.counters.filtered == 24
+
+
+def test_history_resume_and_compaction() -> None:
+    """A stream resuming from a held seq gets everything since; an older seq is Compacted."""
+    vm = _vm()
+    hub = VmHub(History(max_events=100))
+    vm.register_notifier(hub.history)
+    _write(vm, 50, single=True)
+    _write(vm, 200, single=False)
+    _write(vm, 30, single=True)
+    oldest = hub.history.oldest_seq
+    assert 150 <= oldest <= 281
+    with pytest.raises(Compacted) as info:
+        hub.subscribe(vm, Subscriber(name="old"), start_seq=oldest - 1)
+    assert info.value.oldest_seq == oldest
+    sub = Subscriber(name="new", queue_limit=1000)
+    hub.subscribe(vm, sub, start_seq=oldest)
+    _write(vm, 5, single=True)
+    seqs, gaps, _ = _drain(sub)
+    assert seqs == list(range(oldest, vm.seq + 1))
+    assert gaps == []
+
+
+def test_region_removed_reaches_subscribers_in_order() -> None:
+    """A slot delete arrives as a record after the events before it."""
+    vm = _vm()
+    vm.set_memslot(1, 0x1000, 16)
+    hub = VmHub(History())
+    sub = Subscriber(name="s")
+    hub.subscribe(vm, sub)
+    _write(vm, 3, single=True)
+    vm.set_memslot(1, 0, 0)
+    items = sub.take(100)
+    assert isinstance(items[-1], RegionRemoved)
+    assert (items[-1].base_gfn, items[-1].npages, items[-1].at_seq) == (0x1000, 16, 3)
+
+
+def test_unsubscribe_stops_delivery_at_once() -> None:
+    """After unsubscribe returns, writes queue nothing for the subscriber."""
+    vm = _vm()
+    hub = VmHub(History())
+    sub = Subscriber(name="s")
+    hub.subscribe(vm, sub)
+    _write(vm, 3, single=True)
+    hub.unsubscribe(vm, sub)
+    queued = sub.counters.queued
+    _write(vm, 3, single=False)
+    assert sub.counters.queued == queued
