@@ -15,7 +15,7 @@ from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from pagetrackd.auth import Authenticator
 from pagetrackd.config import Config, parse_listen
-from pagetrackd.engine import Engine, EngineConfig
+from pagetrackd.engine import Engine, EngineConfig, make_quotas
 from pagetrackd.transport.interceptors import RequestContextInterceptor
 from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.servicer import (
@@ -67,7 +67,15 @@ class Daemon:
         self.config = config
         self.limits = limits or ServerLimits()
         self.engine = Engine(
-            EngineConfig(history_events=config.history_events, history_bytes=config.history_bytes)
+            EngineConfig(
+                history_events=config.history_events,
+                history_bytes=config.history_bytes,
+                quotas=make_quotas(config.quotas),
+                tenant_quotas={
+                    t: make_quotas(q, make_quotas(config.quotas))
+                    for t, q in config.tenant_quotas.items()
+                },
+            )
         )
         self.auth = (
             Authenticator.from_file(Path(config.tokens_file))

@@ -37,6 +37,11 @@ class Config:
     save_interval_s: float = 30.0  #: how often state is saved (and on shutdown)
     ready_file: str = ""  #: once serving, write the bound addresses here (JSON)
     demo: bool = False  #: create a demo VM with slots, tracking and a workload at start
+    #: quotas for every tenant (TOML table ``[quotas]``: vms, guest_pages, tracked_gfns,
+    #: watchers, workloads, write_rate); unset keys keep their defaults
+    quotas: Mapping[str, int] = field(default_factory=dict)
+    #: per-tenant overrides (TOML tables ``[tenant_quotas.NAME]``)
+    tenant_quotas: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise InvalidArgument for settings that cannot work together."""
@@ -84,6 +89,10 @@ def is_local(addr: str) -> bool:
 
 
 def _coerce(name: str, value: Any, current: Any) -> Any:
+    if isinstance(current, Mapping):
+        if not isinstance(value, Mapping):
+            raise InvalidArgument(f"{name} must be a TOML table")
+        return dict(value)
     if isinstance(current, tuple):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())

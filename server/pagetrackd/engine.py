@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,21 @@ class Quotas:
     tracked_gfns: int = 1 << 26
     watchers: int = 4096
     workloads: int = 64
+    write_rate: int = 0  #: guest writes per second (a 1 s burst is allowed); 0 = no limit
+
+
+def make_quotas(values: Mapping[str, Any], base: Quotas | None = None) -> Quotas:
+    """Quotas from a TOML table; unknown names and negative values are refused."""
+    base = base or Quotas()
+    known = set(Quotas.__dataclass_fields__)
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise InvalidArgument(f"unknown quota {key!r}; known: {', '.join(sorted(known))}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgument(f"quota {key} must be a whole number >= 0, got {value!r}")
+        out[key] = value
+    return dataclasses.replace(base, **out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +72,8 @@ class EngineConfig:
     history_events: int = 65536
     history_bytes: int = 16 << 20
     quotas: Quotas = field(default_factory=Quotas)
+    #: quotas for named tenants; others get ``quotas``
+    tenant_quotas: Mapping[str, Quotas] = field(default_factory=dict)
     lease_check_interval_s: float = 0.05
 
 
@@ -124,6 +142,8 @@ class Engine:
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
         self._lease_task: asyncio.Task[None] | None = None
+        #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
+        self._buckets: dict[TenantId, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,6 +161,34 @@ class Engine:
             self._lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_task
+
+    def quotas(self, tenant: TenantId) -> Quotas:
+        """The quotas that apply to ``tenant``."""
+        return self.config.tenant_quotas.get(tenant, self.config.quotas)
+
+    def charge_writes(self, tenant: TenantId, writes: int) -> None:
+        """Take ``writes`` from the tenant's write-rate bucket (refilled at write_rate per
+        second, holding at most one second's worth); raise QuotaExceeded when empty."""
+        rate = self.quotas(tenant).write_rate
+        if not rate:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(tenant, (float(rate), now))
+        tokens = min(float(rate), tokens + (now - last) * rate)
+        if writes > tokens:
+            self._buckets[tenant] = (tokens, now)
+            raise QuotaExceeded(
+                f"{writes} writes exceed the tenant's write_rate quota of {rate} writes/s"
+                f" ({int(tokens)} available now); slow down or ask for a higher quota",
+                quota="write_rate", limit=rate,
+            )
+        self._buckets[tenant] = (tokens - writes, now)
+
+    def refund_writes(self, tenant: TenantId, writes: int) -> None:
+        """Give back writes charged for a call that was refused (it changed nothing)."""
+        if tenant in self._buckets:
+            tokens, last = self._buckets[tenant]
+            self._buckets[tenant] = (tokens + writes, last)
 
     def check_serving(self) -> None:
         """Raise Unavailable once shutdown has begun."""
@@ -172,7 +220,7 @@ class Engine:
     ) -> VmEntry:
         """Create a VM for ``tenant`` with its event history."""
         self.check_serving()
-        q = self.config.quotas
+        q = self.quotas(tenant)
         if self.registry.count_vms(tenant) >= q.vms:
             raise QuotaExceeded(
                 f"tenant already has {q.vms} VMs, its quota", quota="vms", limit=q.vms
@@ -224,7 +272,7 @@ class Engine:
 
     def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""
-        q = self.config.quotas.guest_pages
+        q = self.quotas(tenant).guest_pages
         used = sum(
             s.npages for e in self.list_vms(tenant) for s in e.vm.memslots()
         )
@@ -236,7 +284,7 @@ class Engine:
 
     def check_tracked(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more tracked gfns pass the tenant's quota."""
-        q = self.config.quotas.tracked_gfns
+        q = self.quotas(tenant).tracked_gfns
         used = sum(e.vm.tracked_count for e in self.list_vms(tenant))
         if used + extra > q:
             raise QuotaExceeded(
@@ -255,7 +303,7 @@ class Engine:
     ) -> int:
         """Register a Watch subscriber (after the quota check)."""
         self.check_serving()
-        q = self.config.quotas.watchers
+        q = self.quotas(entry.tenant).watchers
         if self.watchers(entry.tenant) >= q:
             raise QuotaExceeded(
                 f"tenant already has {q} Watch streams open, its quota",
@@ -378,7 +426,7 @@ class Engine:
             raise InvalidArgument(f"rate {rate} must be 0 (as fast as possible) .. 1e8 writes/s")
         if count < 0 or duration_s < 0:
             raise InvalidArgument("count and duration must be >= 0")
-        q = self.config.quotas.workloads
+        q = self.quotas(entry.tenant).workloads
         running = sum(
             1 for r in self.workloads.values() if r.tenant == entry.tenant and r.state == "running"
         )

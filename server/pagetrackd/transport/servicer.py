@@ -17,6 +17,7 @@ from pagetrackd.domain import (
     CostModel,
     InvalidArgument,
     NotFound,
+    PageTrackError,
     SlotFlags,
     TenantId,
     VmLimits,
@@ -224,11 +225,16 @@ class MemoryService(pbg.MemoryServiceServicer):
         self, request: pb.WriteGuestRequest, context: Ctx
     ) -> pb.WriteGuestResponse:
         entry = self.engine.vm(_tenant(), request.vm)
+        self.engine.charge_writes(entry.tenant, 1)
         if entry.hub.subscribers:
             await self.engine.admit(entry, 1.0)
         vm = entry.vm
         before = sum(vm.stats.cycles)
-        result = vm.write(request.vcpu, request.gpa, request.data)
+        try:
+            result = vm.write(request.vcpu, request.gpa, request.data)
+        except PageTrackError:
+            self.engine.refund_writes(entry.tenant, 1)
+            raise
         return pb.WriteGuestResponse(
             pieces=[
                 pb.WritePiece(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
@@ -257,16 +263,21 @@ class MemoryService(pbg.MemoryServiceServicer):
             raise InvalidArgument(
                 f"vcpu has {len(request.vcpu)} entries; give one per write ({n}) or exactly one"
             )
+        self.engine.charge_writes(entry.tenant, n)
         if entry.hub.subscribers:
             await self.engine.admit(entry, 1.0)
         vm = entry.vm
         before = sum(vm.stats.cycles)
-        result = vm.write_batch(
-            np.array(request.gpa, dtype=np.uint64).astype(np.int64),
-            vcpu,
-            np.array(request.length, dtype=np.int64),
-            request.data,
-        )
+        try:
+            result = vm.write_batch(
+                np.array(request.gpa, dtype=np.uint64).astype(np.int64),
+                vcpu,
+                np.array(request.length, dtype=np.int64),
+                request.data,
+            )
+        except PageTrackError:
+            self.engine.refund_writes(entry.tenant, n)
+            raise
         reply = pb.WriteGuestBatchResponse(
             writes=n,
             pieces=pb.WritePathCounts(
@@ -769,7 +780,7 @@ class AdminService(pbg.AdminServiceServicer):
     ) -> pb.GetServerInfoResponse:
         caller = current_caller.get()
         lim = self.limits
-        q = self.engine.config.quotas
+        q = self.engine.quotas(caller.tenant)
         return pb.GetServerInfoResponse(
             version=__version__,
             tenant=caller.tenant,
@@ -800,7 +811,7 @@ class AdminService(pbg.AdminServiceServicer):
             ),
             quotas=pb.TenantQuotas(
                 vms=q.vms, guest_pages=q.guest_pages, tracked_gfns=q.tracked_gfns,
-                watchers=q.watchers, workloads=q.workloads,
+                watchers=q.watchers, workloads=q.workloads, write_rate=q.write_rate,
             ),
             started_at_ns=self.engine.started_ns,
         )
