@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 import pytest
+
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-
 from pagetrackd.auth import hash_token
 
 BIN = Path(sys.executable).parent
