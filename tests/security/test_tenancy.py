@@ -91,7 +91,8 @@ async def test_missing_or_wrong_token_is_unauthenticated(channel: grpc.aio.Chann
     ) == grpc.StatusCode.UNAUTHENTICATED
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    health: Any = health_pb2_grpc.HealthStub(channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest())
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -133,7 +134,9 @@ async def test_other_tenants_vm_is_not_found_for_every_call(channel: grpc.aio.Ch
         plg.AttachPlugin(pb.AttachPluginRequest(vm="secret-vm", kind=pb.PLUGIN_KIND_VGPU),
                          metadata=b),
         plg.ListPlugins(pb.ListPluginsRequest(vm="secret-vm"), metadata=b),
-        wl.StartWorkload(pb.StartWorkloadRequest(vm="secret-vm", kind=1), metadata=b),
+        wl.StartWorkload(
+            pb.StartWorkloadRequest(vm="secret-vm", kind=pb.WORKLOAD_KIND_GPU_PPGTT), metadata=b
+        ),
         wl.ListWorkloads(pb.ListWorkloadsRequest(vm="secret-vm"), metadata=b),
         adm.GetStats(pb.GetStatsRequest(vm="secret-vm"), metadata=b),
     ]
@@ -142,7 +145,7 @@ async def test_other_tenants_vm_is_not_found_for_every_call(channel: grpc.aio.Ch
             await call
         assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
         assert info.value.details() == "VM 'secret-vm' not found"
-    stream = wat.Watch(pb.WatchRequest(vm="secret-vm"), metadata=b)
+    stream: Any = wat.Watch(pb.WatchRequest(vm="secret-vm"), metadata=b)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stream.read()
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -182,10 +185,10 @@ async def test_quotas_name_the_quota_and_its_value(channel: grpc.aio.Channel) ->
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "3 VMs" in (info.value.details() or "")
     wat = pbg.WatchServiceStub(channel)
-    streams = [wat.Watch(pb.WatchRequest(vm="v0"), metadata=a) for _ in range(2)]
+    streams: list[Any] = [wat.Watch(pb.WatchRequest(vm="v0"), metadata=a) for _ in range(2)]
     for s in streams:
         assert (await s.read()).HasField("registered")
-    third = wat.Watch(pb.WatchRequest(vm="v0"), metadata=a)
+    third: Any = wat.Watch(pb.WatchRequest(vm="v0"), metadata=a)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await third.read()
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
