@@ -113,7 +113,7 @@ async def test_other_tenants_vm_is_not_found_for_every_call(channel: grpc.aio.Ch
         metadata=a,
     )
     await trk.AddTracking(pb.TrackingChangeRequest(vm="secret-vm", gfns=[1]), metadata=a)
-    calls = [
+    calls: list[Any] = [
         vms.GetVm(pb.GetVmRequest(vm="secret-vm"), metadata=b),
         vms.DeleteVm(pb.DeleteVmRequest(vm="secret-vm"), metadata=b),
         vms.SetVmPolicy(pb.SetVmPolicyRequest(vm="secret-vm"), metadata=b),
