@@ -393,6 +393,10 @@ class _GapReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GapReason.V
     """BLOCK policy: a vCPU waited block_timeout_ms and then dropped."""
     GAP_REASON_COMPACTED: _GapReason.ValueType  # 3
     """Resume: the range had left the history ring (allow_compacted)."""
+    GAP_REASON_COALESCED: _GapReason.ValueType  # 4
+    """COALESCE policy: these events were superseded by a later write to the same gfn,
+    which is delivered; count is how many were folded away.
+    """
 
 class GapReason(_GapReason, metaclass=_GapReasonEnumTypeWrapper):
     """Why a Gap was reported."""
@@ -404,6 +408,10 @@ GAP_REASON_BLOCK_TIMEOUT: GapReason.ValueType  # 2
 """BLOCK policy: a vCPU waited block_timeout_ms and then dropped."""
 GAP_REASON_COMPACTED: GapReason.ValueType  # 3
 """Resume: the range had left the history ring (allow_compacted)."""
+GAP_REASON_COALESCED: GapReason.ValueType  # 4
+"""COALESCE policy: these events were superseded by a later write to the same gfn,
+which is delivered; count is how many were folded away.
+"""
 Global___GapReason: _TypeAlias = GapReason  # noqa: Y015
 
 class _CloseReason:
@@ -3911,6 +3919,7 @@ class GetServerInfoResponse(_message.Message):
     QUOTAS_FIELD_NUMBER: _builtins.int
     DEFAULT_VM_OPTIONS_FIELD_NUMBER: _builtins.int
     STARTED_AT_NS_FIELD_NUMBER: _builtins.int
+    PROCESS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """pagetrackd version."""
     tenant: _builtins.str
@@ -3931,6 +3940,10 @@ class GetServerInfoResponse(_message.Message):
     def default_vm_options(self) -> Global___VmOptions:
         """Default options a CreateVm with no options gets."""
 
+    @_builtins.property
+    def process(self) -> Global___ProcessInfo:
+        """Process figures, for churn and leak checks (admin callers only; 0 otherwise)."""
+
     def __init__(
         self,
         *,
@@ -3941,14 +3954,57 @@ class GetServerInfoResponse(_message.Message):
         quotas: Global___TenantQuotas | None = ...,
         default_vm_options: Global___VmOptions | None = ...,
         started_at_ns: _builtins.int = ...,
+        process: Global___ProcessInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["default_vm_options", b"default_vm_options", "limits", b"limits", "quotas", b"quotas"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_vm_options", b"default_vm_options", "limits", b"limits", "process", b"process", "quotas", b"quotas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_vm_options", b"default_vm_options", "limits", b"limits", "quotas", b"quotas", "role", b"role", "started_at_ns", b"started_at_ns", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_vm_options", b"default_vm_options", "limits", b"limits", "process", b"process", "quotas", b"quotas", "role", b"role", "started_at_ns", b"started_at_ns", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class ProcessInfo(_message.Message):
+    """What the daemon process holds right now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    NOTIFIERS_FIELD_NUMBER: _builtins.int
+    WATCHERS_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    VMS_FIELD_NUMBER: _builtins.int
+    rss_bytes: _builtins.int
+    """Resident set size, bytes."""
+    tasks: _builtins.int
+    """asyncio tasks alive."""
+    notifiers: _builtins.int
+    """Notifiers registered over all VMs (plugins, Watch streams and each VM's history)."""
+    watchers: _builtins.int
+    """Watch streams open."""
+    leases: _builtins.int
+    """Leases alive (TTL and stream)."""
+    vms: _builtins.int
+    """VMs over all tenants."""
+    def __init__(
+        self,
+        *,
+        rss_bytes: _builtins.int = ...,
+        tasks: _builtins.int = ...,
+        notifiers: _builtins.int = ...,
+        watchers: _builtins.int = ...,
+        leases: _builtins.int = ...,
+        vms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases", "notifiers", b"notifiers", "rss_bytes", b"rss_bytes", "tasks", b"tasks", "vms", b"vms", "watchers", b"watchers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessInfo: _TypeAlias = ProcessInfo  # noqa: Y015
 
 @_typing.final
 class DmaCounts(_message.Message):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -767,6 +769,26 @@ def vm_stats_pb(engine: Engine, entry: VmEntry) -> pb.VmStats:
     )
 
 
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _process_info(engine: Engine) -> pb.ProcessInfo:
+    entries = engine.list_vms(None)
+    return pb.ProcessInfo(
+        rss_bytes=_rss_bytes(),
+        tasks=len(asyncio.all_tasks()),
+        notifiers=sum(len(e.vm.notifiers) for e in entries),
+        watchers=sum(len(e.hub.subscribers) for e in entries),
+        leases=len(engine.leases),
+        vms=len(entries),
+    )
+
+
 class AdminService(pbg.AdminServiceServicer):
     """Server information and statistics."""
 
@@ -814,6 +836,7 @@ class AdminService(pbg.AdminServiceServicer):
                 watchers=q.watchers, workloads=q.workloads, write_rate=q.write_rate,
             ),
             started_at_ns=self.engine.started_ns,
+            process=_process_info(self.engine) if caller.admin else None,
         )
 
     @unary
