@@ -10,3 +10,7 @@ from pagetrackd.plugins.base import AuditReport, Mismatch, Plugin
 PLUGINS: dict[str, Callable[[], Plugin]] = {}
 
 __all__ = ["PLUGINS", "AuditReport", "Mismatch", "Plugin"]
+
+from pagetrackd.plugins.vgpu import Vgpu  # noqa: E402  (registers after PLUGINS exists)
+
+PLUGINS["vgpu"] = Vgpu

@@ -11,3 +11,9 @@ from pagetrackd.workloads.base import Workload
 WORKLOADS: dict[str, Callable[[int, Mapping[str, Any]], Workload]] = {}
 
 __all__ = ["WORKLOADS", "Workload"]
+
+from pagetrackd.workloads.gpu_ppgtt import GpuPpgttWorkload  # noqa: E402
+from pagetrackd.workloads.random_writes import RandomWritesWorkload  # noqa: E402
+
+WORKLOADS["gpu-ppgtt"] = GpuPpgttWorkload
+WORKLOADS["random-writes"] = RandomWritesWorkload
