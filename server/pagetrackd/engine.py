@@ -31,7 +31,7 @@ from pagetrackd.domain import (
     Vm,
     VmLimits,
 )
-from pagetrackd.domain.hub import History, Subscriber, VmHub
+from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
 from pagetrackd.workloads import WORKLOADS, Workload
@@ -86,6 +86,10 @@ class VmEntry:
     hub: VmHub
     created_at_ns: int
     plugins: dict[str, Plugin] = field(default_factory=dict)
+    #: the options each attached plugin was attached with (saved with the VM's state)
+    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: counters of the Watch streams that have ended, summed (metrics stay monotonic)
+    ended_streams: StreamCounters = field(default_factory=StreamCounters)
     #: woken whenever a block-policy subscriber's queue drains
     room: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -314,28 +318,39 @@ class Engine:
     def unsubscribe(self, entry: VmEntry, sub: Subscriber) -> None:
         """Unregister a Watch subscriber; nothing more reaches it."""
         entry.hub.unsubscribe(entry.vm, sub)
+        done, c = entry.ended_streams, sub.counters
+        done.sent += c.sent
+        done.dropped += c.dropped
+        done.coalesced += c.coalesced
+        done.queued += c.queued
         entry.room.set()
 
-    async def admit(self, entry: VmEntry, timeout_s: float) -> None:
-        """Before a guest write: wait while a block-policy stream's queue is full, up to
-        ``timeout_s``. What still does not fit afterwards is dropped and reported."""
+    async def admit(self, entry: VmEntry) -> None:
+        """Before a guest write: wait while a block-policy stream's queue is full, each
+        stream up to its own block timeout. What still does not fit afterwards is
+        dropped and reported to that stream."""
         blocking = [
             s for s in entry.hub.subscribers.values()
-            if s.policy.value == "block" and s.full
+            if s.policy is SlowPolicy.BLOCK and s.full
         ]
         if not blocking:
             return
+        now = time.monotonic()
+        waits = {id(s): now + s.block_timeout_s for s in blocking}
         for s in blocking:
             s.counters.blocked_writes += 1
-        deadline = time.monotonic() + timeout_s
-        while any(s.full and s.node is not None for s in blocking):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                for s in blocking:
-                    if s.full:
-                        s.counters.block_timeouts += 1
+        while True:
+            now = time.monotonic()
+            waiting = [s for s in blocking if s.full and s.node is not None]
+            expired = [s for s in waiting if waits[id(s)] <= now]
+            for s in expired:
+                s.counters.block_timeouts += 1
+                blocking.remove(s)
+            waiting = [s for s in waiting if s not in expired]
+            if not waiting:
                 return
             entry.room.clear()
+            left = min(waits[id(s)] for s in waiting) - now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(entry.room.wait(), left)
 
@@ -382,6 +397,7 @@ class Engine:
         plugin = factory()
         plugin.attach(entry.vm, **options)
         entry.plugins[kind] = plugin
+        entry.plugin_options[kind] = dict(options)
         return plugin
 
     def plugin(self, entry: VmEntry, kind: str) -> Plugin:
@@ -400,6 +416,7 @@ class Engine:
         )
         plugin.detach()
         del entry.plugins[kind]
+        entry.plugin_options.pop(kind, None)
         return refs
 
     # ------------------------------------------------------------------ workloads
@@ -466,7 +483,7 @@ class Engine:
                     n = min(n, due)
                 if run.count:
                     n = min(n, run.count - run.writes)
-                await self.admit(run.entry, 1.0)
+                await self.admit(run.entry)
                 if vm.closed:
                     break
                 made = run.workload.step(vm, n)

@@ -268,6 +268,7 @@ class Subscriber:
         queue_limit: int = 65536,
         policy: SlowPolicy = SlowPolicy.DROP,
         wake: Callable[[], None] = lambda: None,
+        block_timeout_s: float = 1.0,
     ) -> None:
         if not 1 <= queue_limit <= 1 << 22:
             raise InvalidArgument(f"queue_limit {queue_limit} must be 1..{1 << 22} events")
@@ -276,6 +277,8 @@ class Subscriber:
         self.queue_limit = queue_limit
         self.policy = policy
         self.wake = wake
+        #: block policy: how long a writer waits for room before events are dropped
+        self.block_timeout_s = block_timeout_s
         self.node: NotifierNode | None = None
         self._items: deque[Item] = deque()
         self._singles: list[WriteEvent] = []  # single events not yet packed
@@ -308,7 +311,8 @@ class Subscriber:
         if self._gap is None:
             self._gap = [first, last, count]
         else:
-            self._gap[1] = last
+            self._gap[0] = min(self._gap[0], first)
+            self._gap[1] = max(self._gap[1], last)
             self._gap[2] += count
 
     def _flush_gap(self) -> None:
@@ -334,23 +338,46 @@ class Subscriber:
             self.wake()
             return
         if self.policy is SlowPolicy.COALESCE:
-            evs = list(batch.events()) if batch is not None else list(events or ())
-            for e in evs:
-                if len(self._coalesce) >= self.queue_limit and e.gfn not in self._coalesce:
-                    self._note_gap(e.seq, e.seq, 1)
-                    continue
-                if not self._coalesce:
-                    self._coalesce_first = e.seq
-                old = self._coalesce.pop(e.gfn, None)
-                if old is not None:
-                    self._superseded += 1
-                self._coalesce[e.gfn] = e
-                self._coalesce_last = e.seq
+            if batch is not None:
+                self._coalesce_batch(batch)
+            for e in events or ():
+                self._coalesce_one(e, e.seq, 1)
             return
         if batch is not None:
             self._note_gap(int(batch.seq[0]), int(batch.seq[-1]), len(batch))
         elif events:
             self._note_gap(events[0].seq, events[-1].seq, len(events))
+
+    def _coalesce_one(self, event: WriteEvent, first_seq: int, count: int) -> None:
+        """Keep ``event`` as the latest write to its gfn; ``count`` events of that gfn
+        (from ``first_seq`` on, ``event`` last) are folded into it."""
+        if len(self._coalesce) >= self.queue_limit and event.gfn not in self._coalesce:
+            self._note_gap(first_seq, event.seq, count)  # no room even to coalesce
+            return
+        if not self._coalesce:
+            self._coalesce_first = first_seq
+        if self._coalesce.pop(event.gfn, None) is not None:
+            self._superseded += 1
+        self._superseded += count - 1
+        self._coalesce[event.gfn] = event
+        self._coalesce_last = event.seq
+
+    def _coalesce_batch(self, batch: EventBatch) -> None:
+        """Coalesce a batch in bulk: only the last write per gfn is looked at one by one."""
+        gfn = (batch.gpa >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        n = gfn.size
+        _, first_idx, counts = np.unique(gfn, return_index=True, return_counts=True)
+        _, rev_idx = np.unique(gfn[::-1], return_index=True)
+        last_idx = n - 1 - rev_idx
+        order = np.argsort(last_idx)
+        keep = np.zeros(n, dtype=np.bool_)
+        keep[last_idx] = True
+        kept = batch.select(keep)
+        firsts = batch.seq[first_idx[order]].tolist()
+        for event, first, count in zip(
+            kept.events(), firsts, counts[order].tolist(), strict=True
+        ):
+            self._coalesce_one(event, first, count)
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Queue one event (if the filter wants it)."""

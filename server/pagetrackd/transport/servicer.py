@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 from collections.abc import AsyncIterator
@@ -30,9 +31,10 @@ from pagetrackd.domain.vm import gfns_from
 from pagetrackd.engine import Engine, VmEntry, WorkloadRun
 from pagetrackd.leases import Lease, LeaseKind
 from pagetrackd.plugins import Plugin
+from pagetrackd.state import FORMAT_VERSION, read_snapshot, restore_snapshot, snapshot_entry
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.limits import ServerLimits
-from pagetrackd.transport.status import unary
+from pagetrackd.transport.status import streaming, unary
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -98,6 +100,9 @@ class VmService(pbg.VmServiceServicer):
             raise InvalidArgument(f"options.limits.max_memslots {max_slots} must be 1..32768")
         if not 12 <= gfn_bits <= 40:
             raise InvalidArgument(f"options.limits.gfn_bits {gfn_bits} must be 12..40")
+        for name in ("max_guest_pages", "max_tracked_gfns"):
+            if lim.HasField(name) and getattr(lim, name) < 1:  # type: ignore[arg-type]
+                raise InvalidArgument(f"options.limits.{name} must be >= 1 (unset = default)")
         entry = self.engine.create_vm(
             _tenant(),
             request.name,
@@ -176,6 +181,10 @@ class MemoryService(pbg.MemoryServiceServicer):
         entry = self.engine.vm(_tenant(), request.vm)
         vm = entry.vm
         old = vm.slots.by_id.get(request.slot)
+        if request.npages > vm.limits.gfn_limit:  # before the quota, which it would pass
+            raise InvalidArgument(
+                f"npages {request.npages} exceeds the {vm.limits.gfn_bits}-bit gfn space"
+            )
         if request.npages and (old is None or old.info.npages != request.npages):
             self.engine.check_guest_pages(entry.tenant, request.npages)
         flags = SlotFlags.NONE
@@ -184,12 +193,14 @@ class MemoryService(pbg.MemoryServiceServicer):
         if request.log_dirty_pages:
             flags |= SlotFlags.LOG_DIRTY_PAGES
         old_base = old.info.base_gfn if old is not None else 0
+        # DELETE reports the slot as it was, so keep its description before it goes.
+        old_region = cv.memslot_pb(old.info, old.tracking.counters.nonzero) if old else None
         change = vm.set_memslot(request.slot, request.base_gfn, request.npages, flags)
         new = vm.slots.by_id.get(request.slot)
         region = (
             cv.memslot_pb(new.info, new.tracking.counters.nonzero)
             if new is not None
-            else pb.Memslot(slot=request.slot, base_gfn=old_base)
+            else old_region or pb.Memslot(slot=request.slot)
         )
         return pb.SetMemoryRegionResponse(
             change=cv.CHANGE_PB[change], region=region, old_base_gfn=old_base, at_seq=vm.seq
@@ -229,7 +240,7 @@ class MemoryService(pbg.MemoryServiceServicer):
         entry = self.engine.vm(_tenant(), request.vm)
         self.engine.charge_writes(entry.tenant, 1)
         if entry.hub.subscribers:
-            await self.engine.admit(entry, 1.0)
+            await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
         try:
@@ -255,8 +266,20 @@ class MemoryService(pbg.MemoryServiceServicer):
             raise InvalidArgument(
                 f"{n} writes in one batch; at most {self.limits.max_batch_writes}"
             )
+        if n == 0:
+            raise InvalidArgument(
+                "a batch needs at least one write: gpa, length and vcpu are empty"
+            )
         if len(request.length) != n:
             raise InvalidArgument(f"length has {len(request.length)} entries; gpa has {n}")
+        gpa = np.array(request.gpa, dtype=np.uint64)
+        top = int(gpa.max())
+        if top >= entry.vm.limits.gfn_limit << 12:
+            # Checked on the uint64 column: as int64 a gpa of 2^63 or more turns negative.
+            raise InvalidArgument(
+                f"gpa {top:#x} is outside the {entry.vm.limits.gfn_bits + 12}-bit guest"
+                " physical address space"
+            )
         if len(request.vcpu) == 1:
             vcpu = np.full(n, request.vcpu[0], dtype=np.int64)
         elif len(request.vcpu) == n:
@@ -267,12 +290,12 @@ class MemoryService(pbg.MemoryServiceServicer):
             )
         self.engine.charge_writes(entry.tenant, n)
         if entry.hub.subscribers:
-            await self.engine.admit(entry, 1.0)
+            await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
         try:
             result = vm.write_batch(
-                np.array(request.gpa, dtype=np.uint64).astype(np.int64),
+                gpa.astype(np.int64),
                 vcpu,
                 np.array(request.length, dtype=np.int64),
                 request.data,
@@ -300,11 +323,33 @@ class MemoryService(pbg.MemoryServiceServicer):
     @unary
     async def ReadGuest(self, request: pb.ReadGuestRequest, context: Ctx) -> pb.ReadGuestResponse:
         entry = self.engine.vm(_tenant(), request.vm)
-        if request.length > self.limits.max_write_bytes:
+        vm = entry.vm
+        gpa, end = request.gpa, request.gpa + request.length
+        if not 1 <= request.length <= self.limits.max_write_bytes:
             raise InvalidArgument(
-                f"length {request.length}: at most {self.limits.max_write_bytes} bytes per read"
+                f"length {request.length}: read 1..{self.limits.max_write_bytes} bytes at a time"
             )
-        return pb.ReadGuestResponse(data=entry.vm.read(request.gpa, request.length))
+        if end > vm.limits.gfn_limit << 12:
+            raise InvalidArgument(
+                f"gpa {gpa:#x}+{request.length} is outside the {vm.limits.gfn_bits + 12}-bit"
+                " guest physical address space"
+            )
+        # Page by page: RAM from the VM, ranges outside every memslot (MMIO) as zeros,
+        # listed in `mmio` as the contract says.
+        out = bytearray()
+        mmio: list[pb.GpaRange] = []
+        while gpa < end:
+            plen = min(4096 - (gpa & 4095), end - gpa)
+            if vm.slots.find(gpa >> 12) is not None:
+                out += vm.read(gpa, plen)
+            else:
+                out += bytes(plen)
+                if mmio and mmio[-1].gpa + mmio[-1].length == gpa:
+                    mmio[-1].length += plen
+                else:
+                    mmio.append(pb.GpaRange(gpa=gpa, length=plen))
+            gpa += plen
+        return pb.ReadGuestResponse(data=bytes(out), mmio=mmio)
 
     @unary
     async def DmaWrite(self, request: pb.DmaWriteRequest, context: Ctx) -> pb.DmaWriteResponse:
@@ -325,6 +370,24 @@ class MemoryService(pbg.MemoryServiceServicer):
         return pb.DmaWriteResponse(pieces=pieces, cycles=vm.stats.dma_cycles - before)
 
 
+def _check_gfn_space(vm: Any, request: Any) -> None:
+    """Every gfn named by ``request.ranges`` and ``request.gfns`` is below 2^gfn_bits
+    (checked before numpy sees them: past 2^63 they would wrap to negative int64)."""
+    limit = vm.limits.gfn_limit
+    for r in request.ranges:
+        if r.start + r.count > limit:
+            raise InvalidArgument(
+                f"gfn range start={r.start:#x} count={r.count:#x} passes the VM's"
+                f" {vm.limits.gfn_bits}-bit gfn space (last gfn {limit - 1:#x})"
+            )
+    if len(request.gfns) and int(np.array(request.gfns, dtype=np.uint64).max()) >= limit:
+        top = int(np.array(request.gfns, dtype=np.uint64).max())
+        raise InvalidArgument(
+            f"gfn {top:#x} is outside the VM's {vm.limits.gfn_bits}-bit gfn space"
+            f" (last gfn {limit - 1:#x})"
+        )
+
+
 class TrackingService(pbg.TrackingServiceServicer):
     """Add, remove and query write tracking."""
 
@@ -332,7 +395,7 @@ class TrackingService(pbg.TrackingServiceServicer):
         self.engine = engine
         self.limits = limits
 
-    def _gfns(self, request: Any) -> Any:
+    def _gfns(self, request: Any, vm: Any) -> Any:
         cv.enum_value({pb.TRACK_MODE_WRITE: 1}, request.mode, "mode")
         total = sum(r.count for r in request.ranges) + len(request.gfns)
         if total > self.limits.max_gfns_per_request:
@@ -341,6 +404,7 @@ class TrackingService(pbg.TrackingServiceServicer):
             )
         if total == 0:
             raise InvalidArgument("name at least one gfn (ranges or gfns)")
+        _check_gfn_space(vm, request)
         return gfns_from(
             cv.gfn_ranges(request.ranges), np.array(request.gfns, dtype=np.uint64)
         )
@@ -352,7 +416,7 @@ class TrackingService(pbg.TrackingServiceServicer):
         tenant = _tenant()
         entry = self.engine.vm(tenant, request.vm)
         owner = self.engine.lease_owner(tenant, request.lease_id)
-        gfns = self._gfns(request)
+        gfns = self._gfns(request, entry.vm)
         self.engine.check_tracked(tenant, len(np.unique(gfns)))
         started = entry.vm.track_add(gfns, owner)
         return pb.TrackingChangeResponse(
@@ -366,7 +430,7 @@ class TrackingService(pbg.TrackingServiceServicer):
         tenant = _tenant()
         entry = self.engine.vm(tenant, request.vm)
         owner = self.engine.lease_owner(tenant, request.lease_id)
-        gfns = self._gfns(request)
+        gfns = self._gfns(request, entry.vm)
         stopped = entry.vm.track_remove(gfns, owner)
         return pb.TrackingChangeResponse(
             references=len(gfns), transitions=stopped, tracked_gfns=entry.vm.tracked_count
@@ -387,6 +451,7 @@ class TrackingService(pbg.TrackingServiceServicer):
             total = sum(r.count for r in request.ranges) + len(request.gfns)
             if total > 1 << 20:
                 raise InvalidArgument(f"{total} gfns in one query; at most {1 << 20}")
+            _check_gfn_space(vm, request)
             gfns = gfns_from(
                 cv.gfn_ranges(request.ranges), np.array(request.gfns, dtype=np.uint64)
             )
@@ -789,6 +854,10 @@ def _process_info(engine: Engine) -> pb.ProcessInfo:
     )
 
 
+#: the largest snapshot RestoreVm takes, bytes
+MAX_RESTORE_BYTES = 1 << 34
+
+
 class AdminService(pbg.AdminServiceServicer):
     """Server information and statistics."""
 
@@ -848,20 +917,47 @@ class AdminService(pbg.AdminServiceServicer):
             entries = self.engine.list_vms(tenant)
         return pb.GetStatsResponse(vms=[vm_stats_pb(self.engine, e) for e in entries])
 
+    @streaming
     async def SnapshotVm(
         self, request: pb.SnapshotVmRequest, context: Ctx
     ) -> AsyncIterator[pb.SnapshotChunk]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "SnapshotVm is not available in this version"
-        )
-        yield pb.SnapshotChunk()
+        entry = self.engine.vm(_tenant(), _require(request.vm, "vm"))
+        most = self.limits.max_message_bytes
+        chunk = request.chunk_bytes or min(1 << 20, most)
+        if not 4096 <= chunk <= most:
+            raise InvalidArgument(f"chunk_bytes {chunk} must be 4096..{most} (0 = 1 MiB)")
+        chunk = min(chunk, most - 1024)  # room for the other fields of the message
+        head = entry.vm.seq
+        data = snapshot_entry(entry, include_memory=request.include_memory, engine=self.engine)
+        digest = hashlib.sha256(data).digest()
+        for off in range(0, len(data), chunk):
+            last = off + chunk >= len(data)
+            yield pb.SnapshotChunk(
+                data=data[off : off + chunk], offset=off, last=last,
+                total_bytes=len(data) if last else 0, sha256=digest if last else b"",
+                format_version=FORMAT_VERSION, head_seq=head,
+            )
 
+    @unary
     async def RestoreVm(
         self, request_iterator: AsyncIterator[pb.RestoreVmRequest], context: Ctx
     ) -> pb.RestoreVmResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "RestoreVm is not available in this version"
-        )
+        tenant = _tenant()
+        name, replace, first = "", False, True
+        parts: list[bytes] = []
+        total = 0
+        async for req in request_iterator:
+            if first:
+                name, replace, first = req.vm, req.replace, False
+            total += len(req.data)
+            if total > MAX_RESTORE_BYTES:
+                raise InvalidArgument(f"snapshot is larger than {MAX_RESTORE_BYTES} bytes")
+            parts.append(req.data)
+        if first:
+            raise InvalidArgument("RestoreVm needs at least one message with snapshot data")
+        snap = read_snapshot(b"".join(parts))
+        entry = restore_snapshot(self.engine, tenant, snap, name=name, replace=replace)
+        return pb.RestoreVmResponse(vm=_vm_pb(self.engine, entry))
 
 
 __all__ = [

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
+import numpy as np
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -23,6 +24,7 @@ from pagetrackd.domain.hub import (
     Subscriber,
     make_filter,
 )
+from pagetrackd.domain.events import EventBatch
 from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.limits import ServerLimits
@@ -40,6 +42,20 @@ def _bounded(
     if not low <= value <= high:
         raise InvalidArgument(f"{field} {value} must be {low}..{high} {unit}")
     return value
+
+
+def _split_by_bytes(batch: EventBatch, max_bytes: int) -> list[EventBatch]:
+    """``batch`` cut into runs of events whose data fits ``max_bytes`` each (an event
+    is at most a page and max_bytes at least a page, so every run holds an event)."""
+    ends = np.cumsum(batch.length, dtype=np.int64)
+    idx = np.arange(len(batch))
+    out = []
+    start, base = 0, 0
+    while start < len(batch):
+        stop = max(int(np.searchsorted(ends, base + max_bytes, side="right")), start + 1)
+        out.append(batch.select((idx >= start) & (idx < stop)))
+        base, start = int(ends[stop - 1]), stop
+    return out
 
 
 class _Stream:
@@ -129,7 +145,7 @@ class WatchService(pbg.WatchServiceServicer):
         wake = asyncio.Event()
         sub = Subscriber(
             name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
-            wake=wake.set,
+            wake=wake.set, block_timeout_s=block_ms / 1000,
         )
         start_seq = request.start_seq if request.HasField("start_seq") else None
         history = entry.hub.history
@@ -224,9 +240,14 @@ class WatchService(pbg.WatchServiceServicer):
                 budget = max(1, min(max_events, max_bytes // 8))
                 for item in sub.take(budget):
                     if isinstance(item, Stamped):
-                        yield pb.WatchResponse(
-                            events=cv.event_batch_pb(item.batch, item.ts_ns, vm.seq, omit_data)
+                        parts = (
+                            [item.batch] if omit_data or len(item.batch.data) <= max_bytes
+                            else _split_by_bytes(item.batch, max_bytes)
                         )
+                        for part in parts:
+                            yield pb.WatchResponse(
+                                events=cv.event_batch_pb(part, item.ts_ns, vm.seq, omit_data)
+                            )
                     elif isinstance(item, Gap):
                         yield pb.WatchResponse(gap=cv.gap_pb(item))
                     elif isinstance(item, RegionRemoved):
