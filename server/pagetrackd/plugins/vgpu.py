@@ -52,6 +52,7 @@ from pagetrackd.domain import (
     Vm,
     WriteEvent,
 )
+from pagetrackd.domain.memslots import MemslotTable
 from pagetrackd.domain.notifiers import NotifierNode
 from pagetrackd.plugins.base import AuditReport, Mismatch
 
@@ -148,6 +149,8 @@ class Vgpu:
 
     def __init__(self) -> None:
         self.vm: Vm | None = None
+        #: the VM's memslot table (the same object for the VM's life; replaced on close)
+        self._slots = MemslotTable()
         self._node: NotifierNode | None = None
         self.partial = "halves"
         self._reset()
@@ -205,6 +208,7 @@ class Vgpu:
         self._reset()
         self.partial = partial
         self.vm = vm
+        self._slots = vm.slots
         self._node = vm.register_notifier(self)
         log.info("vgpu.attached", vm=vm.name, partial=partial)
         if options.get("root_gpa") is not None:
@@ -226,12 +230,14 @@ class Vgpu:
             vm.release_owner(OWNER)
         log.info("vgpu.detached", vm=vm.name, submissions=self.stats.submissions)
         self.vm = None
+        self._slots = MemslotTable()
         self._node = None
         self._reset()
 
     def vm_closed(self, vm: Vm) -> None:
         """The VM is being deleted: its counters go with it, so just drop state."""
         self.vm = None
+        self._slots = MemslotTable()
         self._node = None
         self._reset()
 
@@ -289,11 +295,11 @@ class Vgpu:
     # ------------------------------------------------------------------ guest memory
 
     def _valid_gfn(self, gfn: int) -> bool:
-        return self._vm().slots.find(gfn) is not None
+        return self._slots.find(gfn) is not None
 
     def _read_entry(self, gfn: int, index: int) -> int:
         """Re-read one guest entry (``ppgtt_get_guest_entry``); 0 if the page is gone."""
-        slot = self._vm().slots.find(gfn)
+        slot = self._slots.find(gfn)
         if slot is None:
             return 0
         raw = slot.memory.read(gfn - slot.base_gfn, index * ENTRY_SIZE, ENTRY_SIZE)
@@ -301,7 +307,7 @@ class Vgpu:
 
     def _read_table(self, gfn: int) -> list[int] | None:
         """All 512 guest entries of a table page; None if the page is in no memslot."""
-        slot = self._vm().slots.find(gfn)
+        slot = self._slots.find(gfn)
         if slot is None:
             return None
         raw = slot.memory.read(gfn - slot.base_gfn, 0, PAGE_SIZE)
@@ -355,7 +361,7 @@ class Vgpu:
         if spt.level > 1:
             child = self._populate_spt(gfn, spt.level - 1)
             frame = self.scratch[spt.level] if child is None else child.mfn
-        elif not self._valid_gfn(gfn):
+        elif self._slots.find(gfn) is None:
             self.stats.violations += 1
             frame = self.scratch[1]
         else:
