@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pagetrackd.domain import PAGE_SHIFT, InvalidArgument, Source, Vm
+from pagetrackd.domain import PAGE_SHIFT, FailedPrecondition, InvalidArgument, Source, Vm
 from pagetrackd.domain.types import TENANT_OWNER
 from pagetrackd.plugins.vgpu import Vgpu, find_vgpu
 from pagetrackd.workloads import WORKLOADS
@@ -108,6 +108,20 @@ def test_gpu_ppgtt_attaches_a_vgpu_only_if_none_is_attached() -> None:
     w2 = GpuPpgttWorkload(1, GPU_OPTS)
     w2.setup(fresh)
     assert isinstance(find_vgpu(fresh), Vgpu)
+
+
+def test_gpu_ppgtt_follows_a_replaced_vgpu_and_fails_without_one() -> None:
+    vm, w, _ = run("gpu-ppgtt", 6, GPU_OPTS, [3000])
+    old = find_vgpu(vm)
+    assert old is not None
+    old.detach()
+    with pytest.raises(FailedPrecondition):
+        w.step(vm, 3000)
+    new = Vgpu()
+    new.attach(vm)
+    w.step(vm, 3000)  # submissions adopt the live contexts' roots again
+    assert w.vgpu is new and new.status()["ppgtts"] >= 1
+    assert new.audit().clean
 
 
 def test_gpu_ppgtt_count_stops_exactly_and_then_reports_finished() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pagetrackd.domain import InvalidArgument, Vm, WritePath
+from pagetrackd.domain import FailedPrecondition, InvalidArgument, NotFound, Vm, WritePath
 from pagetrackd.domain.cost import CostModel
 from pagetrackd.plugins.vgpu import PARTIAL_MODES, Vgpu, find_vgpu
 from pagetrackd.workloads.gpu_driver import Control, GpuDriver, WriteChunk
@@ -170,7 +170,7 @@ class GpuPpgttWorkload:
                 continue
             item = queue[0]
             if isinstance(item, Control):
-                self._control(item)
+                self._control(vm, item)
                 queue.popleft()
                 continue
             done += self._apply(vm, item, max_writes - done, count)
@@ -183,7 +183,7 @@ class GpuPpgttWorkload:
             head = queue[0]
             if not isinstance(head, Control):
                 break
-            self._control(head)
+            self._control(vm, head)
             queue.popleft()
         self.elapsed += time.perf_counter() - t0
         return done
@@ -257,15 +257,24 @@ class GpuPpgttWorkload:
         self.writes += take
         return take
 
-    def _control(self, item: Control) -> None:
-        vgpu = self.vgpu
-        assert vgpu is not None
+    def _control(self, vm: Vm, item: Control) -> None:
+        # The vGPU attached now: if it was detached and another attached, submissions
+        # adopt the contexts' roots again (the vGPU shadows unknown roots on submit).
+        vgpu = find_vgpu(vm)
+        if vgpu is None:
+            raise FailedPrecondition(
+                f"gpu-ppgtt needs a vgpu plugin on VM {vm.name!r}; it was detached"
+            )
+        self.vgpu = vgpu
         if item.kind == "submit":
             res = vgpu.call("submit", root_gpa=item.root_gpa, batch_va=item.batch_va)
             self.submissions += 1
             self.batch_scratch += int(res["batch_scratch"])
-        else:
+            return
+        try:
             vgpu.call("destroy_ppgtt", root_gpa=item.root_gpa)
+        except NotFound:
+            pass  # a vGPU attached after this context's last submission never saw it
 
     def _new_context(self, driver: GpuDriver) -> None:
         ctx = driver.new_context()
