@@ -14,3 +14,7 @@ __all__ = ["PLUGINS", "AuditReport", "Mismatch", "Plugin"]
 from pagetrackd.plugins.vgpu import Vgpu  # noqa: E402  (registers after PLUGINS exists)
 
 PLUGINS["vgpu"] = Vgpu
+
+from pagetrackd.plugins.shadow_mmu import ShadowMmu  # noqa: E402
+
+PLUGINS["shadow_mmu"] = ShadowMmu

@@ -17,3 +17,9 @@ from pagetrackd.workloads.random_writes import RandomWritesWorkload  # noqa: E40
 
 WORKLOADS["gpu-ppgtt"] = GpuPpgttWorkload
 WORKLOADS["random-writes"] = RandomWritesWorkload
+
+from pagetrackd.workloads.guest_pagetables import GuestPageTables  # noqa: E402
+from pagetrackd.workloads.kernel_build import KernelBuild  # noqa: E402
+
+WORKLOADS["guest-pagetables"] = GuestPageTables
+WORKLOADS["kernel-build"] = KernelBuild
