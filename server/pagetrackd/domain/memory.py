@@ -62,6 +62,28 @@ class SlotMemory:
         page.buf = grown
         self.nbytes += len(grown) - len(buf)
 
+    def write_many(
+        self,
+        index: list[int],
+        offset: list[int],
+        data: memoryview,
+        start: list[int],
+        length: list[int],
+    ) -> None:
+        """Store, in order, ``length[k]`` bytes of ``data`` from ``start[k]`` at
+        ``offset[k]`` of page ``index[k]``: the same as calling :meth:`write` for each,
+        with the common case (the piece lies inside the page's extent) inlined."""
+        get = self._pages.get
+        for i, off, o, n in zip(index, offset, start, length, strict=True):
+            page = get(i)
+            if page is not None:
+                lo = page.lo
+                buf = page.buf
+                if lo <= off and off + n <= lo + len(buf):
+                    buf[off - lo : off - lo + n] = data[o : o + n]
+                    continue
+            self.write(i, off, data[o : o + n])
+
     def read(self, index: int, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` of page ``index`` (zeros where unwritten)."""
         page = self._pages.get(index)

@@ -36,18 +36,23 @@ class Slot:
     @property
     def readonly(self) -> bool:
         """Whether guest writes to the slot exit as MMIO."""
-        return bool(self.info.flags & SlotFlags.READONLY)
+        # int() first: IntFlag's own ``&`` costs about 10x more, and this is on the write path.
+        return bool(int(self.info.flags) & _READONLY)
+
+
+_READONLY = int(SlotFlags.READONLY)
 
 
 class MemslotTable:
     """The slots of a VM, sorted by base gfn; never overlapping."""
 
-    __slots__ = ("by_id", "_sorted", "_bases", "_np_bases", "_np_ends")
+    __slots__ = ("by_id", "_sorted", "_bases", "_ends", "_np_bases", "_np_ends")
 
     def __init__(self) -> None:
         self.by_id: dict[int, Slot] = {}
         self._sorted: list[Slot] = []
         self._bases: list[int] = []
+        self._ends: list[int] = []
         self._np_bases = np.zeros(0, dtype=np.int64)
         self._np_ends = np.zeros(0, dtype=np.int64)
 
@@ -62,16 +67,15 @@ class MemslotTable:
         """Rebuild the lookup arrays after a slot was added, moved or removed."""
         self._sorted = sorted(self.by_id.values(), key=lambda s: s.info.base_gfn)
         self._bases = [s.info.base_gfn for s in self._sorted]
+        self._ends = [s.info.end_gfn for s in self._sorted]
         self._np_bases = np.array(self._bases, dtype=np.int64)
-        self._np_ends = np.array([s.info.end_gfn for s in self._sorted], dtype=np.int64)
+        self._np_ends = np.array(self._ends, dtype=np.int64)
 
     def find(self, gfn: int) -> Slot | None:
         """The slot holding ``gfn``, if any."""
         i = bisect.bisect_right(self._bases, gfn) - 1
-        if i >= 0:
-            slot = self._sorted[i]
-            if gfn < slot.info.base_gfn + slot.info.npages:
-                return slot
+        if i >= 0 and gfn < self._ends[i]:
+            return self._sorted[i]
         return None
 
     def find_many(self, gfns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

@@ -32,7 +32,7 @@ class ChunkedCounters:
     points at, so reads need no masking.
     """
 
-    __slots__ = ("npages", "_dir", "_rows", "_nrows", "nonzero")
+    __slots__ = ("npages", "_dir", "_rows", "_nrows", "nonzero", "_dir_mv", "_rows_mv")
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
@@ -40,6 +40,16 @@ class ChunkedCounters:
         self._rows = np.zeros((1, CHUNK), dtype=np.uint16)
         self._nrows = 1
         self.nonzero = 0  #: number of pages whose counter is > 0
+        # Flat memoryviews of _dir and _rows for get1: indexing them yields Python ints
+        # several times faster than numpy scalar indexing. Rebuilt whenever either array
+        # is replaced (see _views).
+        self._dir_mv: memoryview | None = None
+        self._rows_mv = self._rows.reshape(-1).data
+
+    def _views(self) -> None:
+        assert self._dir is not None
+        self._dir_mv = self._dir.data
+        self._rows_mv = self._rows.reshape(-1).data
 
     @property
     def nbytes(self) -> int:
@@ -49,9 +59,12 @@ class ChunkedCounters:
 
     def get1(self, index: int) -> int:
         """The counter of one page."""
-        if self._dir is None:
+        d = self._dir_mv
+        if d is None:
             return 0
-        return int(self._rows[self._dir[index >> CHUNK_SHIFT], index & (CHUNK - 1)])
+        row: int = d[index >> CHUNK_SHIFT]
+        value: int = self._rows_mv[(row << CHUNK_SHIFT) | (index & (CHUNK - 1))]
+        return value
 
     def get(self, index: I64) -> npt.NDArray[np.uint16]:
         """The counters of many pages (any order, repeats allowed)."""
@@ -79,6 +92,7 @@ class ChunkedCounters:
             self._rows = grown
         self._dir[missing] = np.arange(self._nrows, need, dtype=self._dir.dtype)
         self._nrows = need
+        self._views()
 
     def set(self, index: I64, values: npt.NDArray[np.uint16]) -> None:
         """Set the counters of distinct pages ``index`` to ``values``."""
@@ -113,9 +127,12 @@ class SlotTracking:
         self.attributed = ChunkedCounters(npages)
         #: owner -> {page index -> references}; never holds the tenant or a zero
         self.owners: dict[str, dict[int, int]] = {}
-        #: 2 MiB / 1 GiB region (absolute gfn >> 9 / >> 18) -> tracked gfns inside it
-        self.lpage_2m: dict[int, int] = {}
-        self.lpage_1g: dict[int, int] = {}
+        #: tracked gfns in each 2 MiB / 1 GiB region the slot overlaps, at
+        #: ``(gfn >> 9) - (base_gfn >> 9)`` / ``(gfn >> 18) - (base_gfn >> 18)``; dense
+        #: (a 4 GiB slot needs 4 KiB, far less than a dict of the regions in use) and
+        #: allocated when the first gfn is tracked
+        self.lpage_2m: npt.NDArray[np.uint16] | None = None
+        self.lpage_1g: npt.NDArray[np.uint32] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -158,24 +175,40 @@ class SlotTracking:
         self._count_lpages(stopped, -1)
         return started, stopped
 
+    def lpage_disallowed(self, gfn: int) -> tuple[bool, bool]:
+        """Whether tracked gfns disallow the 2 MiB and the 1 GiB mapping that hold
+        ``gfn`` (a gfn of this slot)."""
+        if self.lpage_2m is None or self.lpage_1g is None:
+            return False, False
+        base = self.base_gfn
+        return (
+            bool(self.lpage_2m[(gfn >> 9) - (base >> 9)]),
+            bool(self.lpage_1g[(gfn >> 18) - (base >> 18)]),
+        )
+
     def _count_lpages(self, index: I64, step: int) -> None:
         if index.size == 0:
             return
-        gfns = index + self.base_gfn
-        for table, shift in ((self.lpage_2m, 9), (self.lpage_1g, 18)):
-            regions, counts = np.unique(gfns >> shift, return_counts=True)
-            for r, c in zip(regions.tolist(), counts.tolist(), strict=True):
-                n = table.get(r, 0) + step * c
-                if n:
-                    table[r] = n
-                else:
-                    del table[r]
+        base = self.base_gfn
+        if self.lpage_2m is None or self.lpage_1g is None:
+            last = base + self.counters.npages - 1
+            self.lpage_2m = np.zeros((last >> 9) - (base >> 9) + 1, dtype=np.uint16)
+            self.lpage_1g = np.zeros((last >> 18) - (base >> 18) + 1, dtype=np.uint32)
+        gfns = index + base
+        r2, c2 = np.unique((gfns >> 9) - (base >> 9), return_counts=True)
+        r1, c1 = np.unique((gfns >> 18) - (base >> 18), return_counts=True)
+        if step > 0:
+            self.lpage_2m[r2] += c2.astype(np.uint16)
+            self.lpage_1g[r1] += c1.astype(np.uint32)
+        else:
+            self.lpage_2m[r2] -= c2.astype(np.uint16)
+            self.lpage_1g[r1] -= c1.astype(np.uint32)
 
     def rebase(self, base_gfn: int) -> None:
         """The slot moved: recompute the region counts for its new base."""
         self.base_gfn = base_gfn
-        self.lpage_2m.clear()
-        self.lpage_1g.clear()
+        self.lpage_2m = None
+        self.lpage_1g = None
         self._count_lpages(self.counters.nonzero_indices(), +1)
 
     def owners_of(self, index: int) -> dict[str, int]:
