@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on this port (default off)")
     p.add_argument("--metrics-host", metavar="HOST", help="address for metrics (127.0.0.1)")
+    p.add_argument("--metrics-max-vms", type=int, metavar="N",
+                   help="VMs that get their own metric labels; later ones are added up"
+                   " under vm=\"_other\" (default 100)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="save VM state here periodically and on SIGTERM; load it at start")
     p.add_argument("--save-interval", dest="save_interval_s", type=float, metavar="SECONDS",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from pagetrackd.auth import Authenticator
 from pagetrackd.config import Config, parse_listen
 from pagetrackd.engine import Engine, EngineConfig, make_quotas
+from pagetrackd.metrics import MetricsServer, RpcMetrics, build_registry
+from pagetrackd.state import StateDir
 from pagetrackd.transport.interceptors import RequestContextInterceptor
 from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.servicer import (
@@ -54,9 +57,12 @@ def _remove_stale_socket(path: str) -> None:
         p.unlink()  # left by a daemon that did not shut down cleanly
 
 
-def _write_ready(path: str, addresses: list[str]) -> None:
+def _write_ready(path: str, addresses: list[str], metrics: str = "") -> None:
     tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps({"addresses": addresses}))
+    doc: dict[str, object] = {"addresses": addresses}
+    if metrics:
+        doc["metrics"] = metrics
+    tmp.write_text(json.dumps(doc))
     tmp.replace(path)
 
 
@@ -86,13 +92,28 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.addresses: list[str] = []
         self.watch = WatchService(self.engine, self.limits)
+        #: saved VM state (--state-dir); None when nothing is saved
+        self.state = StateDir(Path(config.state_dir)) if config.state_dir else None
+        self._saver: asyncio.Task[None] | None = None
+        self.rpc_metrics: RpcMetrics | None = None
+        self.metrics: MetricsServer | None = None
+        self.metrics_address = ""
+        if config.metrics_port:
+            registry, self.rpc_metrics = build_registry(
+                self.engine, max_vms=config.metrics_max_vms, state=self.state
+            )
+            self.metrics = MetricsServer(registry, config.metrics_host, config.metrics_port)
 
     async def start(self) -> list[str]:
         """Bind every listen address and start serving; returns the bound addresses
         (with real ports when port 0 was asked for)."""
         lim = self.limits
         server = grpc.aio.server(
-            interceptors=[RequestContextInterceptor(self.auth)],
+            interceptors=[
+                RequestContextInterceptor(
+                    self.auth, self.rpc_metrics.observe if self.rpc_metrics else None
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", lim.max_message_bytes),
                 ("grpc.max_send_message_length", lim.max_message_bytes),
@@ -130,8 +151,17 @@ class Daemon:
                 else server.add_insecure_port(target)
             )
             bound.append(f"[{host}]:{real}" if ":" in host else f"{host}:{real}")
+        if self.state is not None:
+            self.state.load(engine)  # before serving: no client sees a half-loaded daemon
         await engine.start()
         await server.start()
+        if self.state is not None:
+            self._saver = asyncio.create_task(
+                self.state.run(engine, self.config.save_interval_s), name="state-saver"
+            )
+        if self.metrics is not None:
+            self.metrics_address = await self.metrics.start()
+            log.info("metrics.listening", address=self.metrics_address)
         self.server = server
         self.addresses = bound
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -141,7 +171,7 @@ class Daemon:
             log.warning("daemon.insecure", detail="serving without tokens on a network address")
         log.info("daemon.listening", addresses=bound, tls=creds is not None, auth=self.auth.enabled)
         if self.config.ready_file:
-            _write_ready(self.config.ready_file, bound)
+            _write_ready(self.config.ready_file, bound, self.metrics_address)
         return bound
 
     async def stop(self, grace: float | None = None) -> None:
@@ -154,6 +184,17 @@ class Daemon:
             stream.wake.set()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._saver is not None:
+            self._saver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._saver
+        if self.state is not None:
+            # Streams have ended, so their leases' references are gone: what is saved is
+            # what a restart should bring back.
+            written = await self.state.save(self.engine)
+            log.info("state.saved", path=str(self.state.path), written=written)
+        if self.metrics is not None:
+            await self.metrics.stop()
         log.info("daemon.stopped")
 
     async def wait(self) -> None:

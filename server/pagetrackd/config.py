@@ -33,6 +33,7 @@ class Config:
     history_bytes: int = 16 << 20  #: per-VM resume history, in bytes of event data
     metrics_port: int = 0  #: Prometheus metrics on this TCP port; 0 = off
     metrics_host: str = "127.0.0.1"
+    metrics_max_vms: int = 100  #: VMs with their own metric labels; the rest are vm="_other"
     state_dir: str = ""  #: where VM state is saved and loaded; empty = nothing saved
     save_interval_s: float = 30.0  #: how often state is saved (and on shutdown)
     ready_file: str = ""  #: once serving, write the bound addresses here (JSON)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pagetrackd.domain import SlotFlags, TenantId
+from pagetrackd.domain import NotFound, SlotFlags, TenantId
 from pagetrackd.engine import Engine, VmEntry
 
 DEMO_VM = "demo"
@@ -15,12 +15,16 @@ DEMO_TENANT = TenantId("default")
 def setup_demo(engine: Engine, tenant: TenantId = DEMO_TENANT, rate: float = 2000.0) -> VmEntry:
     """Create the ``demo`` VM: 256 MiB of RAM at gfn 0 (dirty-logged), a 16 MiB READONLY
     ROM at 4 GiB, 1 in 8 of the first 4096 pages write-tracked, and a random-writes
-    workload at ``rate`` writes/s that hits the tracked pages now and then."""
-    entry = engine.create_vm(tenant, DEMO_VM, vcpus=4)
-    vm = entry.vm
-    vm.set_memslot(0, 0, 65536, SlotFlags.LOG_DIRTY_PAGES)
-    vm.set_memslot(1, 0x100000, 4096, SlotFlags.READONLY)
-    vm.track_add(np.arange(0, 4096, 8, dtype=np.int64))
+    workload at ``rate`` writes/s that hits the tracked pages now and then. A ``demo``
+    VM loaded from the state directory is kept as it is; only the workload starts."""
+    try:
+        entry = engine.vm(tenant, DEMO_VM)
+    except NotFound:
+        entry = engine.create_vm(tenant, DEMO_VM, vcpus=4)
+        vm = entry.vm
+        vm.set_memslot(0, 0, 65536, SlotFlags.LOG_DIRTY_PAGES)
+        vm.set_memslot(1, 0x100000, 4096, SlotFlags.READONLY)
+        vm.track_add(np.arange(0, 4096, 8, dtype=np.int64))
     engine.start_workload(
         entry, "random-writes", seed=1, rate=rate, count=0, duration_s=0,
         options={"pages": 4096, "tracked_fraction": 0.0, "vcpus": 4},

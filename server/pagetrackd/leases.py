@@ -80,6 +80,22 @@ class LeaseTable:
         self._leases[lease_id] = lease
         return lease
 
+    def adopt(
+        self, tenant: TenantId, lease_id: str, ttl_ms: int, remaining_ms: int, label: str = ""
+    ) -> Lease:
+        """Re-create a saved TTL lease under its old id, expiring ``remaining_ms`` from
+        now (the daemon's state directory uses this at start)."""
+        if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS or remaining_ms <= 0:
+            raise InvalidArgument(f"lease {lease_id!r}: bad ttl_ms or remaining_ms")
+        if lease_id in self._leases:
+            raise InvalidArgument(f"lease {lease_id!r} already exists")
+        lease = Lease(
+            lease_id, tenant, LeaseKind.TTL, ttl_ms,
+            self._clock() + min(remaining_ms, ttl_ms) / 1000, label,
+        )
+        self._leases[lease_id] = lease
+        return lease
+
     def get(self, tenant: TenantId, lease_id: str) -> Lease:
         """The tenant's lease; another tenant's lease is NotFound too."""
         lease = self._leases.get(lease_id)
@@ -113,6 +129,10 @@ class LeaseTable:
             self.end(lease)
         self.expired_total += len(dead)
         return len(dead)
+
+    def live(self) -> list[Lease]:
+        """Every live lease, of every tenant."""
+        return list(self._leases.values())
 
     def of_tenant(self, tenant: TenantId) -> list[Lease]:
         """The tenant's live leases."""

@@ -39,8 +39,12 @@ def _code(context: Any) -> str:
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates each call, binds tenant/rpc/peer for logging, logs the outcome."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(
+        self, auth: Authenticator, observe: Callable[[str, str, float], None] | None = None
+    ) -> None:
         self._auth = auth
+        #: called with (method path, status code name, seconds) as each call ends (metrics)
+        self._observe = observe
 
     async def intercept_service(
         self,
@@ -59,6 +63,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 authorization = value if isinstance(value, str) else value.decode()
         auth = self._auth
+        observe = self._observe
 
         def begin(context: Any) -> tuple[float, Any]:
             structlog.contextvars.clear_contextvars()
@@ -68,10 +73,13 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             return time.perf_counter(), current_caller.set(caller)
 
         def finish(context: Any, started: float, error: BaseException | None) -> None:
-            ms = round((time.perf_counter() - started) * 1000, 3)
+            seconds = time.perf_counter() - started
+            ms = round(seconds * 1000, 3)
             code = _code(context)
             if error is not None and code == "OK":
                 code = "CANCELLED"
+            if observe is not None:
+                observe(method, code, seconds)
             if code in ("OK", "CANCELLED"):
                 log.debug("rpc.done", code=code, ms=ms)
             else:

@@ -1,0 +1,342 @@
+"""Prometheus metrics, read from the engine at scrape time, served on their own port.
+
+Nothing here runs on the write path: :class:`EngineCollector` walks the engine's VMs,
+streams and plugins when Prometheus scrapes, and only RPC counts and latencies are
+recorded as they happen (once per call, by the logging interceptor). The HTTP endpoint
+runs on the daemon's event loop, so a scrape sees the engine between two operations,
+never in the middle of one, and needs no locks.
+
+Labels are ``tenant`` and ``vm``. Past ``max_vms`` VMs (oldest first keep theirs),
+further VMs are added up under ``vm="_other"`` of their tenant, so a tenant that creates
+thousands of VMs cannot blow up Prometheus' series count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from pagetrackd import __version__
+from pagetrackd.domain import WritePath
+
+if TYPE_CHECKING:
+    from pagetrackd.engine import Engine, VmEntry
+    from pagetrackd.state import StateDir
+
+log = structlog.get_logger("pagetrackd.metrics")
+
+__all__ = ["OTHER", "EngineCollector", "MetricsServer", "RpcMetrics", "build_registry"]
+
+#: the ``vm`` label of VMs past the cardinality cap
+OTHER = "_other"
+
+_RPC_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+class RpcMetrics:
+    """RPC counts and latency by service, method and status code."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("service", "method", "code")
+        self.requests = Counter(
+            "pagetrack_rpc_requests", "RPCs finished, by method and status code.",
+            labels, registry=registry,
+        )
+        self.duration = Histogram(
+            "pagetrack_rpc_duration_seconds",
+            "RPC handling time (for streams: the stream's lifetime), by method and code.",
+            labels, buckets=_RPC_BUCKETS, registry=registry,
+        )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Record one finished call; ``method`` is the full gRPC path."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        service = service.rsplit(".", 1)[-1]
+        self.requests.labels(service, name, code).inc()
+        self.duration.labels(service, name, code).observe(seconds)
+
+
+# (family name, help, kind) for the per-VM families, in output order
+_VM_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("pagetrack_guest_writes", "Guest write calls (a batch of n counts n).", "counter"),
+    ("pagetrack_guest_bytes_written", "Bytes guest writes stored in guest memory.", "counter"),
+    ("pagetrack_mmio_exits", "Write pieces that exited to user space (MMIO).", "counter"),
+    ("pagetrack_emulations", "Write pieces trapped, emulated and notified.", "counter"),
+    ("pagetrack_events", "Track-write events produced (the VM's head seq).", "counter"),
+    ("pagetrack_events_sent", "Events taken off Watch stream queues to be sent.", "counter"),
+    ("pagetrack_events_dropped", "Events Watch streams lost (reported to them as gaps).",
+     "counter"),
+    ("pagetrack_events_coalesced", "Events superseded in COALESCE streams.", "counter"),
+    ("pagetrack_notifications", "Notifier callbacks made.", "counter"),
+    ("pagetrack_notifier_errors", "Notifier callbacks that raised.", "counter"),
+    ("pagetrack_memslots", "Live memslots.", "gauge"),
+    ("pagetrack_tracked_gfns", "Gfns whose track counter is above 0.", "gauge"),
+    ("pagetrack_watchers", "Open Watch streams.", "gauge"),
+    ("pagetrack_stream_queue_depth_events", "Events queued in Watch streams, summed.", "gauge"),
+    ("pagetrack_stream_lag_events", "Largest lag (head seq - sent seq) of a Watch stream.",
+     "gauge"),
+    ("pagetrack_history_events", "Events held for Watch resume.", "gauge"),
+    ("pagetrack_guest_memory_bytes", "Bytes held for written guest memory.", "gauge"),
+    ("pagetrack_track_pool_bytes", "Bytes held by track counters.", "gauge"),
+)
+_MAX_AGG = frozenset({"pagetrack_stream_lag_events"})
+_PATHS = {WritePath.MMIO_EXIT: "mmio_exit", WritePath.FAST: "fast", WritePath.EMULATED: "emulated"}
+
+
+def _vm_values(engine: Engine, entry: VmEntry) -> dict[str, float]:
+    vm = entry.vm
+    s = vm.stats
+    subs = list(entry.hub.subscribers.values())
+    done = entry.ended_streams
+    return {
+        "pagetrack_guest_writes": s.writes,
+        "pagetrack_guest_bytes_written": s.bytes_written,
+        "pagetrack_mmio_exits": s.mmio_exits,
+        "pagetrack_emulations": s.emulations,
+        "pagetrack_events": vm.seq,
+        "pagetrack_events_sent": done.sent + sum(x.counters.sent for x in subs),
+        "pagetrack_events_dropped": done.dropped + sum(x.counters.dropped for x in subs),
+        "pagetrack_events_coalesced": done.coalesced + sum(x.counters.coalesced for x in subs),
+        "pagetrack_notifications": s.notifications,
+        "pagetrack_notifier_errors": s.notifier_errors,
+        "pagetrack_memslots": len(vm.slots),
+        "pagetrack_tracked_gfns": vm.tracked_count,
+        "pagetrack_watchers": len(subs),
+        "pagetrack_stream_queue_depth_events": sum(x.depth for x in subs),
+        "pagetrack_stream_lag_events": max(
+            (max(0, vm.seq - x.last_seq) for x in subs), default=0
+        ),
+        "pagetrack_history_events": entry.hub.history.events,
+        "pagetrack_guest_memory_bytes": vm.memory_bytes,
+        "pagetrack_track_pool_bytes": vm.counter_bytes,
+    }
+
+
+class EngineCollector(Collector):
+    """Reads the engine (and the state directory) at scrape time."""
+
+    def __init__(
+        self, engine: Engine, *, max_vms: int = 100, state: StateDir | None = None
+    ) -> None:
+        self.engine = engine
+        self.max_vms = max_vms
+        self.state = state
+
+    def _labelled(self) -> list[tuple[str, str, VmEntry]]:
+        """(tenant, vm label, entry) for every VM; oldest VMs keep their own label."""
+        entries = sorted(
+            self.engine.list_vms(None), key=lambda e: (e.created_at_ns, e.tenant, e.name)
+        )
+        return [
+            (e.tenant, e.name if i < self.max_vms else OTHER, e) for i, e in enumerate(entries)
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, computed now."""
+        labelled = self._labelled()
+        keys = ["tenant", "vm"]
+        per: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
+        pieces: dict[tuple[str, ...], float] = defaultdict(float)
+        cycles: dict[tuple[str, ...], float] = defaultdict(float)
+        dma: dict[tuple[str, ...], float] = defaultdict(float)
+        plugin_attached: dict[tuple[str, ...], float] = defaultdict(float)
+        plugin_tracked: dict[tuple[str, ...], float] = defaultdict(float)
+        plugin_status: dict[tuple[str, ...], float] = defaultdict(float)
+        vms: dict[tuple[str, ...], float] = defaultdict(float)
+        for tenant, label, entry in labelled:
+            key = (tenant, label)
+            vms[(tenant,)] += 1
+            for name, value in _vm_values(self.engine, entry).items():
+                fam = per[name]
+                if name in _MAX_AGG:
+                    fam[key] = max(fam.get(key, 0), value)
+                else:
+                    fam[key] = fam.get(key, 0) + value
+            s = entry.vm.stats
+            for path, pname in _PATHS.items():
+                pieces[(*key, pname)] += s.pieces[path]
+                cycles[(*key, pname)] += s.cycles[path]
+            cycles[(*key, "dma")] += s.dma_cycles
+            dma[(*key, "applied")] += s.dma_writes
+            dma[(*key, "notified")] += s.dma_notified
+            dma[(*key, "rejected")] += s.dma_rejected
+            for kind, plugin in entry.plugins.items():
+                pkey = (*key, kind)
+                plugin_attached[pkey] += 1
+                plugin_tracked[pkey] += entry.vm.tracked_gfns(f"plugin:{kind}").size
+                try:
+                    status = plugin.status()
+                except Exception:  # a plugin bug must not break the scrape
+                    log.exception("metrics.plugin_status_failed", plugin=kind)
+                    continue
+                for k, v in status.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        plugin_status[(*pkey, k)] += v
+                    elif isinstance(v, bool):
+                        plugin_status[(*pkey, k)] += int(v)
+        for name, help_, kind in _VM_FAMILIES:
+            yield _family(name, help_, kind, keys, per.get(name, {}))
+        yield _family(
+            "pagetrack_write_pieces", "Page-sized pieces of guest writes, by path.", "counter",
+            [*keys, "path"], pieces,
+        )
+        yield _family(
+            "pagetrack_dma", "DMA writes applied, pieces notified and writes rejected.",
+            "counter", [*keys, "outcome"], dma,
+        )
+        yield _family(
+            "pagetrack_simulated_cycles", "Simulated host CPU cycles by path.", "counter",
+            [*keys, "path"], cycles,
+        )
+        pk = [*keys, "plugin"]
+        yield _family("pagetrack_plugin_attached", "Attached plugins.", "gauge", pk,
+                      plugin_attached)
+        yield _family("pagetrack_plugin_tracked_gfns", "Gfns a plugin holds references on.",
+                      "gauge", pk, plugin_tracked)
+        yield _family(
+            "pagetrack_plugin_status",
+            "A plugin's own numeric counters and sizes (its status), by key.", "gauge",
+            [*pk, "key"], plugin_status,
+        )
+        yield _family("pagetrack_vms", "VMs, by tenant.", "gauge", ["tenant"], vms)
+        yield GaugeMetricFamily(
+            "pagetrack_metrics_vms_aggregated",
+            f"VMs past the label cap, added up under vm=\"{OTHER}\".",
+            value=sum(1 for _, label, _ in labelled if label == OTHER),
+        )
+        leases: dict[tuple[str, ...], float] = defaultdict(float)
+        for lease in self.engine.leases.live():
+            leases[(lease.tenant, lease.kind.value)] += 1
+        yield _family("pagetrack_leases", "Live leases, by tenant and kind.", "gauge",
+                      ["tenant", "kind"], leases)
+        yield CounterMetricFamily(
+            "pagetrack_leases_expired", "Leases ended by their TTL.",
+            value=self.engine.leases.expired_total,
+        )
+        runs: dict[tuple[str, ...], float] = defaultdict(float)
+        for run in self.engine.workloads.values():
+            if run.state == "running":
+                runs[(run.tenant, run.kind)] += 1
+        yield _family("pagetrack_workloads_running", "Running workloads.", "gauge",
+                      ["tenant", "kind"], runs)
+        info = GaugeMetricFamily("pagetrack_build_info", "The daemon's version.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield from self._state_families()
+
+    def _state_families(self) -> Iterable[Metric]:
+        st = self.state
+        if st is None:
+            return
+        yield CounterMetricFamily("pagetrack_state_saves", "State saves completed.",
+                                  value=st.saves)
+        yield CounterMetricFamily("pagetrack_state_save_errors", "State saves that failed.",
+                                  value=st.save_errors)
+        yield CounterMetricFamily("pagetrack_state_files_written",
+                                  "VM state files written.", value=st.files_written)
+        yield GaugeMetricFamily(
+            "pagetrack_state_last_save_timestamp_seconds", "Unix time of the last save.",
+            value=st.last_save_ns / 1e9,
+        )
+        yield GaugeMetricFamily(
+            "pagetrack_state_last_save_duration_seconds", "How long the last save took.",
+            value=st.last_save_s,
+        )
+        yield GaugeMetricFamily(
+            "pagetrack_state_files_refused", "State files refused (moved aside) at start.",
+            value=len(st.refused),
+        )
+
+
+def _family(
+    name: str, help_: str, kind: str, labels: list[str], values: dict[tuple[str, ...], float]
+) -> Metric:
+    fam: Metric
+    if kind == "counter":
+        fam = CounterMetricFamily(name, help_, labels=labels)
+    else:
+        fam = GaugeMetricFamily(name, help_, labels=labels)
+    for key, value in sorted(values.items()):
+        fam.add_metric(list(key), value)
+    return fam
+
+
+def build_registry(
+    engine: Engine, *, max_vms: int = 100, state: StateDir | None = None
+) -> tuple[CollectorRegistry, RpcMetrics]:
+    """A registry of its own (not the process-global one) with the engine collector and
+    the RPC metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, max_vms=max_vms, state=state))
+    return registry, RpcMetrics(registry)
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 server for ``GET /metrics``, on the daemon's event loop."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Bind and serve; returns ``host:port`` with the real port."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        port = self._server.sockets[0].getsockname()[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            parts = head.split(b"\r\n", 1)[0].split()
+            method = parts[0] if parts else b""
+            path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+            if method not in (b"GET", b"HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path in (b"/metrics", b"/"):
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(
+                    self.registry
+                )
+            elif path == b"/healthz":
+                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            if method != b"HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        except Exception:
+            log.exception("metrics.scrape_failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
