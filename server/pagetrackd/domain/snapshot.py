@@ -247,6 +247,8 @@ def import_vm(
             slot.dirty = set(s.dirty.tolist())
     vm.seq = state.seq
     _load_stats(vm.stats, state.stats)
+    # The write path copies the notifier list's error count into the stats; carry it on.
+    vm.notifiers.errors = vm.stats.notifier_errors
 
 
 def _load_stats(stats: VmStats, saved: dict[str, Any]) -> None:
