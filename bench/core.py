@@ -30,9 +30,9 @@ from _c_trap import c_trap_writes_per_s  # noqa: E402
 
 from pagetrackd.domain import EventBatch, Vm, WriteEvent, WritePath  # noqa: E402
 
-ROUNDS = 5
-C_WRITES = 300_000  #: per round; about 1.7 s at 175k/s
-SINGLE_WRITES = 200_000  #: per round
+ROUNDS = 7
+C_WRITES = 200_000  #: per round; about 1.1 s at 175k/s
+SINGLE_WRITES = 150_000  #: per round
 BATCH_WRITES = 4096  #: writes per write_batch call
 BATCHES = 64  #: calls per round
 WRITE_LEN = 8

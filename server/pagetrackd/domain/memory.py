@@ -77,10 +77,10 @@ class SlotMemory:
         for i, off, o, n in zip(index, offset, start, length, strict=True):
             page = get(i)
             if page is not None:
-                lo = page.lo
+                a = off - page.lo
                 buf = page.buf
-                if lo <= off and off + n <= lo + len(buf):
-                    buf[off - lo : off - lo + n] = data[o : o + n]
+                if 0 <= a and a + n <= len(buf):
+                    buf[a : a + n] = data[o : o + n]
                     continue
             self.write(i, off, data[o : o + n])
 
