@@ -525,6 +525,14 @@ class VmHub:
         """Register ``sub`` on ``vm``; with ``start_seq``, preload the backlog from the
         history first. Returns the notifier id. Raises Compacted if the backlog is gone."""
         backlog = self.history.since(start_seq, vm.seq) if start_seq is not None else []
+        # The backlog passes the same filter as live events.
+        for i, item in enumerate(backlog):
+            if isinstance(item, Stamped):
+                mask = sub.filter.mask(vm, item.batch)
+                if mask is not None:
+                    sub.counters.filtered += len(item.batch) - int(np.count_nonzero(mask))
+                    backlog[i] = Stamped(item.batch.select(mask), item.ts_ns)
+        backlog = [b for b in backlog if not isinstance(b, Stamped) or len(b.batch)]
         node = vm.register_notifier(sub)
         sub.node = node
         sub.preload(backlog)
