@@ -1,0 +1,1083 @@
+"""``pagetrack``: the command line for pagetrackd.
+
+Every command talks to the daemon at ``--target`` (env PAGETRACK_TARGET). Errors print
+one line, ``pagetrack: <message>``, on stderr: exit status 2 for bad usage, 1 for errors
+reported by the daemon (or when it cannot be reached).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from enum import StrEnum
+from typing import Annotated, Any, NoReturn, TextIO, TypeVar
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from pagetrack import _cliparse as cp
+from pagetrack.client import DEFAULT_TARGET, Client, SyncWatchStream
+from pagetrack.errors import PageTrackError, Unavailable
+from pagetrack.types import (
+    Closed,
+    DmaPolicy,
+    Event,
+    EventBatch,
+    EventSource,
+    Gap,
+    PluginKind,
+    Progress,
+    RegionRemoved,
+    Registered,
+    Semantics,
+    SlowConsumerPolicy,
+    WatchMessage,
+    WorkloadKind,
+)
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="pagetrack",
+    help="Command line for pagetrackd: Linux KVM's x86 page-track (guest write tracking)"
+    " as a service. Create VMs and memslots, track pages, write guest memory and watch"
+    " the write events.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+vm_app = typer.Typer(help="Create, list, show, change and delete VMs.", no_args_is_help=True)
+slot_app = typer.Typer(help="Set and list memslots (guest RAM and ROM regions).",
+                       no_args_is_help=True)
+track_app = typer.Typer(help="Add, remove and show write tracking of gfns.", no_args_is_help=True)
+workload_app = typer.Typer(help="Start, stop and inspect simulated write workloads.",
+                           no_args_is_help=True)
+plugin_app = typer.Typer(help="Attach, detach and audit the in-process plugins.",
+                         no_args_is_help=True)
+lease_app = typer.Typer(help="Leases: tracking that is released when it is not kept alive.",
+                        no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+app.add_typer(slot_app, name="slot")
+app.add_typer(track_app, name="track")
+app.add_typer(workload_app, name="workload")
+app.add_typer(plugin_app, name="plugin")
+app.add_typer(lease_app, name="lease")
+
+#: tables keep their natural width when piped (rich would fold them at 80 columns)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Global options, kept on the typer context."""
+
+    target: str
+    token: str | None
+    ca_file: str | None
+    timeout: float
+    json: bool
+
+
+class WatchFormat(StrEnum):
+    """Output format of ``watch``."""
+
+    TEXT = "text"
+    JSONL = "jsonl"
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _usage(message: str) -> NoReturn:
+    raise typer.BadParameter(message)
+
+
+def _parsed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call a parser; its ValueError becomes a usage error (exit 2)."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        _usage(str(exc))
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Settings)
+    return obj
+
+
+@contextlib.contextmanager
+def _client(ctx: typer.Context) -> Iterator[Client]:
+    s = _settings(ctx)
+    with Client(s.target, token=s.token, ca_file=s.ca_file, timeout=s.timeout) as client:
+        try:
+            yield client
+        except Unavailable as exc:
+            raise Unavailable(f"cannot reach pagetrackd at {client.target}: {exc}") from None
+
+
+def _emit_json(ctx: typer.Context, value: Any) -> bool:
+    """With --json, print ``value`` as JSON and return True."""
+    if not _settings(ctx).json:
+        return False
+    out.print_json(json.dumps(cp.jsonable(value)))
+    return True
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def _ts(ns: int) -> str:
+    if not ns:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+# --------------------------------------------------------------------------- root
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target", "-t", envvar="PAGETRACK_TARGET",
+            help="Daemon address: HOST:PORT or unix:PATH.",
+        ),
+    ] = DEFAULT_TARGET,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token", envvar="PAGETRACK_TOKEN", show_default=False,
+            help="Bearer token (sent as 'authorization: Bearer <token>').",
+        ),
+    ] = None,
+    ca_file: Annotated[
+        str | None,
+        typer.Option(
+            "--ca-file", envvar="PAGETRACK_CA_FILE", show_default=False,
+            help="PEM CA certificate: connect with TLS and verify the daemon against it.",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for each call.")
+    ] = 30.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print results as JSON instead of tables.")
+    ] = False,
+) -> None:
+    """Command line for pagetrackd."""
+    ctx.obj = Settings(target, token, ca_file, timeout, as_json)
+
+
+@app.command("info")
+def info_cmd(ctx: typer.Context) -> None:
+    """Show the daemon's version, limits and who it thinks you are."""
+    with _client(ctx) as c:
+        info = c.server_info()
+    if _emit_json(ctx, info):
+        return
+    out.print(f"pagetrackd {info.version} at {_settings(ctx).target}")
+    out.print(f"caller: tenant {info.tenant!r}, role {info.role}")
+    out.print(f"started: {_ts(info.started_at_ns)}")
+    lim = info.limits
+    out.print(
+        f"limits: write {cp.human_bytes(lim.max_write_bytes)}, batch {lim.max_batch_writes}"
+        f" writes, {lim.max_gfns_per_request} gfns/request, watch batches up to"
+        f" {lim.max_watch_batch_events} events"
+    )
+
+
+# --------------------------------------------------------------------------- vm
+
+
+@vm_app.command("create")
+def vm_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="VM name: letters, digits, '.', '_', '-'.")],
+    dma_policy: Annotated[
+        DmaPolicy | None,
+        typer.Option("--dma-policy", help="What DMA to tracked gfns does (default bypass)."),
+    ] = None,
+    semantics: Annotated[
+        Semantics | None,
+        typer.Option("--semantics", help="Memslot move rules to follow (default 2016)."),
+    ] = None,
+    vcpus: Annotated[
+        int | None, typer.Option("--vcpus", min=1, help="Number of vCPUs (default 8).")
+    ] = None,
+    max_memslots: Annotated[
+        int | None, typer.Option("--max-memslots", min=1, help="Most memslots at once.")
+    ] = None,
+    gfn_bits: Annotated[
+        int | None, typer.Option("--gfn-bits", min=1, help="Width of a gfn in bits.")
+    ] = None,
+    history_events: Annotated[
+        int | None,
+        typer.Option("--history-events", min=0, help="Events kept for Watch resume (0 = none)."),
+    ] = None,
+) -> None:
+    """Create a VM with no memslots."""
+    with _client(ctx) as c:
+        vm = c.create_vm(
+            name, dma_policy=dma_policy, semantics=semantics, vcpus=vcpus,
+            max_memslots=max_memslots, gfn_bits=gfn_bits, history_events=history_events,
+        )
+    if not _emit_json(ctx, vm):
+        out.print(
+            f"created VM {vm.name}: {vm.options.limits.max_vcpus} vCPUs, dma policy"
+            f" {vm.options.dma_policy}, semantics {vm.options.semantics}"
+        )
+
+
+@vm_app.command("list")
+def vm_list(
+    ctx: typer.Context,
+    all_tenants: Annotated[
+        bool, typer.Option("--all-tenants", help="Every tenant's VMs (admin only).")
+    ] = False,
+) -> None:
+    """List VMs."""
+    with _client(ctx) as c:
+        vms = c.list_vms(all_tenants=all_tenants)
+    if _emit_json(ctx, vms):
+        return
+    table = _table("name", "tenant", "slots", "tracked", "head seq", "notifiers",
+                   "workloads", "dma policy")
+    for vm in vms:
+        table.add_row(
+            vm.name, vm.tenant, str(vm.memslot_count), str(vm.tracked_gfns), str(vm.head_seq),
+            str(vm.notifier_count), str(vm.running_workloads), vm.options.dma_policy.value,
+        )
+    out.print(table if vms else "no VMs")
+
+
+@vm_app.command("show")
+def vm_show(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name.")]
+) -> None:
+    """Show a VM, its memslots and its options."""
+    with _client(ctx) as c:
+        vm = c.get_vm(name)
+        slots = c.list_memory_regions(name)
+    if _emit_json(ctx, {"vm": vm, "memslots": slots}):
+        return
+    o = vm.options
+    out.print(f"VM {vm.name} (tenant {vm.tenant}), created {_ts(vm.created_at_ns)}")
+    out.print(
+        f"  vcpus {o.limits.max_vcpus}, dma policy {o.dma_policy}, semantics {o.semantics},"
+        f" gfn bits {o.limits.gfn_bits}"
+    )
+    out.print(
+        f"  tracked gfns {vm.tracked_gfns}, resident pages {vm.resident_pages},"
+        f" seq {vm.head_seq} (history from {vm.oldest_seq}), notifiers {vm.notifier_count},"
+        f" workloads {vm.running_workloads}"
+    )
+    if vm.plugins:
+        out.print(f"  plugins: {', '.join(p.value for p in vm.plugins)}")
+    _print_slots(slots)
+
+
+@vm_app.command("delete")
+def vm_delete(ctx: typer.Context, name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
+    """Delete a VM and everything in it."""
+    with _client(ctx) as c:
+        last = c.delete_vm(name)
+    if not _emit_json(ctx, {"vm": name, "last_seq": last}):
+        out.print(f"deleted VM {name} (last seq {last})")
+
+
+@vm_app.command("policy")
+def vm_policy(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="VM name.")],
+    dma_policy: Annotated[
+        DmaPolicy | None, typer.Option("--dma-policy", help="New DMA policy.")
+    ] = None,
+    semantics: Annotated[
+        Semantics | None, typer.Option("--semantics", help="New memslot semantics.")
+    ] = None,
+) -> None:
+    """Change a VM's DMA policy or semantics."""
+    with _client(ctx) as c:
+        vm = c.set_policy(name, dma_policy=dma_policy, semantics=semantics)
+    if not _emit_json(ctx, vm):
+        out.print(
+            f"VM {vm.name}: dma policy {vm.options.dma_policy}, semantics {vm.options.semantics}"
+        )
+
+
+# --------------------------------------------------------------------------- slot
+
+
+def _print_slots(slots: list[Any]) -> None:
+    if not slots:
+        out.print("no memslots")
+        return
+    table = _table("slot", "gpa range", "gfns", "size", "flags", "tracked", "dirty")
+    for s in slots:
+        flags = ",".join(f for f, on in (("ro", s.readonly), ("log-dirty", s.log_dirty_pages))
+                         if on) or "-"
+        table.add_row(
+            str(s.slot),
+            f"{s.base_gpa:#x}-{s.base_gpa + s.size_bytes - 1:#x}",
+            f"{s.base_gfn:#x}+{s.npages}",
+            cp.human_bytes(s.size_bytes),
+            flags,
+            str(s.tracked_gfns),
+            str(s.dirty_pages),
+        )
+    out.print(table)
+
+
+@slot_app.command("set")
+def slot_set(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    slot: Annotated[int, typer.Argument(min=0, help="Slot id.")],
+    base: Annotated[
+        str | None,
+        typer.Argument(help="Start: a guest-physical address (0, 0x100000, 4G); a gfn with"
+                       " --pages.", show_default=False),
+    ] = None,
+    size: Annotated[
+        str | None,
+        typer.Argument(help="Size in bytes (16M, 4G, 0x10000); in pages with --pages.",
+                       show_default=False),
+    ] = None,
+    pages: Annotated[
+        bool, typer.Option("--pages", help="BASE is a gfn and SIZE a page count.")
+    ] = False,
+    readonly: Annotated[
+        bool, typer.Option("--readonly", help="Read-only slot: guest writes exit as MMIO.")
+    ] = False,
+    log_dirty: Annotated[
+        bool, typer.Option("--log-dirty", help="Log dirty pages (see dirty-log).")
+    ] = False,
+    delete: Annotated[
+        bool, typer.Option("--delete", help="Delete the slot (BASE and SIZE not needed).")
+    ] = False,
+) -> None:
+    """Create, move, re-flag or delete a memslot (KVM_SET_USER_MEMORY_REGION)."""
+    if delete:
+        base_gfn = npages = 0
+    else:
+        if base is None or size is None:
+            _usage("give BASE and SIZE (or --delete)")
+        if pages:
+            base_gfn = _parsed(cp.parse_int, base)
+            npages = _parsed(cp.parse_int, size)
+        else:
+            base_gfn = _parsed(cp.size_to_pages, base, "BASE")
+            npages = _parsed(cp.size_to_pages, size, "SIZE")
+        if npages == 0:
+            _usage("SIZE must be at least one page (use --delete to delete a slot)")
+    with _client(ctx) as c:
+        change = c.set_memory_region(
+            vm, slot, base_gfn, npages, readonly=readonly, log_dirty_pages=log_dirty
+        )
+    if _emit_json(ctx, change):
+        return
+    r = change.region
+    if change.change.value == "delete":
+        out.print(f"slot {slot}: deleted")
+    else:
+        out.print(
+            f"slot {slot}: {change.change.value}, gpa {r.base_gpa:#x}-"
+            f"{r.base_gpa + r.size_bytes - 1:#x} ({r.npages} pages, {cp.human_bytes(r.size_bytes)})"
+        )
+
+
+@slot_app.command("list")
+def slot_list(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name.")]) -> None:
+    """List a VM's memslots."""
+    with _client(ctx) as c:
+        slots = c.list_memory_regions(vm)
+    if not _emit_json(ctx, slots):
+        _print_slots(slots)
+
+
+# --------------------------------------------------------------------------- track
+
+_SPEC_HELP = "Gfns: 0x1000-0x1fff (inclusive), 0x1000+16 (start and count), 42, or comma lists."
+
+
+@track_app.command("add")
+def track_add(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    specs: Annotated[list[str], typer.Argument(help=_SPEC_HELP, metavar="GFNS...")],
+    lease: Annotated[
+        str | None,
+        typer.Option("--lease", help="Lease id owning the references (released with it)."),
+    ] = None,
+) -> None:
+    """Write-track gfns (one reference each)."""
+    ranges, gfns = _parsed(cp.parse_gfn_specs, specs)
+    with _client(ctx) as c:
+        res = c.add_tracking(vm, gfns, ranges=ranges, lease_id=lease)
+    if not _emit_json(ctx, res):
+        out.print(
+            f"added {res.references} references; {res.transitions} gfns newly tracked;"
+            f" {res.tracked_gfns} tracked in {vm}"
+        )
+
+
+@track_app.command("remove")
+def track_remove(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    specs: Annotated[list[str], typer.Argument(help=_SPEC_HELP, metavar="GFNS...")],
+    lease: Annotated[
+        str | None, typer.Option("--lease", help="Lease id that holds the references.")
+    ] = None,
+) -> None:
+    """Remove one tracking reference per gfn."""
+    ranges, gfns = _parsed(cp.parse_gfn_specs, specs)
+    with _client(ctx) as c:
+        res = c.remove_tracking(vm, gfns, ranges=ranges, lease_id=lease)
+    if not _emit_json(ctx, res):
+        out.print(
+            f"removed {res.references} references; {res.transitions} gfns no longer tracked;"
+            f" {res.tracked_gfns} tracked in {vm}"
+        )
+
+
+@track_app.command("show")
+def track_show(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    specs: Annotated[
+        list[str] | None,
+        typer.Argument(help=_SPEC_HELP + " Default: every tracked gfn.", metavar="[GFNS...]",
+                       show_default=False),
+    ] = None,
+    owners: Annotated[bool, typer.Option("--owners", help="Show who holds each reference.")]
+    = False,
+    only_tracked: Annotated[
+        bool, typer.Option("--only-tracked", help="Skip gfns that are not tracked.")
+    ] = False,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Rows to print (0 = all).")]
+    = 200,
+) -> None:
+    """Show tracking state: counters, write protection, large-page state, owners."""
+    if specs:
+        ranges, gfns = _parsed(cp.parse_gfn_specs, specs)
+    else:
+        ranges, gfns, only_tracked = [], [], True
+    with _client(ctx) as c:
+        states = c.query_tracking(
+            vm, gfns, ranges=ranges, only_tracked=only_tracked, include_owners=owners
+        )
+    if _emit_json(ctx, states):
+        return
+    if not states:
+        out.print("no tracked gfns" if not specs else "nothing to show")
+        return
+    columns = ["gfn", "slot", "counter", "write-protected", "no 2M", "no 1G"]
+    table = _table(*(columns + (["owners"] if owners else [])))
+    shown = states if not limit else states[:limit]
+    for s in shown:
+        row = [
+            f"{s.gfn:#x}", str(s.slot) if s.in_memslot else "-", str(s.counter),
+            "yes" if s.write_protected else "no", "yes" if s.lpage_2m_disallowed else "no",
+            "yes" if s.lpage_1g_disallowed else "no",
+        ]
+        if owners:
+            row.append(", ".join(f"{o.kind.value}:{o.id or '-'}x{o.count}" for o in s.owners))
+        table.add_row(*row)
+    out.print(table)
+    if len(states) > len(shown):
+        out.print(f"... {len(states) - len(shown)} more (use --limit 0 to see all)")
+    tracked = sum(1 for s in states if s.tracked)
+    out.print(f"{tracked} of {len(states)} gfns tracked")
+
+
+# --------------------------------------------------------------------------- memory access
+
+
+def _data_arg(data: str, hex_: bool, text: bool) -> bytes:
+    if hex_ and text:
+        _usage("--hex and --text exclude each other")
+    raw = _parsed(cp.parse_data, data, force_hex=hex_, force_text=text)
+    if not raw:
+        _usage("DATA is empty")
+    return raw
+
+
+_DATA_HELP = "Bytes to write: 0xHEX, @FILE, or text (UTF-8)."
+
+
+@app.command("write")
+def write_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    gpa: Annotated[str, typer.Argument(help="Guest-physical address (0x1000, 4G).")],
+    data: Annotated[str, typer.Argument(help=_DATA_HELP)],
+    vcpu: Annotated[int, typer.Option("--vcpu", min=0, help="Writing vCPU.")] = 0,
+    hex_: Annotated[bool, typer.Option("--hex", help="DATA is hex even without 0x.")] = False,
+    text: Annotated[bool, typer.Option("--text", help="DATA is text even if it looks like hex.")]
+    = False,
+) -> None:
+    """Write guest memory from a vCPU (MMIO exit, fast path, or trapped and notified)."""
+    address = _parsed(cp.parse_size, gpa)
+    raw = _data_arg(data, hex_, text)
+    with _client(ctx) as c:
+        res = c.write(vm, address, raw, vcpu=vcpu)
+    if _emit_json(ctx, res):
+        return
+    for p in res.pieces:
+        seq = f" seq {p.seq}" if p.seq is not None else ""
+        out.print(f"{p.gpa:#x} +{p.length}: {p.path.value}{seq}")
+    out.print(f"{len(raw)} bytes, {res.cycles} cycles")
+
+
+@app.command("dma")
+def dma_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    gpa: Annotated[str, typer.Argument(help="Guest-physical address.")],
+    data: Annotated[str, typer.Argument(help=_DATA_HELP)],
+    hex_: Annotated[bool, typer.Option("--hex", help="DATA is hex even without 0x.")] = False,
+    text: Annotated[bool, typer.Option("--text", help="DATA is text even if it looks like hex.")]
+    = False,
+) -> None:
+    """A device-model DMA write, handled by the VM's DMA policy."""
+    address = _parsed(cp.parse_size, gpa)
+    raw = _data_arg(data, hex_, text)
+    with _client(ctx) as c:
+        res = c.dma_write(vm, address, raw)
+    if _emit_json(ctx, res):
+        return
+    for p in res.pieces:
+        seq = f" seq {p.seq}" if p.seq is not None else ""
+        out.print(f"{p.gpa:#x} +{p.length}: {p.path.value}{seq}")
+
+
+@app.command("read")
+def read_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    gpa: Annotated[str, typer.Argument(help="Guest-physical address.")],
+    length: Annotated[str, typer.Argument(help="Bytes to read (64, 0x100, 4K).")],
+    raw: Annotated[bool, typer.Option("--raw", help="Write the bytes to stdout as they are.")]
+    = False,
+) -> None:
+    """Read guest memory and print a hexdump."""
+    address = _parsed(cp.parse_size, gpa)
+    n = _parsed(cp.parse_size, length)
+    if n == 0:
+        _usage("LEN must be at least 1")
+    with _client(ctx) as c:
+        data = c.read(vm, address, n)
+    if raw:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    elif not _emit_json(ctx, {"gpa": address, "length": n, "data": data}):
+        out.print(cp.hexdump(data, address), markup=False)
+
+
+@app.command("dirty-log")
+def dirty_log_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    slot: Annotated[int, typer.Argument(min=0, help="Slot id (created with --log-dirty).")],
+) -> None:
+    """Read and clear a slot's dirty log; print the dirty gfns."""
+    with _client(ctx) as c:
+        log = c.get_dirty_log(vm, slot)
+    gfns = log.dirty_gfns().tolist()
+    if _emit_json(ctx, {"slot": log.slot, "base_gfn": log.base_gfn, "npages": log.npages,
+                        "dirty_count": log.dirty_count, "dirty_gfns": gfns}):
+        return
+    out.print(f"slot {log.slot}: {log.dirty_count} of {log.npages} pages dirty")
+    if gfns:
+        out.print(cp.format_runs(cp.compress_ranges(gfns)), markup=False)
+
+
+# --------------------------------------------------------------------------- watch
+
+
+def _event_json(e: Event) -> dict[str, Any]:
+    return {
+        "type": "event", "seq": e.seq, "vm": e.vm, "vcpu": e.vcpu, "gpa": f"{e.gpa:#x}",
+        "gpa_int": e.gpa, "gfn": e.gfn, "length": e.length, "data": e.data.hex(),
+        "source": e.source.value, "ts_ns": e.timestamp_ns,
+        **({"coalesced": True} if e.coalesced else {}),
+    }
+
+
+def _event_text(e: Event) -> str:
+    data = e.data[:32].hex() + (f"...(+{len(e.data) - 32})" if len(e.data) > 32 else "")
+    who = "dma   " if e.vcpu is None else f"vcpu {e.vcpu:<2}"
+    return f"#{e.seq:<8} {who} gpa {e.gpa:#014x} len {e.length:<4} {data}"
+
+
+def _record_json(msg: WatchMessage) -> dict[str, Any] | None:
+    if isinstance(msg, Gap):
+        return {"type": "gap", **cp.jsonable(msg)}
+    if isinstance(msg, RegionRemoved):
+        return {"type": "region_removed", **cp.jsonable(msg)}
+    if isinstance(msg, Progress):
+        return {"type": "progress", **cp.jsonable(msg)}
+    if isinstance(msg, Registered):
+        return {"type": "registered", **cp.jsonable(msg)}
+    if isinstance(msg, Closed):
+        return {"type": "closed", **cp.jsonable(msg)}
+    return None
+
+
+def _record_text(msg: WatchMessage) -> tuple[str, bool] | None:
+    """(line, to_stderr) for a non-event message."""
+    if isinstance(msg, Gap):
+        return (f"!! gap: seqs {msg.first_seq}-{msg.last_seq}, {msg.count} events not"
+                f" delivered ({msg.reason.value})", False)
+    if isinstance(msg, RegionRemoved):
+        last = msg.base_gfn + msg.npages - 1
+        return (f"-- region removed: slot {msg.slot} gfns {msg.base_gfn:#x}-{last:#x}"
+                f" ({msg.change.value}) after seq {msg.at_seq}", False)
+    if isinstance(msg, Progress):
+        return (f".. head {msg.head_seq}, lag {msg.lag}, queued {msg.queue_depth}, sent"
+                f" {msg.sent_total}, dropped {msg.dropped_total}", False)
+    if isinstance(msg, Registered):
+        if msg.reconnects:
+            return (f"pagetrack: reconnected to {msg.vm}, resuming at seq {msg.start_seq}",
+                    True)
+        return (f"pagetrack: watching {msg.vm} from seq {msg.start_seq} (head {msg.head_seq},"
+                f" notifier {msg.notifier_id})", True)
+    if isinstance(msg, Closed):
+        return (f"pagetrack: stream closed ({msg.reason.value}) at seq {msg.last_seq}", True)
+    return None
+
+
+def run_watch(
+    stream: SyncWatchStream,
+    fmt: WatchFormat,
+    count: int | None,
+    progress: bool,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> int:
+    """Print a stream's messages until it closes or ``count`` events were printed;
+    returns the events printed."""
+    printed = 0
+    jsonl = fmt is WatchFormat.JSONL
+    for msg in stream:
+        if isinstance(msg, EventBatch):
+            lines = []
+            for e in msg.events():
+                lines.append(json.dumps(_event_json(e)) if jsonl else _event_text(e))
+                printed += 1
+                if count is not None and printed >= count:
+                    break
+            stdout.write("\n".join(lines) + "\n")
+            stdout.flush()
+            if count is not None and printed >= count:
+                break
+            continue
+        if isinstance(msg, Progress) and not (progress or jsonl):
+            continue
+        if jsonl:
+            rec = _record_json(msg)
+            if rec is not None:
+                stdout.write(json.dumps(rec) + "\n")
+                stdout.flush()
+        else:
+            line = _record_text(msg)
+            if line is not None:
+                dest = stderr if line[1] else stdout
+                dest.write(line[0] + "\n")
+                dest.flush()
+        if isinstance(msg, Closed):
+            break
+    return printed
+
+
+@app.command("watch")
+def watch_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    fmt: Annotated[
+        WatchFormat,
+        typer.Option("--format", "-f", help="text for people, jsonl for programs (one JSON"
+                     " object per line; non-event lines carry a \"type\")."),
+    ] = WatchFormat.TEXT,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option("--filter", help="Only these gfns (0x100-0x1ff, 0x100+16, 42);"
+                     " repeatable.", show_default=False),
+    ] = None,
+    sources: Annotated[
+        list[EventSource] | None,
+        typer.Option("--source", help="Only events from this source; repeatable.",
+                     show_default=False),
+    ] = None,
+    from_seq: Annotated[
+        int | None,
+        typer.Option("--from-seq", min=1, help="Replay from this seq (from the daemon's"
+                     " history); default: only new events.", show_default=False),
+    ] = None,
+    policy: Annotated[
+        SlowConsumerPolicy | None,
+        typer.Option("--policy", help="What the daemon does when this stream falls behind"
+                     " (default drop: you get a gap record)."),
+    ] = None,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", "-n", min=1, help="Exit after printing this many events.",
+                     show_default=False),
+    ] = None,
+    omit_data: Annotated[
+        bool, typer.Option("--omit-data", help="Do not send the written bytes.")
+    ] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress", help="Also print heartbeats (text format).")
+    ] = False,
+    no_resume: Annotated[
+        bool, typer.Option("--no-resume", help="Exit when the connection drops instead of"
+                           " reconnecting and resuming.")
+    ] = False,
+) -> None:
+    """Stream a VM's write events until Ctrl-C (or --count events)."""
+    ranges: list[Any] = []
+    for spec in filters or []:
+        r, g = _parsed(cp.parse_gfn_specs, [spec])
+        ranges.extend(r)
+        ranges.extend((x, 1) for x in g)
+    with _client(ctx) as c, c.watch(
+        vm, start_seq=from_seq, gfn_ranges=ranges, sources=sources or None, policy=policy,
+        omit_data=omit_data, resume=not no_resume,
+    ) as stream:
+        run_watch(stream, fmt, count, progress, sys.stdout, sys.stderr)
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@app.command("stats")
+def stats_cmd(
+    ctx: typer.Context,
+    vm: Annotated[
+        str | None, typer.Argument(help="VM name (default: every VM).", show_default=False)
+    ] = None,
+) -> None:
+    """Show counters: writes by path, events, drops, tracking and memory."""
+    with _client(ctx) as c:
+        stats = c.stats(vm)
+    if _emit_json(ctx, stats):
+        return
+    if not stats:
+        out.print("no VMs")
+        return
+    table = _table("vm", "writes", "mmio", "fast", "emulated", "dma", "dma notified",
+                   "dropped", "tracked", "head seq", "notifiers", "memory")
+    for s in stats:
+        table.add_row(
+            s.vm, str(s.guest_writes), str(s.writes.mmio_exit), str(s.writes.fast),
+            str(s.writes.emulated), str(s.dma.applied), str(s.dma.notified),
+            str(s.events_dropped), str(s.tracked_gfns), str(s.head_seq), str(s.notifiers),
+            cp.human_bytes(s.memory_bytes),
+        )
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def _print_workload(w: Any) -> None:
+    p = w.writes_by_path
+    out.print(
+        f"{w.id}: {w.kind.value} on {w.vm}, {w.state.value}, {w.writes} writes"
+        f" ({w.achieved_rate:.0f}/s; mmio {p.mmio_exit}, fast {p.fast}, emulated"
+        f" {p.emulated}), {w.elapsed_ms / 1000:.1f} s" + (f", error: {w.error}" if w.error else "")
+    )
+
+
+@workload_app.command("start")
+def workload_start(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    kind: Annotated[WorkloadKind, typer.Argument(help="Kind of write stream.")],
+    rate: Annotated[
+        float, typer.Option("--rate", min=0, help="Writes per second (0 = as fast as possible).")
+    ] = 0.0,
+    count: Annotated[int, typer.Option("--count", min=0, help="Writes to make (0 = no limit).")]
+    = 0,
+    duration: Annotated[
+        str | None,
+        typer.Option("--duration", help="Longest run: 10s, 500ms, 2m (default: no limit).",
+                     show_default=False),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed.")] = 0,
+    vcpus: Annotated[int, typer.Option("--vcpus", min=0, help="vCPUs writing (0 = 1).")] = 0,
+    tracked_fraction: Annotated[
+        float,
+        typer.Option("--tracked-fraction", min=0, max=1, help="Share of target pages tracked."),
+    ] = 0.0,
+    options: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Kind-specific key=value; repeatable.",
+                     show_default=False),
+    ] = None,
+) -> None:
+    """Start a simulated write workload on a VM."""
+    if kind is WorkloadKind.UNSPECIFIED:
+        _usage("choose a workload kind")
+    duration_ms = _parsed(cp.parse_duration_ms, duration) if duration else 0
+    opts = _parsed(cp.parse_options, options or [])
+    with _client(ctx) as c:
+        w = c.start_workload(
+            vm, kind, rate=rate, count=count, duration_ms=duration_ms, seed=seed, vcpus=vcpus,
+            tracked_fraction=tracked_fraction, options=opts,
+        )
+    if not _emit_json(ctx, w):
+        _print_workload(w)
+
+
+@workload_app.command("stop")
+def workload_stop(
+    ctx: typer.Context, workload_id: Annotated[str, typer.Argument(help="Workload id.")]
+) -> None:
+    """Stop a workload."""
+    with _client(ctx) as c:
+        w = c.stop_workload(workload_id)
+    if not _emit_json(ctx, w):
+        _print_workload(w)
+
+
+@workload_app.command("show")
+def workload_show(
+    ctx: typer.Context, workload_id: Annotated[str, typer.Argument(help="Workload id.")]
+) -> None:
+    """Show a workload's status."""
+    with _client(ctx) as c:
+        w = c.get_workload(workload_id)
+    if not _emit_json(ctx, w):
+        _print_workload(w)
+
+
+@workload_app.command("list")
+def workload_list(
+    ctx: typer.Context,
+    vm: Annotated[
+        str | None, typer.Argument(help="Only this VM's workloads.", show_default=False)
+    ] = None,
+) -> None:
+    """List running and recently ended workloads."""
+    with _client(ctx) as c:
+        ws = c.list_workloads(vm)
+    if _emit_json(ctx, ws):
+        return
+    if not ws:
+        out.print("no workloads")
+    for w in ws:
+        _print_workload(w)
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+@plugin_app.command("attach")
+def plugin_attach(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    kind: Annotated[PluginKind, typer.Argument(help="Plugin kind.")],
+    options: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Plugin key=value option; repeatable.",
+                     show_default=False),
+    ] = None,
+) -> None:
+    """Attach a plugin to a VM."""
+    opts = _parsed(cp.parse_options, options or [])
+    with _client(ctx) as c:
+        st = c.attach_plugin(vm, kind, opts)
+    if not _emit_json(ctx, st):
+        out.print(f"attached {st.kind.value} to {vm}")
+
+
+@plugin_app.command("detach")
+def plugin_detach(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    kind: Annotated[PluginKind, typer.Argument(help="Plugin kind.")],
+) -> None:
+    """Detach a plugin from a VM (releasing its tracking)."""
+    with _client(ctx) as c:
+        refs = c.detach_plugin(vm, kind)
+    if not _emit_json(ctx, {"kind": kind.value, "released_references": refs}):
+        out.print(f"detached {kind.value} from {vm}; {refs} tracking references released")
+
+
+@plugin_app.command("status")
+def plugin_status(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name.")]) -> None:
+    """Show a VM's plugins and their counters."""
+    with _client(ctx) as c:
+        plugins = c.list_plugins(vm)
+    if _emit_json(ctx, plugins):
+        return
+    if not plugins:
+        out.print("no plugins attached")
+    for p in plugins:
+        counters = ", ".join(f"{k} {v}" for k, v in sorted(p.counters.items()))
+        info = ", ".join(f"{k}={v}" for k, v in sorted(p.info.items()))
+        out.print(f"{p.kind.value}: tracked gfns {p.tracked_gfns}"
+                  + (f"; {counters}" if counters else "") + (f"; {info}" if info else ""),
+                  markup=False)
+
+
+@plugin_app.command("audit")
+def plugin_audit(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    kind: Annotated[PluginKind, typer.Argument(help="Plugin kind.")],
+    max_mismatches: Annotated[
+        int, typer.Option("--max", min=0, help="Most mismatches to list (0 = server maximum).")
+    ] = 20,
+) -> None:
+    """Compare a plugin's shadow with a fresh walk of guest memory."""
+    with _client(ctx) as c:
+        rep = c.audit_plugin(vm, kind, max_mismatches=max_mismatches)
+    if _emit_json(ctx, rep):
+        return
+    out.print(f"{rep.checked_entries} entries checked, {rep.mismatch_count} mismatches")
+    for m in rep.mismatches:
+        out.print(f"  {m.table} gfn {m.table_gfn:#x} L{m.level}[{m.index}]: guest"
+                  f" {m.guest_entry:#x} expected {m.expected:#x} actual {m.actual:#x}"
+                  f" ({m.reason})", markup=False)
+
+
+# --------------------------------------------------------------------------- leases
+
+
+@lease_app.command("create")
+def lease_create(
+    ctx: typer.Context,
+    ttl: Annotated[str, typer.Option("--ttl", help="Time to live: 30s, 500ms, 5m.")] = "30s",
+    label: Annotated[str, typer.Option("--label", help="Free-form label.")] = "",
+) -> None:
+    """Create a TTL lease and print its id."""
+    ttl_ms = _parsed(cp.parse_duration_ms, ttl)
+    with _client(ctx) as c:
+        lease = c.create_lease(ttl_ms, label=label)
+    if not _emit_json(ctx, lease):
+        out.print(lease.id)
+
+
+@lease_app.command("keep-alive")
+def lease_keep_alive(
+    ctx: typer.Context, lease_id: Annotated[str, typer.Argument(help="Lease id.")]
+) -> None:
+    """Extend a lease to now + its TTL."""
+    with _client(ctx) as c:
+        lease = c.keep_alive_lease(lease_id)
+    if not _emit_json(ctx, lease):
+        out.print(f"lease {lease.id} expires {_ts(lease.expires_at_ns)}")
+
+
+@lease_app.command("revoke")
+def lease_revoke(
+    ctx: typer.Context, lease_id: Annotated[str, typer.Argument(help="Lease id.")]
+) -> None:
+    """End a lease now, releasing its tracking."""
+    with _client(ctx) as c:
+        res = c.revoke_lease(lease_id)
+    if not _emit_json(ctx, res):
+        out.print(f"revoked {lease_id}: {res.released_references} references released,"
+                  f" {res.untracked_gfns} gfns no longer tracked")
+
+
+@lease_app.command("list")
+def lease_list(ctx: typer.Context) -> None:
+    """List live leases."""
+    with _client(ctx) as c:
+        leases = c.list_leases()
+    if _emit_json(ctx, leases):
+        return
+    if not leases:
+        out.print("no leases")
+        return
+    table = _table("id", "kind", "ttl ms", "expires", "references", "label")
+    for le in leases:
+        table.add_row(le.id, le.kind.value, str(le.ttl_ms), _ts(le.expires_at_ns),
+                      str(le.references), le.label)
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- top
+
+
+@app.command("top")
+def top_cmd(
+    ctx: typer.Context,
+    interval: Annotated[
+        float, typer.Option("--interval", "-i", min=0.1, help="Seconds between refreshes.")
+    ] = 1.0,
+) -> None:
+    """Live view of every VM's write and event rates (Ctrl-C to quit)."""
+    if importlib.util.find_spec("pagetrack.top") is None:
+        raise PageTrackError(
+            "'top' is not available in this version of pagetrack (no pagetrack.top module);"
+            " use 'pagetrack stats' instead", code="UNIMPLEMENTED",
+        )
+    top = importlib.import_module("pagetrack.top")
+    with _client(ctx) as c:
+        top.main(c, interval)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _fail(message: str, code: int) -> int:
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    print(f"pagetrack: {first}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pagetrack`` command; returns the exit status."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="pagetrack", standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors (click exceptions)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message())
+            return 0
+        message = exc.format_message()
+        sub = getattr(getattr(exc, "ctx", None), "command_path", "pagetrack")
+        if getattr(exc, "exit_code", 2) == 2:
+            message = f"{message.rstrip('.')} (see '{sub} --help')"
+        return _fail(message, int(getattr(exc, "exit_code", 2)))
+    except PageTrackError as exc:
+        return _fail(str(exc), 1)
+    except typer.Abort:
+        return _fail("aborted", 130)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `pagetrack watch ... | head`): not an error.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
