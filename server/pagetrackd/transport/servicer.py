@@ -101,7 +101,7 @@ class VmService(pbg.VmServiceServicer):
         if not 12 <= gfn_bits <= 40:
             raise InvalidArgument(f"options.limits.gfn_bits {gfn_bits} must be 12..40")
         for name in ("max_guest_pages", "max_tracked_gfns"):
-            if lim.HasField(name) and getattr(lim, name) < 1:  # type: ignore[arg-type]
+            if lim.HasField(name) and getattr(lim, name) < 1:
                 raise InvalidArgument(f"options.limits.{name} must be >= 1 (unset = default)")
         entry = self.engine.create_vm(
             _tenant(),
@@ -748,6 +748,17 @@ class WorkloadService(pbg.WorkloadServiceServicer):
             raise InvalidArgument(
                 f"tracked_fraction {request.tracked_fraction} must be between 0 and 1"
             )
+        if request.vcpus > entry.vm.vcpus:
+            raise InvalidArgument(
+                f"vcpus {request.vcpus}: the VM has {entry.vm.vcpus} (1..{entry.vm.vcpus};"
+                " 0 = 1)"
+            )
+        if request.count > 1 << 63:
+            raise InvalidArgument(f"count {request.count}: at most 2^63 writes (0 = no limit)")
+        if request.duration_ms > 1 << 63:  # kept as float seconds; must read back as uint64
+            raise InvalidArgument(
+                f"duration_ms {request.duration_ms}: at most 2^63 ms (0 = no limit)"
+            )
         options = _int_options(request.options)
         if request.vcpus:
             options["vcpus"] = request.vcpus
@@ -905,6 +916,16 @@ class AdminService(pbg.AdminServiceServicer):
                 watchers=q.watchers, workloads=q.workloads, write_rate=q.write_rate,
             ),
             started_at_ns=self.engine.started_ns,
+            default_vm_options=pb.VmOptions(
+                dma_policy=pb.DMA_POLICY_BYPASS,
+                semantics=pb.SEMANTICS_2016,
+                cost=cv.cost_model_pb(CostModel()),
+                limits=pb.VmLimits(
+                    max_memslots=VmLimits().max_slots, gfn_bits=VmLimits().gfn_bits,
+                    max_vcpus=8, history_events=self.engine.config.history_events,
+                    history_bytes=self.engine.config.history_bytes,
+                ),
+            ),
             process=_process_info(self.engine) if caller.admin else None,
         )
 

@@ -4,7 +4,6 @@ heartbeats, and its companions Unwatch and ListNotifiers."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
@@ -15,7 +14,15 @@ import numpy as np
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from pagetrackd.auth import current_caller
-from pagetrackd.domain import Compacted, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from pagetrackd.domain import (
+    Compacted,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from pagetrackd.domain.events import EventBatch
 from pagetrackd.domain.hub import (
     Gap,
     RegionRemoved,
@@ -24,7 +31,6 @@ from pagetrackd.domain.hub import (
     Subscriber,
     make_filter,
 )
-from pagetrackd.domain.events import EventBatch
 from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.limits import ServerLimits
@@ -42,6 +48,18 @@ def _bounded(
     if not low <= value <= high:
         raise InvalidArgument(f"{field} {value} must be {low}..{high} {unit}")
     return value
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until ``event`` is set or ``seconds`` pass (the event is then set, which
+    is harmless: the caller re-checks its state). No task per wait, unlike wait_for."""
+    if event.is_set():
+        return
+    handle = asyncio.get_running_loop().call_later(seconds, event.set)
+    try:
+        await event.wait()
+    finally:
+        handle.cancel()
 
 
 def _split_by_bytes(batch: EventBatch, max_bytes: int) -> list[EventBatch]:
@@ -129,24 +147,41 @@ class WatchService(pbg.WatchServiceServicer):
             engine.leases.get(tenant, lease_id)
         if owner_leases and not request.only_owned:
             raise InvalidArgument("owner_leases needs only_owned")
+        gfn_limit = entry.vm.limits.gfn_limit
+        for r in request.gfn_ranges:
+            if r.count < 1 or r.start + r.count > gfn_limit:
+                raise InvalidArgument(
+                    f"gfn_ranges start={r.start:#x} count={r.count}: count must be >= 1 and"
+                    f" the range inside the VM's {entry.vm.limits.gfn_bits}-bit gfn space"
+                )
+        if request.HasField("start_seq") and request.start_seq > entry.vm.seq + 1:
+            raise OutOfRange(
+                f"start_seq {request.start_seq} is in the future: the VM's last seq is"
+                f" {entry.vm.seq}, so resume from at most {entry.vm.seq + 1}"
+            )
 
         lease = engine.stream_lease(tenant)
-        owner = None
-        if request.only_owned:
-            # One owner filter per stream: its own lease, or the first named lease.
-            owner = (
-                engine.leases.get(tenant, owner_leases[0]).owner if owner_leases else lease.owner
+        try:  # nothing below may leave the stream's lease behind
+            owner = None
+            if request.only_owned:
+                # One owner filter per stream: its own lease, or the first named lease.
+                owner = (
+                    engine.leases.get(tenant, owner_leases[0]).owner
+                    if owner_leases else lease.owner
+                )
+            flt = make_filter(
+                cv.gfn_ranges(request.gfn_ranges),
+                [cv.SOURCES[s] for s in request.sources],
+                owner,
             )
-        flt = make_filter(
-            cv.gfn_ranges(request.gfn_ranges),
-            [cv.SOURCES[s] for s in request.sources],
-            owner,
-        )
-        wake = asyncio.Event()
-        sub = Subscriber(
-            name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
-            wake=wake.set, block_timeout_s=block_ms / 1000,
-        )
+            wake = asyncio.Event()
+            sub = Subscriber(
+                name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
+                wake=wake.set, block_timeout_s=block_ms / 1000,
+            )
+        except BaseException:
+            engine.leases.end(lease)
+            raise
         start_seq = request.start_seq if request.HasField("start_seq") else None
         history = entry.hub.history
         compacted_gap: pb.Gap | None = None
@@ -228,14 +263,20 @@ class WatchService(pbg.WatchServiceServicer):
                     yield pb.WatchResponse(closed=pb.Closed(reason=reason, last_seq=sub.last_seq))
                     return
                 stream.wake.clear()
-                timeout = max(0.0, next_beat - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.wake.wait(), timeout)
-            elif delay_ms and sub.depth < max_events and sub.node is not None:
-                # Let the batch fill up, at most delay_ms.
-                stream.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.wake.wait(), delay_ms / 1000)
+                await _wait(stream.wake, max(0.0, next_beat - time.monotonic()))
+            if delay_ms and sub.pending:
+                # Let the batch fill up to max_events, for at most delay_ms (also when the
+                # first event has just woken an idle stream).
+                deadline = time.monotonic() + delay_ms / 1000
+                while (
+                    sub.depth < max_events and sub.node is not None and not stream.unwatched
+                    and sub.overflowed_lag is None and not shutdown.is_set()
+                ):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    stream.wake.clear()
+                    await _wait(stream.wake, left)
             if sub.pending:
                 budget = max(1, min(max_events, max_bytes // 8))
                 for item in sub.take(budget):
