@@ -220,3 +220,16 @@ def test_unsubscribe_stops_delivery_at_once() -> None:
     queued = sub.counters.queued
     _write(vm, 3, single=False)
     assert sub.counters.queued == queued
+
+
+def test_2016_move_drops_plugin_references_keeps_tenants() -> None:
+    """2016 semantics: a MOVE tells notifiers the old range is gone; plugin references
+    there are dropped (KVMGT's flush_slot removed its own), tenant references move with
+    the slot (arch/x86/kvm/page_track.c, v4.6 kvm_page_track_flush_slot)."""
+    vm = Vm("vm")
+    vm.set_memslot(0, 0x100, 16)
+    vm.track_add([0x101, 0x102])
+    vm.track_add([0x102, 0x103], owner="plugin:vgpu")
+    vm.set_memslot(0, 0x200, 16)
+    assert vm.tracked_gfns().tolist() == [0x201, 0x202]
+    assert vm.track_query([0x202])[0].owners == {"tenant": 1}

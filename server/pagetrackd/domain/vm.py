@@ -254,7 +254,8 @@ class Vm:
             raise InvalidArgument(
                 f"unknown memslot flags {flags:#x}: only READONLY and LOG_DIRTY_PAGES exist"
             ) from None
-        if flags & ~(SlotFlags.READONLY | SlotFlags.LOG_DIRTY_PAGES):
+        # int(): ~ on an IntFlag only spans the known bits, so it would let 4 through.
+        if int(flags) & ~int(SlotFlags.READONLY | SlotFlags.LOG_DIRTY_PAGES):
             raise InvalidArgument(
                 f"unknown memslot flags {int(flags):#x}: only READONLY and LOG_DIRTY_PAGES exist"
             )
@@ -321,6 +322,7 @@ class Vm:
             del self.slots.by_id[info.slot_id]
             self.slots.reindex()
             self.notifiers.dispatch_remove_region(self, info.base_gfn, info.npages)
+        self.stats.notifier_errors = self.notifiers.errors
         self.generation += 1
 
     def _move_slot(self, slot: Slot, new: Memslot) -> None:
@@ -338,13 +340,24 @@ class Vm:
             )
             memory = slot.memory
             moved = Slot(new, memory)
-            moved.dirty = slot.dirty if new.flags & SlotFlags.LOG_DIRTY_PAGES else None
+            # As KVM: keep the old dirty bitmap if there is one, else start a new one
+            # when the move also turns dirty logging on (Slot() made it already).
+            if new.flags & SlotFlags.LOG_DIRTY_PAGES and slot.dirty is not None:
+                moved.dirty = slot.dirty
             self.slots.by_id[old.slot_id] = moved
         else:
             # 2016: notifiers hear that the old range is gone; counters move with the
             # slot (the seed series' v2 fix).
             self.notifiers.dispatch_remove_region(self, old.base_gfn, old.npages)
             slot = self.slots.by_id[old.slot_id]
+            # KVMGT's flush_slot removed its own tracking of the range; plugins forget
+            # theirs in track_remove_region, so their references are dropped here. The
+            # tenant's and leases' references stay with the moved slot.
+            for owner in [o for o in slot.tracking.owners if o.startswith("plugin:")]:
+                pages = slot.tracking.owner_pages(owner)
+                idx = np.array([p for p, _ in pages], dtype=np.int64)
+                cnt = np.array([c for _, c in pages], dtype=np.int64)
+                slot.tracking.apply(idx, -cnt, owner)
             slot.info = new
             slot.tracking.rebase(new.base_gfn)
             if new.flags & SlotFlags.LOG_DIRTY_PAGES:
@@ -353,6 +366,7 @@ class Vm:
             else:
                 slot.dirty = None
         self.slots.reindex()
+        self.stats.notifier_errors = self.notifiers.errors
         self.generation += 1
 
     def memslots(self) -> list[Memslot]:
@@ -794,9 +808,13 @@ class Vm:
         else:
             i = 0
             total = pgpa.size
+            # The emulated pieces still to do, found once (and again after a
+            # re-classification), not by rescanning the rest of the batch per piece.
+            todo = np.flatnonzero(path == WritePath.EMULATED).tolist()
+            k = 0
             while i < total:
-                emul = np.flatnonzero(path[i:] == WritePath.EMULATED)
-                j = total if emul.size == 0 else i + int(emul[0])
+                j = todo[k] if k < len(todo) else total
+                k += 1
                 self._apply_range(i, j, path, pos, index, pgpa, plen, poff, slots, view)
                 if j == total:
                     break
@@ -818,6 +836,8 @@ class Vm:
                     # A notifier changed tracking or memslots: classify the rest again.
                     path[i:], pos[i:], index[i:] = self._classify(pgpa[i:])
                     slots = self.slots.slots()
+                    todo = (np.flatnonzero(path[i:] == WritePath.EMULATED) + i).tolist()
+                    k = 0
             stats.notifier_errors = self.notifiers.errors
         # Accounting, in bulk.
         counts = np.bincount(path, minlength=3)
@@ -900,6 +920,7 @@ class Vm:
                     node.notifier.vm_closed(self)
                 except Exception:
                     self.notifiers._failed(node, self, "vm_closed")
+        self.stats.notifier_errors = self.notifiers.errors
         self.slots = MemslotTable()
         self.closed = True
         self.generation += 1
