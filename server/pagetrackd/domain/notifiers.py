@@ -95,7 +95,9 @@ class NotifierList:
         """Register at the head of the list; returns the node (its id names it)."""
         node = NotifierNode(self._next_id, notifier, isinstance(notifier, BatchNotifier))
         self._next_id += 1
-        self._nodes.insert(0, node)
+        # A new list, never an in-place change: a dispatch walking the old list must
+        # neither call a node twice nor skip one (R5.3).
+        self._nodes = [node, *self._nodes]
         self._refresh()
         return node
 
@@ -104,7 +106,7 @@ class NotifierList:
         if not node.active:
             return False
         node.active = False
-        self._nodes.remove(node)
+        self._nodes = [n for n in self._nodes if n is not node]
         self._refresh()
         return True
 
