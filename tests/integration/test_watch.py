@@ -438,3 +438,21 @@ async def test_watch_unwatch_list_on_unknown_vm_or_notifier(api: Api, vm: str) -
                            grpc.StatusCode.NOT_FOUND, str(nid))
     assert len((await api.watch.ListNotifiers(pb.ListNotifiersRequest(vm=vm))).notifiers) == 1
     w.call.cancel()
+
+
+async def test_batches_from_several_calls_share_a_message(api: Api, vm: str) -> None:
+    """Events of several write calls made within max_batch_delay_ms arrive in one
+    EventBatch, in seq order, each event with its own bytes."""
+    await track(api, vm, 0x100)
+    w = await open_watch(api, pb.WatchRequest(vm=vm, max_batch_delay_ms=300,
+                                              heartbeat_interval_ms=60000))
+    await tracked_writes(api, vm, [SLOT0, SLOT0 + 8], b"a" * 8)
+    await api.mem.WriteGuest(pb.WriteGuestRequest(vm=vm, gpa=SLOT0 + 16, data=b"b" * 4))
+    await tracked_writes(api, vm, [SLOT0 + 24] * 3, b"c" * 2)
+    (batch,) = await w.events_until(6)
+    assert [(e[0], e[1], e[5]) for e in split_events(batch)] == [
+        (1, SLOT0, b"a" * 8), (2, SLOT0 + 8, b"a" * 8), (3, SLOT0 + 16, b"b" * 4),
+        (4, SLOT0 + 24, b"cc"), (5, SLOT0 + 24, b"cc"), (6, SLOT0 + 24, b"cc"),
+    ]
+    assert len(set(batch.timestamp_ns)) >= 2  # each call keeps its own time
+    w.call.cancel()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -149,21 +149,42 @@ def track_state_pb(info: TrackInfo, slot: int | None, owners: bool) -> pb.GfnTra
     )
 
 
+#: EventBatch.flags of a guest write in WRITE mode (source bit 0 clear)
+_WRITE_MODE_FLAGS = pb.TRACK_MODE_WRITE << 8
+
+
+def fill_events(
+    msg: pb.EventBatch,
+    parts: Sequence[tuple[EventBatch, int]],
+    head_seq: int,
+    omit_data: bool,
+) -> None:
+    """Fill ``msg`` with the events of ``parts`` ((batch, timestamp ns) pairs in seq
+    order), column by column in bulk. Fill ``WatchResponse().events`` in place: passing
+    a finished EventBatch to WatchResponse(events=...) copies it."""
+    base = _WRITE_MODE_FLAGS | (pb.EVENT_FLAG_DATA_OMITTED if omit_data else 0)
+    for batch, ts_ns in parts:
+        n = len(batch)
+        msg.seq.extend(batch.seq.tolist())
+        msg.gpa.extend(batch.gpa.tolist())
+        msg.length.extend(batch.length.tolist())
+        msg.vcpu.extend(batch.vcpu.tolist())
+        source = batch.source
+        msg.flags.extend(
+            (source.astype(np.uint32) | np.uint32(base)).tolist() if source.any() else [base] * n
+        )
+        msg.timestamp_ns.extend([ts_ns] * n)
+    if not omit_data:
+        msg.data = parts[0][0].data if len(parts) == 1 else b"".join(b.data for b, _ in parts)
+    msg.head_seq = head_seq
+
+
 def event_batch_pb(
     batch: EventBatch, ts_ns: int, head_seq: int, omit_data: bool
 ) -> pb.EventBatch:
     """A columnar event batch message, built from numpy columns in bulk."""
-    flags = batch.source.astype(np.uint32) | np.uint32(pb.TRACK_MODE_WRITE << 8)
-    if omit_data:
-        flags |= np.uint32(pb.EVENT_FLAG_DATA_OMITTED)
-    n = len(batch)
-    msg = pb.EventBatch(head_seq=head_seq, data=b"" if omit_data else batch.data)
-    msg.seq.extend(batch.seq.tolist())
-    msg.gpa.extend(batch.gpa.tolist())
-    msg.length.extend(batch.length.tolist())
-    msg.vcpu.extend(batch.vcpu.tolist())
-    msg.flags.extend(flags.tolist())
-    msg.timestamp_ns.extend([ts_ns] * n)
+    msg = pb.EventBatch()
+    fill_events(msg, ((batch, ts_ns),), head_seq, omit_data)
     return msg
 
 

@@ -20,10 +20,11 @@ log = structlog.get_logger("pagetrackd.rpc")
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
 
 
-def _reset(token: Any) -> None:
-    # An async generator may be finalized in another context; the var dies with it then.
-    with contextlib.suppress(ValueError):
-        current_caller.reset(token)
+def _authorization(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else bytes(value).decode()
+    return None
 
 
 def _code(context: Any) -> str:
@@ -43,6 +44,10 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         self, auth: Authenticator, observe: Callable[[str, str, float], None] | None = None
     ) -> None:
         self._auth = auth
+        #: method path -> (its handler, the wrapped handler)
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
         #: called with (method path, status code name, seconds) as each call ends (metrics)
         self._observe = observe
 
@@ -57,34 +62,48 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
+        # The wrapper depends only on the method and its handler (the token is read from
+        # each call's context), so it is made once: building it cost about 20 us a call.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         rpc = method.rsplit("/", 1)[-1]
-        authorization = None
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                authorization = value if isinstance(value, str) else value.decode()
         auth = self._auth
         observe = self._observe
+        bind = structlog.contextvars.bind_contextvars
+        reset_log = structlog.contextvars.reset_contextvars
 
         def begin(context: Any) -> tuple[float, Any]:
-            structlog.contextvars.clear_contextvars()
-            structlog.contextvars.bind_contextvars(rpc=rpc, peer=context.peer())
-            caller = auth.authenticate(authorization)
-            structlog.contextvars.bind_contextvars(tenant=caller.tenant)
-            return time.perf_counter(), current_caller.set(caller)
+            caller = auth.authenticate(_authorization(context) if auth.enabled else None)
+            log_tokens = bind(rpc=rpc, peer=context.peer(), tenant=caller.tenant)
+            return time.perf_counter(), (current_caller.set(caller), log_tokens)
 
         def finish(context: Any, started: float, error: BaseException | None) -> None:
             seconds = time.perf_counter() - started
-            ms = round(seconds * 1000, 3)
             code = _code(context)
             if error is not None and code == "OK":
                 code = "CANCELLED"
             if observe is not None:
                 observe(method, code, seconds)
             if code in ("OK", "CANCELLED"):
-                log.debug("rpc.done", code=code, ms=ms)
+                log.debug("rpc.done", code=code, ms=round(seconds * 1000, 3))
             else:
-                log.warning("rpc.failed", code=code, ms=ms)
-            structlog.contextvars.clear_contextvars()
+                log.warning("rpc.failed", code=code, ms=round(seconds * 1000, 3))
+
+        def _reset(tokens: Any) -> None:
+            # An async generator may be finalized in another context; the vars die
+            # with it then.
+            with contextlib.suppress(ValueError):
+                current_caller.reset(tokens[0])
+            with contextlib.suppress(ValueError):
+                reset_log(**tokens[1])
 
         async def refuse(context: Any, exc: PageTrackError) -> None:
             log.warning("rpc.unauthenticated", rpc=rpc, peer=context.peer())
@@ -107,8 +126,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
+                    finish(context, started, error)  # logs with the bindings still on
                     _reset(token)
-                    finish(context, started, error)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -132,8 +151,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
+                    finish(context, started, error)  # logs with the bindings still on
                     _reset(token)
-                    finish(context, started, error)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -156,8 +175,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
+                    finish(context, started, error)  # logs with the bindings still on
                     _reset(token)
-                    finish(context, started, error)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary,

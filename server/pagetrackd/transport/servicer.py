@@ -248,13 +248,11 @@ class MemoryService(pbg.MemoryServiceServicer):
         except PageTrackError:
             self.engine.refund_writes(entry.tenant, 1)
             raise
-        return pb.WriteGuestResponse(
-            pieces=[
-                pb.WritePiece(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
-                for p in result.pieces
-            ],
-            cycles=sum(vm.stats.cycles) - before,
-        )
+        reply = pb.WriteGuestResponse(cycles=sum(vm.stats.cycles) - before)
+        add = reply.pieces.add  # in place: a list of WritePiece would be copied
+        for p in result.pieces:
+            add(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
+        return reply
 
     @unary
     async def WriteGuestBatch(

@@ -62,7 +62,15 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         handle.cancel()
 
 
-def _split_by_bytes(batch: EventBatch, max_bytes: int) -> list[EventBatch]:
+def _events_msg(
+    parts: list[tuple[EventBatch, int]], head_seq: int, omit_data: bool
+) -> pb.WatchResponse:
+    msg = pb.WatchResponse()
+    cv.fill_events(msg.events, parts, head_seq, omit_data)
+    return msg
+
+
+def _split_by_bytes(batch: EventBatch, max_bytes: int) -> tuple[EventBatch, ...]:
     """``batch`` cut into runs of events whose data fits ``max_bytes`` each (an event
     is at most a page and max_bytes at least a page, so every run holds an event)."""
     ends = np.cumsum(batch.length, dtype=np.int64)
@@ -73,7 +81,30 @@ def _split_by_bytes(batch: EventBatch, max_bytes: int) -> list[EventBatch]:
         stop = max(int(np.searchsorted(ends, base + max_bytes, side="right")), start + 1)
         out.append(batch.select((idx >= start) & (idx < stop)))
         base, start = int(ends[stop - 1]), stop
-    return out
+    return tuple(out)
+
+
+class _Waker:
+    """What a stream's subscriber calls when its queue gains something: wakes the
+    sender, except while the sender lets a batch fill up (``target`` > 0) and the batch
+    is not full yet; the sender then wakes at its deadline. Unwatch, VM deletion and
+    shutdown still wake it at once."""
+
+    __slots__ = ("event", "sub", "target")
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+        self.sub: Subscriber | None = None
+        self.target = 0
+
+    def __call__(self) -> None:
+        sub = self.sub
+        if (
+            self.target and sub is not None and sub.depth < self.target
+            and sub.node is not None and sub.overflowed_lag is None
+        ):
+            return
+        self.event.set()
 
 
 class _Stream:
@@ -86,6 +117,7 @@ class _Stream:
         self.unwatched = False
         self.registered_ns = time.time_ns()
         self.lease_id = ""
+        self.waker: _Waker | None = None
 
 
 class WatchService(pbg.WatchServiceServicer):
@@ -175,10 +207,12 @@ class WatchService(pbg.WatchServiceServicer):
                 owner,
             )
             wake = asyncio.Event()
+            waker = _Waker(wake)
             sub = Subscriber(
                 name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
-                wake=wake.set, block_timeout_s=block_ms / 1000,
+                wake=waker, block_timeout_s=block_ms / 1000,
             )
+            waker.sub = sub
         except BaseException:
             engine.leases.end(lease)
             raise
@@ -200,6 +234,7 @@ class WatchService(pbg.WatchServiceServicer):
             engine.leases.end(lease)
             raise
         stream = _Stream(entry, sub, wake)
+        stream.waker = waker
         stream.lease_id = lease.lease_id
         key = (tenant, entry.name, notifier_id)
         self.streams[key] = stream
@@ -268,6 +303,8 @@ class WatchService(pbg.WatchServiceServicer):
                 # Let the batch fill up to max_events, for at most delay_ms (also when the
                 # first event has just woken an idle stream).
                 deadline = time.monotonic() + delay_ms / 1000
+                if stream.waker is not None:
+                    stream.waker.target = max_events  # no wake-up per event meanwhile
                 while (
                     sub.depth < max_events and sub.node is not None and not stream.unwatched
                     and sub.overflowed_lag is None and not shutdown.is_set()
@@ -277,22 +314,41 @@ class WatchService(pbg.WatchServiceServicer):
                         break
                     stream.wake.clear()
                     await _wait(stream.wake, left)
+                if stream.waker is not None:
+                    stream.waker.target = 0
             if sub.pending:
                 budget = max(1, min(max_events, max_bytes // 8))
+                # Consecutive event batches go out as one message (within max_events and
+                # max_bytes): a stream message costs far more than the events in it.
+                run: list[tuple[EventBatch, int]] = []
+                run_events = run_bytes = 0
                 for item in sub.take(budget):
                     if isinstance(item, Stamped):
+                        batch = item.batch
                         parts = (
-                            [item.batch] if omit_data or len(item.batch.data) <= max_bytes
-                            else _split_by_bytes(item.batch, max_bytes)
+                            (batch,) if omit_data or len(batch.data) <= max_bytes
+                            else _split_by_bytes(batch, max_bytes)
                         )
                         for part in parts:
-                            yield pb.WatchResponse(
-                                events=cv.event_batch_pb(part, item.ts_ns, vm.seq, omit_data)
-                            )
-                    elif isinstance(item, Gap):
+                            size = 0 if omit_data else len(part.data)
+                            if run and (
+                                run_events + len(part) > max_events or run_bytes + size > max_bytes
+                            ):
+                                yield _events_msg(run, vm.seq, omit_data)
+                                run, run_events, run_bytes = [], 0, 0
+                            run.append((part, item.ts_ns))
+                            run_events += len(part)
+                            run_bytes += size
+                        continue
+                    if run:
+                        yield _events_msg(run, vm.seq, omit_data)
+                        run, run_events, run_bytes = [], 0, 0
+                    if isinstance(item, Gap):
                         yield pb.WatchResponse(gap=cv.gap_pb(item))
                     elif isinstance(item, RegionRemoved):
                         yield pb.WatchResponse(region_removed=cv.region_pb(item))
+                if run:
+                    yield _events_msg(run, vm.seq, omit_data)
                 if sub.policy is SlowPolicy.BLOCK and not sub.full:
                     stream.entry.room.set()
             now = time.monotonic()
@@ -306,8 +362,9 @@ class WatchService(pbg.WatchServiceServicer):
                         lag=max(0, vm.seq - sub.last_seq),
                         queue_depth=sub.depth,
                         sent_total=c.sent,
-                        dropped_total=c.dropped,
-                        coalesced_total=c.coalesced,
+                        # what the stream has reported so far, not drops still pending
+                        dropped_total=c.reported_dropped,
+                        coalesced_total=c.reported_coalesced,
                         timestamp_ns=time.time_ns(),
                     )
                 )
