@@ -132,8 +132,8 @@ class AsyncClient:
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             # Let the channel retry connecting as often as watch() retries its stream.
+            # (Not grpc.min_reconnect_backoff_ms: gRPC also uses it as the connect timeout.)
             ("grpc.initial_reconnect_backoff_ms", max(1, int(self.backoff.initial_s * 1000))),
-            ("grpc.min_reconnect_backoff_ms", max(1, int(self.backoff.initial_s * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(1, int(self.backoff.max_s * 1000))),
         ]
         if tls_server_name:

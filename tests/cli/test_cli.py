@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,26 @@ def test_errors_are_one_line_with_exit_codes(daemon: DaemonProcess) -> None:
         assert res.stderr.count("\n") == 1 and res.stderr.startswith("pagetrack: "), res.stderr
         assert text in res.stderr
         assert res.stdout == ""
+
+
+def test_ctrl_c_ends_watch_quietly(daemon: DaemonProcess) -> None:
+    """Ctrl-C (SIGINT) ends `pagetrack watch` with status 130 and no traceback."""
+    ok(daemon.tcp, "vm", "create", "sig")
+    watcher = subprocess.Popen(
+        [str(PAGETRACK), "watch", "sig", "--format", "jsonl"], env=_env(daemon.tcp),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        assert json.loads(watcher.stdout.readline())["type"] == "registered"
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=20)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == 130
+    assert "Traceback" not in err
 
 
 def test_more_errors_in_process(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
