@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"pagetrack demo: {exc}; daemon log:\n{log_path.read_text()[-3000:]}",
                   file=sys.stderr)
             return 1
-        if port == 0:
+        if port != args.port:
             print(f"(port {args.port} is busy; the daemon listens on {target} instead)")
         client = Client(target)
         for _ in range(100):
