@@ -48,12 +48,12 @@ PAGETRACKD = Path(sys.executable).with_name("pagetrackd")
 
 UNARY_IN_FLIGHT = 4
 UNARY_WARMUP = 1_000
-UNARY_WRITES = 8_000
+UNARY_WRITES = 6_000
 BATCH_SIZE = 256
 BATCH_IN_FLIGHT = 4
 BATCH_WARMUP = 40  #: calls
-BATCH_CALLS = 800  #: measured calls (x 256 writes)
-ROUNDS = 3  #: each figure is the median of its rounds
+BATCH_CALLS = 600  #: measured calls (x 256 writes)
+ROUNDS = 5  #: each figure is the median of its rounds
 TRACKED_PAGES = 256
 WRITE = b"\x5a" * 8
 VM = "bench"
