@@ -720,18 +720,19 @@ def watch_cmd(
     ] = WatchFormat.TEXT,
     filters: Annotated[
         list[str] | None,
-        typer.Option("--filter", help="Only these gfns (0x100-0x1ff, 0x100+16, 42);"
+        typer.Option("--filter", metavar="GFNS", help="Only these gfns (0x100-0x1ff, 0x100+16, 42);"
                      " repeatable.", show_default=False),
     ] = None,
     sources: Annotated[
         list[EventSource] | None,
-        typer.Option("--source", help="Only events from this source; repeatable.",
-                     show_default=False),
+        typer.Option("--source", metavar="guest|dma", show_default=False,
+                     help="Only events from this source; repeatable."),
     ] = None,
     from_seq: Annotated[
         int | None,
-        typer.Option("--from-seq", min=1, help="Replay from this seq (from the daemon's"
-                     " history); default: only new events.", show_default=False),
+        typer.Option("--from-seq", min=1, metavar="SEQ", show_default=False,
+                     help="Replay from this seq (from the daemon's history); default: only"
+                     " new events."),
     ] = None,
     policy: Annotated[
         SlowConsumerPolicy | None,
@@ -740,8 +741,8 @@ def watch_cmd(
     ] = None,
     count: Annotated[
         int | None,
-        typer.Option("--count", "-n", min=1, help="Exit after printing this many events.",
-                     show_default=False),
+        typer.Option("--count", "-n", min=1, metavar="N", show_default=False,
+                     help="Exit after printing this many events."),
     ] = None,
     omit_data: Annotated[
         bool, typer.Option("--omit-data", help="Do not send the written bytes.")
@@ -832,8 +833,8 @@ def workload_start(
     ] = 0.0,
     options: Annotated[
         list[str] | None,
-        typer.Option("--option", "-o", help="Kind-specific key=value; repeatable.",
-                     show_default=False),
+        typer.Option("--option", "-o", metavar="KEY=VALUE", show_default=False,
+                     help="Kind-specific key=value; repeatable."),
     ] = None,
 ) -> None:
     """Start a simulated write workload on a VM."""
@@ -900,8 +901,8 @@ def plugin_attach(
     kind: Annotated[PluginKind, typer.Argument(help="Plugin kind.")],
     options: Annotated[
         list[str] | None,
-        typer.Option("--option", "-o", help="Plugin key=value option; repeatable.",
-                     show_default=False),
+        typer.Option("--option", "-o", metavar="KEY=VALUE", show_default=False,
+                     help="Plugin key=value option; repeatable."),
     ] = None,
 ) -> None:
     """Attach a plugin to a VM."""
