@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,10 @@ class DaemonProcess:
             self.terminate()
         return self.wait(timeout)
 
+    def cleanup(self) -> None:
+        """Remove the socket, ready file and log."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def log(self) -> str:
         """Everything the daemon printed."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -115,6 +120,7 @@ def daemon() -> Iterator[DaemonProcess]:
     assert code == 0, f"pagetrackd exited with {code}:\n{d.log()[-4000:]}"
     unmapped = [r for r in d.log_records() if r.get("event") == "rpc.unmapped_exception"]
     assert not unmapped, f"client input reached INTERNAL: {unmapped[:3]}"
+    d.cleanup()  # kept when an assertion above failed, for its log
 
 
 @pytest.fixture

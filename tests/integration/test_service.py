@@ -114,6 +114,7 @@ async def test_sigterm_ends_streams_with_unavailable_and_exits_zero() -> None:
         events = [r.get("event") for r in d.log_records()]
         assert "daemon.stopped" in events
         assert not [r for r in d.log_records() if r.get("level") == "error"]
+        d.cleanup()
     finally:
         await api.channel.close()
         if d.proc is not None and d.proc.poll() is None:
