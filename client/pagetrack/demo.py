@@ -1,8 +1,8 @@
 """``make run`` / ``python -m pagetrack.demo``: start ``pagetrackd --demo`` and show its
 write events live in the terminal until Ctrl-C, which stops the daemon cleanly.
 
-The daemon's demo VM has a RAM slot, a ROM slot, 1 in 8 of the first 4096 pages
-write-tracked and a random-writes workload. If no tracked writes show up from the
+The daemon's demo VM has a RAM slot, a ROM slot and a random-writes workload over a slot
+of its own with 1 in 8 of its pages write-tracked. If no tracked writes show up from the
 daemon's own workload, this script drives writes itself (write_batch at a steady rate
 over the same pages) so that events always flow.
 """
@@ -167,9 +167,10 @@ def _banner(target: str, log: Path) -> None:
 pagetrack demo: pagetrackd is running at {target} (log: {log})
 
   VM "demo": 256 MiB of RAM at gpa 0 (slot 0, dirty-logged), a 16 MiB read-only ROM
-  at 4 GiB (slot 1), and 1 in 8 of the first 4096 pages write-tracked -- as KVM does
-  for guest page tables a shadow MMU must keep in sync.
-  Random 8-byte guest writes arrive at 2000/s. Writes to untracked pages take the fast
+  at 4 GiB (slot 1), and 16 MiB more at gpa 0x400000000 (slot 30) where a random-writes
+  workload writes 8 bytes at a time, 2000 writes/s from 4 vCPUs. 1 in 8 of those pages
+  is write-tracked -- as KVM does for guest page tables a shadow MMU must keep in sync
+  (1 in 8 of the first 4096 pages of slot 0 too). Writes to untracked pages take the fast
   path; writes to tracked pages are trapped, emulated and delivered below as events
   (seq, vCPU, address, new bytes). A few lines a second are shown; [stats] lines count
   every write by path, the events received and any dropped.

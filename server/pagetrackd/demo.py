@@ -13,10 +13,11 @@ DEMO_TENANT = TenantId("default")
 
 
 def setup_demo(engine: Engine, tenant: TenantId = DEMO_TENANT, rate: float = 2000.0) -> VmEntry:
-    """Create the ``demo`` VM: 256 MiB of RAM at gfn 0 (dirty-logged), a 16 MiB READONLY
-    ROM at 4 GiB, 1 in 8 of the first 4096 pages write-tracked, and a random-writes
-    workload at ``rate`` writes/s that hits the tracked pages now and then. A ``demo``
-    VM loaded from the state directory is kept as it is; only the workload starts."""
+    """Create the ``demo`` VM: 256 MiB of RAM at gfn 0 (dirty-logged) with 1 in 8 of its
+    first 4096 pages write-tracked, a 16 MiB READONLY ROM at 4 GiB, and a random-writes
+    workload at ``rate`` writes/s over 16 MiB of its own (slot 30, gfn 0x400000) with an
+    eighth of those pages tracked, so events flow. A ``demo`` VM loaded from the state
+    directory is kept as it is; only the workload starts."""
     try:
         entry = engine.vm(tenant, DEMO_VM)
     except NotFound:
@@ -27,6 +28,6 @@ def setup_demo(engine: Engine, tenant: TenantId = DEMO_TENANT, rate: float = 200
         vm.track_add(np.arange(0, 4096, 8, dtype=np.int64))
     engine.start_workload(
         entry, "random-writes", seed=1, rate=rate, count=0, duration_s=0,
-        options={"pages": 4096, "tracked_fraction": 0.0, "vcpus": 4},
+        options={"pages": 4096, "tracked_fraction": 0.125, "vcpus": 4},
     )
     return entry
