@@ -249,6 +249,10 @@ class StreamCounters:
     filtered: int = 0  #: events the filter did not want
     blocked_writes: int = 0  #: writes that waited for room (block policy)
     block_timeouts: int = 0  #: waits that ran out, then dropped
+    #: of ``dropped``, events already reported in a gap taken for sending
+    reported_dropped: int = 0
+    #: of ``coalesced``, events already reported in a gap taken for sending
+    reported_coalesced: int = 0
 
 
 class Subscriber:
@@ -292,7 +296,8 @@ class Subscriber:
         self._superseded = 0
         #: set when the disconnect policy fired: the lag that made it fire
         self.overflowed_lag: int | None = None
-        self.last_seq = 0  #: seq of the last event taken for sending
+        #: newest seq taken for sending: as an event, or reported in a gap
+        self.last_seq = 0
 
     # ----------------------------------------------------------------- producer side
 
@@ -481,16 +486,30 @@ class Subscriber:
                 budget -= n
                 self.depth -= n
                 self.counters.sent += n
-                self.last_seq = int(item.batch.seq[-1])
+                # max: events released after a COALESCED gap are older than its end
+                self.last_seq = max(self.last_seq, int(item.batch.seq[-1]))
             else:
                 self._items.popleft()
+                if isinstance(item, Gap):
+                    self._took_gap(item)
             out.append(item)
         if not self._items and self._gap is not None and budget > 0:
             self._flush_gap()
-            out.append(self._items.popleft())
+            gap = self._items.popleft()
+            assert isinstance(gap, Gap)
+            self._took_gap(gap)
+            out.append(gap)
         if not self._items and self._coalesce and self.depth == 0:
             self._release_coalesced()
         return out
+
+    def _took_gap(self, gap: Gap) -> None:
+        """A gap is on its way to the consumer: its events count as reported."""
+        self.last_seq = max(self.last_seq, gap.last_seq)
+        if gap.reason is GapReason.COALESCED:
+            self.counters.reported_coalesced += gap.count
+        else:
+            self.counters.reported_dropped += gap.count
 
     def _release_coalesced(self) -> None:
         events = sorted(self._coalesce.values(), key=lambda e: e.seq)
