@@ -613,13 +613,24 @@ class GuestOsWorkload:
                 self.mmu_attached_here = True
             self._base_mmu = self.mmu.status()
         self._base_stats = (list(vm.stats.pieces), list(vm.stats.cycles))
-        self.os = GuestOs(
-            vm, base, npages, write=self._emit_write, touch=self._emit_touch, direct_map=True
-        )
-        for vcpu in range(self.vcpus):
-            self._queue.append((_ROOT, vcpu, self.os.swapper_cr3, None))
-            self._running[vcpu] = None
-        self.boot()
+        try:
+            self.os = GuestOs(
+                vm, base, npages, write=self._emit_write, touch=self._emit_touch,
+                direct_map=True,
+            )
+            for vcpu in range(self.vcpus):
+                self._queue.append((_ROOT, vcpu, self.os.swapper_cr3, None))
+                self._running[vcpu] = None
+            self.boot()
+        except BaseException:
+            # A refused start changes nothing: undo the MMU and the slot made above
+            # (booting only plans writes, so guest memory is untouched).
+            if self.mmu is not None and self.mmu_attached_here:
+                self.mmu.detach()
+                self.mmu, self.mmu_attached_here = None, False
+            if existing is None:
+                vm.set_memslot(slot_id, base, 0)
+            raise
 
     def boot(self) -> None:
         """Plan what the guest does right after boot (subclasses start processes)."""
