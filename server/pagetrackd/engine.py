@@ -39,6 +39,12 @@ from pagetrackd.workloads import WORKLOADS, Workload
 log = structlog.get_logger("pagetrackd.engine")
 
 
+#: writes per workload step
+WORKLOAD_CHUNK = 256
+#: a workload at rate 0 steps for this long before yielding to the event loop
+WORKLOAD_SLICE_S = 0.005
+
+
 @dataclass(frozen=True, slots=True)
 class Quotas:
     """Per-tenant limits. The defaults are generous for a single user."""
@@ -325,6 +331,14 @@ class Engine:
         done.queued += c.queued
         entry.room.set()
 
+    @staticmethod
+    def _must_admit(entry: VmEntry) -> bool:
+        """Whether a block-policy stream of the VM has no room (admit() would wait)."""
+        for s in entry.hub.subscribers.values():
+            if s.policy is SlowPolicy.BLOCK and s.full:
+                return True
+        return False
+
     async def admit(self, entry: VmEntry) -> None:
         """Before a guest write: wait while a block-policy stream's queue is full, each
         stream up to its own block timeout. What still does not fit afterwards is
@@ -400,6 +414,21 @@ class Engine:
         entry.plugin_options[kind] = dict(options)
         return plugin
 
+    def _adopt_plugins(self, entry: VmEntry) -> None:
+        """Take plugins that something other than :meth:`attach_plugin` registered on the
+        VM (a workload's setup attaching the vGPU or the shadow MMU) into
+        ``entry.plugins``, so the API lists, audits and detaches them like any other."""
+        kinds: dict[object, str] = {factory: kind for kind, factory in PLUGINS.items()}
+        for node in entry.vm.notifiers.nodes():
+            kind = kinds.get(type(node.notifier))
+            if kind is None or kind in entry.plugins:
+                continue
+            plugin: Plugin = node.notifier  # type: ignore[assignment]
+            entry.plugins[kind] = plugin
+            options = getattr(plugin, "attach_options", None)
+            entry.plugin_options[kind] = dict(options()) if callable(options) else {}
+            log.info("plugin.adopted", tenant=entry.tenant, vm=entry.name, plugin=kind)
+
     def plugin(self, entry: VmEntry, kind: str) -> Plugin:
         """An attached plugin."""
         plugin = entry.plugins.get(kind)
@@ -452,7 +481,10 @@ class Engine:
                 f"tenant already runs {q} workloads, its quota", quota="workloads", limit=q
             )
         workload = factory(seed, options)
-        workload.setup(entry.vm)
+        try:
+            workload.setup(entry.vm)
+        finally:  # a plugin the setup attached stays attached even if the setup failed
+            self._adopt_plugins(entry)
         run_id = f"w{self._next_workload}"
         self._next_workload += 1
         run = WorkloadRun(
@@ -466,8 +498,10 @@ class Engine:
         return run
 
     async def _run_workload(self, run: WorkloadRun) -> None:
-        chunk = 256
+        chunk = WORKLOAD_CHUNK
         vm = run.entry.vm
+        entry = run.entry
+        step = run.workload.step
         try:
             while True:
                 if run.count and run.writes >= run.count:
@@ -483,13 +517,28 @@ class Engine:
                     n = min(n, due)
                 if run.count:
                     n = min(n, run.count - run.writes)
-                await self.admit(run.entry)
+                await self.admit(entry)
                 if vm.closed:
                     break
-                made = run.workload.step(vm, n)
+                made = step(vm, n)
                 if made == 0:
                     break
                 run.writes += made
+                if not run.rate:
+                    # As fast as possible: keep stepping for a time slice, then let the
+                    # loop run (streams, RPCs). Leave the slice early when a block-policy
+                    # stream has no room, so admit() decides before the next write.
+                    end = time.monotonic() + WORKLOAD_SLICE_S
+                    while made and (not run.count or run.writes < run.count):
+                        if time.monotonic() >= end or self._must_admit(entry):
+                            break
+                        if run.duration_s and run.elapsed_s >= run.duration_s:
+                            break
+                        n = chunk if not run.count else min(chunk, run.count - run.writes)
+                        made = step(vm, n)
+                        run.writes += made
+                    if made == 0:
+                        break
                 await asyncio.sleep(0)
             run.state = "finished"
         except asyncio.CancelledError:

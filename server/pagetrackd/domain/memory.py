@@ -9,10 +9,13 @@ whole pages; this is a deliberate saving of the simulator).
 
 from __future__ import annotations
 
+import struct
+
 from pagetrackd.domain.types import PAGE_SIZE
 
 #: An extent wider than this is widened to the whole page.
 PROMOTE_BYTES = 1024
+_unpack_u64 = struct.Struct("<Q").unpack_from
 
 
 class _Page:
@@ -99,6 +102,19 @@ class SlotMemory:
         if a < b:
             out[a - offset : b - offset] = page.buf[a - lo : b - lo]
         return bytes(out)
+
+    def read_u64(self, index: int, offset: int) -> int:
+        """The little-endian 8-byte value at ``offset`` of page ``index``: the same as
+        ``int.from_bytes(self.read(index, offset, 8), "little")``, faster."""
+        page = self._pages.get(index)
+        if page is None:
+            return 0
+        a = offset - page.lo
+        buf = page.buf
+        if 0 <= a and a + 8 <= len(buf):
+            value: int = _unpack_u64(buf, a)[0]
+            return value
+        return int.from_bytes(self.read(index, offset, 8), "little")
 
     def written_pages(self) -> list[int]:
         """Page numbers that hold data, ascending."""

@@ -47,6 +47,17 @@ class BatchNotifier(Protocol):
         """The emulated writes of one batch, in seq order."""
 
 
+class GuestWriteNotifier(Protocol):
+    """A per-event notifier that can also be told of a guest write without an event
+    object: ``track_guest_write(vm, seq, vcpu, gpa, data)`` must do exactly what
+    ``track_write(vm, WriteEvent(seq, vcpu, gpa, data))`` does. Batched writes call it
+    when every per-event node offers it (building the event is a large share of a
+    plugin's cost per write)."""
+
+    def track_guest_write(self, vm: Vm, seq: int, vcpu: int, gpa: int, data: bytes) -> None:
+        """A guest (source GUEST) write landed; ``data`` is already in guest memory."""
+
+
 @runtime_checkable
 class ClosingNotifier(Protocol):
     """A notifier that wants to know when its VM is deleted (after the regions are gone)."""

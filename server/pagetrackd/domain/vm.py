@@ -7,7 +7,7 @@ nothing. The rules follow KVM x86 (see ``KVM_SEMANTICS.md``; rule ids like R4.4 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -806,39 +806,7 @@ class Vm:
                 seq[emulated] = np.arange(self.seq + 1, self.seq + 1 + n_emul, dtype=np.int64)
                 self.seq += n_emul
         else:
-            i = 0
-            total = pgpa.size
-            # The emulated pieces still to do, found once (and again after a
-            # re-classification), not by rescanning the rest of the batch per piece.
-            todo = np.flatnonzero(path == WritePath.EMULATED).tolist()
-            k = 0
-            while i < total:
-                j = todo[k] if k < len(todo) else total
-                k += 1
-                self._apply_range(i, j, path, pos, index, pgpa, plen, poff, slots, view)
-                if j == total:
-                    break
-                # Emulate piece j: write first, then notify (R4.4).
-                slot = slots[pos[j]]
-                o = int(poff[j])
-                ln = int(plen[j])
-                gp = int(pgpa[j])
-                slot.memory.write(int(index[j]), gp & PAGE_MASK, view[o : o + ln])
-                if slot.dirty is not None:
-                    slot.dirty.add(int(index[j]))
-                self.seq += 1
-                seq[j] = self.seq
-                gen = self.generation
-                event = WriteEvent(self.seq, int(pvcpu[j]), gp, bytes(view[o : o + ln]))
-                stats.notifications += self.notifiers.dispatch_sync(self, event)
-                i = j + 1
-                if self.generation != gen and i < total:
-                    # A notifier changed tracking or memslots: classify the rest again.
-                    path[i:], pos[i:], index[i:] = self._classify(pgpa[i:])
-                    slots = self.slots.slots()
-                    todo = (np.flatnonzero(path[i:] == WritePath.EMULATED) + i).tolist()
-                    k = 0
-            stats.notifier_errors = self.notifiers.errors
+            self._apply_sync(path, pos, index, pgpa, plen, poff, pvcpu, data, seq)
         # Accounting, in bulk.
         counts = np.bincount(path, minlength=3)
         cost = self.cost
@@ -867,6 +835,115 @@ class Vm:
             stats.notifications += self.notifiers.dispatch_batch(self, batch)
             stats.notifier_errors = self.notifiers.errors
         return BatchResult(widx, pgpa, plen, path, seq)
+
+    def _apply_sync(
+        self,
+        path: npt.NDArray[np.int8],
+        pos: I64,
+        index: I64,
+        pgpa: I64,
+        plen: I64,
+        poff: I64,
+        pvcpu: I64,
+        data: bytes,
+        seq: I64,
+    ) -> None:
+        """Apply pieces in order with per-event notifiers: each emulated piece is
+        stored, then its event goes to every per-event node (as ``dispatch_sync``),
+        before the next piece lands. Stretches of other pieces are stored in bulk.
+        When a notifier changes tracking or memslots, the rest is classified again."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        view = memoryview(data)
+        notifiers = self.notifiers
+        slots = self.slots.slots()
+        total = pgpa.size
+        done_s: list[int] = []  # the seq of each emulated piece, in order (a notifier's
+        # DMA with dma_policy=notify may take seqs in between)
+        gen = self.generation
+        calls = 0
+        known: tuple[NotifierNode, ...] | None = None  # the nodes `fast` was made for
+        fast: list[tuple[NotifierNode, Callable[[Vm, int, int, int, bytes], None]]] = []
+        i = 0
+        while True:
+            # The emulated pieces still to do, found once (and again after a
+            # re-classification), not by rescanning the rest of the batch per piece;
+            # their columns as Python lists, which iterate far faster than numpy scalars.
+            todo = np.flatnonzero(path[i:] == _EMULATED) + i
+            if not todo.size:
+                break
+            again = False
+            for j, p, ix, gp, o, ln, vc in zip(
+                todo.tolist(), pos[todo].tolist(), index[todo].tolist(), pgpa[todo].tolist(),
+                poff[todo].tolist(), plen[todo].tolist(), pvcpu[todo].tolist(), strict=True,
+            ):
+                if j > i:
+                    self._apply_range(i, j, path, pos, index, pgpa, plen, poff, slots, view)
+                # Emulate piece j: write first, then notify (R4.4).
+                slot = slots[p]
+                piece = data[o : o + ln]
+                slot.memory.write(ix, gp & PAGE_MASK, piece)
+                if slot.dirty is not None:
+                    slot.dirty.add(ix)
+                self.seq = s = self.seq + 1
+                done_s.append(s)
+                nodes = notifiers.sync
+                if nodes is not known:
+                    # Registered nodes changed (or first piece): can every node take the
+                    # write without an event object (GuestWriteNotifier)?
+                    known = nodes
+                    fns = [getattr(n.notifier, "track_guest_write", None) for n in nodes]
+                    fast = [] if None in fns else [
+                        (n, fn) for n, fn in zip(nodes, fns, strict=True) if fn is not None
+                    ]
+                if fast:
+                    for node, fn in fast:
+                        if not node.active:
+                            continue
+                        calls += 1
+                        node.calls += 1
+                        try:
+                            fn(self, s, vc, gp, piece)
+                        except Exception:
+                            notifiers._failed(node, self, "track_write")
+                else:
+                    event: WriteEvent = _new(WriteEvent)  # _guest_event(s, vc, gp, piece)
+                    _ev_seq(event, s)
+                    _ev_vcpu(event, vc)
+                    _ev_gpa(event, gp)
+                    _ev_data(event, piece)
+                    _ev_source(event, _GUEST)
+                    for node in nodes:
+                        if not node.active:
+                            continue
+                        calls += 1
+                        node.calls += 1
+                        try:
+                            node.notifier.track_write(self, event)
+                        except Exception:
+                            notifiers._failed(node, self, "track_write")
+                i = j + 1
+                if self.generation != gen:
+                    gen = self.generation
+                    if i < total:
+                        # A notifier changed tracking or memslots: classify the rest again.
+                        path[i:], pos[i:], index[i:] = self._classify(pgpa[i:])
+                        slots = self.slots.slots()
+                        again = True
+                        break
+            if not again:
+                break
+        self._apply_range(i, total, path, pos, index, pgpa, plen, poff, slots, view)
+        if done_s:
+            # Every piece that ends up EMULATED was emulated here, in order; their seqs
+            # are consecutive unless a notifier took some in between.
+            first, last = done_s[0], done_s[-1]
+            if last - first + 1 == len(done_s):
+                seq[path == _EMULATED] = np.arange(first, last + 1, dtype=np.int64)
+            else:
+                seq[path == _EMULATED] = done_s
+        self.stats.notifications += calls
+        self.stats.notifier_errors = notifiers.errors
 
     def _apply_range(
         self,

@@ -23,6 +23,10 @@ class Mismatch:
     shadow: int  #: what the shadow holds
     guest: int  #: what guest memory says now
     reason: str = ""
+    table: str = ""  #: table family: "shadow" (shadow MMU) or "ppgtt" (vGPU)
+    table_gfn: int = 0  #: gfn of the guest table page holding the entry
+    index: int = 0  #: entry index within that table, 0..511
+    expected: int | None = None  #: what the shadow entry should be; None if unknown
 
 
 @dataclass(frozen=True, slots=True)

@@ -874,6 +874,10 @@ class ShadowMmu:
                     m["guest_entry"],
                     f"{m['reason']}; table_gfn={m['table_gfn']:#x} index={m['index']}"
                     f" expected={m['expected']:#x}",
+                    table=m["table"],
+                    table_gfn=m["table_gfn"],
+                    index=m["index"],
+                    expected=m["expected"],
                 )
                 for m in found
             ),

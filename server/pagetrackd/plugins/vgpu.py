@@ -52,7 +52,7 @@ from pagetrackd.domain import (
     Vm,
     WriteEvent,
 )
-from pagetrackd.domain.memslots import MemslotTable
+from pagetrackd.domain.memslots import MemslotTable, Slot
 from pagetrackd.domain.notifiers import NotifierNode
 from pagetrackd.plugins.base import AuditReport, Mismatch
 
@@ -73,6 +73,7 @@ VA_BITS = 48
 FIRST_FRAME = 0x100000
 #: when a partial (4-byte) write is resolved: both halves seen, or only at flush
 PARTIAL_MODES = ("halves", "flush")
+_DMA = Source.DMA  # an Enum member as a module constant: the class lookup costs ~70 ns
 
 
 def level_shift(level: int) -> int:
@@ -170,6 +171,12 @@ class Vgpu:
         self._mms: dict[int, _Mm] = {}
         self._next_ppgtt = 0
         self._next_frame = FIRST_FRAME
+        #: the memslots last found on the write path for a table and for a mapped page,
+        #: as (first gfn, end gfn, slot). A slot's range changes or goes only by a DELETE
+        #: or MOVE, which reach track_remove_region first, and that forgets both (a new
+        #: slot never covers a gfn that is already in one).
+        self._hot_table: tuple[int, int, Slot | None] = (0, 0, None)
+        self._hot_data: tuple[int, int, Slot | None] = (0, 0, None)
         #: scratch frame used by the entries of a level-L spt (gtt->scratch_pt[type])
         self.scratch: dict[int, int] = {}
         for level in range(1, LEVELS + 1):
@@ -294,6 +301,17 @@ class Vgpu:
 
     # ------------------------------------------------------------------ guest memory
 
+    def _find_hot(self, gfn: int, table: bool) -> Slot | None:
+        """``gfn``'s memslot, remembered as the hot table or data slot if there is one."""
+        slot = self._slots.find(gfn)
+        if slot is not None:
+            hot = (slot.info.base_gfn, slot.info.end_gfn, slot)
+            if table:
+                self._hot_table = hot
+            else:
+                self._hot_data = hot
+        return slot
+
     def _valid_gfn(self, gfn: int) -> bool:
         return self._slots.find(gfn) is not None
 
@@ -302,8 +320,7 @@ class Vgpu:
         slot = self._slots.find(gfn)
         if slot is None:
             return 0
-        raw = slot.memory.read(gfn - slot.base_gfn, index * ENTRY_SIZE, ENTRY_SIZE)
-        return int.from_bytes(raw, "little")
+        return slot.memory.read_u64(gfn - slot.info.base_gfn, index * ENTRY_SIZE)
 
     def _read_table(self, gfn: int) -> list[int] | None:
         """All 512 guest entries of a table page; None if the page is in no memslot."""
@@ -427,13 +444,57 @@ class Vgpu:
         """``ppgtt_handle_guest_write_page_table``: add the new entry first, then
         remove the old one, so a table stays valid in between (and an unchanged child
         keeps its spt)."""
-        old = spt.entries[index]
+        if spt.level == 1:
+            self._update_pte(spt, index, ge)
+            return
+        entries = spt.entries
+        old = entries[index]
         present = ge & PTE_PRESENT
         if present:
             self._add_entry(spt, index, ge)
         self._remove_shadow_entry(spt, old)
         if not present:
-            spt.entries[index] = self._scratch_entry(spt.level)
+            entries[index] = self._scratch_entry(spt.level)
+
+    def _update_pte(self, spt: Spt, index: int, ge: int) -> None:
+        """:meth:`_handle_guest_write` for a level-1 table (the common case): _add_entry,
+        _dma_map, _remove_shadow_entry and _dma_unmap, inlined, in that order and with
+        the same effects."""
+        entries = spt.entries
+        old = entries[index]
+        present = ge & PTE_PRESENT
+        scratch = self.scratch[1]
+        if present:
+            gfn = (ge & ADDR_MASK) >> PAGE_SHIFT
+            lo, hi, _ = self._hot_data
+            if not lo <= gfn < hi and self._find_hot(gfn, False) is None:
+                self.stats.violations += 1
+                frame = scratch
+            else:
+                dma = self._dma.get(gfn)
+                if dma is not None:
+                    dma[1] += 1
+                    frame = dma[0]
+                else:
+                    frame = self._next_frame
+                    self._next_frame = frame + 1
+                    self._dma[gfn] = [frame, 1]
+                    self._frame_gfn[frame] = gfn
+            entries[index] = (frame << PAGE_SHIFT) | (ge & FLAGS_MASK)
+        else:
+            entries[index] = scratch << PAGE_SHIFT
+        if old & PTE_PRESENT:
+            frame = (old & ADDR_MASK) >> PAGE_SHIFT
+            if frame != scratch:
+                old_gfn = self._frame_gfn.get(frame)
+                if old_gfn is None:
+                    self._dma_unmap(frame)  # counts the error
+                    return
+                dma = self._dma[old_gfn]
+                dma[1] -= 1
+                if dma[1] == 0:
+                    del self._dma[old_gfn]
+                    del self._frame_gfn[frame]
 
     def _set_post_shadow(self, spt: Spt, index: int, half: int) -> None:
         """``ppgtt_set_post_shadow``: mark an index pending; the first time, drop the
@@ -462,10 +523,16 @@ class Vgpu:
         if off & (nbytes - 1):
             stats.misaligned_writes += 1
         index = off >> 3
-        ge = self._read_entry(spt.gfn, index)
+        # Re-read the entry (_read_entry, inlined)
+        gfn = spt.gfn
+        lo, hi, slot = self._hot_table
+        if not lo <= gfn < hi:
+            slot = self._find_hot(gfn, True)
+            lo = 0 if slot is None else slot.info.base_gfn
+        ge = 0 if slot is None else slot.memory.read_u64(gfn - lo, index << 3)
         if nbytes == ENTRY_SIZE:
             stats.full_writes += 1
-            if index in spt.post:
+            if spt.post and index in spt.post:
                 # The entry is whole again. [Q] gtt.c leaves the post-shadow bit set here,
                 # so a later 4-byte write to it skips the scratch step and the shadow keeps
                 # the old full value until the flush; clearing the bit avoids that window.
@@ -513,25 +580,54 @@ class Vgpu:
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """``kvmgt_page_track_write``: handle the write if this vGPU protects the gfn."""
-        gpa = event.gpa
-        gfn = gpa >> PAGE_SHIFT
-        if gfn not in self._protect:
-            self.stats.foreign_writes += 1
+        if event.source is _DMA:
+            gfn = event.gpa >> PAGE_SHIFT
+            if gfn not in self._protect:
+                self.stats.foreign_writes += 1
+                return
+            self.stats.writes += 1
+            track = self._tracks.get(gfn)
+            if track is None:
+                self.stats.handler_errors += 1  # intel_vgpu_page_track_handler: -ENXIO
+                return
+            self._follow_dma(track.priv, event.gpa, len(event.data))
             return
-        self.stats.writes += 1
+        self.track_guest_write(vm, event.seq, event.vcpu, event.gpa, event.data)
+
+    def track_guest_write(self, vm: Vm, seq: int, vcpu: int, gpa: int, data: bytes) -> None:
+        """:meth:`track_write` for a guest write, without an event object."""
+        gfn = gpa >> PAGE_SHIFT
+        stats = self.stats
+        if gfn not in self._protect:
+            stats.foreign_writes += 1
+            return
+        stats.writes += 1
         track = self._tracks.get(gfn)
         if track is None:
-            self.stats.handler_errors += 1  # intel_vgpu_page_track_handler: -ENXIO
+            stats.handler_errors += 1  # intel_vgpu_page_track_handler: -ENXIO
             return
-        if event.source is Source.DMA:
-            self._follow_dma(track.priv, gpa, len(event.data))
+        spt = track.priv
+        nbytes = len(data)
+        if nbytes == ENTRY_SIZE and not gpa & 7 and spt.level == 1 and not spt.post:
+            # The handler's most common case, without its layers: a whole, aligned PTE
+            # write with nothing pending in the table (every track.handler is
+            # _ppgtt_write_protection_handler; this is its full-write branch).
+            lo, hi, slot = self._hot_table
+            if not lo <= gfn < hi:
+                slot = self._find_hot(gfn, True)
+                lo = 0 if slot is None else slot.info.base_gfn
+            index = (gpa & (PAGE_SIZE - 1)) >> 3
+            ge = 0 if slot is None else slot.memory.read_u64(gfn - lo, index << 3)
+            stats.full_writes += 1
+            self._update_pte(spt, index, ge)
             return
-        track.handler(track.priv, gpa, len(event.data))
+        track.handler(spt, gpa, nbytes)
 
     def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
         """``kvmgt_page_track_remove_region``: forget the range from the protect table,
         without removing tracking (R8.10). Shadow tables stay (as in GVT)."""
         self.stats.regions_removed += 1
+        self._hot_table = self._hot_data = (0, 0, None)
         if npages > len(self._protect):
             gone = [g for g in self._protect if base_gfn <= g < base_gfn + npages]
         else:
@@ -780,7 +876,8 @@ class Vgpu:
                 if guest is None:
                     mismatches.append(
                         Mismatch(base_va, spt.level, spt.mfn << PAGE_SHIFT, 0,
-                                 f"guest table gfn {spt.gfn:#x} is in no memslot")
+                                 f"guest table gfn {spt.gfn:#x} is in no memslot",
+                                 table="ppgtt", table_gfn=spt.gfn)
                     )
                     continue
                 scratch = self.scratch[spt.level]
@@ -792,11 +889,17 @@ class Vgpu:
                     if index in spt.post:
                         if (se & ADDR_MASK) >> PAGE_SHIFT != scratch:
                             mismatches.append(
-                                Mismatch(va, spt.level, se, ge, "pending entry not at scratch")
+                                Mismatch(va, spt.level, se, ge, "pending entry not at scratch",
+                                         table="ppgtt", table_gfn=spt.gfn, index=index,
+                                         expected=(se & FLAGS_MASK) | (scratch << PAGE_SHIFT))
                             )
                         continue
-                    if self._expected(spt.level, ge) != se:
-                        mismatches.append(Mismatch(va, spt.level, se, ge, "stale shadow entry"))
+                    expected = self._expected(spt.level, ge)
+                    if expected != se:
+                        mismatches.append(
+                            Mismatch(va, spt.level, se, ge, "stale shadow entry", table="ppgtt",
+                                     table_gfn=spt.gfn, index=index, expected=expected)
+                        )
                     # Descend along the shadow (what the GPU walks), stale or not: each spt
                     # is compared with the guest table it shadows.
                     frame = (se & ADDR_MASK) >> PAGE_SHIFT
@@ -804,7 +907,9 @@ class Vgpu:
                         child = self._spt_by_mfn.get(frame)
                         if child is None:
                             mismatches.append(
-                                Mismatch(va, spt.level, se, ge, "shadow points at a freed table")
+                                Mismatch(va, spt.level, se, ge, "shadow points at a freed table",
+                                         table="ppgtt", table_gfn=spt.gfn, index=index,
+                                         expected=expected)
                             )
                         else:
                             stack.append((child, va))
@@ -812,7 +917,8 @@ class Vgpu:
             if spt.mfn not in seen:
                 mismatches.append(
                     Mismatch(spt.gfn << PAGE_SHIFT, spt.level, spt.mfn << PAGE_SHIFT, 0,
-                             "orphan shadow table: no PPGTT root reaches it")
+                             "orphan shadow table: no PPGTT root reaches it",
+                             table="ppgtt", table_gfn=spt.gfn)
                 )
         mismatches.sort(key=lambda m: (m.address, -m.level))
         return AuditReport(checked, tuple(mismatches))

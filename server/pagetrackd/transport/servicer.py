@@ -609,12 +609,19 @@ class PluginService(pbg.PluginServiceServicer):
         _, plugin = self._plugin(request.vm, request.kind)
         report = plugin.audit()
         limit = request.max_mismatches or 100
+        family = "ppgtt" if request.kind == pb.PLUGIN_KIND_VGPU else "shadow"
         return pb.AuditPluginResponse(
             checked_entries=report.checked,
             mismatch_count=len(report.mismatches),
             mismatches=[
                 pb.AuditMismatch(
-                    table=f"{m.address:#x}", level=m.level, expected=m.guest, actual=m.shadow,
+                    table=m.table or family,
+                    table_gfn=m.table_gfn,
+                    level=m.level,
+                    index=m.index,
+                    guest_entry=m.guest,
+                    expected=m.expected if m.expected is not None else 0,
+                    actual=m.shadow,
                     reason=m.reason,
                 )
                 for m in report.mismatches[:limit]
@@ -626,7 +633,7 @@ class PluginService(pbg.PluginServiceServicer):
         self, request: pb.SetShadowRootRequest, context: Ctx
     ) -> pb.SetShadowRootResponse:
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_SHADOW_MMU)
-        out = plugin.call("set_root", root=request.cr3)
+        out = plugin.call("set_root", cr3=request.cr3, vcpu=request.vcpu)
         return pb.SetShadowRootResponse(
             root_gfn=int(out.get("root_gfn", request.cr3 >> 12)),
             shadow_pages=int(out.get("shadow_pages", 0)),
@@ -637,7 +644,7 @@ class PluginService(pbg.PluginServiceServicer):
         self, request: pb.TranslateShadowRequest, context: Ctx
     ) -> pb.TranslateShadowResponse:
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_SHADOW_MMU)
-        out = plugin.call("translate", gva=request.gva, write=request.write)
+        out = plugin.call("translate", gva=request.gva, write=request.write, vcpu=request.vcpu)
         return pb.TranslateShadowResponse(
             present=bool(out.get("present", False)),
             gpa=int(out.get("gpa", 0) or 0),
@@ -684,6 +691,11 @@ class PluginService(pbg.PluginServiceServicer):
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
         out = plugin.call("destroy_ppgtt", ppgtt_id=request.ppgtt_id)
         return pb.DestroyPpgttResponse(released_references=int(out.get("released", 0)))
+
+
+#: workloads that take StartWorkloadRequest.tracked_fraction (the others ignore it, as
+#: the field's documentation says)
+_TRACKED_FRACTION_KINDS = frozenset({"random-writes", "kernel-build"})
 
 
 def _workload_pb(run: WorkloadRun) -> pb.WorkloadStatus:
@@ -760,7 +772,7 @@ class WorkloadService(pbg.WorkloadServiceServicer):
         options = _int_options(request.options)
         if request.vcpus:
             options["vcpus"] = request.vcpus
-        if request.tracked_fraction:
+        if request.tracked_fraction and kind in _TRACKED_FRACTION_KINDS:
             options["tracked_fraction"] = request.tracked_fraction
         run = self.engine.start_workload(
             entry, kind, seed=request.seed, rate=request.rate, count=request.count,

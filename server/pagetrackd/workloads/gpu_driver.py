@@ -30,6 +30,9 @@ VA_BASE = 1 << 32
 #: command-buffer bytes written per submission
 CMD_BYTES = 64
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_PT_SHIFT = level_shift(2)  #: va >> _PT_SHIFT names a va's level-1 table (2 MiB)
+_PTE_RW = PTE_PRESENT | PTE_RW
+_ZERO_ENTRY = bytes(8)
 
 
 @dataclass(slots=True)
@@ -113,6 +116,8 @@ class GpuDriver:
         vcpus: int = 1,
     ) -> None:
         self.rng = random.Random(seed)
+        self._random = self.rng.random
+        self._getrandbits = self.rng.getrandbits
         self.table_base_gfn = table_base_gfn
         self.data_base_gfn = data_base_gfn
         self.data_pages = data_pages
@@ -141,6 +146,16 @@ class GpuDriver:
             self._close_chunk()
             self._vcpu = vcpu
 
+    def _below(self, n: int) -> int:
+        """A random int in ``[0, n)`` for ``n > 0``: ``rng.randrange(n)``, drawn the way
+        CPython's ``Random._randbelow_with_getrandbits`` does (the hot loops inline it)."""
+        getrandbits = self._getrandbits
+        k = n.bit_length()
+        r: int = getrandbits(k)
+        while r >= n:
+            r = getrandbits(k)
+        return r
+
     def _emit(self, gpa: int, data: bytes) -> None:
         chunk = self._chunk
         if chunk is None:
@@ -163,18 +178,30 @@ class GpuDriver:
     def _write_entry(self, table_gfn: int, index: int, value: int) -> None:
         gpa = (table_gfn << PAGE_SHIFT) + index * 8
         data = value.to_bytes(8, "little")
-        self.stats.entry_writes += 1
-        if self.rng.random() < self.split_fraction:
-            # Two 4-byte halves; usually low dword first, sometimes high first.
-            self.stats.split_entries += 1
-            if self.rng.random() < 0.75:
-                self._emit(gpa, data[:4])
-                self._emit(gpa + 4, data[4:])
-            else:
-                self._emit(gpa + 4, data[4:])
-                self._emit(gpa, data[:4])
+        stats = self.stats
+        stats.entry_writes += 1
+        if self._random() < self.split_fraction:
+            self._emit_split(gpa, data)
+            return
+        # _emit, inlined for the common whole-entry write
+        chunk = self._chunk
+        if chunk is None:
+            chunk = self._chunk = WriteChunk(self._vcpu, [], [], [])
+        chunk.gpa.append(gpa)
+        chunk.length.append(8)
+        chunk.data.append(data)
+        stats.writes += 1
+
+    def _emit_split(self, gpa: int, data: bytes) -> None:
+        """An entry written as two 4-byte halves; usually low dword first, sometimes
+        high first."""
+        self.stats.split_entries += 1
+        if self._random() < 0.75:
+            self._emit(gpa, data[:4])
+            self._emit(gpa + 4, data[4:])
         else:
-            self._emit(gpa, data)
+            self._emit(gpa + 4, data[4:])
+            self._emit(gpa, data[:4])
 
     # ------------------------------------------------------------------ tables
 
@@ -236,7 +263,7 @@ class GpuDriver:
     def new_context(self) -> Context:
         """A context with an empty PPGTT (a zeroed PML4 page) and a command buffer."""
         root = self._alloc_table()
-        batch = self.data_base_gfn + self.rng.randrange(self.data_pages)
+        batch = self.data_base_gfn + self._below(self.data_pages)
         ctx = Context(self._next_ctx, root, batch)
         self._next_ctx += 1
         ctx.tables[(LEVELS, 0)] = root
@@ -269,18 +296,21 @@ class GpuDriver:
     # ------------------------------------------------------------------ bindings
 
     def _data_gfn(self) -> int:
-        if self.violation_fraction and self.rng.random() < self.violation_fraction:
+        if self.violation_fraction and self._random() < self.violation_fraction:
             self.stats.bad_gfns += 1
-            return self.bad_gfn_base + self.rng.randrange(1 << 20)
-        return self.data_base_gfn + self.rng.randrange(self.data_pages)
+            return self.bad_gfn_base + self._below(1 << 20)
+        return self.data_base_gfn + self._below(self.data_pages)
 
     def map(self, ctx: Context, vpn: int, gfn: int | None = None) -> None:
         """Bind data page ``gfn`` (random if None) at ``vpn``; ``vpn`` must be unbound."""
         if gfn is None:
             gfn = self._data_gfn()
-        va = self.vpn_to_va(vpn)
-        pt = self._walk_create(ctx, va)
-        self._write_entry(pt, va_index(va, 1), (gfn << PAGE_SHIFT) | PTE_PRESENT | PTE_RW)
+        va = VA_BASE + ((vpn >> 12) << 30) + ((vpn & 4095) << PAGE_SHIFT)  # vpn_to_va
+        # A level-1 table that exists has its parents (tables go bottom up).
+        pt = ctx.tables.get((1, va >> _PT_SHIFT))
+        if pt is None:
+            pt = self._walk_create(ctx, va)
+        self._write_entry(pt, vpn & (ENTRIES - 1), (gfn << PAGE_SHIFT) | _PTE_RW)
         ctx.used[pt] += 1
         ctx.leaves[vpn] = gfn
         ctx.leaf_pos[vpn] = len(ctx.leaf_list)
@@ -290,17 +320,17 @@ class GpuDriver:
     def remap(self, ctx: Context, vpn: int) -> None:
         """Point a bound ``vpn`` at another data page (a buffer moved)."""
         gfn = self._data_gfn()
-        va = self.vpn_to_va(vpn)
-        pt = ctx.tables[(1, va >> level_shift(2))]
-        self._write_entry(pt, va_index(va, 1), (gfn << PAGE_SHIFT) | PTE_PRESENT | PTE_RW)
+        va = VA_BASE + ((vpn >> 12) << 30) + ((vpn & 4095) << PAGE_SHIFT)  # vpn_to_va
+        pt = ctx.tables[(1, va >> _PT_SHIFT)]
+        self._write_entry(pt, vpn & (ENTRIES - 1), (gfn << PAGE_SHIFT) | _PTE_RW)
         ctx.leaves[vpn] = gfn
         self.stats.remaps += 1
 
     def unmap(self, ctx: Context, vpn: int) -> None:
         """Clear a bound ``vpn``'s entry; free tables that became empty."""
-        va = self.vpn_to_va(vpn)
-        pt = ctx.tables[(1, va >> level_shift(2))]
-        self._write_entry(pt, va_index(va, 1), 0)
+        va = VA_BASE + ((vpn >> 12) << 30) + ((vpn & 4095) << PAGE_SHIFT)  # vpn_to_va
+        pt = ctx.tables[(1, va >> _PT_SHIFT)]
+        self._write_entry(pt, vpn & (ENTRIES - 1), 0)
         ctx.used[pt] -= 1
         del ctx.leaves[vpn]
         pos = ctx.leaf_pos.pop(vpn)
@@ -309,22 +339,159 @@ class GpuDriver:
             ctx.leaf_list[pos] = last
             ctx.leaf_pos[last] = pos
         self.stats.unmaps += 1
-        self._release_path(ctx, va)
+        if not ctx.used[pt]:
+            self._release_path(ctx, va)
 
     def random_unbound(self, ctx: Context) -> int | None:
         """A random unbound vpn of the window (never vpn 0, the command buffer)."""
+        below = self._below
+        n = self.va_pages - 1
+        leaves = ctx.leaves
         for _ in range(16):
-            vpn = 1 + self.rng.randrange(self.va_pages - 1)
-            if vpn not in ctx.leaves:
+            vpn = 1 + below(n)
+            if vpn not in leaves:
                 return vpn
         return None
 
     def random_bound(self, ctx: Context) -> int | None:
         """A random bound vpn other than the command buffer's."""
-        if len(ctx.leaf_list) <= 1:
+        leaf_list = ctx.leaf_list
+        n = len(leaf_list)
+        if n <= 1:
             return None
-        vpn = ctx.leaf_list[self.rng.randrange(len(ctx.leaf_list))]
+        vpn = leaf_list[self._below(n)]
         return None if vpn == 0 else vpn
+
+    def churn(self, ctx: Context, updates: int, target: int) -> None:
+        """``updates`` random binding changes in ``ctx``, each drawn as: map a random
+        unbound page (probability 0.30, or 0.45 while at most ``target`` pages are bound,
+        and always while fewer than 2 are; if no unbound page is found, fall through),
+        else unmap (up to 0.70) or remap a random bound one.
+
+        The same draws, writes and state as that loop over :meth:`random_unbound`,
+        :meth:`map`, :meth:`random_bound`, :meth:`unmap` and :meth:`remap`, with their
+        common paths inlined: this is where a workload spends its time."""
+        random = self._random
+        getrandbits = self._getrandbits
+        split = self.split_fraction
+        violation = self.violation_fraction
+        data_base, data_pages = self.data_base_gfn, self.data_pages
+        k_data = data_pages.bit_length()
+        n_va = self.va_pages - 1
+        k_va = n_va.bit_length()
+        leaves, leaf_list, leaf_pos = ctx.leaves, ctx.leaf_list, ctx.leaf_pos
+        tables, used = ctx.tables, ctx.used
+        chunk = self._chunk
+        created = chunk is None
+        if chunk is None:
+            chunk = self._chunk = WriteChunk(self._vcpu, [], [], [])
+        # Tables made or freed on the way (_walk_create, _release_path) and split entries
+        # (_emit_split) append to this same chunk through self._chunk.
+        gpa_l, len_l, data_l = chunk.gpa, chunk.length, chunk.data
+        writes = entry_writes = maps = unmaps = remaps = 0
+        for _ in range(updates):
+            r = random()
+            bound = len(leaves)
+            if r < (0.30 if bound > target else 0.45) or bound < 2:
+                vpn = 0
+                for _try in range(16):  # random_unbound
+                    x = getrandbits(k_va)
+                    while x >= n_va:
+                        x = getrandbits(k_va)
+                    if x + 1 not in leaves:
+                        vpn = x + 1
+                        break
+                if vpn:  # map
+                    if violation and random() < violation:  # _data_gfn
+                        self.stats.bad_gfns += 1
+                        gfn = self.bad_gfn_base + self._below(1 << 20)
+                    else:
+                        x = getrandbits(k_data)
+                        while x >= data_pages:
+                            x = getrandbits(k_data)
+                        gfn = data_base + x
+                    va = VA_BASE + ((vpn >> 12) << 30) + ((vpn & 4095) << PAGE_SHIFT)
+                    pt = tables.get((1, va >> _PT_SHIFT))
+                    if pt is None:
+                        pt = self._walk_create(ctx, va)
+                    gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
+                    data = ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little")
+                    entry_writes += 1
+                    if random() < split:
+                        self._emit_split(gpa, data)
+                    else:
+                        gpa_l.append(gpa)
+                        len_l.append(8)
+                        data_l.append(data)
+                        writes += 1
+                    used[pt] += 1
+                    leaves[vpn] = gfn
+                    leaf_pos[vpn] = len(leaf_list)
+                    leaf_list.append(vpn)
+                    maps += 1
+                    continue
+            n = len(leaf_list)  # random_bound
+            if n <= 1:
+                continue
+            k = n.bit_length()
+            x = getrandbits(k)
+            while x >= n:
+                x = getrandbits(k)
+            vpn = leaf_list[x]
+            if vpn == 0:
+                continue
+            va = VA_BASE + ((vpn >> 12) << 30) + ((vpn & 4095) << PAGE_SHIFT)
+            if r < 0.70:  # unmap
+                pt = tables[(1, va >> _PT_SHIFT)]
+                gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
+                entry_writes += 1
+                if random() < split:
+                    self._emit_split(gpa, _ZERO_ENTRY)
+                else:
+                    gpa_l.append(gpa)
+                    len_l.append(8)
+                    data_l.append(_ZERO_ENTRY)
+                    writes += 1
+                used[pt] -= 1
+                del leaves[vpn]
+                pos = leaf_pos.pop(vpn)
+                last = leaf_list.pop()
+                if last != vpn:
+                    leaf_list[pos] = last
+                    leaf_pos[last] = pos
+                unmaps += 1
+                if not used[pt]:
+                    self._release_path(ctx, va)
+            else:  # remap
+                if violation and random() < violation:  # _data_gfn
+                    self.stats.bad_gfns += 1
+                    gfn = self.bad_gfn_base + self._below(1 << 20)
+                else:
+                    x = getrandbits(k_data)
+                    while x >= data_pages:
+                        x = getrandbits(k_data)
+                    gfn = data_base + x
+                pt = tables[(1, va >> _PT_SHIFT)]
+                gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
+                data = ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little")
+                entry_writes += 1
+                if random() < split:
+                    self._emit_split(gpa, data)
+                else:
+                    gpa_l.append(gpa)
+                    len_l.append(8)
+                    data_l.append(data)
+                    writes += 1
+                leaves[vpn] = gfn
+                remaps += 1
+        stats = self.stats
+        stats.writes += writes
+        stats.entry_writes += entry_writes
+        stats.maps += maps
+        stats.unmaps += unmaps
+        stats.remaps += remaps
+        if created and not chunk.gpa and self._chunk is chunk:
+            self._chunk = None  # nothing was written: no empty chunk in the queue
 
     def evict_table(self, ctx: Context, vpn: int) -> None:
         """Unbind every page in the page table that maps ``vpn`` (a 2 MiB object goes)."""

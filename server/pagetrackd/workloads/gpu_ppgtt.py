@@ -296,31 +296,18 @@ class GpuPpgttWorkload:
                 self._new_context(driver)
             driver.flush()
             return
+        below = driver._below  # rng.randrange(k) for k > 0
         if o["churn_every"] and n % o["churn_every"] == 0:
             ids = sorted(driver.contexts)
-            driver.destroy_context(driver.contexts[ids[rng.randrange(len(ids))]])
+            driver.destroy_context(driver.contexts[ids[below(len(ids))]])
             self._new_context(driver)
         ids = sorted(driver.contexts)
-        ctx = driver.contexts[ids[rng.randrange(len(ids))]]
-        if rng.random() < o["evict_fraction"]:
+        ctx = driver.contexts[ids[below(len(ids))]]
+        random = rng.random
+        if random() < o["evict_fraction"]:
             vpn = driver.random_bound(ctx)
             if vpn is not None:
                 driver.evict_table(ctx, vpn)
-        target = max(o["initial_mappings"], 2)
-        for _ in range(o["updates_per_submit"]):
-            r = rng.random()
-            p_map, p_unmap = (0.30, 0.70) if len(ctx.leaves) > target else (0.45, 0.70)
-            if r < p_map or len(ctx.leaves) < 2:
-                vpn = driver.random_unbound(ctx)
-                if vpn is not None:
-                    driver.map(ctx, vpn)
-                    continue
-            vpn = driver.random_bound(ctx)
-            if vpn is None:
-                continue
-            if r < p_unmap:
-                driver.unmap(ctx, vpn)
-            else:
-                driver.remap(ctx, vpn)
+        driver.churn(ctx, o["updates_per_submit"], max(o["initial_mappings"], 2))
         driver.submit(ctx)
         driver.flush()
