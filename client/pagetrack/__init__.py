@@ -1,7 +1,8 @@
 """pagetrack: the client for pagetrackd, Linux KVM's x86 page-track as a gRPC service.
 
 ``AsyncClient`` (asyncio) and ``Client`` (blocking) return the dataclasses below and raise
-the errors below; ``pagetrack.v1`` holds the generated gRPC code.
+the errors below; ``ShardedAsyncClient`` and ``ShardedClient`` do the same over several
+daemons, placing each VM by its name; ``pagetrack.v1`` holds the generated gRPC code.
 """
 
 from pagetrack.client import AsyncClient, Backoff, Client, SyncWatchStream, WatchStream
@@ -19,6 +20,8 @@ from pagetrack.errors import (
     Unavailable,
     Unimplemented,
 )
+from pagetrack.placement import HashRing
+from pagetrack.sharded import Misplaced, ShardedAsyncClient, ShardedClient
 from pagetrack.types import (
     AuditMismatch,
     AuditReport,
@@ -62,6 +65,7 @@ from pagetrack.types import (
     ServerLimits,
     ShadowRoot,
     SlowConsumerPolicy,
+    SnapshotInfo,
     TenantQuotas,
     TrackingChange,
     Translation,
@@ -107,6 +111,7 @@ __all__ = [
     "GapReason",
     "GfnRange",
     "GfnTrackState",
+    "HashRing",
     "Internal",
     "InvalidArgument",
     "Lease",
@@ -114,6 +119,7 @@ __all__ = [
     "LeaseRevoked",
     "Memslot",
     "MemslotChange",
+    "Misplaced",
     "NotFound",
     "Notifier",
     "NotifierKind",
@@ -135,7 +141,10 @@ __all__ = [
     "ServerInfo",
     "ServerLimits",
     "ShadowRoot",
+    "ShardedAsyncClient",
+    "ShardedClient",
     "SlowConsumerPolicy",
+    "SnapshotInfo",
     "SyncWatchStream",
     "TenantQuotas",
     "TrackingChange",

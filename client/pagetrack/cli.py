@@ -1,6 +1,8 @@
 """``pagetrack``: the command line for pagetrackd.
 
-Every command talks to the daemon at ``--target`` (env PAGETRACK_TARGET). Errors print
+Every command talks to the daemon at ``--target`` (env PAGETRACK_TARGET); given several,
+comma-separated, each VM is placed on one of them by its name (``pagetrack.sharded``) and
+listings merge them all. Errors print
 one line, ``pagetrack: <message>``, on stderr: exit status 2 for bad usage, 1 for errors
 reported by the daemon (or when it cannot be reached).
 """
@@ -26,7 +28,8 @@ from rich.table import Table
 
 from pagetrack import _cliparse as cp
 from pagetrack.client import DEFAULT_TARGET, Client, SyncWatchStream
-from pagetrack.errors import PageTrackError, Unavailable
+from pagetrack.errors import AlreadyExists, PageTrackError, Unavailable
+from pagetrack.sharded import ShardedClient
 from pagetrack.types import (
     Closed,
     DmaPolicy,
@@ -118,9 +121,18 @@ def _settings(ctx: typer.Context) -> Settings:
 
 
 @contextlib.contextmanager
-def _client(ctx: typer.Context) -> Iterator[Client]:
+def _client(ctx: typer.Context) -> Iterator[Client | ShardedClient]:
+    """A Client, or a ShardedClient when --target lists several daemons."""
     s = _settings(ctx)
-    with Client(s.target, token=s.token, ca_file=s.ca_file, timeout=s.timeout) as client:
+    kwargs: dict[str, Any] = {"token": s.token, "ca_file": s.ca_file, "timeout": s.timeout}
+    if "," in s.target:
+        with ShardedClient(s.target, **kwargs) as sharded:
+            try:
+                yield sharded
+            except Unavailable as exc:  # the message names the daemon
+                raise Unavailable(f"cannot reach pagetrackd at {exc}") from None
+        return
+    with Client(s.target, **kwargs) as client:
         try:
             yield client
         except Unavailable as exc:
@@ -158,7 +170,8 @@ def _root(
         str,
         typer.Option(
             "--target", "-t", envvar="PAGETRACK_TARGET",
-            help="Daemon address: HOST:PORT or unix:PATH.",
+            help="Daemon address: HOST:PORT or unix:PATH. Several, comma-separated: each VM"
+            " lives on one of them, chosen by its name.",
         ),
     ] = DEFAULT_TARGET,
     token: Annotated[
@@ -190,10 +203,20 @@ def _root(
 def info_cmd(ctx: typer.Context) -> None:
     """Show the daemon's version, limits and who it thinks you are."""
     with _client(ctx) as c:
-        info = c.server_info()
-    if _emit_json(ctx, info):
+        if isinstance(c, ShardedClient):
+            infos = c.server_infos()
+        else:
+            infos = {c.target: c.server_info()}
+    if _emit_json(ctx, infos if len(infos) > 1 else next(iter(infos.values()))):
         return
-    out.print(f"pagetrackd {info.version} at {_settings(ctx).target}")
+    for i, (target, info) in enumerate(infos.items()):
+        if i:
+            out.print()
+        _print_info(target, info)
+
+
+def _print_info(target: str, info: Any) -> None:
+    out.print(f"pagetrackd {info.version} at {target}")
     out.print(f"caller: tenant {info.tenant!r}, role {info.role}")
     out.print(f"started: {_ts(info.started_at_ns)}")
     lim = info.limits
@@ -851,24 +874,41 @@ def workload_start(
         _print_workload(w)
 
 
+_WORKLOAD_VM = typer.Option(
+    "--vm", metavar="VM", show_default=False,
+    help="The workload's VM: with several daemons, says which one to ask (workload ids are"
+    " only unique per daemon).",
+)
+
+
 @workload_app.command("stop")
 def workload_stop(
-    ctx: typer.Context, workload_id: Annotated[str, typer.Argument(help="Workload id.")]
+    ctx: typer.Context,
+    workload_id: Annotated[str, typer.Argument(help="Workload id.")],
+    vm: Annotated[str | None, _WORKLOAD_VM] = None,
 ) -> None:
     """Stop a workload."""
     with _client(ctx) as c:
-        w = c.stop_workload(workload_id)
+        if isinstance(c, ShardedClient):
+            w = c.stop_workload(workload_id, vm=vm)
+        else:
+            w = c.stop_workload(workload_id)
     if not _emit_json(ctx, w):
         _print_workload(w)
 
 
 @workload_app.command("show")
 def workload_show(
-    ctx: typer.Context, workload_id: Annotated[str, typer.Argument(help="Workload id.")]
+    ctx: typer.Context,
+    workload_id: Annotated[str, typer.Argument(help="Workload id.")],
+    vm: Annotated[str | None, _WORKLOAD_VM] = None,
 ) -> None:
     """Show a workload's status."""
     with _client(ctx) as c:
-        w = c.get_workload(workload_id)
+        if isinstance(c, ShardedClient):
+            w = c.get_workload(workload_id, vm=vm)
+        else:
+            w = c.get_workload(workload_id)
     if not _emit_json(ctx, w):
         _print_workload(w)
 
@@ -972,11 +1012,20 @@ def lease_create(
     ctx: typer.Context,
     ttl: Annotated[str, typer.Option("--ttl", help="Time to live: 30s, 500ms, 5m.")] = "30s",
     label: Annotated[str, typer.Option("--label", help="Free-form label.")] = "",
+    vm: Annotated[
+        str | None,
+        typer.Option("--vm", metavar="VM", show_default=False,
+                     help="With several daemons: create the lease on the one holding this VM"
+                     " (a lease can only hold tracking on its own daemon)."),
+    ] = None,
 ) -> None:
     """Create a TTL lease and print its id."""
     ttl_ms = _parsed(cp.parse_duration_ms, ttl)
     with _client(ctx) as c:
-        lease = c.create_lease(ttl_ms, label=label)
+        if isinstance(c, ShardedClient):
+            lease = c.create_lease(ttl_ms, label=label, vm=vm)
+        else:
+            lease = c.create_lease(ttl_ms, label=label)
     if not _emit_json(ctx, lease):
         out.print(lease.id)
 
@@ -1019,6 +1068,69 @@ def lease_list(ctx: typer.Context) -> None:
         table.add_row(le.id, le.kind.value, str(le.ttl_ms), _ts(le.expires_at_ns),
                       str(le.references), le.label)
     out.print(table)
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@app.command("snapshot")
+def snapshot_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    file: Annotated[
+        str, typer.Argument(help="File to write (replaced atomically); '-' = standard output.")
+    ],
+    no_memory: Annotated[
+        bool, typer.Option("--no-memory", help="Leave guest memory out (it restores as zeros).")
+    ] = False,
+) -> None:
+    """Save one VM to a file: memslots, options, tracking and owners, plugins, the seq and
+    guest memory. The bytes are checked against the daemon's sha256."""
+    with _client(ctx) as c:
+        dest = sys.stdout.buffer if file == "-" else file
+        info = c.snapshot_vm_to(vm, dest, include_memory=not no_memory)
+    if file == "-":
+        sys.stdout.buffer.flush()
+    elif _emit_json(ctx, info):
+        return
+    line = (
+        f"saved VM {vm} to {'standard output' if file == '-' else file}:"
+        f" {cp.human_bytes(info.size_bytes)}, seq {info.head_seq},"
+        f" {'with' if info.include_memory else 'without'} memory, sha256 {info.sha256[:16]}"
+    )
+    if file == "-":
+        print(line, file=sys.stderr)
+    else:
+        out.print(line, markup=False)
+
+
+@app.command("restore")
+def restore_cmd(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="Snapshot file; '-' = standard input.")],
+    as_name: Annotated[
+        str | None,
+        typer.Option("--as", metavar="NAME", show_default=False,
+                     help="Name for the restored VM (default: the name saved in the file)."),
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Replace a VM of that name if there is one.")
+    ] = False,
+) -> None:
+    """Create a VM from a snapshot file; its seq continues from the snapshot's."""
+    src = sys.stdin.buffer if file == "-" else file
+    try:
+        with _client(ctx) as c:
+            vm = c.restore_vm(src, vm=as_name, replace=replace)
+    except AlreadyExists as exc:
+        message = exc.message.split(";")[0].rstrip(".")
+        raise AlreadyExists(f"{message}; add --replace to overwrite it") from None
+    if not _emit_json(ctx, vm):
+        out.print(
+            f"restored VM {vm.name} from {'standard input' if file == '-' else file}:"
+            f" {vm.memslot_count} memslots,"
+            f" {vm.tracked_gfns} tracked gfns, seq {vm.head_seq}", markup=False,
+        )
 
 
 # --------------------------------------------------------------------------- top

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
+import os
 import random
+import struct
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -25,7 +29,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar, cast
+from typing import (
+    Any,
+    BinaryIO,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeAlias,
+    TypeVar,
+    cast,
+)
 
 import grpc
 import numpy as np
@@ -45,6 +60,10 @@ Gfns: TypeAlias = int | Iterable[int] | npt.NDArray[Any] | None
 #: gfn ranges: GfnRange objects, ``range`` objects or ``(start, count)`` pairs
 GfnRanges: TypeAlias = Iterable[t.GfnRange | range | tuple[int, int]] | None
 Bytes: TypeAlias = bytes | bytearray | memoryview
+#: what restore_vm reads: snapshot bytes, a file path, or a binary file open for reading
+SnapshotSource: TypeAlias = Bytes | str | os.PathLike[str] | BinaryIO
+#: where snapshot_vm_to writes: a file path (replaced atomically) or a binary file
+SnapshotDest: TypeAlias = str | os.PathLike[str] | BinaryIO
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -52,6 +71,15 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _MAX_MESSAGE = 128 << 20
+
+# The outer layout of a VM snapshot (see pagetrackd.state): magic, format version, header
+# length, JSON header, payload length, payload, then the sha256 of everything before it.
+_SNAP_MAGIC = b"PTVMSNAP"
+_SNAP_PREFIX = struct.Struct("<8sII")
+_SNAP_DIGEST = 32
+_SNAP_MIN = _SNAP_PREFIX.size + 8 + _SNAP_DIGEST
+#: bytes per RestoreVm message
+RESTORE_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +127,57 @@ async def _unary(
         return await method(request, metadata=metadata, timeout=call_timeout)
     except grpc.RpcError as err:
         raise errors.from_rpc_error(err) from None
+
+
+def check_snapshot(data: Bytes, label: str = "snapshot") -> str:
+    """Check snapshot bytes as the daemon will (magic, length, trailing sha256) and return
+    the VM name saved in them. Raises InvalidArgument saying what is wrong, prefixed
+    with ``label`` (a file name, say). The format version is left to the daemon.
+    """
+    view = memoryview(data).cast("B")
+    n = len(view)
+    if n == 0:
+        raise errors.InvalidArgument(f"{label}: empty, not a pagetrack VM snapshot")
+    if not _SNAP_MAGIC.startswith(bytes(view[: len(_SNAP_MAGIC)])):
+        raise errors.InvalidArgument(f"{label}: not a pagetrack VM snapshot (bad magic bytes)")
+    if n < _SNAP_MIN:
+        raise errors.InvalidArgument(
+            f"{label}: truncated: {n} bytes cannot hold a pagetrack VM snapshot"
+        )
+    if hashlib.sha256(view[:-_SNAP_DIGEST]).digest() != bytes(view[-_SNAP_DIGEST:]):
+        raise errors.InvalidArgument(
+            f"{label}: corrupt or truncated snapshot ({n} bytes whose sha256 does not match"
+            " the one saved at its end)"
+        )
+    _, _, hlen = _SNAP_PREFIX.unpack_from(view)
+    end = _SNAP_PREFIX.size + hlen
+    try:
+        if end > n - _SNAP_DIGEST:
+            raise ValueError("header runs past the end")
+        header = json.loads(bytes(view[_SNAP_PREFIX.size : end]))
+        name = header["name"]
+        if not isinstance(name, str):
+            raise ValueError("name is not a string")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise errors.InvalidArgument(f"{label}: snapshot header is unreadable ({exc})") from None
+    return name
+
+
+def load_snapshot(src: SnapshotSource) -> tuple[bytes, str]:
+    """The bytes of a snapshot given as bytes, a path or a binary file, and a label for
+    messages (the path, or ``"snapshot"``)."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        return bytes(src), "snapshot"
+    if isinstance(src, str | os.PathLike):
+        path = Path(src)
+        try:
+            return path.read_bytes(), str(path)
+        except OSError as exc:
+            raise errors.InvalidArgument(f"{path}: {exc.strerror or exc}") from None
+    data = src.read()
+    if not isinstance(data, bytes | bytearray):
+        raise errors.InvalidArgument("restore_vm needs a file opened in binary mode")
+    return bytes(data), str(getattr(src, "name", "snapshot"))
 
 
 class AsyncClient:
@@ -673,6 +752,178 @@ class AsyncClient:
             await self._call(self._admin.GetServerInfo, pb.GetServerInfoRequest())
         )
 
+    # ------------------------------------------------------------------ snapshots
+
+    async def _snapshot(
+        self,
+        vm: str,
+        sink: Callable[[bytes], object],
+        include_memory: bool,
+        chunk_bytes: int,
+    ) -> t.SnapshotInfo:
+        request = pb.SnapshotVmRequest(
+            vm=vm, include_memory=include_memory, chunk_bytes=chunk_bytes
+        )
+        call = self._admin.SnapshotVm(request, metadata=self._metadata, timeout=self.timeout)
+        digest = hashlib.sha256()
+        size = 0
+        last: pb.SnapshotChunk | None = None
+        try:
+            async for chunk in call:
+                if last is not None or chunk.offset != size:
+                    raise _data_loss(
+                        f"snapshot of VM {vm!r}: chunk at offset {chunk.offset} where"
+                        f" {size} was due{' (after the last chunk)' if last else ''}"
+                    )
+                digest.update(chunk.data)
+                size += len(chunk.data)
+                sink(chunk.data)
+                if chunk.last:
+                    last = chunk
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+        finally:
+            call.cancel()
+        if last is None:
+            raise _data_loss(
+                f"snapshot of VM {vm!r} ended after {size} bytes, before its last chunk"
+            )
+        if last.total_bytes != size:
+            raise _data_loss(
+                f"snapshot of VM {vm!r}: received {size} bytes, the daemon sent {last.total_bytes}"
+            )
+        if last.sha256 != digest.digest():
+            raise _data_loss(
+                f"snapshot of VM {vm!r}: the bytes received do not match the daemon's sha256"
+            )
+        return t.SnapshotInfo(
+            vm=vm, size_bytes=size, sha256=digest.hexdigest(),
+            format_version=last.format_version, head_seq=last.head_seq,
+            include_memory=include_memory,
+        )
+
+    async def snapshot_vm(
+        self,
+        vm: str,
+        *,
+        include_memory: bool = True,
+        chunk_bytes: int = 0,
+    ) -> bytes:
+        """One VM as snapshot bytes: memslots, options, tracking with its owners, plugin
+        state, counters, the seq and (``include_memory``) guest memory.
+
+        The chunks are checked against the sha256 the daemon sends last; a mismatch or a
+        stream cut short raises PageTrackError (code DATA_LOSS). The client's ``timeout``
+        bounds the whole transfer: make a client with a longer one (or None) for VMs
+        with gigabytes of memory.
+        """
+        parts: list[bytes] = []
+        await self._snapshot(vm, parts.append, include_memory, chunk_bytes)
+        return b"".join(parts)
+
+    async def snapshot_vm_to(
+        self,
+        vm: str,
+        dest: SnapshotDest,
+        *,
+        include_memory: bool = True,
+        chunk_bytes: int = 0,
+    ) -> t.SnapshotInfo:
+        """snapshot_vm, written to ``dest`` as it arrives.
+
+        A path is written to a temporary file beside it, fsynced and renamed over it, so
+        a failed snapshot leaves any earlier file in place; a binary file object gets
+        the bytes in order (and may hold a partial snapshot if this raises).
+        """
+        if not isinstance(dest, str | os.PathLike):
+            return await self._snapshot(vm, dest.write, include_memory, chunk_bytes)
+        out = _AtomicFile(Path(dest))
+        try:
+            info = await self._snapshot(vm, out.write, include_memory, chunk_bytes)
+            await asyncio.to_thread(out.commit)
+        finally:
+            out.discard()
+        return info
+
+    async def restore_vm(
+        self,
+        src: SnapshotSource,
+        *,
+        vm: str | None = None,
+        replace: bool = False,
+        chunk_bytes: int = RESTORE_CHUNK_BYTES,
+    ) -> t.Vm:
+        """Create a VM from a snapshot (bytes, a file path or a binary file), named ``vm``
+        or as saved. The seq continues from the snapshot's.
+
+        The snapshot is checked here first (magic bytes, length, its sha256), so a
+        corrupt file is refused before anything is sent. An existing VM of that name
+        raises AlreadyExists unless ``replace``. Lease-held tracking is not restored
+        (leases belong to live clients); the tenant's and plugins' is.
+        """
+        data, label = await asyncio.to_thread(load_snapshot, src)
+        await asyncio.to_thread(check_snapshot, data, label)
+        return await self._restore(data, vm or "", replace, chunk_bytes)
+
+    async def _restore(self, data: bytes, vm: str, replace: bool, chunk_bytes: int) -> t.Vm:
+        if chunk_bytes < 1:
+            raise errors.InvalidArgument(f"chunk_bytes {chunk_bytes} must be positive")
+        view = memoryview(data)
+
+        async def requests() -> AsyncGenerator[pb.RestoreVmRequest, None]:
+            yield pb.RestoreVmRequest(vm=vm, replace=replace, data=bytes(view[:chunk_bytes]))
+            for off in range(chunk_bytes, len(view), chunk_bytes):
+                yield pb.RestoreVmRequest(data=bytes(view[off : off + chunk_bytes]))
+
+        try:
+            reply = await self._admin.RestoreVm(
+                requests(), metadata=self._metadata, timeout=self.timeout
+            )
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+        return cv.vm(reply.vm)
+
+
+class _AtomicFile:
+    """A file written under a temporary name beside ``path``, fsynced and renamed over
+    it by commit(); discard() removes the temporary file if commit() did not happen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self._file: BinaryIO | None = open(self.tmp, "wb")
+        except OSError as exc:
+            raise errors.InvalidArgument(f"{path}: {exc.strerror or exc}") from None
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise errors.InvalidArgument(f"{self.path}: {exc.strerror or exc}") from None
+
+    def commit(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise errors.InvalidArgument(f"{self.path}: {exc.strerror or exc}") from None
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _data_loss(message: str) -> errors.PageTrackError:
+    return errors.PageTrackError(message, code="DATA_LOSS")
+
 
 # --------------------------------------------------------------------------- watch stream
 
@@ -926,38 +1177,22 @@ def _select(batch: t.EventBatch, keep: npt.NDArray[np.bool_]) -> t.EventBatch:
 # --------------------------------------------------------------------------- sync facade
 
 
-def _sync(
-    fn: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[Client, P], R]:
-    """The same method on Client, run on the client's event-loop thread."""
-
-    @functools.wraps(fn)
-    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._run(fn(self._async, *args, **kwargs))
-
-    return method
+class _Closable(Protocol):
+    async def close(self) -> None: ...
 
 
-def _sync_watch(
-    fn: Callable[Concatenate[AsyncClient, P], WatchStream],
-) -> Callable[Concatenate[Client, P], SyncWatchStream]:
-    """AsyncClient.watch on Client: the same arguments, a blocking iterator back."""
-
-    @functools.wraps(fn)
-    def watch(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> SyncWatchStream:
-        return SyncWatchStream(self, fn(self._async, *args, **kwargs))
-
-    watch.__doc__ = (fn.__doc__ or "").replace("async for msg in", "for msg in")
-    return watch
+A = TypeVar("A", bound=_Closable)
 
 
-class Client:
-    """Blocking client for scripts and notebooks: AsyncClient's methods, run on a
-    private event-loop thread. ``watch()`` returns a plain iterator. Use as ``with``,
-    or call close().
+class SyncFacade(Generic[A]):
+    """Runs an async client on a private event-loop thread, for blocking callers.
+
+    Subclasses list the async client's methods wrapped with ``_sync``/``_sync_watch``.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    _async: A
+
+    def __init__(self, make: Callable[[], A]) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="pagetrack-client", daemon=True
@@ -965,15 +1200,14 @@ class Client:
         self._thread.start()
         self._closed = False
 
-        async def make() -> AsyncClient:
-            return AsyncClient(target, **kwargs)
+        async def build() -> A:
+            return make()
 
         try:
-            self._async = self._run(make())
+            self._async = self._run(build())
         except BaseException:
             self._stop_loop()
             raise
-        self.target = self._async.target
 
     def _run(self, coro: Coroutine[Any, Any, R]) -> R:
         if self._closed:
@@ -993,7 +1227,7 @@ class Client:
             self._loop.close()
 
     def close(self) -> None:
-        """Close the channel and stop the loop thread."""
+        """Close the channel(s) and stop the loop thread."""
         if self._closed:
             return
         try:
@@ -1002,7 +1236,7 @@ class Client:
             self._closed = True
             self._stop_loop()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -1012,6 +1246,43 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _sync(
+    fn: Callable[Concatenate[A, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SyncFacade[A], P], R]:
+    """The same method on the sync facade, run on its event-loop thread."""
+
+    @functools.wraps(fn)
+    def method(self: SyncFacade[A], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._run(fn(self._async, *args, **kwargs))
+
+    return method
+
+
+def _sync_watch(
+    fn: Callable[Concatenate[A, P], WatchStream],
+) -> Callable[Concatenate[SyncFacade[A], P], SyncWatchStream]:
+    """An async client's watch on the sync facade: the same arguments, a blocking
+    iterator back."""
+
+    @functools.wraps(fn)
+    def watch(self: SyncFacade[A], /, *args: P.args, **kwargs: P.kwargs) -> SyncWatchStream:
+        return SyncWatchStream(self, fn(self._async, *args, **kwargs))
+
+    watch.__doc__ = (fn.__doc__ or "").replace("async for msg in", "for msg in")
+    return watch
+
+
+class Client(SyncFacade[AsyncClient]):
+    """Blocking client for scripts and notebooks: AsyncClient's methods, run on a
+    private event-loop thread. ``watch()`` returns a plain iterator. Use as ``with``,
+    or call close().
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+        super().__init__(functools.partial(AsyncClient, target, **kwargs))
+        self.target = self._async.target
 
     create_vm = _sync(AsyncClient.create_vm)
     get_vm = _sync(AsyncClient.get_vm)
@@ -1050,6 +1321,9 @@ class Client:
     list_workloads = _sync(AsyncClient.list_workloads)
     stats = _sync(AsyncClient.stats)
     server_info = _sync(AsyncClient.server_info)
+    snapshot_vm = _sync(AsyncClient.snapshot_vm)
+    snapshot_vm_to = _sync(AsyncClient.snapshot_vm_to)
+    restore_vm = _sync(AsyncClient.restore_vm)
 
     watch = _sync_watch(AsyncClient.watch)
 
@@ -1057,7 +1331,7 @@ class Client:
 class SyncWatchStream:
     """A WatchStream driven from a blocking caller; iterate it, close it when done."""
 
-    def __init__(self, client: Client, stream: WatchStream) -> None:
+    def __init__(self, client: SyncFacade[Any], stream: WatchStream) -> None:
         self._client = client
         self._stream = stream
         self._done = False
@@ -1122,7 +1396,12 @@ __all__ = [
     "Client",
     "GfnRanges",
     "Gfns",
+    "SnapshotDest",
+    "SnapshotSource",
+    "SyncFacade",
     "SyncWatchStream",
     "WatchStream",
+    "check_snapshot",
+    "load_snapshot",
     "normalize_target",
 ]

@@ -567,6 +567,18 @@ class VmStats:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """What ``snapshot_vm_to`` wrote: one VM's snapshot, checked against the daemon's sha256."""
+
+    vm: str
+    size_bytes: int
+    sha256: str
+    format_version: int
+    head_seq: int
+    include_memory: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ServerLimits:
     """Server-wide caps on requests and streams."""
 
@@ -869,6 +881,7 @@ __all__ = [
     "ServerLimits",
     "ShadowRoot",
     "SlowConsumerPolicy",
+    "SnapshotInfo",
     "TenantQuotas",
     "TrackingChange",
     "Translation",
