@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,27 +14,10 @@ import pytest
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from pagetrackd.auth import hash_token
+from tests.daemon_process import BIN, start_daemon
 
-BIN = Path(sys.executable).parent
 TOKENS = {"alice-secret": ("alice", "tenant"), "bob-secret": ("bob", "tenant"),
           "root-secret": ("ops", "admin")}
-
-
-def _start(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    ready = tmp / "ready.json"
-    with open(tmp / "daemon.log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "pagetrackd"), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-             "--log-format", "json", *args],
-            stdout=subprocess.DEVNULL, stderr=log,
-        )
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError((tmp / "daemon.log").read_text())
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())["addresses"][0]
 
 
 @pytest.fixture
@@ -55,11 +34,10 @@ def daemon(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         "[quotas]\nvms = 3\nwatchers = 2\n"
         "[tenant_quotas.bob]\nwrite_rate = 100\n"
     )
-    proc, addr = _start(tmp_path, "--config", str(config))
-    yield addr, tmp_path
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(20) == 0
-    log = (tmp_path / "daemon.log").read_text()
+    daemon = start_daemon(tmp_path, "--config", str(config))
+    yield daemon.tcp, tmp_path
+    assert daemon.stop() == 0
+    log = daemon.log.read_text()
     for secret in TOKENS:
         assert secret not in log, "a token reached the log"
 
@@ -223,7 +201,6 @@ def test_network_address_without_tokens_needs_insecure(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "--insecure" in out.stderr and "Traceback" not in out.stderr
-    proc, _ = _start(tmp_path, "--listen", "0.0.0.0:0", "--insecure")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(20) == 0
-    assert "daemon.insecure" in (tmp_path / "daemon.log").read_text()
+    daemon = start_daemon(tmp_path, "--insecure", listen=("127.0.0.1:0", "0.0.0.0:0"))
+    assert daemon.stop() == 0
+    assert "daemon.insecure" in daemon.log.read_text()
