@@ -9,6 +9,7 @@ called again, even by a dispatch that is already walking the list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -133,10 +134,11 @@ class NotifierList:
             hook=hook,
         )
 
-    def dispatch_write(self, vm: Vm, event: WriteEvent) -> int:
-        """Tell every node of one event, newest first; returns the calls made."""
+    def _tell(self, nodes: Sequence[NotifierNode], vm: Vm, event: WriteEvent) -> int:
+        # Register and unregister replace the lists, so iterating one is safe even when a
+        # callback changes the registrations; unregistered nodes are skipped (R5.2).
         calls = 0
-        for node in self._nodes.copy() if len(self._nodes) > 1 else self._nodes:
+        for node in nodes:
             if not node.active:
                 continue
             calls += 1
@@ -147,19 +149,13 @@ class NotifierList:
                 self._failed(node, vm, "track_write")
         return calls
 
+    def dispatch_write(self, vm: Vm, event: WriteEvent) -> int:
+        """Tell every node of one event, newest first; returns the calls made."""
+        return self._tell(self._nodes, vm, event)
+
     def dispatch_sync(self, vm: Vm, event: WriteEvent) -> int:
         """Tell only the per-event nodes of one event (batch nodes are told later)."""
-        calls = 0
-        for node in self.sync:
-            if not node.active:
-                continue
-            calls += 1
-            node.calls += 1
-            try:
-                node.notifier.track_write(vm, event)
-            except Exception:
-                self._failed(node, vm, "track_write")
-        return calls
+        return self._tell(self.sync, vm, event)
 
     def dispatch_batch(self, vm: Vm, batch: EventBatch) -> int:
         """Give a batch to every batch node; returns the event deliveries made."""
@@ -179,7 +175,7 @@ class NotifierList:
         self, vm: Vm, base_gfn: int, npages: int, *, internal_only: bool = False
     ) -> None:
         """Tell nodes that a gfn range is gone, newest first."""
-        for node in self._nodes.copy():
+        for node in self._nodes:
             if not node.active or (internal_only and node.notifier.external):
                 continue
             try:
