@@ -110,10 +110,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             structlog.contextvars.clear_contextvars()
             await context.abort(code_for(exc), str(exc))
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: Any) -> Any:
+        def awaiting(inner: Any) -> Any:
+            # unary-unary and stream-unary: one awaited reply
+            async def call(request: Any, context: Any) -> Any:
                 try:
                     started, token = begin(context)
                 except PageTrackError as exc:
@@ -121,7 +120,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     return None
                 error: BaseException | None = None
                 try:
-                    return await inner_uu(request, context)
+                    return await inner(request, context)
                 except BaseException as exc:
                     error = exc
                     raise
@@ -129,8 +128,11 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     finish(context, started, error)  # logs with the bindings still on
                     _reset(token)
 
+            return call
+
+        if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
+                awaiting(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -160,26 +162,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator: Any, context: Any) -> Any:
-                try:
-                    started, token = begin(context)
-                except PageTrackError as exc:
-                    await refuse(context, exc)
-                    return None
-                error: BaseException | None = None
-                try:
-                    return await inner_su(request_iterator, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(context, started, error)  # logs with the bindings still on
-                    _reset(token)
-
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary,
+                awaiting(handler.stream_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
