@@ -104,6 +104,19 @@ class ChunkedCounters:
         self._rows[self._dir[index >> CHUNK_SHIFT], index & (CHUNK - 1)] = values
         self.nonzero += int(np.count_nonzero(values)) - int(np.count_nonzero(before))
 
+    def set1(self, index: int, value: int) -> None:
+        """:meth:`set` for one page, without arrays."""
+        d = self._dir_mv
+        row: int = 0 if d is None else d[index >> CHUNK_SHIFT]
+        if row == 0:
+            self._ensure_chunks(np.array([index], dtype=np.int64))
+            assert self._dir_mv is not None
+            row = self._dir_mv[index >> CHUNK_SHIFT]
+        k = (row << CHUNK_SHIFT) | (index & (CHUNK - 1))
+        before: int = self._rows_mv[k]
+        self._rows_mv[k] = value
+        self.nonzero += (value != 0) - (before != 0)
+
     def nonzero_indices(self) -> I64:
         """Pages whose counter is > 0, ascending."""
         if self._dir is None or self.nonzero == 0:
@@ -175,6 +188,38 @@ class SlotTracking:
         self._count_lpages(stopped, -1)
         return started, stopped
 
+    def apply1(self, index: int, delta: int, owner: str) -> tuple[bool, bool]:
+        """:meth:`apply` for one page: whether it became tracked, or untracked."""
+        before = self.counters.get1(index)
+        after = before + delta
+        self.counters.set1(index, after)
+        if owner != TENANT_OWNER:
+            self.attributed.set1(index, self.attributed.get1(index) + delta)
+            refs = self.owners.setdefault(owner, {})
+            n = refs.get(index, 0) + delta
+            if n:
+                refs[index] = n
+            else:
+                del refs[index]
+            if not refs:
+                del self.owners[owner]
+        started = before == 0 and after > 0
+        stopped = before > 0 and after == 0
+        if started or stopped:
+            self._alloc_lpages()
+            assert self.lpage_2m is not None and self.lpage_1g is not None
+            base = self.base_gfn
+            gfn = index + base
+            i2 = (gfn >> 9) - (base >> 9)
+            i1 = (gfn >> 18) - (base >> 18)
+            if started:
+                self.lpage_2m[i2] += 1
+                self.lpage_1g[i1] += 1
+            else:
+                self.lpage_2m[i2] -= 1
+                self.lpage_1g[i1] -= 1
+        return started, stopped
+
     def lpage_disallowed(self, gfn: int) -> tuple[bool, bool]:
         """Whether tracked gfns disallow the 2 MiB and the 1 GiB mapping that hold
         ``gfn`` (a gfn of this slot)."""
@@ -190,10 +235,8 @@ class SlotTracking:
         if index.size == 0:
             return
         base = self.base_gfn
-        if self.lpage_2m is None or self.lpage_1g is None:
-            last = base + self.counters.npages - 1
-            self.lpage_2m = np.zeros((last >> 9) - (base >> 9) + 1, dtype=np.uint16)
-            self.lpage_1g = np.zeros((last >> 18) - (base >> 18) + 1, dtype=np.uint32)
+        self._alloc_lpages()
+        assert self.lpage_2m is not None and self.lpage_1g is not None
         gfns = index + base
         r2, c2 = np.unique((gfns >> 9) - (base >> 9), return_counts=True)
         r1, c1 = np.unique((gfns >> 18) - (base >> 18), return_counts=True)
@@ -203,6 +246,14 @@ class SlotTracking:
         else:
             self.lpage_2m[r2] -= c2.astype(np.uint16)
             self.lpage_1g[r1] -= c1.astype(np.uint32)
+
+    def _alloc_lpages(self) -> None:
+        """Allocate the region counts when the first gfn is tracked."""
+        if self.lpage_2m is None or self.lpage_1g is None:
+            base = self.base_gfn
+            last = base + self.counters.npages - 1
+            self.lpage_2m = np.zeros((last >> 9) - (base >> 9) + 1, dtype=np.uint16)
+            self.lpage_1g = np.zeros((last >> 18) - (base >> 18) + 1, dtype=np.uint32)
 
     def rebase(self, base_gfn: int) -> None:
         """The slot moved: recompute the region counts for its new base."""

@@ -58,6 +58,7 @@ MAX_BATCH_WRITES = 1 << 20
 # Enum members as module constants: a class attribute lookup on an Enum costs ~70 ns.
 _FAST = WritePath.FAST
 _EMULATED = WritePath.EMULATED
+_MMIO_EXIT = WritePath.MMIO_EXIT
 _GUEST = Source.GUEST
 
 # Fast constructors for the frozen value objects of the single-write path. A frozen
@@ -420,6 +421,21 @@ class Vm:
             out.append((slot, idx, counts.astype(np.int64)))
         return out
 
+    def _single_gfn(self, gfns: I64 | Sequence[int]) -> tuple[Slot, int] | None:
+        """For a list of exactly one int gfn: its slot and page index, checked as
+        :meth:`_group` checks (same errors); None for anything else (the array path)."""
+        if type(gfns) is not list or len(gfns) != 1 or type(gfns[0]) is not int:
+            return None
+        gfn = gfns[0]
+        if gfn < 0:
+            raise InvalidArgument("gfns must be >= 0")
+        slot = self.slots.find(gfn)
+        if slot is None:
+            raise GfnNotInSlot(
+                f"gfn {gfn:#x} is not in any memslot (1 of the gfns are outside)"
+            )
+        return slot, gfn - slot.base_gfn
+
     def track_add(self, gfns: I64 | Sequence[int], owner: str = TENANT_OWNER) -> int:
         """Add one reference per listed gfn (a gfn listed twice gets two), all or none.
 
@@ -429,6 +445,17 @@ class Vm:
         skips, R1.3; we refuse and change nothing).
         """
         self._check_owner(owner)
+        one = self._single_gfn(gfns)
+        if one is not None:
+            tracking, i1 = one[0].tracking, one[1]
+            if tracking.counters.get1(i1) + 1 > COUNTER_MAX:
+                raise CounterOverflow(
+                    f"gfn {one[0].base_gfn + i1:#x}: track counter would pass {COUNTER_MAX}"
+                    " (KVM would WARN and skip; pagetrack refuses)"
+                )
+            started1, _ = tracking.apply1(i1, 1, owner)
+            self.generation += 1
+            return int(started1)
         arr = np.asarray(gfns, dtype=np.int64)
         groups = self._group(arr)
         for slot, idx, cnt in groups:
@@ -456,6 +483,21 @@ class Vm:
         owner holds fewer references than asked (KVM WARNs on 0 and ignores, R2.4).
         """
         self._check_owner(owner)
+        one = self._single_gfn(gfns)
+        if one is not None:
+            tracking, i1 = one[0].tracking, one[1]
+            if owner == TENANT_OWNER:
+                held1 = tracking.counters.get1(i1) - tracking.attributed.get1(i1)
+            else:
+                held1 = tracking.owners.get(owner, {}).get(i1, 0)
+            if held1 < 1:
+                raise NotTracked(
+                    f"gfn {one[0].base_gfn + i1:#x}: owner {owner!r} holds {held1}"
+                    " reference(s), cannot remove 1"
+                )
+            _, stopped1 = tracking.apply1(i1, -1, owner)
+            self.generation += 1
+            return int(stopped1)
         arr = np.asarray(gfns, dtype=np.int64)
         groups = self._group(arr)
         for slot, idx, cnt in groups:
@@ -766,7 +808,7 @@ class Vm:
             pend = np.minimum(g[widx] + n[widx], (first_page[widx] + k + 1) << PAGE_SHIFT)
             plen = pend - pgpa
             poff = offs[widx] + (pgpa - g[widx])
-        pvcpu = v[widx]
+        pvcpu = v if pgpa is g else v[widx]
         self.stats.writes += count
         return self._apply_pieces(widx, pgpa, plen, poff, pvcpu, data)
 
@@ -776,16 +818,28 @@ class Vm:
         """Path, slot position and page index of each piece, from current state."""
         gfn = pgpa >> PAGE_SHIFT
         pos = self.slots.find_many(gfn)
-        path = np.full(gfn.size, WritePath.MMIO_EXIT, dtype=np.int8)
+        if not gfn.size:
+            return np.zeros(0, dtype=np.int8), pos, np.zeros(0, dtype=np.int64)
+        slots = self.slots.slots()
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo == hi and lo >= 0 and not slots[lo].readonly:
+            # Every piece in one writable slot (the common case): no masks.
+            slot = slots[lo]
+            index = gfn - slot.base_gfn
+            path = (slot.tracking.counters.get(index) > 0).astype(np.int8) + np.int8(_FAST)
+            return path, pos, index
+        path = np.full(gfn.size, _MMIO_EXIT, dtype=np.int8)
         index = np.zeros(gfn.size, dtype=np.int64)
-        for p, slot in enumerate(self.slots.slots()):
+        for p in range(max(lo, 0), hi + 1):
+            slot = slots[p]
+            if slot.readonly:
+                continue
             mask = pos == p
-            if not mask.any() or slot.readonly:
+            if not mask.any():
                 continue
             idx = gfn[mask] - slot.base_gfn
             index[mask] = idx
-            tracked = slot.tracking.counters.get(idx) > 0
-            path[mask] = np.where(tracked, WritePath.EMULATED, WritePath.FAST)
+            path[mask] = (slot.tracking.counters.get(idx) > 0).astype(np.int8) + np.int8(_FAST)
         return path, pos, index
 
     def _apply_pieces(
@@ -800,7 +854,7 @@ class Vm:
         if not sync:
             # No per-event notifier: nothing can change tracking mid-batch, so one pass.
             self._apply_range(0, pgpa.size, path, pos, index, pgpa, plen, poff, slots, view)
-            emulated = path == WritePath.EMULATED
+            emulated = path == _EMULATED
             n_emul = int(np.count_nonzero(emulated))
             if n_emul:
                 seq[emulated] = np.arange(self.seq + 1, self.seq + 1 + n_emul, dtype=np.int64)
@@ -808,21 +862,24 @@ class Vm:
         else:
             self._apply_sync(path, pos, index, pgpa, plen, poff, pvcpu, data, seq)
         # Accounting, in bulk.
-        counts = np.bincount(path, minlength=3)
+        counts: list[int] = np.bincount(path, minlength=3).tolist()
         cost = self.cost
         per_path = (cost.mmio_exit_cycles, cost.fast_cycles, cost.emulate_cycles)
-        for p in (WritePath.MMIO_EXIT, WritePath.FAST, WritePath.EMULATED):
-            stats.pieces[p] += int(counts[p])
-            stats.cycles[p] += int(counts[p]) * per_path[p]
-        stats.bytes_written += int(plen[path != WritePath.MMIO_EXIT].sum())
+        for p in range(3):  # WritePath values
+            stats.pieces[p] += counts[p]
+            stats.cycles[p] += counts[p] * per_path[p]
+        if counts[_MMIO_EXIT]:
+            stats.bytes_written += int(plen[path != _MMIO_EXIT].sum())
+        else:
+            stats.bytes_written += int(plen.sum())
         if any(per_path):
+            # Cycles per vCPU (ids are below self.vcpus <= 4096), ascending.
             cyc = np.asarray(per_path, dtype=np.int64)[path]
-            vids, vc = np.unique(pvcpu, return_inverse=True)
-            sums = np.bincount(vc, weights=cyc, minlength=vids.size)
-            for vid, c in zip(vids.tolist(), sums.tolist(), strict=True):
-                if c:
-                    stats.vcpu_cycles[vid] = stats.vcpu_cycles.get(vid, 0) + int(c)
-        emulated = np.flatnonzero(path == WritePath.EMULATED)
+            sums = np.bincount(pvcpu, weights=cyc)
+            vcpu_cycles = stats.vcpu_cycles
+            for vid in np.flatnonzero(sums).tolist():
+                vcpu_cycles[vid] = vcpu_cycles.get(vid, 0) + int(sums[vid])
+        emulated = np.flatnonzero(path == _EMULATED)
         if emulated.size and self.notifiers.batch:
             batch = EventBatch(
                 seq[emulated].astype(np.uint64),
@@ -898,7 +955,7 @@ class Vm:
                     ]
                 if fast:
                     for node, fn in fast:
-                        if not node.active:
+                        if not node.active:  # unregistered by a node called before it
                             continue
                         calls += 1
                         node.calls += 1
@@ -962,7 +1019,19 @@ class Vm:
         batch, EMULATED), in order; mark them dirty where the slot logs."""
         if a >= b:
             return
-        sel = np.flatnonzero(path[a:b] != WritePath.MMIO_EXIT) + a
+        if b - a <= 4:
+            # A few pieces (between two emulated ones, say): one by one, no arrays.
+            for k in range(a, b):
+                if path[k] == _MMIO_EXIT:
+                    continue
+                slot = slots[pos[k]]
+                ix = int(index[k])
+                o = int(poff[k])
+                slot.memory.write(ix, int(pgpa[k]) & PAGE_MASK, view[o : o + int(plen[k])])
+                if slot.dirty is not None:
+                    slot.dirty.add(ix)
+            return
+        sel = np.flatnonzero(path[a:b] != _MMIO_EXIT) + a
         if sel.size == 0:
             return
         # Slot by slot (slots share no memory, so only the order within a slot matters),

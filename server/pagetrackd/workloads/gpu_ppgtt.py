@@ -250,9 +250,10 @@ class GpuPpgttWorkload:
             gpa[a:b], np.full(take, chunk.vcpu, dtype=np.int64), length[a:b],
             data[int(offs[a]) : int(offs[b])],
         )
-        counts = np.bincount(result.path, minlength=3)
+        counts: list[int] = np.bincount(result.path, minlength=3).tolist()
+        paths = self.paths
         for p in range(3):
-            self.paths[p] += int(counts[p])
+            paths[p] += counts[p]
         self._pos = b
         self.writes += take
         return take
