@@ -144,7 +144,7 @@ class Daemon:
         pbg.add_TrackingServiceServicer_to_server(TrackingService(engine, lim), srv)
         pbg.add_LeaseServiceServicer_to_server(LeaseService(engine), srv)
         pbg.add_WatchServiceServicer_to_server(self.watch, srv)
-        pbg.add_PluginServiceServicer_to_server(PluginService(engine), srv)
+        pbg.add_PluginServiceServicer_to_server(PluginService(engine, lim), srv)
         pbg.add_WorkloadServiceServicer_to_server(WorkloadService(engine), srv)
         pbg.add_AdminServiceServicer_to_server(AdminService(engine, lim), srv)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, srv)

@@ -5,7 +5,7 @@ pagetrack.v1: Linux KVM's x86 page-track (guest write tracking) as a gRPC API.
 
 Conventions used by every message below:
 - A VM is addressed by its name (`vm`), unique within the caller's tenant. Names are
-  1..63 characters from [A-Za-z0-9._-], starting with a letter or digit. Another
+  1..63 characters from [a-z0-9._-], starting and ending with a letter or digit. Another
   tenant's VM is NOT_FOUND, never PERMISSION_DENIED, so its existence is not revealed.
 - Page size is 4096 bytes; gfn = gpa >> 12. Every gfn must be below 2^gfn_bits of its
   VM (VmLimits.gfn_bits), every gpa below 2^(gfn_bits + 12).
@@ -153,7 +153,9 @@ class _DmaPathEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DmaPath.Value
     DESCRIPTOR: _descriptor.EnumDescriptor
     DMA_PATH_UNSPECIFIED: _DmaPath.ValueType  # 0
     DMA_PATH_UNMAPPED: _DmaPath.ValueType  # 1
-    """No memslot or a READONLY memslot: nothing written."""
+    """Not produced: a DMA that touches memory outside every memslot, or a READONLY one, is
+    refused whole with FAILED_PRECONDITION and writes nothing.
+    """
     DMA_PATH_APPLIED: _DmaPath.ValueType  # 2
     """Untracked RAM: written; dirty bit set if the slot logs dirty pages."""
     DMA_PATH_BYPASSED: _DmaPath.ValueType  # 3
@@ -166,7 +168,9 @@ class DmaPath(_DmaPath, metaclass=_DmaPathEnumTypeWrapper):
 
 DMA_PATH_UNSPECIFIED: DmaPath.ValueType  # 0
 DMA_PATH_UNMAPPED: DmaPath.ValueType  # 1
-"""No memslot or a READONLY memslot: nothing written."""
+"""Not produced: a DMA that touches memory outside every memslot, or a READONLY one, is
+refused whole with FAILED_PRECONDITION and writes nothing.
+"""
 DMA_PATH_APPLIED: DmaPath.ValueType  # 2
 """Untracked RAM: written; dirty bit set if the slot logs dirty pages."""
 DMA_PATH_BYPASSED: DmaPath.ValueType  # 3
@@ -722,9 +726,13 @@ class VmLimits(_message.Message):
     HISTORY_EVENTS_FIELD_NUMBER: _builtins.int
     HISTORY_BYTES_FIELD_NUMBER: _builtins.int
     max_memslots: _builtins.int
-    """Most memslots at once; 1..32764 (KVM_USER_MEM_SLOTS). Slot ids are 0..max_memslots-1."""
+    """Most memslots at once; 1..32768, default 509 (KVM_USER_MEM_SLOTS in 2016). Slot ids
+    are 0..max_memslots-1.
+    """
     gfn_bits: _builtins.int
-    """Width of a gfn in bits, 1..52: every gfn < 2^gfn_bits (x86-64 MAXPHYADDR 52 = gfn 40)."""
+    """Width of a gfn in bits, 12..40, default 40: every gfn < 2^gfn_bits (x86-64
+    MAXPHYADDR 52 = 40-bit gfns).
+    """
     max_vcpus: _builtins.int
     """Most vCPUs; ids are 0..max_vcpus-1. 1..4096."""
     max_guest_pages: _builtins.int
@@ -4018,7 +4026,7 @@ class DmaCounts(_message.Message):
     NOTIFIED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     unmapped: _builtins.int
-    """Not written: no memslot or READONLY."""
+    """DmaWrite calls refused because they touched no memslot or a READONLY one."""
     applied: _builtins.int
     """Written to untracked RAM."""
     bypassed: _builtins.int

@@ -5,7 +5,7 @@ pagetrack.v1: Linux KVM's x86 page-track (guest write tracking) as a gRPC API.
 
 Conventions used by every message below:
 - A VM is addressed by its name (`vm`), unique within the caller's tenant. Names are
-  1..63 characters from [A-Za-z0-9._-], starting with a letter or digit. Another
+  1..63 characters from [a-z0-9._-], starting and ending with a letter or digit. Another
   tenant's VM is NOT_FOUND, never PERMISSION_DENIED, so its existence is not revealed.
 - Page size is 4096 bytes; gfn = gpa >> 12. Every gfn must be below 2^gfn_bits of its
   VM (VmLimits.gfn_bits), every gpa below 2^(gfn_bits + 12).

@@ -563,8 +563,9 @@ def _int_options(options: Any) -> dict[str, Any]:
 class PluginService(pbg.PluginServiceServicer):
     """The in-process consumers: shadow MMU and vGPU."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, limits: ServerLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or ServerLimits()
 
     def _kind(self, kind: pb.PluginKind.ValueType) -> str:
         name = cv.PLUGIN_KIND.get(kind)
@@ -606,9 +607,12 @@ class PluginService(pbg.PluginServiceServicer):
     async def AuditPlugin(
         self, request: pb.AuditPluginRequest, context: Ctx
     ) -> pb.AuditPluginResponse:
+        cap = self.limits.max_audit_mismatches
+        if request.max_mismatches > cap:
+            raise InvalidArgument(f"max_mismatches {request.max_mismatches}: at most {cap}")
         _, plugin = self._plugin(request.vm, request.kind)
         report = plugin.audit()
-        limit = request.max_mismatches or 100
+        limit = request.max_mismatches or cap
         family = "ppgtt" if request.kind == pb.PLUGIN_KIND_VGPU else "shadow"
         return pb.AuditPluginResponse(
             checked_entries=report.checked,
