@@ -132,9 +132,18 @@ def _subscriber(target: str, vm: str, ready: Any, expected: Any, out: Any) -> No
     uvloop.run(run())
 
 
-async def _drive(target: str, vm: str, writes: int, expected: Any) -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system) the process has used, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _drive(
+    target: str, vm: str, writes: int, expected: Any, pid: int
+) -> dict[str, Any]:
     """Run the workload on ``vm`` to its end; collect its status, the VM's stats, the
-    plugins, the vGPU audit and the cost model."""
+    plugins, the vGPU audit, the cost model and the daemon's CPU time meanwhile."""
     from pagetrack.v1 import pagetrack_pb2 as pb
     from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 
@@ -142,6 +151,7 @@ async def _drive(target: str, vm: str, writes: int, expected: Any) -> dict[str, 
         work = pbg.WorkloadServiceStub(ch)
         admin = pbg.AdminServiceStub(ch)
         plugins = pbg.PluginServiceStub(ch)
+        cpu0 = _cpu_s(pid)
         started = await work.StartWorkload(pb.StartWorkloadRequest(
             vm=vm, kind=pb.WORKLOAD_KIND_GPU_PPGTT, count=writes, rate=0, seed=SEED,
         ))
@@ -151,6 +161,7 @@ async def _drive(target: str, vm: str, writes: int, expected: Any) -> dict[str, 
             status = (await work.GetWorkload(pb.GetWorkloadRequest(id=run_id))).workload
             if status.state != pb.WORKLOAD_STATE_RUNNING:
                 break
+        cpu = _cpu_s(pid) - cpu0
         if status.state != pb.WORKLOAD_STATE_FINISHED:
             raise SystemExit(f"the workload ended {pb.WorkloadState.Name(status.state)}:"
                              f" {status.error}")
@@ -163,7 +174,7 @@ async def _drive(target: str, vm: str, writes: int, expected: Any) -> dict[str, 
         info = (await pbg.VmServiceStub(ch).GetVm(pb.GetVmRequest(vm=vm))).vm
         await pbg.VmServiceStub(ch).DeleteVm(pb.DeleteVmRequest(vm=vm))
         return {"status": status, "stats": stats, "plugins": listed.plugins, "audit": audit,
-                "cost": info.options.cost}
+                "cost": info.options.cost, "cpu_s": cpu}
 
 
 async def _create_vm(target: str, vm: str) -> None:
@@ -174,7 +185,7 @@ async def _create_vm(target: str, vm: str) -> None:
         await pbg.VmServiceStub(ch).CreateVm(pb.CreateVmRequest(name=vm))
 
 
-def run_gpu_ppgtt(target: str, vm: str, writes: int) -> dict[str, Any]:
+def run_gpu_ppgtt(target: str, vm: str, writes: int, pid: int) -> dict[str, Any]:
     """One run of the workload on a new VM with one subscriber; returns its figures."""
     from pagetrack.v1 import pagetrack_pb2 as pb
 
@@ -188,7 +199,7 @@ def run_gpu_ppgtt(target: str, vm: str, writes: int) -> dict[str, Any]:
     try:
         if not ready.wait(60):
             raise SystemExit("the subscriber did not register")
-        res = asyncio.run(_drive(target, vm, writes, expected))
+        res = asyncio.run(_drive(target, vm, writes, expected, pid))
         got, lost, last_seq, bad = out.get(timeout=600)
     finally:
         sub.join(30)
@@ -218,6 +229,7 @@ def run_gpu_ppgtt(target: str, vm: str, writes: int) -> dict[str, Any]:
         "tracked": emulated,
         "elapsed_s": secs,
         "rate": emulated / secs,
+        "cpu_us": res["cpu_s"] / emulated * 1e6 if emulated else 0.0,
         "dropped": lost + stats.events_dropped,
         "audit": res["audit"].mismatch_count,
         "audit_checked": res["audit"].checked_entries,
@@ -241,7 +253,7 @@ def main() -> int:
         try:
             for r in range(args.rounds):
                 c_rates.append(c_trap_writes_per_s(C_WRITES))
-                runs.append(run_gpu_ppgtt(target, f"{VM}-{r}", args.writes))
+                runs.append(run_gpu_ppgtt(target, f"{VM}-{r}", args.writes, daemon.pid))
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
@@ -257,6 +269,9 @@ def main() -> int:
     print(f"gpu_ppgtt_tracked_writes: {sum(r['tracked'] for r in runs)}")
     print(f"gpu_ppgtt_elapsed_s: {sum(r['elapsed_s'] for r in runs):.3f}")
     print(f"gpu_ppgtt_tracked_writes_per_s: {rate:.0f}")
+    # CPU the daemon spent per tracked write (workload, vGPU, streaming), whatever the load
+    cpu_us = statistics.median(r["cpu_us"] for r in runs)
+    print(f"gpu_ppgtt_daemon_cpu_us_per_tracked_write: {cpu_us:.2f}")
     print(f"gpu_ppgtt_dropped: {dropped}")
     print(f"gpu_ppgtt_audit_mismatches: {audit}")
     print(f"gpu_ppgtt_audit_checked_entries: {last['audit_checked']}")

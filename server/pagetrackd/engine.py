@@ -43,8 +43,9 @@ log = structlog.get_logger("pagetrackd.engine")
 WORKLOAD_CHUNK = 256
 #: writes per step at rate 0 (as fast as possible): larger steps cost less per write
 WORKLOAD_FAST_CHUNK = 1024
-#: a workload at rate 0 steps for this long before yielding to the event loop
-WORKLOAD_SLICE_S = 0.005
+#: a workload at rate 0 steps for this long before yielding to the event loop (streams
+#: then send what it wrote in fewer, larger messages)
+WORKLOAD_SLICE_S = 0.010
 
 
 @dataclass(frozen=True, slots=True)

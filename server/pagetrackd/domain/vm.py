@@ -939,7 +939,16 @@ class Vm:
                 # Emulate piece j: write first, then notify (R4.4).
                 slot = slots[p]
                 piece = data[o : o + ln]
-                slot.memory.write(ix, gp & PAGE_MASK, piece)
+                # slot.memory.write(ix, off, piece), its common case inlined: the page
+                # holds the bytes around the piece already.
+                memory = slot.memory
+                page = memory._pages.get(ix)
+                off = gp & PAGE_MASK
+                if page is not None and 0 <= off - page.lo <= len(page.buf) - ln:
+                    a = off - page.lo
+                    page.buf[a : a + ln] = piece
+                else:
+                    memory.write(ix, off, piece)
                 if slot.dirty is not None:
                     slot.dirty.add(ix)
                 self.seq = s = self.seq + 1

@@ -444,9 +444,6 @@ class Vgpu:
         """``ppgtt_handle_guest_write_page_table``: add the new entry first, then
         remove the old one, so a table stays valid in between (and an unchanged child
         keeps its spt)."""
-        if spt.level == 1:
-            self._update_pte(spt, index, ge)
-            return
         entries = spt.entries
         old = entries[index]
         present = ge & PTE_PRESENT
@@ -455,46 +452,6 @@ class Vgpu:
         self._remove_shadow_entry(spt, old)
         if not present:
             entries[index] = self._scratch_entry(spt.level)
-
-    def _update_pte(self, spt: Spt, index: int, ge: int) -> None:
-        """:meth:`_handle_guest_write` for a level-1 table (the common case): _add_entry,
-        _dma_map, _remove_shadow_entry and _dma_unmap, inlined, in that order and with
-        the same effects."""
-        entries = spt.entries
-        old = entries[index]
-        present = ge & PTE_PRESENT
-        scratch = self.scratch[1]
-        if present:
-            gfn = (ge & ADDR_MASK) >> PAGE_SHIFT
-            lo, hi, _ = self._hot_data
-            if not lo <= gfn < hi and self._find_hot(gfn, False) is None:
-                self.stats.violations += 1
-                frame = scratch
-            else:
-                dma = self._dma.get(gfn)
-                if dma is not None:
-                    dma[1] += 1
-                    frame = dma[0]
-                else:
-                    frame = self._next_frame
-                    self._next_frame = frame + 1
-                    self._dma[gfn] = [frame, 1]
-                    self._frame_gfn[frame] = gfn
-            entries[index] = (frame << PAGE_SHIFT) | (ge & FLAGS_MASK)
-        else:
-            entries[index] = scratch << PAGE_SHIFT
-        if old & PTE_PRESENT:
-            frame = (old & ADDR_MASK) >> PAGE_SHIFT
-            if frame != scratch:
-                old_gfn = self._frame_gfn.get(frame)
-                if old_gfn is None:
-                    self._dma_unmap(frame)  # counts the error
-                    return
-                dma = self._dma[old_gfn]
-                dma[1] -= 1
-                if dma[1] == 0:
-                    del self._dma[old_gfn]
-                    del self._frame_gfn[frame]
 
     def _set_post_shadow(self, spt: Spt, index: int, half: int) -> None:
         """``ppgtt_set_post_shadow``: mark an index pending; the first time, drop the
@@ -608,20 +565,55 @@ class Vgpu:
             return
         spt = track.priv
         nbytes = len(data)
-        if nbytes == ENTRY_SIZE and not gpa & 7 and spt.level == 1 and not spt.post:
-            # The handler's most common case, without its layers: a whole, aligned PTE
-            # write with nothing pending in the table (every track.handler is
-            # _ppgtt_write_protection_handler; this is its full-write branch).
-            lo, hi, slot = self._hot_table
-            if not lo <= gfn < hi:
-                slot = self._find_hot(gfn, True)
-                lo = 0 if slot is None else slot.info.base_gfn
-            index = (gpa & (PAGE_SIZE - 1)) >> 3
-            ge = 0 if slot is None else slot.memory.read_u64(gfn - lo, index << 3)
-            stats.full_writes += 1
-            self._update_pte(spt, index, ge)
+        if nbytes != ENTRY_SIZE or gpa & 7 or spt.level != 1 or spt.post:
+            track.handler(spt, gpa, nbytes)
             return
-        track.handler(spt, gpa, nbytes)
+        # The handler's most common case, inlined: a whole, aligned PTE write with
+        # nothing pending in the table. Every track.handler is
+        # _ppgtt_write_protection_handler; this is its full-write branch, with
+        # _read_entry and, for a level-1 table, _handle_guest_write (_add_entry,
+        # _dma_map, _remove_shadow_entry, _dma_unmap): the same steps in the same order.
+        lo, hi, slot = self._hot_table
+        if not lo <= gfn < hi:
+            slot = self._find_hot(gfn, True)
+            lo = 0 if slot is None else slot.info.base_gfn
+        index = (gpa & (PAGE_SIZE - 1)) >> 3
+        ge = 0 if slot is None else slot.memory.read_u64(gfn - lo, index << 3)
+        stats.full_writes += 1
+        entries = spt.entries
+        old = entries[index]
+        scratch = self.scratch[1]
+        if ge & PTE_PRESENT:
+            page = (ge & ADDR_MASK) >> PAGE_SHIFT
+            lo, hi, _ = self._hot_data
+            if not lo <= page < hi and self._find_hot(page, False) is None:
+                stats.violations += 1
+                frame = scratch
+            else:
+                dma = self._dma.get(page)
+                if dma is not None:
+                    dma[1] += 1
+                    frame = dma[0]
+                else:
+                    frame = self._next_frame
+                    self._next_frame = frame + 1
+                    self._dma[page] = [frame, 1]
+                    self._frame_gfn[frame] = page
+            entries[index] = (frame << PAGE_SHIFT) | (ge & FLAGS_MASK)
+        else:
+            entries[index] = scratch << PAGE_SHIFT
+        if old & PTE_PRESENT:
+            frame = (old & ADDR_MASK) >> PAGE_SHIFT
+            if frame != scratch:
+                page = self._frame_gfn.get(frame, -1)
+                if page < 0:
+                    self._dma_unmap(frame)  # counts the error
+                    return
+                dma = self._dma[page]
+                dma[1] -= 1
+                if dma[1] == 0:
+                    del self._dma[page]
+                    del self._frame_gfn[frame]
 
     def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
         """``kvmgt_page_track_remove_region``: forget the range from the protect table,
