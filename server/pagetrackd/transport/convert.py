@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrackd.domain import (
@@ -153,6 +154,49 @@ def track_state_pb(info: TrackInfo, slot: int | None, owners: bool) -> pb.GfnTra
 _WRITE_MODE_FLAGS = pb.TRACK_MODE_WRITE << 8
 
 
+def varint(value: int) -> bytes:
+    """Protobuf's varint encoding of one unsigned value."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def varints(values: npt.NDArray[Any]) -> bytes:
+    """Protobuf's varint encoding of unsigned values, back to back (a packed field's
+    payload), computed in bulk: upb's ``extend`` converts one Python int at a time."""
+    v = values.astype(np.uint64, copy=False)
+    if not v.size:
+        return b""
+    if bool((v == v[0]).all()):  # vcpu, length and flags usually are
+        return varint(int(v[0])) * v.size
+    width = max(1, (int(v.max()).bit_length() + 6) // 7)  # bytes of the longest varint
+    if width == 1:
+        return v.astype(np.uint8).tobytes()
+    # Row i holds value i's seven-bit groups, lowest first, with the continuation bit
+    # set on every group but its last; keep[i, k] says whether value i has group k.
+    out = np.empty((v.size, width), dtype=np.uint8)
+    keep = np.empty((v.size, width), dtype=np.bool_)
+    keep[:, 0] = True
+    rest = v
+    for k in range(width):
+        nxt = rest >> np.uint64(7)
+        more = nxt != 0
+        out[:, k] = (rest & np.uint64(0x7F)).astype(np.uint8) | (more.view(np.uint8) << 7)
+        if k + 1 < width:
+            keep[:, k + 1] = more
+        rest = nxt
+    if bool(keep[:, -1].all()):
+        return out.tobytes()
+    return out[keep].tobytes()  # row-major: the values stay in order
+
+
+def _packed(field: int, payload: bytes) -> bytes:
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
 def fill_events(
     msg: pb.EventBatch,
     parts: Sequence[tuple[EventBatch, int]],
@@ -160,23 +204,39 @@ def fill_events(
     omit_data: bool,
 ) -> None:
     """Fill ``msg`` with the events of ``parts`` ((batch, timestamp ns) pairs in seq
-    order), column by column in bulk. Fill ``WatchResponse().events`` in place: passing
-    a finished EventBatch to WatchResponse(events=...) copies it."""
+    order). The columns are encoded in bulk with numpy into the message's wire form,
+    which upb then parses into ``msg`` (far cheaper than extending each repeated field
+    from Python ints). Fill ``WatchResponse().events`` in place: passing a finished
+    EventBatch to WatchResponse(events=...) copies it."""
     base = _WRITE_MODE_FLAGS | (pb.EVENT_FLAG_DATA_OMITTED if omit_data else 0)
-    for batch, ts_ns in parts:
-        n = len(batch)
-        msg.seq.extend(batch.seq.tolist())
-        msg.gpa.extend(batch.gpa.tolist())
-        msg.length.extend(batch.length.tolist())
-        msg.vcpu.extend(batch.vcpu.tolist())
-        source = batch.source
-        msg.flags.extend(
-            (source.astype(np.uint32) | np.uint32(base)).tolist() if source.any() else [base] * n
+    if len(parts) == 1:
+        only = parts[0][0]
+        seq, gpa, length, vcpu, source = (
+            only.seq, only.gpa, only.length, only.vcpu, only.source
         )
-        msg.timestamp_ns.extend([ts_ns] * n)
+    else:
+        batches = [b for b, _ in parts]
+        seq = np.concatenate([b.seq for b in batches])
+        gpa = np.concatenate([b.gpa for b in batches])
+        length = np.concatenate([b.length for b in batches])
+        vcpu = np.concatenate([b.vcpu for b in batches])
+        source = np.concatenate([b.source for b in batches])
+    flags = source.astype(np.uint32) | np.uint32(base)
+    wire = [
+        _packed(1, varints(seq)),
+        _packed(2, varints(gpa)),
+        _packed(3, varints(length)),
+        _packed(4, varints(vcpu)),
+        _packed(5, varints(flags)),
+        _packed(6, b"".join(varint(ts) * len(b) for b, ts in parts)),
+    ]
     if not omit_data:
-        msg.data = parts[0][0].data if len(parts) == 1 else b"".join(b.data for b, _ in parts)
-    msg.head_seq = head_seq
+        data = parts[0][0].data if len(parts) == 1 else b"".join(b.data for b, _ in parts)
+        if data:
+            wire.append(b"\x3a" + varint(len(data)) + data)
+    if head_seq:
+        wire.append(b"\x40" + varint(head_seq))
+    msg.MergeFromString(b"".join(wire))
 
 
 def event_batch_pb(
