@@ -77,3 +77,14 @@ def test_varints_match_protobuf(values: list[int]) -> None:
     wire = msg.SerializeToString()
     payload = cv.varints(np.array(values, dtype=np.uint64))
     assert wire == b"\x0a" + cv.varint(len(payload)) + payload
+
+
+@settings(max_examples=50, deadline=None)
+@given(parts=st.lists(st.tuples(batches(), _u64(64)), min_size=1, max_size=3),
+       head_seq=_u64(64), omit=st.booleans())
+def test_response_wire_is_a_watch_response_with_those_events(
+    parts: list[tuple[EventBatch, int]], head_seq: int, omit: bool
+) -> None:
+    """What the stream sends as bytes parses as WatchResponse(events=...)."""
+    got = pb.WatchResponse.FromString(cv.events_response_wire(parts, head_seq, omit))
+    assert got == pb.WatchResponse(events=reference(parts, head_seq, omit))

@@ -197,17 +197,12 @@ def _packed(field: int, payload: bytes) -> bytes:
     return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
-def fill_events(
-    msg: pb.EventBatch,
-    parts: Sequence[tuple[EventBatch, int]],
-    head_seq: int,
-    omit_data: bool,
-) -> None:
-    """Fill ``msg`` with the events of ``parts`` ((batch, timestamp ns) pairs in seq
-    order). The columns are encoded in bulk with numpy into the message's wire form,
-    which upb then parses into ``msg`` (far cheaper than extending each repeated field
-    from Python ints). Fill ``WatchResponse().events`` in place: passing a finished
-    EventBatch to WatchResponse(events=...) copies it."""
+def events_wire(
+    parts: Sequence[tuple[EventBatch, int]], head_seq: int, omit_data: bool
+) -> bytes:
+    """The wire form of an EventBatch message holding the events of ``parts`` ((batch,
+    timestamp ns) pairs in seq order). The packed columns are encoded in bulk with
+    numpy, far cheaper than extending each repeated field from Python ints."""
     base = _WRITE_MODE_FLAGS | (pb.EVENT_FLAG_DATA_OMITTED if omit_data else 0)
     if len(parts) == 1:
         only = parts[0][0]
@@ -236,7 +231,27 @@ def fill_events(
             wire.append(b"\x3a" + varint(len(data)) + data)
     if head_seq:
         wire.append(b"\x40" + varint(head_seq))
-    msg.MergeFromString(b"".join(wire))
+    return b"".join(wire)
+
+
+def events_response_wire(
+    parts: Sequence[tuple[EventBatch, int]], head_seq: int, omit_data: bool
+) -> bytes:
+    """The wire form of a WatchResponse carrying those events (field 2, ``events``):
+    the Watch stream sends it as it is, with no message object built and serialized."""
+    inner = events_wire(parts, head_seq, omit_data)
+    return b"\x12" + varint(len(inner)) + inner
+
+
+def fill_events(
+    msg: pb.EventBatch,
+    parts: Sequence[tuple[EventBatch, int]],
+    head_seq: int,
+    omit_data: bool,
+) -> None:
+    """Fill ``msg`` (e.g. ``WatchResponse().events``, in place) with the events of
+    ``parts``, by parsing :func:`events_wire`."""
+    msg.MergeFromString(events_wire(parts, head_seq, omit_data))
 
 
 def event_batch_pb(

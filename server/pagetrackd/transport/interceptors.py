@@ -37,6 +37,19 @@ def _code(context: Any) -> str:
     return str(code.name if hasattr(code, "name") else code)
 
 
+def _passing_wire(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A response serializer that sends ``bytes`` as they are (a server stream may yield
+    a message already in wire form, as Watch does for event batches) and serializes
+    anything else with ``serialize``."""
+    if serialize is None:
+        return None
+
+    def wire(message: Any) -> bytes:
+        return message if message.__class__ is bytes else serialize(message)
+
+    return wire
+
+
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates each call, binds tenant/rpc/peer for logging, logs the outcome."""
 
@@ -159,7 +172,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_passing_wire(handler.response_serializer),
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
