@@ -171,7 +171,7 @@ async def test_progress_heartbeats_under_load_are_exact_and_on_time(
     spacing = [(b.timestamp_ns - a.timestamp_ns) / 1e6
                for a, b in zip(on_time, on_time[1:], strict=False)]
     # Due every interval: never much sooner, and on a 2-core machine not much later.
-    assert interval_ms * 0.9 <= statistics.median(spacing) <= interval_ms * 2.5, spacing
+    assert interval_ms * 0.9 <= statistics.median(spacing) <= interval_ms * 3, spacing
     assert min(spacing) >= interval_ms * 0.5, spacing
     async with writing(daemon.tcp, vm, length=4096):
         await asyncio.sleep(1.5)  # the reader stalls; transport buffers and the queue fill
