@@ -921,6 +921,8 @@ class Vm:
         calls = 0
         known: tuple[NotifierNode, ...] | None = None  # the nodes `fast` was made for
         fast: list[tuple[NotifierNode, Callable[[Vm, int, int, int, bytes], None]]] = []
+        one: Callable[[Vm, int, int, int, bytes], None] | None = None  # fast's only node
+        one_calls = 0  # calls made to `one` not yet counted
         i = 0
         while True:
             # The emulated pieces still to do, found once (and again after a
@@ -957,12 +959,25 @@ class Vm:
                 if nodes is not known:
                     # Registered nodes changed (or first piece): can every node take the
                     # write without an event object (GuestWriteNotifier)?
+                    if one_calls:
+                        fast[0][0].calls += one_calls
+                        calls += one_calls
+                        one_calls = 0
                     known = nodes
                     fns = [getattr(n.notifier, "track_guest_write", None) for n in nodes]
                     fast = [] if None in fns else [
                         (n, fn) for n, fn in zip(nodes, fns, strict=True) if fn is not None
                     ]
-                if fast:
+                    one = fast[0][1] if len(fast) == 1 else None
+                if one is not None:
+                    # The only node (the usual case, a plugin): it is active, or `sync`
+                    # would have changed; its calls are counted when the list changes.
+                    one_calls += 1
+                    try:
+                        one(self, s, vc, gp, piece)
+                    except Exception:
+                        notifiers._failed(fast[0][0], self, "track_write")
+                elif fast:
                     for node, fn in fast:
                         if not node.active:  # unregistered by a node called before it
                             continue
@@ -1000,6 +1015,9 @@ class Vm:
             if not again:
                 break
         self._apply_range(i, total, path, pos, index, pgpa, plen, poff, slots, view)
+        if one_calls:
+            fast[0][0].calls += one_calls
+            calls += one_calls
         if done_s:
             # Every piece that ends up EMULATED was emulated here, in order; their seqs
             # are consecutive unless a notifier took some in between.

@@ -407,7 +407,8 @@ class Vgpu:
         if spt.refcount > 0:
             return
         for se in spt.entries:
-            self._remove_shadow_entry(spt, se)
+            if se & PTE_PRESENT:  # _remove_shadow_entry ignores the others
+                self._remove_shadow_entry(spt, se)
         self._free_spt(spt)
 
     def _free_spt(self, spt: Spt) -> None:
