@@ -42,7 +42,7 @@ log = structlog.get_logger("pagetrackd.engine")
 #: writes per workload step at a target rate
 WORKLOAD_CHUNK = 256
 #: writes per step at rate 0 (as fast as possible): larger steps cost less per write
-WORKLOAD_FAST_CHUNK = 1024
+WORKLOAD_FAST_CHUNK = 2048
 #: a workload at rate 0 steps for this long before yielding to the event loop (streams
 #: then send what it wrote in fewer, larger messages)
 WORKLOAD_SLICE_S = 0.010

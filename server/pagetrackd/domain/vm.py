@@ -170,8 +170,13 @@ class BatchResult:
 def _gather(data: bytes, start: I64, length: I64) -> bytes:
     """The bytes ``data[start[k] : start[k] + length[k]]`` for every k, concatenated."""
     ends = np.cumsum(length)
-    if int(start[0]) == 0 and int(ends[-1]) == len(data) and np.array_equal(start[1:], ends[:-1]):
-        return bytes(data)  # the pieces tile the whole buffer (every piece emulated)
+    first = int(start[0])
+    if np.array_equal(start[1:] - first, ends[:-1]):
+        # The pieces are back to back: the whole buffer (every piece emulated) or a run.
+        total = int(ends[-1])
+        return bytes(data) if first == 0 and total == len(data) else bytes(
+            data[first : first + total]
+        )
     src = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(start - (ends - length), length)
     out: bytes = np.frombuffer(data, dtype=np.uint8)[src].tobytes()
     return out

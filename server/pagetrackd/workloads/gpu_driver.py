@@ -31,6 +31,7 @@ VA_BASE = 1 << 32
 CMD_BYTES = 64
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _PT_SHIFT = level_shift(2)  #: va >> _PT_SHIFT names a va's level-1 table (2 MiB)
+_PT_BASE = VA_BASE >> _PT_SHIFT
 _PTE_RW = PTE_PRESENT | PTE_RW
 _ZERO_ENTRY = bytes(8)
 
@@ -410,10 +411,10 @@ class GpuDriver:
                         while x >= data_pages:
                             x = getrandbits(k_data)
                         gfn = data_base + x
-                    va = VA_BASE + ((vpn >> 12) << 30) + ((vpn & 4095) << PAGE_SHIFT)
-                    pt = tables.get((1, va >> _PT_SHIFT))
+                    # (1, vpn_to_va(vpn) >> _PT_SHIFT), without the large va
+                    pt = tables.get((1, _PT_BASE + ((vpn >> 12) << 9) + ((vpn & 4095) >> 9)))
                     if pt is None:
-                        pt = self._walk_create(ctx, va)
+                        pt = self._walk_create(ctx, self.vpn_to_va(vpn))
                     gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
                     data = ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little")
                     entry_writes += 1
@@ -440,9 +441,8 @@ class GpuDriver:
             vpn = leaf_list[x]
             if vpn == 0:
                 continue
-            va = VA_BASE + ((vpn >> 12) << 30) + ((vpn & 4095) << PAGE_SHIFT)
+            pt = tables[(1, _PT_BASE + ((vpn >> 12) << 9) + ((vpn & 4095) >> 9))]
             if r < 0.70:  # unmap
-                pt = tables[(1, va >> _PT_SHIFT)]
                 gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
                 entry_writes += 1
                 if random() < split:
@@ -461,7 +461,7 @@ class GpuDriver:
                     leaf_pos[last] = pos
                 unmaps += 1
                 if not used[pt]:
-                    self._release_path(ctx, va)
+                    self._release_path(ctx, self.vpn_to_va(vpn))
             else:  # remap
                 if violation and random() < violation:  # _data_gfn
                     self.stats.bad_gfns += 1
@@ -471,7 +471,6 @@ class GpuDriver:
                     while x >= data_pages:
                         x = getrandbits(k_data)
                     gfn = data_base + x
-                pt = tables[(1, va >> _PT_SHIFT)]
                 gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
                 data = ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little")
                 entry_writes += 1
