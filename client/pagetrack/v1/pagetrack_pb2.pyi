@@ -3295,9 +3295,11 @@ class BuildPpgttRequest(_message.Message):
     vm: _builtins.str
     """VM name; the vgpu plugin must be attached (FAILED_PRECONDITION otherwise)."""
     root_gpa: _builtins.int
-    """Guest-physical address of the PPGTT root table (page aligned)."""
+    """Guest-physical address of the PPGTT root table (page aligned); 0 = a fresh, empty
+    root on an unused all-zero page at the top of guest memory.
+    """
     levels: _builtins.int
-    """Table levels, 3 or 4; 0 = 4."""
+    """Table levels: 0 or 4 (only 4-level PPGTTs are modelled)."""
     @_builtins.property
     def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra options by name; unknown keys are INVALID_ARGUMENT. None defined yet."""
@@ -3331,7 +3333,7 @@ class BuildPpgttResponse(_message.Message):
     shadow_tables: _builtins.int
     """Guest tables shadowed (each one write-tracked)."""
     scratch_entries: _builtins.int
-    """Entries pointed at the scratch page (not present, or outside every memslot)."""
+    """Entries pointed at the scratch page while a partial (4-byte) write is pending."""
     violations: _builtins.int
     """Entries that pointed outside the VM's memslots (counted violations)."""
     def __init__(

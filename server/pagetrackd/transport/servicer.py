@@ -662,39 +662,50 @@ class PluginService(pbg.PluginServiceServicer):
     async def BuildPpgtt(
         self, request: pb.BuildPpgttRequest, context: Ctx
     ) -> pb.BuildPpgttResponse:
+        if request.levels not in (0, 4):
+            raise InvalidArgument(f"levels {request.levels}: only 4-level PPGTTs are modelled")
+        if request.options:
+            raise InvalidArgument(
+                f"unknown BuildPpgtt options: {', '.join(sorted(request.options))}"
+            )
+        if request.root_gpa & 0xFFF:
+            raise InvalidArgument(f"root_gpa {request.root_gpa:#x} is not page aligned")
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
-        args: dict[str, Any] = _int_options(request.options)
-        if request.root_gpa:
-            args["root_gpa"] = request.root_gpa
-        if request.levels:
-            args["levels"] = request.levels
-        out = plugin.call("build_ppgtt", **args)
+        out = plugin.call("build_ppgtt", root_gpa=request.root_gpa or None)
+        status = plugin.status()
         return pb.BuildPpgttResponse(
-            ppgtt_id=int(out.get("ppgtt_id", 0)),
-            shadow_tables=int(out.get("shadow_tables", 0)),
-            scratch_entries=int(out.get("scratch_entries", 0)),
-            violations=int(out.get("violations", 0)),
+            ppgtt_id=int(out["ppgtt"]),
+            shadow_tables=int(out["tables"]),
+            scratch_entries=int(status.get("pending", 0)),
+            violations=int(status.get("violations", 0)),
         )
 
     @unary
     async def SubmitVgpu(
         self, request: pb.SubmitVgpuRequest, context: Ctx
     ) -> pb.SubmitVgpuResponse:
+        if len(request.gpu_addrs) > 10000:
+            raise InvalidArgument(f"{len(request.gpu_addrs)} gpu_addrs; at most 10000")
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
-        out = plugin.call("submit", ppgtt_id=request.ppgtt_id, gpu_addrs=list(request.gpu_addrs))
-        return pb.SubmitVgpuResponse(
-            flushed_entries=int(out.get("flushed_entries", out.get("flushed", 0))),
-            gpa=[int(x) for x in out.get("gpa", [])],
-            scratch=[bool(x) for x in out.get("scratch", [])],
-        )
+        out = plugin.call("submit", ppgtt=request.ppgtt_id)
+        reply = pb.SubmitVgpuResponse(flushed_entries=int(out["flushed"]))
+        for va in request.gpu_addrs:
+            t = plugin.call("translate", va=va, ppgtt=request.ppgtt_id)
+            scratch = bool(t["scratch"])
+            gpa = int(t["hpa"]) if scratch else (int(t["guest_gfn"]) << 12) | (va & 0xFFF)
+            reply.gpa.append(gpa)
+            reply.scratch.append(scratch)
+        return reply
 
     @unary
     async def DestroyPpgtt(
         self, request: pb.DestroyPpgttRequest, context: Ctx
     ) -> pb.DestroyPpgttResponse:
-        _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
-        out = plugin.call("destroy_ppgtt", ppgtt_id=request.ppgtt_id)
-        return pb.DestroyPpgttResponse(released_references=int(out.get("released", 0)))
+        entry, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
+        before = len(entry.vm.tracked_gfns("plugin:vgpu"))
+        plugin.call("destroy_ppgtt", ppgtt=request.ppgtt_id)
+        after = len(entry.vm.tracked_gfns("plugin:vgpu"))
+        return pb.DestroyPpgttResponse(released_references=before - after)
 
 
 #: workloads that take StartWorkloadRequest.tracked_fraction (the others ignore it, as
