@@ -205,10 +205,11 @@ async def test_region_removed_on_memslot_move_and_delete(api: Api, vm: str) -> N
             kinds.append(("events", tuple(msg.events.seq)))
         else:
             r = msg.region_removed
-            kinds.append(("region_removed", (r.base_gfn, r.npages, r.at_seq)))
+            kinds.append(("region_removed", (r.base_gfn, r.npages, r.at_seq, r.slot, r.change,
+                                             r.new_base_gfn)))
     assert kinds == [
-        ("events", (1,)), ("region_removed", (0x400, 4, 1)),
-        ("events", (2,)), ("region_removed", (0x500, 4, 2)),
+        ("events", (1,)), ("region_removed", (0x400, 4, 1, 3, pb.MEMSLOT_CHANGE_MOVE, 0x500)),
+        ("events", (2,)), ("region_removed", (0x500, 4, 2, 3, pb.MEMSLOT_CHANGE_DELETE, 0)),
     ]
     w.call.cancel()
 

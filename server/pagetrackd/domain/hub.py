@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from pagetrackd.domain.errors import Compacted, InvalidArgument
 from pagetrackd.domain.events import EventBatch, WriteEvent
-from pagetrackd.domain.types import PAGE_SHIFT, TENANT_OWNER, Source
+from pagetrackd.domain.types import PAGE_SHIFT, TENANT_OWNER, RegionChange, Source
 
 if TYPE_CHECKING:
     from pagetrackd.domain.notifiers import NotifierNode
@@ -73,6 +73,11 @@ class RegionRemoved:
     base_gfn: int
     npages: int
     at_seq: int
+    change: RegionChange | None = None  #: the slot and change, when the VM said
+
+
+def _region_record(vm: Vm, base_gfn: int, npages: int) -> RegionRemoved:
+    return RegionRemoved(base_gfn, npages, vm.seq, vm.region_change)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +207,7 @@ class History:
     def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
         """Keep a region record in order with the events."""
         self._flush()
-        self._append(RegionRemoved(base_gfn, npages, vm.seq))
+        self._append(_region_record(vm, base_gfn, npages))
 
     def since(self, start_seq: int, head_seq: int) -> list[Item]:
         """Items with events of seq >= ``start_seq`` (region records after it too).
@@ -441,7 +446,7 @@ class Subscriber:
         """Queue a region record; it is never dropped (one per slot change)."""
         self._pack_singles()
         self._flush_gap()
-        self._items.append(RegionRemoved(base_gfn, npages, vm.seq))
+        self._items.append(_region_record(vm, base_gfn, npages))
         self.wake()
 
     def vm_closed(self, vm: Vm) -> None:

@@ -107,6 +107,15 @@ class Memslot:
 
 
 @dataclass(frozen=True, slots=True)
+class RegionChange:
+    """Which memslot change is removing a region, for notifiers that want to say so."""
+
+    slot_id: int
+    change: SlotChange  #: DELETE or MOVE
+    new_base_gfn: int = 0  #: MOVE only: where the slot went
+
+
+@dataclass(frozen=True, slots=True)
 class WritePiece:
     """The outcome of one page-sized piece of a write."""
 

@@ -37,6 +37,7 @@ from pagetrackd.domain.types import (
     TENANT_OWNER,
     DmaPolicy,
     Memslot,
+    RegionChange,
     Semantics,
     SlotChange,
     SlotFlags,
@@ -241,6 +242,8 @@ class Vm:
         #: its classification is stale
         self.generation = 0
         self.closed = False
+        #: set only while notifiers hear of a removed region: which slot and change
+        self.region_change: RegionChange | None = None
 
     # ------------------------------------------------------------------ memslots
 
@@ -316,18 +319,32 @@ class Vm:
         self.generation += 1
         return SlotChange.FLAGS_ONLY
 
+    def _region_gone(
+        self, slot: Memslot, change: SlotChange, new_base_gfn: int = 0,
+        internal_only: bool = False,
+    ) -> None:
+        """Tell notifiers that ``slot``'s range is gone. While they are told,
+        ``region_change`` says which slot, what change and (MOVE) the new base."""
+        self.region_change = RegionChange(slot.slot_id, change, new_base_gfn)
+        try:
+            self.notifiers.dispatch_remove_region(
+                self, slot.base_gfn, slot.npages, internal_only=internal_only
+            )
+        finally:
+            self.region_change = None
+
     def _delete_slot(self, slot: Slot) -> None:
         info = slot.info
         if self.semantics is Semantics.V2016:
             # track_flush_slot ran before the memslot update was committed (R5.5).
-            self.notifiers.dispatch_remove_region(self, info.base_gfn, info.npages)
+            self._region_gone(info, SlotChange.DELETE)
             del self.slots.by_id[info.slot_id]
             self.slots.reindex()
         else:
             # track_remove_region runs once the deletion is certain (R5.6).
             del self.slots.by_id[info.slot_id]
             self.slots.reindex()
-            self.notifiers.dispatch_remove_region(self, info.base_gfn, info.npages)
+            self._region_gone(info, SlotChange.DELETE)
         self.stats.notifier_errors = self.notifiers.errors
         self.generation += 1
 
@@ -341,9 +358,7 @@ class Vm:
                 )
             # The moved slot gets fresh, zeroed counters (R6.3); the shadow MMU is told
             # because KVM zaps the slot's shadow pages.
-            self.notifiers.dispatch_remove_region(
-                self, old.base_gfn, old.npages, internal_only=True
-            )
+            self._region_gone(old, SlotChange.MOVE, new.base_gfn, internal_only=True)
             memory = slot.memory
             moved = Slot(new, memory)
             # As KVM: keep the old dirty bitmap if there is one, else start a new one
@@ -354,7 +369,7 @@ class Vm:
         else:
             # 2016: notifiers hear that the old range is gone; counters move with the
             # slot (the seed series' v2 fix).
-            self.notifiers.dispatch_remove_region(self, old.base_gfn, old.npages)
+            self._region_gone(old, SlotChange.MOVE, new.base_gfn)
             slot = self.slots.by_id[old.slot_id]
             # KVMGT's flush_slot removed its own tracking of the range; plugins forget
             # theirs in track_remove_region, so their references are dropped here. The
@@ -1090,7 +1105,7 @@ class Vm:
         if self.closed:
             return
         for slot in self.slots.slots():
-            self.notifiers.dispatch_remove_region(self, slot.base_gfn, slot.info.npages)
+            self._region_gone(slot.info, SlotChange.DELETE)
         for node in self.notifiers.nodes():
             self.notifiers.unregister(node)
             if isinstance(node.notifier, ClosingNotifier):

@@ -275,7 +275,12 @@ def gap_pb(gap: Gap) -> pb.Gap:
 
 def region_pb(rec: RegionRemoved) -> pb.RegionRemoved:
     """A region-removed record."""
-    return pb.RegionRemoved(base_gfn=rec.base_gfn, npages=rec.npages, at_seq=rec.at_seq)
+    msg = pb.RegionRemoved(base_gfn=rec.base_gfn, npages=rec.npages, at_seq=rec.at_seq)
+    if rec.change is not None:
+        msg.slot = rec.change.slot_id
+        msg.change = CHANGE_PB[rec.change.change]
+        msg.new_base_gfn = rec.change.new_base_gfn
+    return msg
 
 
 def gfn_ranges(ranges: Iterable[pb.GfnRange]) -> list[tuple[int, int]]:
