@@ -271,8 +271,6 @@ class AsyncClient:
         vcpus: int | None = None,
         max_memslots: int | None = None,
         gfn_bits: int | None = None,
-        max_guest_pages: int | None = None,
-        max_tracked_gfns: int | None = None,
         history_events: int | None = None,
         history_bytes: int | None = None,
         cost: Mapping[str, int] | None = None,
@@ -286,8 +284,6 @@ class AsyncClient:
             ("max_vcpus", vcpus),
             ("max_memslots", max_memslots),
             ("gfn_bits", gfn_bits),
-            ("max_guest_pages", max_guest_pages),
-            ("max_tracked_gfns", max_tracked_gfns),
             ("history_events", history_events),
             ("history_bytes", history_bytes),
         ):

@@ -195,9 +195,8 @@ class CycleCounts:
 
 @dataclass(frozen=True, slots=True)
 class DmaCounts:
-    """DMA pieces by outcome."""
+    """DMA pieces by outcome (rejected: refused calls)."""
 
-    unmapped: int = 0
     applied: int = 0
     bypassed: int = 0
     notified: int = 0
@@ -225,8 +224,6 @@ class VmLimits:
     max_memslots: int
     gfn_bits: int
     max_vcpus: int
-    max_guest_pages: int
-    max_tracked_gfns: int
     history_events: int
     history_bytes: int
 

@@ -169,7 +169,8 @@ class EngineCollector(Collector):
                 pieces[(*key, pname)] += s.pieces[path]
                 cycles[(*key, pname)] += s.cycles[path]
             cycles[(*key, "dma")] += s.dma_cycles
-            dma[(*key, "applied")] += s.dma_writes
+            dma[(*key, "applied")] += s.dma_applied
+            dma[(*key, "bypassed")] += s.dma_bypassed
             dma[(*key, "notified")] += s.dma_notified
             dma[(*key, "rejected")] += s.dma_rejected
             for kind, plugin in entry.plugins.items():

@@ -81,8 +81,6 @@ BAD_CREATE = [
     ("ok", pb.VmOptions(limits=pb.VmLimits(max_vcpus=2**32 - 1)), "vcpus"),
     ("ok", pb.VmOptions(limits=pb.VmLimits(history_events=2**64 - 1)), "history_events"),
     ("ok", pb.VmOptions(limits=pb.VmLimits(history_bytes=2**40)), "history_bytes"),
-    ("ok", pb.VmOptions(limits=pb.VmLimits(max_guest_pages=0)), "max_guest_pages"),
-    ("ok", pb.VmOptions(limits=pb.VmLimits(max_tracked_gfns=0)), "max_tracked_gfns"),
 ]
 
 

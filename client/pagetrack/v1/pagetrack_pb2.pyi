@@ -712,17 +712,13 @@ Global___CostModel: _TypeAlias = CostModel  # noqa: Y015
 
 @_typing.final
 class VmLimits(_message.Message):
-    """Per-VM limits. Unset fields take the server default; each is capped by the tenant's
-    quotas (RESOURCE_EXHAUSTED names the quota). Fixed once the VM exists.
-    """
+    """Per-VM limits. Unset fields take the server default. Fixed once the VM exists."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_MEMSLOTS_FIELD_NUMBER: _builtins.int
     GFN_BITS_FIELD_NUMBER: _builtins.int
     MAX_VCPUS_FIELD_NUMBER: _builtins.int
-    MAX_GUEST_PAGES_FIELD_NUMBER: _builtins.int
-    MAX_TRACKED_GFNS_FIELD_NUMBER: _builtins.int
     HISTORY_EVENTS_FIELD_NUMBER: _builtins.int
     HISTORY_BYTES_FIELD_NUMBER: _builtins.int
     max_memslots: _builtins.int
@@ -735,10 +731,6 @@ class VmLimits(_message.Message):
     """
     max_vcpus: _builtins.int
     """Most vCPUs; ids are 0..max_vcpus-1. 1..4096."""
-    max_guest_pages: _builtins.int
-    """Most resident (ever-written) guest pages, each 4096 bytes of server memory; >= 1."""
-    max_tracked_gfns: _builtins.int
-    """Most gfns with a track counter above 0 at once; >= 1."""
     history_events: _builtins.int
     """Events kept in the resume history ring; 0 disables resume (only live events)."""
     history_bytes: _builtins.int
@@ -749,14 +741,12 @@ class VmLimits(_message.Message):
         max_memslots: _builtins.int | None = ...,
         gfn_bits: _builtins.int | None = ...,
         max_vcpus: _builtins.int | None = ...,
-        max_guest_pages: _builtins.int | None = ...,
-        max_tracked_gfns: _builtins.int | None = ...,
         history_events: _builtins.int | None = ...,
         history_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_gfn_bits", b"_gfn_bits", "_history_bytes", b"_history_bytes", "_history_events", b"_history_events", "_max_guest_pages", b"_max_guest_pages", "_max_memslots", b"_max_memslots", "_max_tracked_gfns", b"_max_tracked_gfns", "_max_vcpus", b"_max_vcpus", "gfn_bits", b"gfn_bits", "history_bytes", b"history_bytes", "history_events", b"history_events", "max_guest_pages", b"max_guest_pages", "max_memslots", b"max_memslots", "max_tracked_gfns", b"max_tracked_gfns", "max_vcpus", b"max_vcpus"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gfn_bits", b"_gfn_bits", "_history_bytes", b"_history_bytes", "_history_events", b"_history_events", "_max_memslots", b"_max_memslots", "_max_vcpus", b"_max_vcpus", "gfn_bits", b"gfn_bits", "history_bytes", b"history_bytes", "history_events", b"history_events", "max_memslots", b"max_memslots", "max_vcpus", b"max_vcpus"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gfn_bits", b"_gfn_bits", "_history_bytes", b"_history_bytes", "_history_events", b"_history_events", "_max_guest_pages", b"_max_guest_pages", "_max_memslots", b"_max_memslots", "_max_tracked_gfns", b"_max_tracked_gfns", "_max_vcpus", b"_max_vcpus", "gfn_bits", b"gfn_bits", "history_bytes", b"history_bytes", "history_events", b"history_events", "max_guest_pages", b"max_guest_pages", "max_memslots", b"max_memslots", "max_tracked_gfns", b"max_tracked_gfns", "max_vcpus", b"max_vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gfn_bits", b"_gfn_bits", "_history_bytes", b"_history_bytes", "_history_events", b"_history_events", "_max_memslots", b"_max_memslots", "_max_vcpus", b"_max_vcpus", "gfn_bits", b"gfn_bits", "history_bytes", b"history_bytes", "history_events", b"history_events", "max_memslots", b"max_memslots", "max_vcpus", b"max_vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gfn_bits: _TypeAlias = _typing.Literal["gfn_bits"]  # noqa: Y015
     _WhichOneofArgType__gfn_bits: _TypeAlias = _typing.Literal["_gfn_bits", b"_gfn_bits"]  # noqa: Y015
@@ -764,12 +754,8 @@ class VmLimits(_message.Message):
     _WhichOneofArgType__history_bytes: _TypeAlias = _typing.Literal["_history_bytes", b"_history_bytes"]  # noqa: Y015
     _WhichOneofReturnType__history_events: _TypeAlias = _typing.Literal["history_events"]  # noqa: Y015
     _WhichOneofArgType__history_events: _TypeAlias = _typing.Literal["_history_events", b"_history_events"]  # noqa: Y015
-    _WhichOneofReturnType__max_guest_pages: _TypeAlias = _typing.Literal["max_guest_pages"]  # noqa: Y015
-    _WhichOneofArgType__max_guest_pages: _TypeAlias = _typing.Literal["_max_guest_pages", b"_max_guest_pages"]  # noqa: Y015
     _WhichOneofReturnType__max_memslots: _TypeAlias = _typing.Literal["max_memslots"]  # noqa: Y015
     _WhichOneofArgType__max_memslots: _TypeAlias = _typing.Literal["_max_memslots", b"_max_memslots"]  # noqa: Y015
-    _WhichOneofReturnType__max_tracked_gfns: _TypeAlias = _typing.Literal["max_tracked_gfns"]  # noqa: Y015
-    _WhichOneofArgType__max_tracked_gfns: _TypeAlias = _typing.Literal["_max_tracked_gfns", b"_max_tracked_gfns"]  # noqa: Y015
     _WhichOneofReturnType__max_vcpus: _TypeAlias = _typing.Literal["max_vcpus"]  # noqa: Y015
     _WhichOneofArgType__max_vcpus: _TypeAlias = _typing.Literal["_max_vcpus", b"_max_vcpus"]  # noqa: Y015
     @_typing.overload
@@ -779,11 +765,7 @@ class VmLimits(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__history_events) -> _WhichOneofReturnType__history_events | None: ...
     @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_guest_pages) -> _WhichOneofReturnType__max_guest_pages | None: ...
-    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_memslots) -> _WhichOneofReturnType__max_memslots | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tracked_gfns) -> _WhichOneofReturnType__max_tracked_gfns | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_vcpus) -> _WhichOneofReturnType__max_vcpus | None: ...
 
@@ -4022,25 +4004,21 @@ class DmaCounts(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    UNMAPPED_FIELD_NUMBER: _builtins.int
     APPLIED_FIELD_NUMBER: _builtins.int
     BYPASSED_FIELD_NUMBER: _builtins.int
     NOTIFIED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
-    unmapped: _builtins.int
-    """DmaWrite calls refused because they touched no memslot or a READONLY one."""
     applied: _builtins.int
-    """Written to untracked RAM."""
+    """Page-sized pieces written to untracked RAM."""
     bypassed: _builtins.int
-    """Written to tracked gfns without notification (BYPASS)."""
+    """Pieces written to tracked gfns without notification (BYPASS)."""
     notified: _builtins.int
-    """Written to tracked gfns and notified (NOTIFY)."""
+    """Pieces written to tracked gfns and notified (NOTIFY)."""
     rejected: _builtins.int
     """DmaWrite calls refused under REJECT."""
     def __init__(
         self,
         *,
-        unmapped: _builtins.int = ...,
         applied: _builtins.int = ...,
         bypassed: _builtins.int = ...,
         notified: _builtins.int = ...,
@@ -4048,7 +4026,7 @@ class DmaCounts(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "bypassed", b"bypassed", "notified", b"notified", "rejected", b"rejected", "unmapped", b"unmapped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "bypassed", b"bypassed", "notified", b"notified", "rejected", b"rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

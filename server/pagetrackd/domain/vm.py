@@ -115,9 +115,11 @@ class VmStats:
     writes: int = 0  #: guest write calls (a batch counts each write)
     pieces: list[int] = field(default_factory=lambda: [0, 0, 0])  #: by WritePath
     bytes_written: int = 0  #: bytes that reached guest memory from the guest
-    dma_writes: int = 0
-    dma_notified: int = 0
-    dma_rejected: int = 0
+    dma_writes: int = 0  #: DMA calls that wrote
+    dma_applied: int = 0  #: DMA pieces written to untracked RAM
+    dma_bypassed: int = 0  #: DMA pieces written to tracked gfns, nobody told (bypass)
+    dma_notified: int = 0  #: DMA pieces written to tracked gfns and notified (notify)
+    dma_rejected: int = 0  #: DMA calls refused by the reject policy
     notifications: int = 0  #: notifier calls, one per event per notifier
     notifier_errors: int = 0
     cycles: list[int] = field(default_factory=lambda: [0, 0, 0])  #: by WritePath
@@ -750,7 +752,12 @@ class Vm:
             if slot.dirty is not None:
                 slot.dirty.add(index)
             self.stats.dma_cycles += self.cost.dma_cycles
-            if policy is DmaPolicy.NOTIFY and slot.tracking.counters.get1(index):
+            tracked = slot.tracking.counters.get1(index) > 0
+            if not tracked:
+                self.stats.dma_applied += 1
+            elif policy is not DmaPolicy.NOTIFY:
+                self.stats.dma_bypassed += 1
+            if policy is DmaPolicy.NOTIFY and tracked:
                 self.seq += 1
                 self.stats.dma_notified += 1
                 event = WriteEvent(self.seq, NO_VCPU, g, bytes(view[o : o + plen]), Source.DMA)

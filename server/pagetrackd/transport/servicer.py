@@ -100,9 +100,6 @@ class VmService(pbg.VmServiceServicer):
             raise InvalidArgument(f"options.limits.max_memslots {max_slots} must be 1..32768")
         if not 12 <= gfn_bits <= 40:
             raise InvalidArgument(f"options.limits.gfn_bits {gfn_bits} must be 12..40")
-        for name in ("max_guest_pages", "max_tracked_gfns"):
-            if lim.HasField(name) and getattr(lim, name) < 1:
-                raise InvalidArgument(f"options.limits.{name} must be >= 1 (unset = default)")
         entry = self.engine.create_vm(
             _tenant(),
             request.name,
@@ -841,7 +838,8 @@ def vm_stats_pb(engine: Engine, entry: VmEntry) -> pb.VmStats:
         mmio_exits=s.mmio_exits,
         emulations=s.emulations,
         dma=pb.DmaCounts(
-            applied=s.dma_writes, notified=s.dma_notified, rejected=s.dma_rejected
+            applied=s.dma_applied, bypassed=s.dma_bypassed,
+            notified=s.dma_notified, rejected=s.dma_rejected,
         ),
         notifications=s.notifications,
         notifier_errors=s.notifier_errors,
