@@ -486,7 +486,10 @@ class Engine:
         workload = factory(seed, options)
         try:
             workload.setup(entry.vm)
-        finally:  # a plugin the setup attached stays attached even if the setup failed
+        finally:
+            # Take in a plugin the setup attached (a failed setup detaches its own, so
+            # this finds nothing then; adopting in `finally` keeps the API's view right
+            # whatever a setup leaves behind).
             self._adopt_plugins(entry)
         run_id = f"w{self._next_workload}"
         self._next_workload += 1
