@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 
 import typer
@@ -255,12 +256,17 @@ def vm_create(
         int | None,
         typer.Option("--history-events", min=0, help="Events kept for Watch resume (0 = none)."),
     ] = None,
+    record: Annotated[
+        bool,
+        typer.Option("--record", help="Record every operation, for 'recording' and 'replay'."),
+    ] = False,
 ) -> None:
     """Create a VM with no memslots."""
     with _client(ctx) as c:
         vm = c.create_vm(
             name, dma_policy=dma_policy, semantics=semantics, vcpus=vcpus,
             max_memslots=max_memslots, gfn_bits=gfn_bits, history_events=history_events,
+            record=record,
         )
     if not _emit_json(ctx, vm):
         out.print(
@@ -1133,6 +1139,42 @@ def restore_cmd(
         )
 
 
+@app.command("recording")
+def recording_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="A VM created with --record.")],
+    file: Annotated[str, typer.Argument(help="Where to write it; '-' = standard output.")],
+) -> None:
+    """Save a recorded VM's recording (JSON lines) to a file."""
+    with _client(ctx) as c:
+        data = c.get_recording(vm)
+    if file == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    Path(file).write_bytes(data)
+    out.print(f"wrote {len(data)} bytes of {vm}'s recording to {file}", markup=False)
+
+
+@app.command("replay")
+def replay_cmd(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="Recording file; '-' = standard input.")],
+    as_name: Annotated[
+        str, typer.Option("--as", metavar="NAME", help="Name for the new VM.")
+    ],
+) -> None:
+    """Replay a recording into a new VM: same memory, tracking, plugins and event seqs."""
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    with _client(ctx) as c:
+        vm, records = c.replay_vm(data, as_name)
+    if not _emit_json(ctx, vm):
+        out.print(
+            f"replayed {records} operations into VM {vm.name}: {vm.memslot_count} memslots,"
+            f" {vm.tracked_gfns} tracked gfns, seq {vm.head_seq}", markup=False,
+        )
+
+
 # --------------------------------------------------------------------------- top
 
 
@@ -1189,6 +1231,9 @@ def main(argv: list[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a file named on the command line could not be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}", 1)
     return rv if isinstance(rv, int) else 0
 
 

@@ -274,10 +274,13 @@ class AsyncClient:
         history_events: int | None = None,
         history_bytes: int | None = None,
         cost: Mapping[str, int] | None = None,
+        record: bool = False,
     ) -> t.Vm:
         """Create a VM with no memslots; unset options take the daemon's defaults.
 
-        ``cost`` maps CostModel field names (``emulate_cycles``, ...) to cycles.
+        ``cost`` maps CostModel field names (``emulate_cycles``, ...) to cycles. With
+        ``record`` the daemon records every operation on the VM, for get_recording and
+        replay_vm.
         """
         limits = pb.VmLimits()
         for key, value in (
@@ -293,6 +296,7 @@ class AsyncClient:
             dma_policy=cv.to_pb(t.DmaPolicy, dma_policy, "dma_policy"),  # type: ignore[arg-type]
             semantics=cv.to_pb(t.Semantics, semantics, "semantics"),  # type: ignore[arg-type]
             limits=limits,
+            record=record,
         )
         cost_msg = cv.cost_pb(cost)
         if cost_msg is not None:
@@ -861,6 +865,42 @@ class AsyncClient:
         await asyncio.to_thread(check_snapshot, data, label)
         return await self._restore(data, vm or "", replace, chunk_bytes)
 
+    async def get_recording(self, vm: str) -> bytes:
+        """The recording of a VM created with ``record=True`` (JSON lines), so far."""
+        parts: list[bytes] = []
+        try:
+            call: Any = self._admin.GetRecording(
+                pb.GetRecordingRequest(vm=vm), metadata=self._metadata, timeout=self.timeout
+            )
+            async for chunk in call:
+                parts.append(chunk.data)
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+        return b"".join(parts)
+
+    async def replay_vm(
+        self, recording: bytes, vm: str, *, chunk_bytes: int = RESTORE_CHUNK_BYTES
+    ) -> tuple[t.Vm, int]:
+        """Replay a recording into a new VM named ``vm``; returns the VM and the number of
+        operations replayed. The new VM ends as the recorded one did: memory, tracking,
+        plugin state and event seqs."""
+        if chunk_bytes < 1:
+            raise errors.InvalidArgument(f"chunk_bytes {chunk_bytes} must be positive")
+        view = memoryview(recording)
+
+        async def requests() -> AsyncGenerator[pb.ReplayVmRequest, None]:
+            yield pb.ReplayVmRequest(vm=vm, data=bytes(view[:chunk_bytes]))
+            for off in range(chunk_bytes, len(view), chunk_bytes):
+                yield pb.ReplayVmRequest(data=bytes(view[off : off + chunk_bytes]))
+
+        try:
+            reply = await self._admin.ReplayVm(
+                requests(), metadata=self._metadata, timeout=self.timeout
+            )
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+        return cv.vm(reply.vm), reply.records
+
     async def _restore(self, data: bytes, vm: str, replace: bool, chunk_bytes: int) -> t.Vm:
         if chunk_bytes < 1:
             raise errors.InvalidArgument(f"chunk_bytes {chunk_bytes} must be positive")
@@ -1320,6 +1360,8 @@ class Client(SyncFacade[AsyncClient]):
     snapshot_vm = _sync(AsyncClient.snapshot_vm)
     snapshot_vm_to = _sync(AsyncClient.snapshot_vm_to)
     restore_vm = _sync(AsyncClient.restore_vm)
+    get_recording = _sync(AsyncClient.get_recording)
+    replay_vm = _sync(AsyncClient.replay_vm)
 
     watch = _sync_watch(AsyncClient.watch)
 

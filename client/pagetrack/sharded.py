@@ -219,7 +219,16 @@ class ShardedAsyncClient:
     start_workload = _routed(AsyncClient.start_workload)
     snapshot_vm = _routed(AsyncClient.snapshot_vm)
     snapshot_vm_to = _routed(AsyncClient.snapshot_vm_to)
+    get_recording = _routed(AsyncClient.get_recording)
     watch = _routed_watch(AsyncClient.watch)
+
+    async def replay_vm(
+        self, recording: bytes, vm: str, *, chunk_bytes: int = RESTORE_CHUNK_BYTES
+    ) -> tuple[t.Vm, int]:
+        """AsyncClient.replay_vm, on the daemon owning ``vm``."""
+        target = self.owner(vm)
+        with _naming(target):
+            return await self.clients[target].replay_vm(recording, vm, chunk_bytes=chunk_bytes)
 
     async def restore_vm(
         self,
@@ -446,6 +455,8 @@ class ShardedClient(SyncFacade[ShardedAsyncClient]):
     snapshot_vm = _sync(ShardedAsyncClient.snapshot_vm)
     snapshot_vm_to = _sync(ShardedAsyncClient.snapshot_vm_to)
     restore_vm = _sync(ShardedAsyncClient.restore_vm)
+    get_recording = _sync(ShardedAsyncClient.get_recording)
+    replay_vm = _sync(ShardedAsyncClient.replay_vm)
     misplaced = _sync(ShardedAsyncClient.misplaced)
     move_vm = _sync(ShardedAsyncClient.move_vm)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,8 +23,10 @@ from pagetrackd.domain import (
     AlreadyExists,
     CostModel,
     DmaPolicy,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PageTrackError,
     QuotaExceeded,
     Registry,
     Semantics,
@@ -34,6 +38,7 @@ from pagetrackd.domain import (
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
+from pagetrackd.replay import Recorder, read_header, replay
 from pagetrackd.workloads import WORKLOADS, Workload
 
 log = structlog.get_logger("pagetrackd.engine")
@@ -101,6 +106,9 @@ class VmEntry:
     ended_streams: StreamCounters = field(default_factory=StreamCounters)
     #: woken whenever a block-policy subscriber's queue drains
     room: asyncio.Event = field(default_factory=asyncio.Event)
+    #: records every operation when the VM was created with ``record``
+    recorder: Recorder | None = None
+    recording: Path | None = None
 
     @property
     def name(self) -> str:
@@ -155,6 +163,7 @@ class Engine:
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
         self._lease_task: asyncio.Task[None] | None = None
+        self._record_dir: Path | None = None  #: made on the first recorded VM
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
 
@@ -230,8 +239,10 @@ class Engine:
         limits: VmLimits | None = None,
         history_events: int | None = None,
         history_bytes: int | None = None,
+        record: bool = False,
     ) -> VmEntry:
-        """Create a VM for ``tenant`` with its event history."""
+        """Create a VM for ``tenant`` with its event history; with ``record``, every
+        operation on it is recorded (see :mod:`pagetrackd.replay`)."""
         self.check_serving()
         q = self.quotas(tenant)
         if self.registry.count_vms(tenant) >= q.vms:
@@ -251,9 +262,49 @@ class Engine:
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
+        if record:
+            if self._record_dir is None:
+                self._record_dir = Path(tempfile.mkdtemp(prefix="pagetrack-recordings-"))
+            entry.recording = self._record_dir / f"{time.time_ns()}-{tenant}-{name}.jsonl"
+            entry.recorder = Recorder(vm, entry.recording)
         self.entries[(tenant, name)] = entry
-        log.info("vm.created", tenant=tenant, vm=name)
+        log.info("vm.created", tenant=tenant, vm=name, record=record)
         return entry
+
+    def recording(self, entry: VmEntry) -> Path:
+        """The VM's recording so far, flushed to its file."""
+        if entry.recorder is None or entry.recording is None:
+            raise FailedPrecondition(
+                f"VM {entry.name!r} is not recorded; create it with the record option"
+            )
+        entry.recorder.flush()
+        return entry.recording
+
+    def replay_vm(self, tenant: TenantId, name: str, path: Path) -> tuple[VmEntry, int]:
+        """Create VM ``name`` configured as the recording's and replay it; on any failure
+        the new VM is deleted again. Returns the entry and the operations replayed."""
+        try:
+            h = read_header(path)["vm"]
+            options: dict[str, Any] = {
+                "vcpus": int(h["vcpus"]),
+                "dma_policy": DmaPolicy(h["dma_policy"]),
+                "semantics": Semantics(h["semantics"]),
+                "cost": CostModel(**h["cost"]),
+                "limits": VmLimits(**h["limits"]),
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"not a usable recording header: {exc}") from None
+        entry = self.create_vm(tenant, name, **options)
+        try:
+            result = replay(path, vm=entry.vm)
+        except PageTrackError:
+            self.delete_vm(tenant, name)
+            raise
+        except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or arguments
+            self.delete_vm(tenant, name)
+            raise InvalidArgument(f"recording is malformed: {exc}") from None
+        self._adopt_plugins(entry)
+        return entry, result.records
 
     def vm(self, tenant: TenantId, name: str) -> VmEntry:
         """The tenant's VM; another tenant's is NotFound like an unknown name."""
@@ -276,6 +327,10 @@ class Engine:
         for plugin in list(entry.plugins.values()):
             plugin.detach()
         entry.plugins.clear()
+        if entry.recorder is not None:
+            entry.recorder.stop()
+            if entry.recording is not None:
+                entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
         self.registry.delete_vm(tenant, name)
         del self.entries[(tenant, name)]

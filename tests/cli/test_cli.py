@@ -285,3 +285,19 @@ def test_workload_and_lease_commands(
     assert "expires" in cli(capsys, t, "lease", "keep-alive", lease)[1]
     assert f"revoked {lease}" in cli(capsys, t, "lease", "revoke", lease)[1]
     cli(capsys, t, "vm", "delete", "wl")
+
+
+def test_record_and_replay_commands(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """vm create --record, recording and replay --as rebuild a VM through the CLI; a
+    missing file is one line and exit 1."""
+    t = daemon.addresses[0]
+    ok(t, "vm", "create", "taped", "--record")
+    ok(t, "slot", "set", "taped", "0", "0", "16M")
+    ok(t, "track", "add", "taped", "0x10-0x1f")
+    ok(t, "write", "taped", "0x10008", "hello")
+    ok(t, "recording", "taped", str(tmp_path / "taped.jsonl"))
+    tape = str(tmp_path / "taped.jsonl")
+    assert "replayed 3 operations" in ok(t, "replay", tape, "--as", "tape2")
+    assert "hello" in ok(t, "read", "tape2", "0x10008", "5")
+    bad = run(t, "replay", str(tmp_path / "missing.jsonl"), "--as", "tape3")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "missing.jsonl" in bad.stderr

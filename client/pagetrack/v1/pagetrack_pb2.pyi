@@ -781,10 +781,18 @@ class VmOptions(_message.Message):
     SEMANTICS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
     dma_policy: Global___DmaPolicy.ValueType
     """Treatment of DMA writes into write-tracked gfns."""
     semantics: Global___Semantics.ValueType
     """Memslot MOVE semantics."""
+    record: _builtins.bool
+    """CreateVm only: record every operation on the VM from its creation (memslots,
+    tracking, guest and DMA writes, plugins and their calls, workloads' writes), so that
+    GetRecording can download it and ReplayVm can reproduce the VM -- memory, plugin
+    shadows and the event stream -- exactly. The recording is kept on the daemon's disk
+    until the VM is deleted.
+    """
     @_builtins.property
     def cost(self) -> Global___CostModel:
         """Simulated cost of each path."""
@@ -800,10 +808,11 @@ class VmOptions(_message.Message):
         semantics: Global___Semantics.ValueType = ...,
         cost: Global___CostModel | None = ...,
         limits: Global___VmLimits | None = ...,
+        record: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "dma_policy", b"dma_policy", "limits", b"limits", "semantics", b"semantics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "dma_policy", b"dma_policy", "limits", b"limits", "record", b"record", "semantics", b"semantics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4351,3 +4360,103 @@ class RestoreVmResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestoreVmResponse: _TypeAlias = RestoreVmResponse  # noqa: Y015
+
+@_typing.final
+class GetRecordingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name; it must have been created with VmOptions.record (else FAILED_PRECONDITION)."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordingRequest: _TypeAlias = GetRecordingRequest  # noqa: Y015
+
+@_typing.final
+class RecordingChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the recording (at most 1 MiB a chunk)."""
+    last: _builtins.bool
+    """Set on the last chunk."""
+    total_bytes: _builtins.int
+    """Bytes in the whole recording (last chunk only)."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        last: _builtins.bool = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "last", b"last", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordingChunk: _TypeAlias = RecordingChunk  # noqa: Y015
+
+@_typing.final
+class ReplayVmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """Name for the new VM (first message only; later messages leave it empty). The VM
+    gets the recorded vCPUs, policies, cost model and limits.
+    """
+    data: _builtins.bytes
+    """The next bytes of the recording; at most 1 GiB in all."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayVmRequest: _TypeAlias = ReplayVmRequest  # noqa: Y015
+
+@_typing.final
+class ReplayVmResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    records: _builtins.int
+    """Operations replayed."""
+    @_builtins.property
+    def vm(self) -> Global___Vm:
+        """The new VM."""
+
+    def __init__(
+        self,
+        *,
+        vm: Global___Vm | None = ...,
+        records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayVmResponse: _TypeAlias = ReplayVmResponse  # noqa: Y015

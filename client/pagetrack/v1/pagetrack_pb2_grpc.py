@@ -1819,6 +1819,16 @@ class AdminServiceStub:
                 request_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.RestoreVmRequest.SerializeToString,
                 response_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.RestoreVmResponse.FromString,
                 _registered_method=True)
+        self.GetRecording = channel.unary_stream(
+                '/pagetrack.v1.AdminService/GetRecording',
+                request_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.GetRecordingRequest.SerializeToString,
+                response_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.RecordingChunk.FromString,
+                _registered_method=True)
+        self.ReplayVm = channel.stream_unary(
+                '/pagetrack.v1.AdminService/ReplayVm',
+                request_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.ReplayVmRequest.SerializeToString,
+                response_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.ReplayVmResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -1853,6 +1863,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRecording(self, request, context):
+        """Downloads the recording of a VM created with VmOptions.record (JSON lines).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayVm(self, request_iterator, context):
+        """Replays a recording into a new VM: the same operations in the same order, so the
+        new VM ends with the same memory, tracking, plugin state and event seqs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1875,6 +1900,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RestoreVm,
                     request_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.RestoreVmRequest.FromString,
                     response_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.RestoreVmResponse.SerializeToString,
+            ),
+            'GetRecording': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetRecording,
+                    request_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.GetRecordingRequest.FromString,
+                    response_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.RecordingChunk.SerializeToString,
+            ),
+            'ReplayVm': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReplayVm,
+                    request_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.ReplayVmRequest.FromString,
+                    response_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.ReplayVmResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1986,6 +2021,60 @@ class AdminService:
             '/pagetrack.v1.AdminService/RestoreVm',
             pagetrack_dot_v1_dot_pagetrack__pb2.RestoreVmRequest.SerializeToString,
             pagetrack_dot_v1_dot_pagetrack__pb2.RestoreVmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecording(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pagetrack.v1.AdminService/GetRecording',
+            pagetrack_dot_v1_dot_pagetrack__pb2.GetRecordingRequest.SerializeToString,
+            pagetrack_dot_v1_dot_pagetrack__pb2.RecordingChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayVm(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pagetrack.v1.AdminService/ReplayVm',
+            pagetrack_dot_v1_dot_pagetrack__pb2.ReplayVmRequest.SerializeToString,
+            pagetrack_dot_v1_dot_pagetrack__pb2.ReplayVmResponse.FromString,
             options,
             channel_credentials,
             insecure,

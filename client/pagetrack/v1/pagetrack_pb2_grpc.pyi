@@ -609,6 +609,12 @@ class AdminServiceStub:
     """Streams a snapshot of one VM."""
     RestoreVm: _grpc.StreamUnaryMultiCallable[_pagetrack_pb2.RestoreVmRequest, _pagetrack_pb2.RestoreVmResponse]
     """Creates a VM from a snapshot stream."""
+    GetRecording: _grpc.UnaryStreamMultiCallable[_pagetrack_pb2.GetRecordingRequest, _pagetrack_pb2.RecordingChunk]
+    """Downloads the recording of a VM created with VmOptions.record (JSON lines)."""
+    ReplayVm: _grpc.StreamUnaryMultiCallable[_pagetrack_pb2.ReplayVmRequest, _pagetrack_pb2.ReplayVmResponse]
+    """Replays a recording into a new VM: the same operations in the same order, so the
+    new VM ends with the same memory, tracking, plugin state and event seqs.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -623,6 +629,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Streams a snapshot of one VM."""
     RestoreVm: _aio.StreamUnaryMultiCallable[_pagetrack_pb2.RestoreVmRequest, _pagetrack_pb2.RestoreVmResponse]  # type: ignore[assignment]
     """Creates a VM from a snapshot stream."""
+    GetRecording: _aio.UnaryStreamMultiCallable[_pagetrack_pb2.GetRecordingRequest, _pagetrack_pb2.RecordingChunk]  # type: ignore[assignment]
+    """Downloads the recording of a VM created with VmOptions.record (JSON lines)."""
+    ReplayVm: _aio.StreamUnaryMultiCallable[_pagetrack_pb2.ReplayVmRequest, _pagetrack_pb2.ReplayVmResponse]  # type: ignore[assignment]
+    """Replays a recording into a new VM: the same operations in the same order, so the
+    new VM ends with the same memory, tracking, plugin state and event seqs.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Server info, statistics and VM snapshots."""
@@ -658,5 +670,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_pagetrack_pb2.RestoreVmResponse, _abc.Awaitable[_pagetrack_pb2.RestoreVmResponse]]:
         """Creates a VM from a snapshot stream."""
+
+    @_abc_1.abstractmethod
+    def GetRecording(
+        self,
+        request: _pagetrack_pb2.GetRecordingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pagetrack_pb2.RecordingChunk], _abc.AsyncIterator[_pagetrack_pb2.RecordingChunk]]:
+        """Downloads the recording of a VM created with VmOptions.record (JSON lines)."""
+
+    @_abc_1.abstractmethod
+    def ReplayVm(
+        self,
+        request_iterator: _MaybeAsyncIterator[_pagetrack_pb2.ReplayVmRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_pagetrack_pb2.ReplayVmResponse, _abc.Awaitable[_pagetrack_pb2.ReplayVmResponse]]:
+        """Replays a recording into a new VM: the same operations in the same order, so the
+        new VM ends with the same memory, tracking, plugin state and event seqs.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

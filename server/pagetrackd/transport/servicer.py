@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import math
 import os
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
@@ -55,6 +57,7 @@ def _vm_pb(engine: Engine, entry: VmEntry) -> pb.Vm:
             dma_policy=cv.DMA_POLICY_PB[vm.dma_policy],
             semantics=cv.SEMANTICS_PB[vm.semantics],
             cost=cv.cost_model_pb(vm.cost),
+            record=entry.recorder is not None,
             limits=pb.VmLimits(
                 max_memslots=vm.limits.max_slots,
                 gfn_bits=vm.limits.gfn_bits,
@@ -110,6 +113,7 @@ class VmService(pbg.VmServiceServicer):
             limits=VmLimits(max_slots=max_slots, gfn_bits=gfn_bits),
             history_events=lim.history_events if lim.HasField("history_events") else None,
             history_bytes=lim.history_bytes if lim.HasField("history_bytes") else None,
+            record=opts.record,
         )
         return pb.CreateVmResponse(vm=_vm_pb(self.engine, entry))
 
@@ -1002,6 +1006,75 @@ class AdminService(pbg.AdminServiceServicer):
         snap = read_snapshot(b"".join(parts))
         entry = restore_snapshot(self.engine, tenant, snap, name=name, replace=replace)
         return pb.RestoreVmResponse(vm=_vm_pb(self.engine, entry))
+
+    @streaming
+    async def GetRecording(
+        self, request: pb.GetRecordingRequest, context: Ctx
+    ) -> AsyncIterator[pb.RecordingChunk]:
+        entry = self.engine.vm(_tenant(), request.vm)
+        path = self.engine.recording(entry)
+        total = 0
+        for data, last in _file_chunks(path):
+            total += len(data)
+            yield pb.RecordingChunk(data=data, last=last, total_bytes=total if last else 0)
+
+    @unary
+    async def ReplayVm(
+        self, request_iterator: AsyncIterator[pb.ReplayVmRequest], context: Ctx
+    ) -> pb.ReplayVmResponse:
+        tenant = _tenant()
+        name, total = "", 0
+        with tempfile.TemporaryDirectory(prefix="pagetrack-replay-") as tmp:
+            path = Path(tmp) / "recording.jsonl"
+            with _Spool(path) as out:
+                async for req in request_iterator:
+                    if not name:
+                        name = req.vm
+                    total += len(req.data)
+                    if total > MAX_REPLAY_BYTES:
+                        raise InvalidArgument(
+                            f"recording is larger than {MAX_REPLAY_BYTES} bytes"
+                        )
+                    out.write(req.data)
+            if not name:
+                raise InvalidArgument("ReplayVm's first message must name the new VM (vm)")
+            if not total:
+                raise InvalidArgument("ReplayVm got no recording data")
+            entry, records = self.engine.replay_vm(tenant, name, path)
+        return pb.ReplayVmResponse(vm=_vm_pb(self.engine, entry), records=records)
+
+
+#: the largest recording ReplayVm takes, bytes
+MAX_REPLAY_BYTES = 1 << 30
+
+
+def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[tuple[bytes, bool]]:
+    """A file's bytes in chunks, each with whether it is the last (an empty file gives
+    one empty last chunk)."""
+    with open(path, "rb") as f:
+        data = f.read(size)
+        while True:
+            following = f.read(size)
+            yield data, not following
+            if not following:
+                return
+            data = following
+
+
+class _Spool:
+    """A binary file written from an async handler (small blocking writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")  # noqa: SIM115 -- closed by __exit__
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
 
 
 __all__ = [
