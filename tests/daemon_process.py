@@ -21,6 +21,7 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes]
     addresses: list[str]
     log: Path
+    metrics: str = ""  #: HOST:PORT of the metrics endpoint, when one was asked for
 
     @property
     def tcp(self) -> str:
@@ -45,11 +46,15 @@ class DaemonProcess:
 
 
 def start_daemon(
-    tmp: Path, *args: str, listen: tuple[str, ...] = ("127.0.0.1:0",)
+    tmp: Path,
+    *args: str,
+    listen: tuple[str, ...] = ("127.0.0.1:0",),
+    log_name: str = "daemon.log",
 ) -> DaemonProcess:
-    """Start ``pagetrackd`` with ``args``, wait until it serves, return it."""
+    """Start ``pagetrackd`` with ``args``, wait until it serves, return it. Its log is
+    appended to ``tmp / log_name``."""
     ready = tmp / f"ready-{time.monotonic_ns()}.json"
-    log = tmp / "daemon.log"
+    log = tmp / log_name
     listen_args = [x for addr in listen for x in ("--listen", addr)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -63,4 +68,5 @@ def start_daemon(
             proc.kill()
             raise RuntimeError(f"pagetrackd did not start:\n{log.read_text()}")
         time.sleep(0.02)
-    return DaemonProcess(proc, json.loads(ready.read_text())["addresses"], log)
+    doc = json.loads(ready.read_text())
+    return DaemonProcess(proc, doc["addresses"], log, doc.get("metrics", ""))

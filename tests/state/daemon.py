@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +12,7 @@ from typing import Any
 import grpc
 
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-
-PAGETRACKD = Path(sys.executable).with_name("pagetrackd")
+from tests.daemon_process import start_daemon as start_process
 
 
 def free_port() -> int:
@@ -63,23 +59,8 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, *args: str, name: str = "pagetrackd") -> Daemon:
-    """Start ``pagetrackd`` on 127.0.0.1:0 with ``args`` and wait until it serves."""
-    n = len(list(tmp.glob(f"{name}-*.ready*")))
-    ready = tmp / f"{name}-{n}.ready"
-    log = tmp / f"{name}-{n}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(PAGETRACKD), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-             "--log-format", "json", *args],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"pagetrackd exited {proc.returncode}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"pagetrackd did not get ready:\n{log.read_text()}")
-        time.sleep(0.02)
-    doc = json.loads(ready.read_text())
-    return Daemon(proc, doc["addresses"][0], doc.get("metrics", ""), log)
+    """Start ``pagetrackd`` on 127.0.0.1:0 with ``args`` and wait until it serves; each
+    start logs to a file of its own."""
+    n = len(list(tmp.glob(f"{name}-*.log")))
+    d = start_process(tmp, *args, log_name=f"{name}-{n}.log")
+    return Daemon(d.proc, d.addresses[0], d.metrics, d.log)
