@@ -446,11 +446,7 @@ class Engine:
 
     def lease_references(self, lease: Lease) -> int:
         """Tracking references held under a lease, over the tenant's VMs."""
-        total = 0
-        for entry in self.list_vms(lease.tenant):
-            for slot in entry.vm.slots.slots():
-                total += sum(slot.tracking.owners.get(lease.owner, {}).values())
-        return total
+        return sum(e.vm.owner_references(lease.owner) for e in self.list_vms(lease.tenant))
 
     # ------------------------------------------------------------------ plugins
 
@@ -497,10 +493,7 @@ class Engine:
     def detach_plugin(self, entry: VmEntry, kind: str) -> int:
         """Detach a plugin; returns the tracking references it released."""
         plugin = self.plugin(entry, kind)
-        owner = f"plugin:{kind}"
-        refs = sum(
-            sum(s.tracking.owners.get(owner, {}).values()) for s in entry.vm.slots.slots()
-        )
+        refs = entry.vm.owner_references(f"plugin:{kind}")
         plugin.detach()
         del entry.plugins[kind]
         entry.plugin_options.pop(kind, None)

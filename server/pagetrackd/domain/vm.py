@@ -600,6 +600,10 @@ class Vm:
             parts.append(idx + slot.base_gfn)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
+    def owner_references(self, owner: str) -> int:
+        """Tracking references a non-tenant owner (a lease or a plugin) holds in this VM."""
+        return sum(sum(s.tracking.owners.get(owner, {}).values()) for s in self.slots.slots())
+
     @property
     def tracked_count(self) -> int:
         """Number of gfns whose counter is > 0."""
