@@ -221,4 +221,4 @@ class Daemon:
             await self.server.wait_for_termination()
 
 
-__all__ = ["Daemon", "asyncio"]
+__all__ = ["Daemon"]

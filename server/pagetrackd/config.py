@@ -152,4 +152,4 @@ def load(
     return config
 
 
-__all__ = ["Config", "field", "load", "parse_listen"]
+__all__ = ["Config", "load", "parse_listen"]

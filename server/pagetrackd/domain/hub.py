@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from pagetrackd.domain.errors import Compacted, InvalidArgument
 from pagetrackd.domain.events import EventBatch, WriteEvent
-from pagetrackd.domain.types import PAGE_SHIFT, TENANT_OWNER, RegionChange, Source
+from pagetrackd.domain.types import PAGE_SHIFT, RegionChange, Source
 
 if TYPE_CHECKING:
     from pagetrackd.domain.notifiers import NotifierNode
@@ -570,7 +570,3 @@ class VmHub:
             self.subscribers.pop(sub.node.node_id, None)
             sub.node = None
 
-
-def tenant_owner() -> str:
-    """The owner name of references a tenant adds directly."""
-    return TENANT_OWNER

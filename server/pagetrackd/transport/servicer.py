@@ -21,14 +21,12 @@ from pagetrackd.auth import current_caller
 from pagetrackd.domain import (
     CostModel,
     InvalidArgument,
-    NotFound,
     PageTrackError,
     SlotFlags,
     TenantId,
     VmLimits,
     WritePath,
 )
-from pagetrackd.domain.types import TENANT_OWNER
 from pagetrackd.domain.vm import gfns_from
 from pagetrackd.engine import Engine, VmEntry, WorkloadRun
 from pagetrackd.leases import Lease, LeaseKind
@@ -1081,9 +1079,7 @@ __all__ = [
     "AdminService",
     "LeaseService",
     "MemoryService",
-    "NotFound",
     "PluginService",
-    "TENANT_OWNER",
     "TrackingService",
     "VmService",
     "WorkloadService",
