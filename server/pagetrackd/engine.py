@@ -135,7 +135,10 @@ class WorkloadRun:
     started: float = field(default_factory=time.monotonic)
     started_ns: int = field(default_factory=time.time_ns)
     ended: float | None = None
-    stats_before: tuple[list[int], list[int]] = ((0, 0, 0), (0, 0, 0))  # type: ignore[assignment]
+    #: the VM's pieces and cycles by path when the workload started
+    stats_before: tuple[list[int], list[int]] = field(
+        default_factory=lambda: ([0, 0, 0], [0, 0, 0])
+    )
     task: asyncio.Task[None] | None = None
 
     @property
