@@ -142,12 +142,11 @@ def export_vm(
         if include_memory:
             # The sparse extents as they are held (see domain.memory): a page that holds
             # a few PTEs costs those bytes in the snapshot too.
-            pages_ = slot.memory._pages
-            index = sorted(pages_)
-            st.mem_index = np.array(index, dtype=np.int64)
-            st.mem_lo = np.array([pages_[i].lo for i in index], dtype=np.int64)
-            st.mem_len = np.array([len(pages_[i].buf) for i in index], dtype=np.int64)
-            st.mem_data = b"".join(bytes(pages_[i].buf) for i in index)
+            extents = list(slot.memory.extents())
+            st.mem_index = np.array([page for page, _, _ in extents], dtype=np.int64)
+            st.mem_lo = np.array([lo for _, lo, _ in extents], dtype=np.int64)
+            st.mem_len = np.array([len(data) for _, _, data in extents], dtype=np.int64)
+            st.mem_data = b"".join(data for _, _, data in extents)
         slots.append(st)
     stats = dataclasses.asdict(vm.stats)
     stats["vcpu_cycles"] = {str(k): v for k, v in vm.stats.vcpu_cycles.items()}

@@ -972,16 +972,7 @@ class Vm:
                 # Emulate piece j: write first, then notify (R4.4).
                 slot = slots[p]
                 piece = data[o : o + ln]
-                # slot.memory.write(ix, off, piece), its common case inlined: the page
-                # holds the bytes around the piece already.
-                memory = slot.memory
-                page = memory._pages.get(ix)
-                off = gp & PAGE_MASK
-                if page is not None and 0 <= off - page.lo <= len(page.buf) - ln:
-                    a = off - page.lo
-                    page.buf[a : a + ln] = piece
-                else:
-                    memory.write(ix, off, piece)
+                slot.memory.write(ix, gp & PAGE_MASK, piece)
                 if slot.dirty is not None:
                     slot.dirty.add(ix)
                 self.seq = s = self.seq + 1
@@ -1101,12 +1092,10 @@ class Vm:
         else:
             groups = [(slots[p], sel[spos == p]) for p in np.unique(spos).tolist()]
         for slot, sub in groups:
-            idx = index[sub].tolist()
-            slot.memory.write_many(
-                idx, (pgpa[sub] & PAGE_MASK).tolist(), view, poff[sub].tolist(), plen[sub].tolist()
-            )
+            idx = index[sub]
+            slot.memory.write_many(idx, pgpa[sub] & PAGE_MASK, view, poff[sub], plen[sub])
             if slot.dirty is not None:
-                slot.dirty.update(idx)
+                slot.dirty.update(idx.tolist())
 
     # ------------------------------------------------------------------ lifecycle
 
