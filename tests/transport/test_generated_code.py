@@ -75,9 +75,12 @@ def test_event_batch_round_trips_as_numpy_columns() -> None:
 
 
 def test_event_batch_columns_are_packed_on_the_wire() -> None:
-    """Repeated scalar columns use the packed encoding: one tag and length per column."""
+    """Repeated scalar columns use the packed encoding: one tag and length per column;
+    seq, gpa and timestamp_ns are fixed64, so their payload is a little-endian array."""
     wire = pb.EventBatch(seq=[1, 2, 3]).SerializeToString()
-    assert wire == bytes([0x0A, 0x03, 0x01, 0x02, 0x03])
+    assert wire == bytes([0x0A, 24]) + np.array([1, 2, 3], dtype="<u8").tobytes()
+    wire = pb.EventBatch(length=[1, 2, 3]).SerializeToString()
+    assert wire == bytes([0x1A, 0x03, 0x01, 0x02, 0x03])
 
 
 def test_every_service_has_a_stub_and_a_servicer() -> None:

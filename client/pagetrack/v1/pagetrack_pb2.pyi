@@ -2369,7 +2369,9 @@ class EventBatch(_message.Message):
     """The VM's head seq when the batch was sent (head_seq - seq[-1] = events behind)."""
     @_builtins.property
     def seq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Event seq per event."""
+        """Event seq per event. seq, gpa and timestamp_ns are fixed64 so that a column is
+        written and read as one little-endian array copy (numpy's frombuffer/tobytes).
+        """
 
     @_builtins.property
     def gpa(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

@@ -70,9 +70,11 @@ class ChunkedCounters:
         """The counters of many pages (any order, repeats allowed)."""
         if self._dir is None:
             return np.zeros(index.shape, dtype=np.uint16)
-        out: npt.NDArray[np.uint16] = self._rows[
-            self._dir[index >> CHUNK_SHIFT], index & (CHUNK - 1)
-        ]
+        # A flat take: several times faster than two-dimensional fancy indexing.
+        rows = self._dir.take(index >> CHUNK_SHIFT).astype(np.int64)
+        out: npt.NDArray[np.uint16] = self._rows.reshape(-1).take(
+            (rows << CHUNK_SHIFT) | (index & (CHUNK - 1))
+        )
         return out
 
     def _ensure_chunks(self, index: I64) -> None:

@@ -877,23 +877,32 @@ class Vm:
         self, widx: I64, pgpa: I64, plen: I64, poff: I64, pvcpu: I64, data: bytes
     ) -> BatchResult:
         path, pos, index = self._classify(pgpa)
-        seq = np.zeros(pgpa.size, dtype=np.int64)
         slots = self.slots.slots()
         view = memoryview(data)
         sync = self.notifiers.sync
         stats = self.stats
+        counts: list[int] = np.bincount(path, minlength=3).tolist()
+        every = pgpa.size
         if not sync:
             # No per-event notifier: nothing can change tracking mid-batch, so one pass.
-            self._apply_range(0, pgpa.size, path, pos, index, pgpa, plen, poff, slots, view)
-            emulated = path == _EMULATED
-            n_emul = int(np.count_nonzero(emulated))
-            if n_emul:
-                seq[emulated] = np.arange(self.seq + 1, self.seq + 1 + n_emul, dtype=np.int64)
-                self.seq += n_emul
+            self._apply_range(0, every, path, pos, index, pgpa, plen, poff, slots, view)
+            n_emul = counts[_EMULATED]
+            if n_emul == every:
+                seq = np.arange(self.seq + 1, self.seq + 1 + n_emul, dtype=np.int64)
+            elif n_emul:
+                seq = np.zeros(every, dtype=np.int64)
+                seq[path == _EMULATED] = np.arange(
+                    self.seq + 1, self.seq + 1 + n_emul, dtype=np.int64
+                )
+            else:
+                seq = np.zeros(every, dtype=np.int64)
+            self.seq += n_emul
         else:
+            seq = np.zeros(every, dtype=np.int64)
             self._apply_sync(path, pos, index, pgpa, plen, poff, pvcpu, data, seq)
+            # Notifiers may change tracking mid-batch: count the paths taken.
+            counts = np.bincount(path, minlength=3).tolist()
         # Accounting, in bulk.
-        counts: list[int] = np.bincount(path, minlength=3).tolist()
         cost = self.cost
         per_path = (cost.mmio_exit_cycles, cost.fast_cycles, cost.emulate_cycles)
         for p in range(3):  # WritePath values
@@ -904,22 +913,38 @@ class Vm:
         else:
             stats.bytes_written += int(plen.sum())
         if any(per_path):
-            # Cycles per vCPU (ids are below self.vcpus <= 4096), ascending.
-            cyc = np.asarray(per_path, dtype=np.int64)[path]
-            sums = np.bincount(pvcpu, weights=cyc)
             vcpu_cycles = stats.vcpu_cycles
-            for vid in np.flatnonzero(sums).tolist():
-                vcpu_cycles[vid] = vcpu_cycles.get(vid, 0) + int(sums[vid])
-        emulated = np.flatnonzero(path == _EMULATED)
-        if emulated.size and self.notifiers.batch:
-            batch = EventBatch(
-                seq[emulated].astype(np.uint64),
-                pgpa[emulated].astype(np.uint64),
-                plen[emulated].astype(np.uint32),
-                pvcpu[emulated].astype(np.uint32),
-                np.zeros(emulated.size, dtype=np.uint8),
-                _gather(data, poff[emulated], plen[emulated]),
-            )
+            first = int(pvcpu[0])
+            if bool((pvcpu == first).all()):  # one vCPU wrote the whole batch
+                total = sum(c * k for c, k in zip(per_path, counts, strict=True))
+                if total:
+                    vcpu_cycles[first] = vcpu_cycles.get(first, 0) + total
+            else:
+                # Cycles per vCPU (ids are below self.vcpus <= 4096), ascending.
+                cyc = np.asarray(per_path, dtype=np.int64)[path]
+                sums = np.bincount(pvcpu, weights=cyc)
+                for vid in np.flatnonzero(sums).tolist():
+                    vcpu_cycles[vid] = vcpu_cycles.get(vid, 0) + int(sums[vid])
+        if counts[_EMULATED] and self.notifiers.batch:
+            if counts[_EMULATED] == every:
+                batch = EventBatch(
+                    seq.astype(np.uint64),
+                    pgpa.astype(np.uint64),
+                    plen.astype(np.uint32),
+                    pvcpu.astype(np.uint32),
+                    np.zeros(every, dtype=np.uint8),
+                    _gather(data, poff, plen),
+                )
+            else:
+                emulated = np.flatnonzero(path == _EMULATED)
+                batch = EventBatch(
+                    seq[emulated].astype(np.uint64),
+                    pgpa[emulated].astype(np.uint64),
+                    plen[emulated].astype(np.uint32),
+                    pvcpu[emulated].astype(np.uint32),
+                    np.zeros(emulated.size, dtype=np.uint8),
+                    _gather(data, poff[emulated], plen[emulated]),
+                )
             stats.notifications += self.notifiers.dispatch_batch(self, batch)
             stats.notifier_errors = self.notifiers.errors
         return BatchResult(widx, pgpa, plen, path, seq)
@@ -1080,16 +1105,21 @@ class Vm:
                 if slot.dirty is not None:
                     slot.dirty.add(ix)
             return
-        sel = np.flatnonzero(path[a:b] != _MMIO_EXIT) + a
-        if sel.size == 0:
-            return
-        # Slot by slot (slots share no memory, so only the order within a slot matters),
-        # each slot's pieces in batch order.
-        spos = pos[sel]
-        first = int(spos[0])
-        if bool((spos == first).all()):
-            groups = [(slots[first], sel)]
+        groups: list[tuple[Slot, I64 | slice]]
+        first = int(pos[a])
+        if first >= 0 and bool((pos[a:b] == first).all()):
+            # Every piece in one slot (the common case): slices, no index arrays. No
+            # MMIO piece either, as a slot is all readonly or all writable.
+            if slots[first].readonly:
+                return
+            groups = [(slots[first], slice(a, b))]
         else:
+            sel = np.flatnonzero(path[a:b] != _MMIO_EXIT) + a
+            if sel.size == 0:
+                return
+            # Slot by slot (slots share no memory, so only the order within a slot
+            # matters), each slot's pieces in batch order.
+            spos = pos[sel]
             groups = [(slots[p], sel[spos == p]) for p in np.unique(spos).tolist()]
         for slot, sub in groups:
             idx = index[sub]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -175,22 +176,23 @@ def varints(values: npt.NDArray[Any]) -> bytes:
     width = max(1, (int(v.max()).bit_length() + 6) // 7)  # bytes of the longest varint
     if width == 1:
         return v.astype(np.uint8).tobytes()
-    # Row i holds value i's seven-bit groups, lowest first, with the continuation bit
-    # set on every group but its last; keep[i, k] says whether value i has group k.
-    out = np.empty((v.size, width), dtype=np.uint8)
-    keep = np.empty((v.size, width), dtype=np.bool_)
-    keep[:, 0] = True
-    rest = v
-    for k in range(width):
-        nxt = rest >> np.uint64(7)
-        more = nxt != 0
-        out[:, k] = (rest & np.uint64(0x7F)).astype(np.uint8) | (more.view(np.uint8) << 7)
-        if k + 1 < width:
-            keep[:, k + 1] = more
-        rest = nxt
-    if bool(keep[:, -1].all()):
+    # Row i holds value i's seven-bit groups, lowest first; every group but a value's
+    # last carries the continuation bit.
+    shifts = np.arange(0, 7 * width, 7, dtype=np.uint64)
+    out = ((v[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
+    if (int(v.min()).bit_length() + 6) // 7 == width:
+        # Every value is as long as the longest (seqs and gpas of one batch usually).
+        out[:, :-1] |= 0x80
         return out.tobytes()
-    return out[keep].tobytes()  # row-major: the values stay in order
+    size = np.ones(v.size, dtype=np.int64)  # bytes of each varint
+    for k in range(1, width):
+        size += v >= np.uint64(1 << (7 * k))
+    col = np.arange(width, dtype=np.int64)
+    out |= (col < (size[:, None] - 1)).view(np.uint8) << 7
+    return out[col < size[:, None]].tobytes()  # row-major: the values stay in order
+
+
+_U64 = struct.Struct("<Q").pack
 
 
 def _packed(field: int, payload: bytes) -> bytes:
@@ -218,12 +220,12 @@ def events_wire(
         source = np.concatenate([b.source for b in batches])
     flags = source.astype(np.uint32) | np.uint32(base)
     wire = [
-        _packed(1, varints(seq)),
-        _packed(2, varints(gpa)),
+        _packed(1, seq.astype("<u8", copy=False).tobytes()),
+        _packed(2, gpa.astype("<u8", copy=False).tobytes()),
         _packed(3, varints(length)),
         _packed(4, varints(vcpu)),
         _packed(5, varints(flags)),
-        _packed(6, b"".join(varint(ts) * len(b) for b, ts in parts)),
+        _packed(6, b"".join(_U64(ts) * len(b) for b, ts in parts)),
     ]
     if not omit_data:
         data = parts[0][0].data if len(parts) == 1 else b"".join(b.data for b, _ in parts)
