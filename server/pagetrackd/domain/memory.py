@@ -18,8 +18,9 @@ Layout, chosen so that a batch of writes is stored with a handful of numpy opera
   that holds a written page, plus 4 bytes per 4 MiB of the range the slot's written pages
   span.
 
-Single accesses go through memoryviews of the same arrays, which index into Python ints
-several times faster than numpy scalars.
+Single accesses find a page through a dict that holds each page's ``(lo, hi, base, row)``
+as Python ints, and copy through a memoryview of the slab: numpy scalars would cost
+several times more.
 """
 
 from __future__ import annotations
@@ -50,19 +51,21 @@ class SlotMemory:
     """The guest memory behind one memslot, indexed by page number within the slot."""
 
     __slots__ = (
-        "nbytes", "_nrows", "_lo", "_hi", "_base", "_page", "_slab", "_used",
+        "nbytes", "_extent", "_nrows", "_lo", "_hi", "_base", "_slab", "_slab_mv", "_used",
         "_top", "_mid", "_leaf", "_nmid", "_nleaf",
-        "_lo_mv", "_hi_mv", "_base_mv", "_slab_mv", "_top_mv", "_mid_mv", "_leaf_mv", "_ntop",
     )
 
     def __init__(self) -> None:
         self.nbytes = 0  #: bytes of page data held (the extents' sizes)
+        # page -> (lo, hi, base, row), the same as the row's entries in _lo, _hi, _base;
+        # _cover and _compact are the only writers of both.
+        self._extent: dict[int, tuple[int, int, int, int]] = {}
         self._nrows = 1  # row 0: the empty extent of every unwritten page
         self._lo = np.zeros(8, dtype=np.int64)
         self._hi = np.zeros(8, dtype=np.int64)
         self._base = np.zeros(8, dtype=np.int64)
-        self._page = np.zeros(8, dtype=np.int64)  # page index of each row
         self._slab = np.zeros(256, dtype=np.uint8)
+        self._slab_mv = self._slab.data
         self._used = 0  # slab bytes handed out, live or stale
         # Directory: _top[page >> 10] -> middle node; _mid[node, page >> 5 & 31] -> leaf;
         # _leaf[leaf, page & 31] -> row. Node 0 of each level is all zeros (nothing below).
@@ -70,33 +73,13 @@ class SlotMemory:
         self._mid = np.zeros((1, FAN), dtype=np.uint32)
         self._leaf = np.zeros((1, FAN), dtype=np.int32)
         self._nmid = self._nleaf = 1
-        self._views()
-
-    def _views(self) -> None:
-        # Rebuilt whenever an array is replaced.
-        self._lo_mv = self._lo.data
-        self._hi_mv = self._hi.data
-        self._base_mv = self._base.data
-        self._slab_mv = self._slab.data
-        self._top_mv = self._top.data
-        self._ntop = self._top.size
-        self._mid_mv = self._mid.reshape(-1).data
-        self._leaf_mv = self._leaf.reshape(-1).data
 
     @property
     def pages(self) -> int:
         """Number of pages that were ever written."""
-        return self._nrows - 1
+        return len(self._extent)
 
     # ----------------------------------------------------------------- lookups
-
-    def _row(self, index: int) -> int:
-        t = index >> (2 * FAN_SHIFT)
-        if t >= self._ntop:
-            return 0
-        leaf: int = self._mid_mv[(self._top_mv[t] << FAN_SHIFT) | (index >> FAN_SHIFT & (FAN - 1))]
-        row: int = self._leaf_mv[(leaf << FAN_SHIFT) | (index & (FAN - 1))]
-        return row
 
     def _rows(self, index: I64) -> I64:
         """Rows of many pages, each below the top level's reach (see _grow_top)."""
@@ -115,7 +98,6 @@ class SlotMemory:
             grown = np.zeros(max(need, self._top.size + self._top.size // 2), np.uint32)
             grown[: self._top.size] = self._top
             self._top = grown
-            self._views()
 
     def _node(self, level: str, count: str) -> int:
         """A fresh all-zero node of ``level`` (``_mid`` or ``_leaf``)."""
@@ -143,15 +125,13 @@ class SlotMemory:
         row = self._nrows
         if row == self._lo.size:
             cap = row * 2
-            for name in ("_lo", "_hi", "_base", "_page"):
+            for name in ("_lo", "_hi", "_base"):
                 old = getattr(self, name)
                 new = np.zeros(cap, dtype=np.int64)
                 new[:row] = old
                 setattr(self, name, new)
         self._nrows = row + 1
-        self._page[row] = index
         self._leaf[leaf, index & (FAN - 1)] = row
-        self._views()  # any level may have been replaced
         return row
 
     def _alloc(self, size: int) -> int:
@@ -165,7 +145,7 @@ class SlotMemory:
                 grown = np.zeros(cap, dtype=np.uint8)
                 grown[: self._used] = self._slab[: self._used]
                 self._slab = grown
-                self._views()
+                self._slab_mv = grown.data
         at = self._used
         self._used += size
         return at
@@ -174,24 +154,24 @@ class SlotMemory:
         """Move the live extents to the front of a fresh slab (stale ones are dropped)."""
         slab = np.zeros(self._slab.size, dtype=np.uint8)
         at = 0
-        for row in range(1, self._nrows):
-            lo, hi = int(self._lo[row]), int(self._hi[row])
-            src = int(self._base[row]) + lo
-            slab[at : at + hi - lo] = self._slab[src : src + hi - lo]
+        extent = self._extent
+        for page, (lo, hi, base, row) in extent.items():
+            slab[at : at + hi - lo] = self._slab[base + lo : base + hi]
+            extent[page] = (lo, hi, at - lo, row)
             self._base[row] = at - lo
             at += hi - lo
         self._slab = slab
+        self._slab_mv = slab.data
         self._used = at
-        self._views()
 
-    def _cover(self, index: int, lo: int, hi: int) -> int:
+    def _cover(self, index: int, lo: int, hi: int) -> tuple[int, int, int, int]:
         """Widen page ``index``'s extent (creating it if need be) to hold ``[lo, hi)``;
-        returns the page's row."""
+        returns the page's new ``(lo, hi, base, row)``."""
         lo &= -ALIGN
         hi = (hi + ALIGN - 1) & -ALIGN
-        row = self._row(index)
-        if row:
-            old_lo, old_hi = int(self._lo[row]), int(self._hi[row])
+        old = self._extent.get(index)
+        if old is not None:
+            old_lo, old_hi, _, row = old
             lo, hi = min(lo, old_lo), max(hi, old_hi)
         else:
             row = self._new_row(index)
@@ -199,25 +179,27 @@ class SlotMemory:
         if hi - lo > PROMOTE_BYTES:
             lo, hi = 0, PAGE_SIZE
         at = self._alloc(hi - lo)  # before reading the old base: it may compact
-        if old_hi > old_lo:
-            src = int(self._base[row]) + old_lo
+        if old is not None:
+            src = self._extent[index][2] + old_lo
             dst = at + old_lo - lo
             self._slab[dst : dst + old_hi - old_lo] = self._slab[src : src + old_hi - old_lo]
+        ext = (lo, hi, at - lo, row)
+        self._extent[index] = ext
         self._lo[row] = lo
         self._hi[row] = hi
         self._base[row] = at - lo
         self.nbytes += (hi - lo) - (old_hi - old_lo)
-        return row
+        return ext
 
     # ----------------------------------------------------------------- writes
 
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         """Store ``data`` at ``offset`` of page ``index``; it must fit in the page."""
         end = offset + len(data)
-        row = self._row(index)
-        if not (row and self._lo_mv[row] <= offset and end <= self._hi_mv[row]):
-            row = self._cover(index, offset, end)
-        at: int = self._base_mv[row] + offset
+        ext = self._extent.get(index)
+        if ext is None or offset < ext[0] or end > ext[1]:
+            ext = self._cover(index, offset, end)
+        at = ext[2] + offset
         self._slab_mv[at : at + end - offset] = data
 
     def write_many(
@@ -279,12 +261,10 @@ class SlotMemory:
 
     def read(self, index: int, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` of page ``index`` (zeros where unwritten)."""
-        row = self._row(index)
-        if not row:
+        ext = self._extent.get(index)
+        if ext is None:
             return bytes(length)
-        lo: int = self._lo_mv[row]
-        hi: int = self._hi_mv[row]
-        base: int = self._base_mv[row]
+        lo, hi, base, _ = ext
         end = offset + length
         if lo <= offset and end <= hi:
             return bytes(self._slab_mv[base + offset : base + end])
@@ -298,23 +278,20 @@ class SlotMemory:
     def read_u64(self, index: int, offset: int) -> int:
         """The little-endian 8-byte value at ``offset`` of page ``index``: the same as
         ``int.from_bytes(self.read(index, offset, 8), "little")``, faster."""
-        row = self._row(index)
-        if not row:
+        ext = self._extent.get(index)
+        if ext is None:
             return 0
-        if self._lo_mv[row] <= offset and offset + 8 <= self._hi_mv[row]:
-            value: int = _unpack_u64(self._slab_mv, self._base_mv[row] + offset)[0]
+        if ext[0] <= offset and offset + 8 <= ext[1]:
+            value: int = _unpack_u64(self._slab_mv, ext[2] + offset)[0]
             return value
         return int.from_bytes(self.read(index, offset, 8), "little")
 
     def written_pages(self) -> list[int]:
         """Page numbers that hold data, ascending."""
-        pages: list[int] = np.sort(self._page[1 : self._nrows]).tolist()
-        return pages
+        return sorted(self._extent)
 
     def extents(self) -> Iterator[tuple[int, int, bytes]]:
         """``(page, lo, data)`` of every written page, by page: its extent as held."""
-        rows = np.arange(1, self._nrows)
-        for row in rows[np.argsort(self._page[1 : self._nrows])].tolist():
-            lo, hi = int(self._lo[row]), int(self._hi[row])
-            at = int(self._base[row]) + lo
-            yield int(self._page[row]), lo, self._slab[at : at + hi - lo].tobytes()
+        for page in sorted(self._extent):
+            lo, hi, base, _ = self._extent[page]
+            yield page, lo, self._slab[base + lo : base + hi].tobytes()
