@@ -239,6 +239,12 @@ def test_write_batch_equals_writes_one_by_one(
             )
             emulated = res.count(WritePath.EMULATED)
             assert batch_snooper.batches == (1 if with_batch and emulated else 0)
+            # The summary fields agree with the per-piece columns.
+            assert list(res.counts) == np.bincount(res.path, minlength=3).tolist()
+            held = res.seq[res.seq > 0]
+            assert (res.first_seq, res.last_seq) == (
+                (int(held[0]), int(held[-1])) if held.size else (0, 0)
+            )
         else:
             pieces = []
             for i, ((vcpu, _, _, _), gpa, data) in enumerate(zip(writes, gpas, datas, strict=True)):

@@ -152,22 +152,15 @@ class BatchResult:
     length: I64
     path: npt.NDArray[np.int8]
     seq: I64
+    #: pieces per WritePath value (MMIO_EXIT, FAST, EMULATED)
+    counts: tuple[int, int, int] = (0, 0, 0)
+    #: seq of the first and of the last event of the batch, 0 if none
+    first_seq: int = 0
+    last_seq: int = 0
 
     def count(self, path: WritePath) -> int:
         """Pieces that took ``path``."""
-        return int(np.count_nonzero(self.path == path))
-
-    @property
-    def first_seq(self) -> int:
-        """Seq of the first event of the batch, 0 if none."""
-        s = self.seq[self.seq > 0]
-        return int(s[0]) if s.size else 0
-
-    @property
-    def last_seq(self) -> int:
-        """Seq of the last event of the batch, 0 if none."""
-        s = self.seq[self.seq > 0]
-        return int(s[-1]) if s.size else 0
+        return self.counts[path]
 
 
 def _gather(data: bytes, start: I64, length: I64) -> bytes:
@@ -841,7 +834,7 @@ class Vm:
             poff = offs[widx] + (pgpa - g[widx])
         pvcpu = v if pgpa is g else v[widx]
         self.stats.writes += count
-        return self._apply_pieces(widx, pgpa, plen, poff, pvcpu, data)
+        return self._apply_pieces(widx, pgpa, plen, poff, pvcpu, data, packed=pgpa is g)
 
     def _classify(
         self, pgpa: I64
@@ -874,8 +867,18 @@ class Vm:
         return path, pos, index
 
     def _apply_pieces(
-        self, widx: I64, pgpa: I64, plen: I64, poff: I64, pvcpu: I64, data: bytes
+        self,
+        widx: I64,
+        pgpa: I64,
+        plen: I64,
+        poff: I64,
+        pvcpu: I64,
+        data: bytes,
+        *,
+        packed: bool = False,
     ) -> BatchResult:
+        """Classify, store, notify and account pieces. ``packed``: the pieces are the
+        writes themselves, their bytes back to back from the start of ``data``."""
         path, pos, index = self._classify(pgpa)
         slots = self.slots.slots()
         view = memoryview(data)
@@ -896,12 +899,16 @@ class Vm:
                 )
             else:
                 seq = np.zeros(every, dtype=np.int64)
+            first, last = (self.seq + 1, self.seq + n_emul) if n_emul else (0, 0)
             self.seq += n_emul
         else:
             seq = np.zeros(every, dtype=np.int64)
             self._apply_sync(path, pos, index, pgpa, plen, poff, pvcpu, data, seq)
-            # Notifiers may change tracking mid-batch: count the paths taken.
+            # Notifiers may change tracking mid-batch: count the paths taken. A
+            # notifier's DMA may take seqs in between the batch's.
             counts = np.bincount(path, minlength=3).tolist()
+            held = seq[seq > 0]
+            first, last = (int(held[0]), int(held[-1])) if held.size else (0, 0)
         # Accounting, in bulk.
         cost = self.cost
         per_path = (cost.mmio_exit_cycles, cost.fast_cycles, cost.emulate_cycles)
@@ -914,11 +921,11 @@ class Vm:
             stats.bytes_written += int(plen.sum())
         if any(per_path):
             vcpu_cycles = stats.vcpu_cycles
-            first = int(pvcpu[0])
-            if bool((pvcpu == first).all()):  # one vCPU wrote the whole batch
+            writer = int(pvcpu[0])
+            if bool((pvcpu == writer).all()):  # one vCPU wrote the whole batch
                 total = sum(c * k for c, k in zip(per_path, counts, strict=True))
                 if total:
-                    vcpu_cycles[first] = vcpu_cycles.get(first, 0) + total
+                    vcpu_cycles[writer] = vcpu_cycles.get(writer, 0) + total
             else:
                 # Cycles per vCPU (ids are below self.vcpus <= 4096), ascending.
                 cyc = np.asarray(per_path, dtype=np.int64)[path]
@@ -933,7 +940,7 @@ class Vm:
                     plen.astype(np.uint32),
                     pvcpu.astype(np.uint32),
                     np.zeros(every, dtype=np.uint8),
-                    _gather(data, poff, plen),
+                    bytes(data) if packed else _gather(data, poff, plen),
                 )
             else:
                 emulated = np.flatnonzero(path == _EMULATED)
@@ -947,7 +954,9 @@ class Vm:
                 )
             stats.notifications += self.notifiers.dispatch_batch(self, batch)
             stats.notifier_errors = self.notifiers.errors
-        return BatchResult(widx, pgpa, plen, path, seq)
+        return BatchResult(
+            widx, pgpa, plen, path, seq, (counts[0], counts[1], counts[2]), first, last
+        )
 
     def _apply_sync(
         self,

@@ -301,17 +301,14 @@ class MemoryService(pbg.MemoryServiceServicer):
             self.engine.refund_writes(entry.tenant, n)
             raise
         reply = pb.WriteGuestBatchResponse(writes=n, cycles=sum(vm.stats.cycles) - before)
-        # One pass for the counts and one for the seqs (BatchResult's properties each
-        # scan the pieces again); emulated pieces have increasing seqs, others 0.
-        counts = np.bincount(result.path, minlength=3).tolist()
+        counts = result.counts
         pieces = reply.pieces
         pieces.mmio_exit = counts[WritePath.MMIO_EXIT]
         pieces.fast = counts[WritePath.FAST]
         pieces.emulated = counts[WritePath.EMULATED]
-        if counts[WritePath.EMULATED]:
-            seqs = np.flatnonzero(result.seq)
-            reply.first_seq = int(result.seq[seqs[0]])
-            reply.last_seq = int(result.seq[seqs[-1]])
+        if result.first_seq:  # optional fields: set only when the batch made events
+            reply.first_seq = result.first_seq
+            reply.last_seq = result.last_seq
         if request.want_pieces:
             reply.piece_path = (result.path + 1).astype(np.uint8).tobytes()
             reply.piece_write.extend(result.write_index.tolist())

@@ -250,7 +250,7 @@ class GpuPpgttWorkload:
             gpa[a:b], np.full(take, chunk.vcpu, dtype=np.int64), length[a:b],
             data[int(offs[a]) : int(offs[b])],
         )
-        counts: list[int] = np.bincount(result.path, minlength=3).tolist()
+        counts = result.counts
         paths = self.paths
         for p in range(3):
             paths[p] += counts[p]

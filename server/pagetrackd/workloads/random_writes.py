@@ -98,9 +98,8 @@ class RandomWritesWorkload:
             result = vm.write_batch(
                 gpa[a:b], vcpu[a:b], np.full(take, 8, dtype=np.int64), data[8 * a : 8 * b]
             )
-            counts = np.bincount(result.path, minlength=3)
             for p in range(3):
-                self.paths[p] += int(counts[p])
+                self.paths[p] += result.counts[p]
             self._pos = b
             self.writes += take
             done += take
