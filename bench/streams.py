@@ -16,7 +16,8 @@ the drop policy with a queue large enough that nothing is dropped, and check it)
 * ``events_per_s_8_subs``: per subscriber, with 8 subscribers on one VM (target >= 100k).
 * ``p99_ms_at_100k``: write-to-subscriber latency (from the daemon's write timestamp to the
   subscriber's receive time) at a steady 100k tracked writes/s (target <= 5 ms).
-* ``ratio_1_sub_vs_raw`` last (target >= 0.5).
+* ``ratio_1_sub_vs_raw`` last (target >= 0.5): the median over rounds of ours / raw, each
+  round running the two back to back.
 """
 
 from __future__ import annotations
@@ -297,18 +298,21 @@ def run_raw(events: int) -> float:
 
 def main() -> None:
     raw, ours = [], []
-    for _ in range(2):  # interleaved rounds; the median of each
+    for _ in range(3):  # interleaved rounds; the median of each (the machine is noisy)
         raw.append(run_raw(EVENTS))
         ours.append(run_pagetrack(1, EVENTS)[0])
     one = float(np.median(ours))
     raw_one = float(np.median(raw))
+    # Each round ran the two back to back: the median of the per-round ratios is not
+    # thrown off by the machine's load drifting between rounds.
+    ratio = float(np.median([o / r for o, r in zip(ours, raw, strict=True)]))
     eight, _ = run_pagetrack(8, EVENTS // 2)
     _, p99 = run_pagetrack(1, RATE_EVENTS, rate=100_000)
     print(f"raw_events_per_s_1_sub: {raw_one:.0f}")
     print(f"events_per_s_1_sub: {one:.0f}")
     print(f"events_per_s_8_subs: {eight:.0f}")
     print(f"p99_ms_at_100k: {p99:.2f}")
-    print(f"ratio_1_sub_vs_raw: {one / raw_one:.2f}")
+    print(f"ratio_1_sub_vs_raw: {ratio:.2f}")
 
 
 if __name__ == "__main__":
