@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagetrackd.domain import Compacted, Vm
+from pagetrackd.domain import Compacted, DmaPolicy, Vm, WriteEvent
 from pagetrackd.domain.hub import (
     Gap,
     GapReason,
@@ -233,3 +233,43 @@ def test_2016_move_drops_plugin_references_keeps_tenants() -> None:
     vm.set_memslot(0, 0x200, 16)
     assert vm.tracked_gfns().tolist() == [0x201, 0x202]
     assert vm.track_query([0x202])[0].owners == {"tenant": 1}
+
+
+class _DmaOnWrite:
+    """A plugin that answers each guest write with a DMA write to another tracked page
+    (under dma_policy=notify that DMA is an event of its own, made inside the callback)."""
+
+    name = "dma-on-write"
+    external = False
+
+    def track_write(self, vm: Vm, event: WriteEvent) -> None:
+        if event.source is Source.GUEST:
+            vm.dma_write((event.gfn + 1) % 64 << 12, b"dma!")
+
+    def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_streams_see_events_in_seq_order_when_a_plugin_makes_events(single: bool) -> None:
+    """Regression: the history and a stream were told of a plugin's DMA event (seq s+1)
+    before the guest write that caused it (seq s) when the plugin was called first; and
+    the write path lost the count of the nested notifications. Streams are told first
+    now, and a batch hands its held events over before the nested one (notifiers.py)."""
+    vm = _vm()
+    vm.set_policy(dma_policy=DmaPolicy.NOTIFY)
+    hub = VmHub(History())
+    vm.register_notifier(hub.history)
+    sub = Subscriber(name="s", queue_limit=1 << 16)
+    hub.subscribe(vm, sub)
+    vm.register_notifier(_DmaOnWrite())  # newest: called first among the plugins
+    _write(vm, 20, single)
+    assert vm.seq == 40
+    got = [s for item in sub.take(1 << 20) if isinstance(item, Stamped)
+           for s in item.batch.seq.tolist()]
+    assert got == list(range(1, 41))
+    held = [s for item in hub.history.since(1, vm.seq) if isinstance(item, Stamped)
+            for s in item.batch.seq.tolist()]
+    assert held == list(range(1, 41))
+    # Each of the 40 events reached the history, the stream and the plugin.
+    assert vm.stats.notifications == 40 * 3

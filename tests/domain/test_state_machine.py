@@ -215,6 +215,14 @@ class Reference:
 
     # -- notifier bookkeeping
 
+    def told_order(self) -> list[Recorder]:
+        """Who is told of one event, in order: batch-capable nodes (streams) first,
+        then the per-event ones, each newest first (domain/notifiers.py)."""
+        nodes = list(self.nodes)
+        return [n for n in nodes if isinstance(n, BatchRecorder)] + [
+            n for n in nodes if not isinstance(n, BatchRecorder)
+        ]
+
     def notify(self, node: Recorder, entry: Entry, deliveries: int = 1) -> None:
         self.log.append(entry)
         self.stats["notifications"] += deliveries
@@ -409,7 +417,7 @@ class Reference:
         self.charge(vcpu, EMUL, COST.emulate_cycles)
         self.seq += 1
         event = (self.seq, vcpu, gpa, data, 0)
-        for node in list(self.nodes):
+        for node in self.told_order():
             if batched is not None and isinstance(node, BatchRecorder):
                 continue  # told once, after the whole batch
             self.notify(node, ("write", node.name, *event))
@@ -461,7 +469,7 @@ class Reference:
             if self.dma_policy is DmaPolicy.NOTIFY and self.counters.get(key, 0):
                 self.seq += 1
                 self.stats["dma_notified"] += 1
-                for node in list(self.nodes):
+                for node in self.told_order():
                     self.notify(node, ("write", node.name, self.seq, NO_VCPU, g, d, 1))
                 out.append((g, len(d), EMUL, self.seq))
             else:

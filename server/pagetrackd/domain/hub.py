@@ -1,7 +1,8 @@
 """Remote notifiers: per-VM event history and the subscribers behind Watch streams.
 
 Each Watch stream is one :class:`Subscriber`, registered on its VM as a notifier of its
-own (so it is an *external* user, called newest first like every KVM notifier). It
+own (so it is an *external* user; streams are told of an event before the plugins
+react to it, newest first among themselves, see ``domain.notifiers``). It
 never slows the vCPU: events go into a bounded queue with ``put``-and-return, and what
 does not fit is handled by the stream's slow-consumer policy, always accounted for:
 
@@ -153,8 +154,8 @@ def _stamp(batch: EventBatch) -> Stamped:
 class History:
     """A VM's recent events and region records, bounded in events and bytes.
 
-    Registered as the VM's first (so last-called) notifier. Single events are gathered
-    into batches of up to 256 before they are stored.
+    Registered as the VM's first (so last-called among the streams) notifier. Single
+    events are gathered into batches of up to 256 before they are stored.
     """
 
     name = "history"

@@ -2,6 +2,12 @@
 
 KVM calls a VM's notifiers synchronously on the vCPU's write path, newest registered
 first (registration inserts at the list head; ``arch/x86/kvm/mmu/page_track.c``).
+
+pagetrack adds batch notifiers (the event history and Watch streams), which only queue
+what they are told. Each event reaches them before the per-event notifiers (the plugins)
+react to it, so they see every event in seq order even when a plugin's reaction makes
+events of its own (a DMA under dma_policy=notify), and a plugin that (un)registers a
+stream from its callback changes what the stream gets from the next event on.
 Unregistering waits for in-flight callbacks (``synchronize_srcu``); here everything
 runs on one thread, so once :meth:`NotifierList.unregister` returns the node is never
 called again, even by a dispatch that is already walking the list.
@@ -9,7 +15,7 @@ called again, even by a dispatch that is already walking the list.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -82,7 +88,7 @@ class NotifierNode:
 class NotifierList:
     """A VM's notifiers, newest first."""
 
-    __slots__ = ("_nodes", "_next_id", "sync", "batch", "errors")
+    __slots__ = ("_nodes", "_next_id", "sync", "batch", "errors", "flush")
 
     def __init__(self) -> None:
         self._nodes: list[NotifierNode] = []
@@ -90,6 +96,12 @@ class NotifierList:
         self.sync: tuple[NotifierNode, ...] = ()  #: nodes called once per event
         self.batch: tuple[NotifierNode, ...] = ()  #: nodes that take batches
         self.errors = 0
+        #: Set while a batched write holds events back for the batch nodes: gives them
+        #: those events. Called before anything else reaches batch nodes (a single event,
+        #: a region record) and before registrations change, so batch nodes see every
+        #: event in seq order and exactly the events of their registered time, as with
+        #: one-by-one writes.
+        self.flush: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -105,6 +117,8 @@ class NotifierList:
 
     def register(self, notifier: Notifier) -> NotifierNode:
         """Register at the head of the list; returns the node (its id names it)."""
+        if self.flush is not None:
+            self.flush()
         node = NotifierNode(self._next_id, notifier, isinstance(notifier, BatchNotifier))
         self._next_id += 1
         # A new list, never an in-place change: a dispatch walking the old list must
@@ -117,6 +131,8 @@ class NotifierList:
         """Remove a node; false if it was not registered. It is never called again."""
         if not node.active:
             return False
+        if self.flush is not None:
+            self.flush()
         node.active = False
         self._nodes = [n for n in self._nodes if n is not node]
         self._refresh()
@@ -150,8 +166,11 @@ class NotifierList:
         return calls
 
     def dispatch_write(self, vm: Vm, event: WriteEvent) -> int:
-        """Tell every node of one event, newest first; returns the calls made."""
-        return self._tell(self._nodes, vm, event)
+        """Tell every node of one event, the batch nodes first (see the module
+        docstring), each kind newest first; returns the calls made."""
+        if self.flush is not None:
+            self.flush()
+        return self._tell(self.batch, vm, event) + self._tell(self.sync, vm, event)
 
     def dispatch_sync(self, vm: Vm, event: WriteEvent) -> int:
         """Tell only the per-event nodes of one event (batch nodes are told later)."""
@@ -175,6 +194,8 @@ class NotifierList:
         self, vm: Vm, base_gfn: int, npages: int, *, internal_only: bool = False
     ) -> None:
         """Tell nodes that a gfn range is gone, newest first."""
+        if self.flush is not None:
+            self.flush()
         for node in self._nodes:
             if not node.active or (internal_only and node.notifier.external):
                 continue

@@ -690,7 +690,8 @@ class Vm:
         notifiers = self.notifiers
         if notifiers.sync or notifiers.batch:  # any node registered
             event = _guest_event(seq, vcpu, gpa, bytes(data))
-            stats.notifications += notifiers.dispatch_write(self, event)
+            told = notifiers.dispatch_write(self, event)  # a notifier may write: count after
+            stats.notifications += told
             stats.notifier_errors = notifiers.errors
         return _piece(gpa, n, _EMULATED, seq)
 
@@ -758,7 +759,8 @@ class Vm:
                 self.seq += 1
                 self.stats.dma_notified += 1
                 event = WriteEvent(self.seq, NO_VCPU, g, bytes(view[o : o + plen]), Source.DMA)
-                self.stats.notifications += self.notifiers.dispatch_write(self, event)
+                told = self.notifiers.dispatch_write(self, event)  # (count after: nested writes)
+                self.stats.notifications += told
                 self.stats.notifier_errors = self.notifiers.errors
                 pieces.append(WritePiece(g, plen, WritePath.EMULATED, self.seq))
             else:
@@ -932,7 +934,10 @@ class Vm:
                 sums = np.bincount(pvcpu, weights=cyc)
                 for vid in np.flatnonzero(sums).tolist():
                     vcpu_cycles[vid] = vcpu_cycles.get(vid, 0) + int(sums[vid])
-        if counts[_EMULATED] and self.notifiers.batch:
+        if not sync and counts[_EMULATED] and self.notifiers.batch:
+            # (With per-event nodes, _apply_sync gave the batch nodes their events.)
+            if self.notifiers.flush is not None:
+                self.notifiers.flush()  # an outer batch's events come first
             if counts[_EMULATED] == every:
                 batch = EventBatch(
                     seq.astype(np.uint64),
@@ -952,7 +957,8 @@ class Vm:
                     np.zeros(emulated.size, dtype=np.uint8),
                     _gather(data, poff[emulated], plen[emulated]),
                 )
-            stats.notifications += self.notifiers.dispatch_batch(self, batch)
+            told = self.notifiers.dispatch_batch(self, batch)
+            stats.notifications += told
             stats.notifier_errors = self.notifiers.errors
         return BatchResult(
             widx, pgpa, plen, path, seq, (counts[0], counts[1], counts[2]), first, last
@@ -973,15 +979,68 @@ class Vm:
         """Apply pieces in order with per-event notifiers: each emulated piece is
         stored, then its event goes to every per-event node (as ``dispatch_sync``),
         before the next piece lands. Stretches of other pieces are stored in bulk.
-        When a notifier changes tracking or memslots, the rest is classified again."""
+        When a notifier changes tracking or memslots, the rest is classified again.
+        Batch nodes get the events at the end, or earlier where order requires it
+        (see NotifierList.flush)."""
         if not isinstance(data, bytes):
             data = bytes(data)
+        notifiers = self.notifiers
+        done_s: list[int] = []  # the seq of each emulated piece, in order (a notifier's
+        # DMA with dma_policy=notify may take seqs in between)
+        done_j: list[int] = []  # and its piece index
+        sent = 0  # events of done_s handed to the batch nodes (or to none) so far
+        outer = notifiers.flush
+
+        def flush() -> None:
+            # Batch nodes get this batch's events up to now before anything that must
+            # come after them in seq order, and before registrations change.
+            nonlocal sent
+            if sent == len(done_s):
+                return
+            ss, js = done_s[sent:], np.array(done_j[sent:], dtype=np.int64)
+            sent = len(done_s)
+            if notifiers.batch:
+                batch = EventBatch(
+                    np.array(ss, dtype=np.uint64),
+                    pgpa[js].astype(np.uint64),
+                    plen[js].astype(np.uint32),
+                    pvcpu[js].astype(np.uint32),
+                    np.zeros(js.size, dtype=np.uint8),
+                    _gather(data, poff[js], plen[js]),
+                )
+                told = notifiers.dispatch_batch(self, batch)
+                self.stats.notifications += told
+
+        if outer is not None:
+            outer()  # a batch written from a callback: the outer batch's events first
+        notifiers.flush = flush
+        try:
+            self._emulate_sync(
+                path, pos, index, pgpa, plen, poff, pvcpu, data, seq, done_s, done_j
+            )
+            flush()
+        finally:
+            notifiers.flush = outer
+            self.stats.notifier_errors = notifiers.errors
+
+    def _emulate_sync(
+        self,
+        path: npt.NDArray[np.int8],
+        pos: I64,
+        index: I64,
+        pgpa: I64,
+        plen: I64,
+        poff: I64,
+        pvcpu: I64,
+        data: bytes,
+        seq: I64,
+        done_s: list[int],
+        done_j: list[int],
+    ) -> None:
         view = memoryview(data)
         notifiers = self.notifiers
         slots = self.slots.slots()
         total = pgpa.size
-        done_s: list[int] = []  # the seq of each emulated piece, in order (a notifier's
-        # DMA with dma_policy=notify may take seqs in between)
         gen = self.generation
         calls = 0
         known: tuple[NotifierNode, ...] | None = None  # the nodes `fast` was made for
@@ -1011,6 +1070,7 @@ class Vm:
                     slot.dirty.add(ix)
                 self.seq = s = self.seq + 1
                 done_s.append(s)
+                done_j.append(j)
                 nodes = notifiers.sync
                 if nodes is not known:
                     # Registered nodes changed (or first piece): can every node take the
