@@ -40,6 +40,7 @@ from pagetrackd.domain import (
     VmNotFound,
     WriteEvent,
     WritePath,
+    WritePiece,
 )
 from pagetrackd.domain.types import NO_VCPU
 
@@ -351,6 +352,67 @@ def test_r4_4_write_lands_before_notification() -> None:
     vm.set_policy(dma_policy=DmaPolicy.NOTIFY)
     vm.dma_write(0x102800, b"dma!")
     assert seen == [b"new bytes", b"abc", b"def", b"dma!"]
+
+
+def test_r4_5_emulated_cmpxchg_notifies_only_when_it_exchanges() -> None:
+    """x86.c emulator_cmpxchg_emulated: on a tracked page a LOCK CMPXCHG exits and is
+    emulated; if the compare fails it returns X86EMUL_CMPXCHG_FAILED with no
+    kvm_page_track_write, if it succeeds the notification carries the new bytes. The page
+    is marked dirty either way (kvm_vcpu_mark_page_dirty before the check)."""
+    vm = Vm("cx")
+    vm.set_memslot(0, 0x100, 0x40, SlotFlags.LOG_DIRTY_PAGES)
+    vm.track_add([0x101])
+    rec = Rec("rec")
+    vm.register_notifier(rec)
+    old = (7).to_bytes(8, "little")
+    new = (9).to_bytes(8, "little")
+    vm.write(0, 0x101010, old)  # seq 1
+    vm.get_dirty_log(0)
+    failed = vm.cmpxchg(1, 0x101010, new, (11).to_bytes(8, "little"))
+    assert (failed.exchanged, failed.current, failed.as_write) == (False, old, False)
+    assert failed.write.pieces == (WritePiece(0x101010, 8, WritePath.EMULATED, None),)
+    assert [e.seq for e in rec.events] == [1] and vm.read(0x101010, 8) == old
+    assert vm.get_dirty_log(0)[0] == 0b10  # dirty although nothing changed
+    done = vm.cmpxchg(1, 0x101010, old, new)
+    assert (done.exchanged, done.current) == (True, old)
+    assert done.write.pieces == (WritePiece(0x101010, 8, WritePath.EMULATED, 2),)
+    assert (rec.events[-1].seq, rec.events[-1].data, rec.events[-1].vcpu) == (2, new, 1)
+    assert vm.read(0x101010, 8) == new and vm.get_dirty_log(0)[0] == 0b10
+    assert vm.stats.pieces[WritePath.EMULATED] == 3
+
+
+def test_r4_5_cmpxchg_on_an_untracked_page_runs_natively() -> None:
+    """Without write protection the instruction never exits: no emulation, no event,
+    exchanged or not (x86.c is reached only through a write-protection fault)."""
+    vm = make_vm()
+    rec = Rec("rec")
+    vm.register_notifier(rec)
+    res = vm.cmpxchg(0, 0x102000, bytes(4), b"\x01\x02\x03\x04")
+    assert res.exchanged and res.write.pieces[0].path is WritePath.FAST
+    res = vm.cmpxchg(0, 0x102000, bytes(4), b"\xff" * 4)
+    assert not res.exchanged and res.current == b"\x01\x02\x03\x04"
+    assert rec.events == [] and vm.seq == 0
+
+
+def test_r4_5_cmpxchg_that_cannot_be_atomic_is_emulated_as_a_write() -> None:
+    """x86.c emulator_cmpxchg_emulated: a size that is not 1, 2, 4 or 8, an access that
+    crosses a page, or a target that is not RAM goes to emul_write ("emulating exchange
+    as write"): the new bytes are written whatever memory held, compare ignored."""
+    vm = make_vm()
+    vm.track_add([0x101, 0x102])
+    rec = Rec("rec")
+    vm.register_notifier(rec)
+    vm.write(0, 0x101000, b"\x05" * 16)
+    res = vm.cmpxchg(0, 0x101000, bytes(16), b"\x06" * 16)  # 16 bytes: CMPXCHG16B
+    assert (res.exchanged, res.as_write, res.current) == (True, True, b"")
+    assert vm.read(0x101000, 16) == b"\x06" * 16
+    res = vm.cmpxchg(0, 0x101ffc, bytes(8), b"\x07" * 8)  # crosses into 0x102
+    assert res.as_write and [p.path for p in res.write.pieces] == [WritePath.EMULATED] * 2
+    res = vm.cmpxchg(0, 0x900000, bytes(8), b"\x08" * 8)  # no memslot: MMIO
+    assert res.as_write and res.write.pieces[0].path is WritePath.MMIO_EXIT
+    assert [e.seq for e in rec.events] == [1, 2, 3, 4]
+    with pytest.raises(InvalidArgument):
+        vm.cmpxchg(0, 0x101000, bytes(4), bytes(8))
 
 
 def test_r4_6_notification_is_not_filtered_by_who_tracks() -> None:

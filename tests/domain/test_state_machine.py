@@ -432,6 +432,34 @@ class Reference:
         self.stats["writes"] += 1
         return [self.guest_piece(vcpu, g, d, None) for g, d in pieces_of(gpa, data)]
 
+    def cmpxchg(
+        self, vcpu: int, gpa: int, expected: bytes, desired: bytes
+    ) -> tuple[bool, bytes, bool, list[Piece]]:
+        """x86.c emulator_cmpxchg_emulated, as plainly as it reads."""
+        if len(expected) != len(desired):
+            raise InvalidArgument
+        if not 0 <= vcpu < VCPUS:
+            raise InvalidArgument
+        n = len(desired)
+        self.check_access(gpa, n)
+        key = self.find(gpa // PAGE)
+        if (
+            n not in (1, 2, 4, 8) or gpa % PAGE + n > PAGE or key is None
+            or self.slots[key[0]][2] & SlotFlags.READONLY
+        ):
+            return True, b"", True, self.write(vcpu, gpa, desired)
+        self.stats["writes"] += 1
+        page = self.memory.get(key, bytearray(PAGE))
+        current = bytes(page[gpa % PAGE : gpa % PAGE + n])
+        if key[0] in self.dirty:
+            self.dirty[key[0]].add(key[1])
+        if current != expected:
+            path = EMUL if self.counters.get(key, 0) else FAST
+            self.charge(vcpu, path, COST.emulate_cycles if path is EMUL else COST.fast_cycles)
+            return False, current, False, [(gpa, n, path, None)]
+        piece = self.guest_piece(vcpu, gpa, desired, None)
+        return True, current, False, [piece]
+
     def write_batch(self, writes: Sequence[tuple[int, int, bytes]]) -> list[tuple[int, Piece]]:
         for _, gpa, data in writes:
             self.check_access(gpa, len(data))
@@ -761,6 +789,37 @@ class VmMachine(RuleBasedStateMachine):
             for p in want:
                 event(f"write piece: {p[2].name}")
             assert got.applied == all(p[2] is not MMIO for p in want)
+
+    @rule(
+        data=st.data(),
+        vcpu=st.integers(0, VCPUS - 1),
+        off=offsets,
+        n=st.sampled_from([1, 2, 4, 8, 8, 8, 3, 16]),
+        hit=st.booleans(),
+        bad=st.sampled_from([False] * 9 + [True]),
+    )
+    def cmpxchg(
+        self, data: st.DataObject, vcpu: int, off: int, n: int, hit: bool, bad: bool
+    ) -> None:
+        """An emulated LOCK CMPXCHG that finds the expected value (hit) or not."""
+        gfn = data.draw(self.gfns(), "gfn")
+        gpa = gpa_of(gfn, off)
+        key = self.ref.find(gfn)
+        held = bytes(self.ref.memory.get(key, bytearray(PAGE))) if key else bytes(PAGE)
+        at = gpa % PAGE
+        current = (held[at : at + n] + bytes(n))[:n]
+        expected = current if hit else bytes(b ^ 0xA5 for b in current)
+        desired = mkdata(n + 1 if bad else n, self.seed())
+        self.touch(gpa, n)
+        r = self.both(
+            lambda: self.ref.cmpxchg(vcpu, gpa, expected, desired),
+            lambda: self.vm.cmpxchg(vcpu, gpa, expected, desired),
+        )
+        if r is not None:
+            (exchanged, was, as_write, pieces), got = r
+            assert (got.exchanged, got.current, got.as_write) == (exchanged, was, as_write)
+            assert [(p.gpa, p.length, p.path, p.seq) for p in got.write.pieces] == pieces
+            event(f"cmpxchg: {'as write' if as_write else exchanged}")
 
     @rule(data=st.data(), bad_vcpu=st.sampled_from([False] * 7 + [True]))
     def write_batch(self, data: st.DataObject, bad_vcpu: bool) -> None:

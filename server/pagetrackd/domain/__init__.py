@@ -38,6 +38,7 @@ from pagetrackd.domain.registry import Registry
 from pagetrackd.domain.types import (
     PAGE_SHIFT,
     PAGE_SIZE,
+    CmpxchgResult,
     DmaPolicy,
     Gfn,
     Memslot,
@@ -95,6 +96,7 @@ __all__ = [
     "VmStats",
     "WriteEvent",
     "WritePath",
+    "CmpxchgResult",
     "WritePiece",
     "WriteResult",
 ]

@@ -138,6 +138,20 @@ class WriteResult:
 
 
 @dataclass(frozen=True, slots=True)
+class CmpxchgResult:
+    """The outcome of an emulated guest LOCK CMPXCHG (:meth:`Vm.cmpxchg`)."""
+
+    #: whether memory now holds the desired bytes (always, when done as a write)
+    exchanged: bool
+    #: what memory held before: the expected bytes when exchanged, else the value the
+    #: guest gets back in RAX; empty when the exchange was done as a plain write
+    current: bytes
+    #: KVM emulated the exchange as a plain write (size, page-crossing or non-RAM target)
+    as_write: bool
+    write: WriteResult
+
+
+@dataclass(frozen=True, slots=True)
 class TrackInfo:
     """Everything the track pool knows of one gfn."""
 

@@ -35,6 +35,7 @@ from pagetrackd.domain.types import (
     PAGE_SHIFT,
     PAGE_SIZE,
     TENANT_OWNER,
+    CmpxchgResult,
     DmaPolicy,
     Memslot,
     RegionChange,
@@ -661,6 +662,66 @@ class Vm:
             pieces.append(self._write_piece(vcpu, g, view[off : off + plen]))
             off += plen
         return WriteResult(tuple(pieces))
+
+    def cmpxchg(self, vcpu: int, gpa: int, expected: bytes, desired: bytes) -> CmpxchgResult:
+        """An emulated guest ``LOCK CMPXCHG`` of ``len(desired)`` bytes, as KVM's
+        ``emulator_cmpxchg_emulated`` (arch/x86/kvm/x86.c) does it (R4.5).
+
+        1, 2, 4 or 8 bytes inside one page of writable RAM are exchanged atomically. On
+        an untracked page the instruction runs natively (FAST, no event). On a tracked
+        page it exits and is emulated: if memory holds ``expected``, ``desired`` is stored
+        and notified like any emulated write (R4.4); if not, nothing is stored and no
+        notifier is told (X86EMUL_CMPXCHG_FAILED), and the guest gets the current value.
+        The page is marked dirty either way (a failed LOCK CMPXCHG writes the old value
+        back). Any other size, an access that crosses a page, or a target that is not
+        writable RAM is emulated as a plain write of ``desired`` ("emulating exchange as
+        write"): see :meth:`write`.
+        """
+        if len(expected) != len(desired):
+            raise InvalidArgument(
+                f"expected has {len(expected)} bytes and desired {len(desired)}: a compare-"
+                "exchange compares and stores the same number of bytes"
+            )
+        n = len(desired)
+        if not 0 <= vcpu < self.vcpus:
+            self._check_vcpu(vcpu)
+        self._check_access(gpa, n)
+        gfn = gpa >> PAGE_SHIFT
+        slot = self.slots.find(gfn)
+        if (
+            n not in (1, 2, 4, 8)
+            or (gpa & PAGE_MASK) + n > PAGE_SIZE
+            or slot is None
+            or slot.readonly
+        ):
+            return CmpxchgResult(True, b"", True, self.write(vcpu, gpa, desired))
+        self.stats.writes += 1
+        index = gfn - slot.info.base_gfn
+        current = slot.memory.read(index, gpa & PAGE_MASK, n)
+        if slot.dirty is not None:
+            slot.dirty.add(index)
+        exchanged = current == expected
+        tracked = slot.tracking.counters.get1(index) > 0
+        if not tracked:
+            self._charge(vcpu, _FAST, self.cost.fast_cycles)
+            if exchanged:
+                slot.memory.write(index, gpa & PAGE_MASK, desired)
+                self.stats.bytes_written += n
+            return CmpxchgResult(exchanged, current, False, _result((_piece(gpa, n, _FAST),)))
+        self._charge(vcpu, _EMULATED, self.cost.emulate_cycles)
+        if not exchanged:
+            return CmpxchgResult(
+                False, current, False, _result((_piece(gpa, n, _EMULATED),))
+            )
+        slot.memory.write(index, gpa & PAGE_MASK, desired)
+        self.stats.bytes_written += n
+        self.seq = seq = self.seq + 1
+        notifiers = self.notifiers
+        if notifiers.sync or notifiers.batch:
+            told = notifiers.dispatch_write(self, _guest_event(seq, vcpu, gpa, bytes(desired)))
+            self.stats.notifications += told
+            self.stats.notifier_errors = notifiers.errors
+        return CmpxchgResult(True, current, False, _result((_piece(gpa, n, _EMULATED, seq),)))
 
     def _charge(self, vcpu: int, path: WritePath, cycles: int) -> None:
         stats = self.stats
