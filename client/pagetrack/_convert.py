@@ -202,19 +202,28 @@ def region_change(msg: pb.SetMemoryRegionResponse) -> t.RegionChange:
     )
 
 
+def _write_pieces(pieces: Iterable[pb.WritePiece]) -> tuple[t.WritePiece, ...]:
+    return tuple(
+        t.WritePiece(
+            gpa=p.gpa,
+            length=p.length,
+            path=from_pb(t.WritePath, p.path, t.WritePath.UNSPECIFIED),
+            seq=p.seq if p.HasField("seq") else None,
+        )
+        for p in pieces
+    )
+
+
 def write_result(msg: pb.WriteGuestResponse) -> t.WriteResult:
     """A WriteResult."""
-    return t.WriteResult(
-        pieces=tuple(
-            t.WritePiece(
-                gpa=p.gpa,
-                length=p.length,
-                path=from_pb(t.WritePath, p.path, t.WritePath.UNSPECIFIED),
-                seq=p.seq if p.HasField("seq") else None,
-            )
-            for p in msg.pieces
-        ),
-        cycles=msg.cycles,
+    return t.WriteResult(pieces=_write_pieces(msg.pieces), cycles=msg.cycles)
+
+
+def cmpxchg_result(msg: pb.CompareExchangeGuestResponse) -> t.CmpxchgResult:
+    """A CmpxchgResult."""
+    return t.CmpxchgResult(
+        exchanged=msg.exchanged, current=msg.current, as_write=msg.as_write,
+        pieces=_write_pieces(msg.pieces), cycles=msg.cycles,
     )
 
 

@@ -577,6 +577,38 @@ def write_cmd(
     out.print(f"{len(raw)} bytes, {res.cycles} cycles")
 
 
+@app.command("cmpxchg")
+def cmpxchg_cmd(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name.")],
+    gpa: Annotated[str, typer.Argument(help="Guest-physical address.")],
+    expected: Annotated[str, typer.Argument(help="Bytes memory must hold: " + _DATA_HELP)],
+    desired: Annotated[str, typer.Argument(help="Bytes to store, as many as EXPECTED.")],
+    vcpu: Annotated[int, typer.Option("--vcpu", min=0, help="Writing vCPU.")] = 0,
+    hex_: Annotated[bool, typer.Option("--hex", help="Both are hex even without 0x.")] = False,
+    text: Annotated[bool, typer.Option("--text", help="Both are text even if they look like hex.")]
+    = False,
+) -> None:
+    """A guest LOCK CMPXCHG: 1, 2, 4 or 8 bytes exchanged atomically, notified only if
+    memory held EXPECTED (other sizes and page-crossing accesses are done as a write)."""
+    address = _parsed(cp.parse_size, gpa)
+    old = _data_arg(expected, hex_, text)
+    new = _data_arg(desired, hex_, text)
+    with _client(ctx) as c:
+        res = c.cmpxchg(vm, address, old, new, vcpu=vcpu)
+    if _emit_json(ctx, res):
+        return
+    for p in res.pieces:
+        seq = f" seq {p.seq}" if p.seq is not None else ""
+        out.print(f"{p.gpa:#x} +{p.length}: {p.path.value}{seq}")
+    if res.as_write:
+        out.print("done as a plain write (not 1, 2, 4 or 8 bytes inside one page of RAM)")
+    elif res.exchanged:
+        out.print(f"exchanged (memory held 0x{res.current.hex()})")
+    else:
+        out.print(f"not exchanged: memory holds 0x{res.current.hex()}")
+
+
 @app.command("dma")
 def dma_cmd(
     ctx: typer.Context,

@@ -449,6 +449,17 @@ class AsyncClient:
         )
         return reply.data
 
+    async def cmpxchg(
+        self, vm: str, gpa: int, expected: Bytes, desired: Bytes, *, vcpu: int = 0
+    ) -> t.CmpxchgResult:
+        """A guest ``LOCK CMPXCHG`` by ``vcpu`` (KVM's emulator_cmpxchg_emulated): 1, 2, 4
+        or 8 bytes inside a page of RAM are exchanged atomically and, on a tracked page,
+        notified only if memory held ``expected``; anything else is done as a write."""
+        request = pb.CompareExchangeGuestRequest(
+            vm=vm, vcpu=vcpu, gpa=gpa, expected=bytes(expected), desired=bytes(desired)
+        )
+        return cv.cmpxchg_result(await self._call(self._memory.CompareExchangeGuest, request))
+
     async def dma_write(self, vm: str, gpa: int, data: Bytes) -> t.DmaResult:
         """A device-model DMA write, handled by the VM's DMA policy."""
         request = pb.DmaWriteRequest(vm=vm, gpa=gpa, data=bytes(data))
@@ -1332,6 +1343,7 @@ class Client(SyncFacade[AsyncClient]):
     write = _sync(AsyncClient.write)
     write_batch = _sync(AsyncClient.write_batch)
     read = _sync(AsyncClient.read)
+    cmpxchg = _sync(AsyncClient.cmpxchg)
     dma_write = _sync(AsyncClient.dma_write)
     add_tracking = _sync(AsyncClient.add_tracking)
     remove_tracking = _sync(AsyncClient.remove_tracking)

@@ -332,6 +332,26 @@ class WriteResult:
         return tuple(p.seq for p in self.pieces if p.seq is not None)
 
 
+@dataclass(frozen=True, slots=True)
+class CmpxchgResult:
+    """The outcome of a guest compare-exchange (``AsyncClient.cmpxchg``)."""
+
+    #: memory now holds the desired bytes (always, when done as a write)
+    exchanged: bool
+    #: what memory held before: the expected bytes when exchanged, else the value the
+    #: guest gets back; empty when done as a write
+    current: bytes
+    #: KVM emulated the exchange as a plain write (size, page-crossing or non-RAM target)
+    as_write: bool
+    pieces: tuple[WritePiece, ...]
+    cycles: int
+
+    @property
+    def seqs(self) -> tuple[int, ...]:
+        """Seqs of the events it produced (none unless it exchanged on a tracked page)."""
+        return tuple(p.seq for p in self.pieces if p.seq is not None)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class BatchWriteResult:
     """Counts from a write_batch call; the piece columns only with ``want_pieces``."""
@@ -839,6 +859,7 @@ __all__ = [
     "AuditMismatch",
     "AuditReport",
     "BatchWriteResult",
+    "CmpxchgResult",
     "CloseReason",
     "Closed",
     "CostModel",

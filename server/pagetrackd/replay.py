@@ -64,6 +64,7 @@ VM_OPS = (
     "release_owner",
     "write",
     "write_batch",
+    "cmpxchg",
     "dma_write",
     "get_dirty_log",
     "set_policy",

@@ -165,7 +165,8 @@ def test_more_errors_in_process(daemon: DaemonProcess, capsys: pytest.CaptureFix
 def test_memory_tracking_and_listing_commands(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """dma, dirty-log, track show/remove, slot list, vm show/list, stats and vm delete."""
+    """dma, cmpxchg, dirty-log, track show/remove, slot list, vm show/list, stats and vm
+    delete."""
     t = daemon.tcp
     assert cli(capsys, t, "vm", "create", "mem", "--dma-policy", "notify")[0] == 0
     assert cli(capsys, t, "slot", "set", "mem", "0", "0", "256", "--pages", "--log-dirty")[0] == 0
@@ -174,6 +175,12 @@ def test_memory_tracking_and_listing_commands(
     assert cli(capsys, t, "write", "mem", "0x10000", "0x0102")[0] == 0
     code, out, _ = cli(capsys, t, "dma", "mem", "0x11000", "dma")
     assert code == 0 and "notified seq 2" in out
+    code, out, _ = cli(capsys, t, "cmpxchg", "mem", "0x10000", "0x0000", "0x0304")
+    assert code == 0 and "not exchanged: memory holds 0x0102" in out and "seq" not in out
+    code, out, _ = cli(capsys, t, "cmpxchg", "mem", "0x10000", "0x0102", "0x0304")
+    assert code == 0 and "emulated seq 3" in out and "exchanged (memory held 0x0102)" in out
+    code, _, err = cli(capsys, t, "cmpxchg", "mem", "0x10000", "0x01", "0x0304")
+    assert code == 1 and "same number of bytes" in err
     code, out, _ = cli(capsys, t, "--json", "dirty-log", "mem", "0")
     assert code == 0 and 0x10 in json.loads(out)["dirty_gfns"]
     assert "0 of 256 pages dirty" in cli(capsys, t, "dirty-log", "mem", "0")[1]  # cleared
@@ -232,7 +239,7 @@ def test_every_command_and_option_has_help(capsys: pytest.CaptureFixture[str]) -
         assert main([*path, "--help"]) == 0
         assert "Usage:" in capsys.readouterr().out
     for expected in ("vm create", "vm list", "vm show", "vm delete", "slot set", "slot list",
-                     "track add", "track remove", "track show", "write", "read", "dma",
+                     "track add", "track remove", "track show", "write", "read", "dma", "cmpxchg",
                      "dirty-log", "watch", "stats", "workload start", "workload stop",
                      "workload list", "workload show", "plugin attach", "plugin detach",
                      "plugin status", "plugin audit", "lease create", "lease keep-alive",

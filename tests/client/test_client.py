@@ -113,7 +113,7 @@ async def test_memory_regions_and_dirty_log(client: AsyncClient, vm_name: str) -
 
 async def test_write_read_and_dma(client: AsyncClient, vm_name: str) -> None:
     """write reports pieces by path with seqs for tracked ones; read returns the bytes;
-    dma_write follows the VM's DMA policy."""
+    dma_write follows the VM's DMA policy; cmpxchg makes an event only when it exchanges."""
     await _vm_with_ram(client, vm_name, dma_policy="notify")
     await client.add_tracking(vm_name, [1])
     res = await client.write(vm_name, PAGE - 2, b"abcd", vcpu=1)
@@ -131,6 +131,13 @@ async def test_write_read_and_dma(client: AsyncClient, vm_name: str) -> None:
     await client.set_policy(vm_name, dma_policy="reject")
     with pytest.raises(pt.FailedPrecondition):
         await client.dma_write(vm_name, PAGE, b"no")
+    missed = await client.cmpxchg(vm_name, PAGE + 16, b"\x01" * 4, b"\x02" * 4, vcpu=2)
+    assert not missed.exchanged and missed.current == bytes(4) and missed.seqs == ()
+    hit = await client.cmpxchg(vm_name, PAGE + 16, bytes(4), b"\x02" * 4, vcpu=2)
+    assert hit.exchanged and hit.seqs == (3,) and not hit.as_write
+    assert await client.read(vm_name, PAGE + 16, 4) == b"\x02" * 4
+    with pytest.raises(pt.InvalidArgument, match="same number of bytes"):
+        await client.cmpxchg(vm_name, PAGE, b"a", b"bc")
     await client.delete_vm(vm_name)
 
 

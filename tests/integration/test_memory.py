@@ -145,6 +145,58 @@ async def test_write_guest_refuses_bad_fields(
     assert await snapshot(api, vm) == before
 
 
+async def test_compare_exchange_notifies_only_when_it_exchanges(api: Api, vm: str) -> None:
+    """R4.5 through the API: on a tracked page a failed compare stores nothing, makes no
+    event and returns the current value; a matching one stores and makes an event the
+    stream receives; a 16-byte exchange is done as a write (x86.c
+    emulator_cmpxchg_emulated)."""
+    await api.track.AddTracking(pb.TrackingChangeRequest(vm=vm, gfns=[0x101]))
+    gpa = SLOT0 + 4096 + 64
+    await api.mem.WriteGuest(pb.WriteGuestRequest(vm=vm, gpa=gpa, data=b"AAAAAAAA"))  # seq 1
+    stream: Any = api.watch.Watch(pb.WatchRequest(vm=vm, max_batch_delay_ms=0))
+    assert (await stream.read()).WhichOneof("kind") == "registered"
+    req = pb.CompareExchangeGuestRequest(vm=vm, vcpu=2, gpa=gpa, expected=b"BBBBBBBB",
+                                         desired=b"CCCCCCCC")
+    r = await api.mem.CompareExchangeGuest(req)
+    assert (r.exchanged, r.current, r.as_write) == (False, b"AAAAAAAA", False)
+    assert [(p.path, p.HasField("seq")) for p in r.pieces] == [(pb.WRITE_PATH_EMULATED, False)]
+    req.expected = b"AAAAAAAA"
+    r = await api.mem.CompareExchangeGuest(req)
+    assert (r.exchanged, r.current, r.pieces[0].seq, r.cycles) == (True, b"AAAAAAAA", 2, 1500)
+    msg = await stream.read()
+    assert list(msg.events.seq) == [2] and msg.events.data == b"CCCCCCCC"
+    assert list(msg.events.vcpu) == [2]
+    stream.cancel()
+    got = await api.mem.ReadGuest(pb.ReadGuestRequest(vm=vm, gpa=gpa, length=8))
+    assert got.data == b"CCCCCCCC"
+    r = await api.mem.CompareExchangeGuest(pb.CompareExchangeGuestRequest(
+        vm=vm, gpa=gpa, expected=bytes(16), desired=b"D" * 16))
+    assert (r.exchanged, r.as_write, r.current) == (True, True, b"")
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"gpa": SLOT0, "expected": b"ab", "desired": b"abcd"}, "same number of bytes"),
+        ({"gpa": SLOT0, "expected": b"", "desired": b""}, "at least one byte"),
+        ({"vcpu": 8, "gpa": SLOT0, "expected": b"a", "desired": b"b"}, "vcpu 8"),
+        ({"gpa": 2**64 - 1, "expected": b"a", "desired": b"b"}, "address space"),
+    ],
+)
+async def test_compare_exchange_refuses_bad_fields(
+    api: Api, vm: str, fields: dict[str, object], needle: str
+) -> None:
+    """Mismatched sizes, no bytes, a bad vcpu or gpa are INVALID_ARGUMENT; nothing changes."""
+    before = await snapshot(api, vm)
+    await expect_error(
+        api.mem.CompareExchangeGuest(
+            pb.CompareExchangeGuestRequest(vm=vm, **fields)  # type: ignore[arg-type]
+        ),
+        INVALID, needle,
+    )
+    assert await snapshot(api, vm) == before
+
+
 async def test_write_guest_batch_applies_in_order_with_pieces(api: Api, vm: str) -> None:
     """A batch is applied in order; counts, seqs and per-piece columns match."""
     await api.track.AddTracking(pb.TrackingChangeRequest(vm=vm, gfns=[0x102, 0x103]))
@@ -288,7 +340,7 @@ async def test_dma_write_refuses_bad_fields(
 @pytest.mark.parametrize(
     "call",
     ["SetMemoryRegion", "ListMemoryRegions", "GetDirtyLog", "WriteGuest", "WriteGuestBatch",
-     "ReadGuest", "DmaWrite"],
+     "CompareExchangeGuest", "ReadGuest", "DmaWrite"],
 )
 async def test_memory_calls_on_unknown_vm_are_not_found(api: Api, call: str) -> None:
     """Every MemoryService call names the unknown VM in a NOT_FOUND."""

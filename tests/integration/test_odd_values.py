@@ -51,6 +51,8 @@ BASES: dict[str, Callable[[str], Message]] = {
     "WriteGuest": lambda vm: pb.WriteGuestRequest(vm=vm, vcpu=1, gpa=SLOT0, data=b"w"),
     "WriteGuestBatch": lambda vm: pb.WriteGuestBatchRequest(
         vm=vm, gpa=[SLOT0, SLOT0 + 8], vcpu=[0, 1], length=[4, 4], data=b"abcdefgh"),
+    "CompareExchangeGuest": lambda vm: pb.CompareExchangeGuestRequest(
+        vm=vm, vcpu=1, gpa=SLOT0, expected=bytes(8), desired=b"exchange"),
     "ReadGuest": lambda vm: pb.ReadGuestRequest(vm=vm, gpa=SLOT0, length=8),
     "DmaWrite": lambda vm: pb.DmaWriteRequest(vm=vm, gpa=SLOT0, data=b"dma"),
     "AddTracking": lambda vm: pb.TrackingChangeRequest(vm=vm, gfns=[0x101]),

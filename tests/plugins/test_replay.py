@@ -46,6 +46,8 @@ def record_gpu_run(out: io.StringIO | Path, partial: str = "flush") -> tuple[Vm,
             w.step(vm, n)
         vm.track_add(np.array([0x100000, 0x100001]), owner=TENANT_OWNER)
         vm.write(1, 0x100000 << 12, b"tracked data")
+        vm.cmpxchg(2, 0x100000 << 12, b"tracked ", b"exchange")  # exchanges: an event
+        vm.cmpxchg(2, 0x100000 << 12, b"tracked ", b"missed!!")  # does not
         vm.dma_write(0x10000 << 12, (0x10001 << 12 | 3).to_bytes(8, "little"))  # into a table
         vm.set_memslot(5, 0x900000, 16, SlotFlags.LOG_DIRTY_PAGES)
         vm.write(0, 0x900003 << 12, b"dirty")
@@ -97,7 +99,8 @@ def test_only_outermost_calls_are_recorded() -> None:
     ops = [r["op"] for r in lines[1:]]
     assert ops[:3] == ["set_memslot", "set_memslot", "plugin_attach"]
     assert lines[3]["options"] == {"map": {"partial": "halves"}}
-    assert {"write_batch", "plugin_call", "track_add", "dma_write", "get_dirty_log"} <= set(ops)
+    assert {"write_batch", "plugin_call", "track_add", "dma_write", "get_dirty_log",
+            "cmpxchg"} <= set(ops)
     owners_seen = {r["args"].get("owner") for r in lines[1:] if r["op"] == "track_add"}
     assert owners_seen == {TENANT_OWNER}
 

@@ -1454,6 +1454,90 @@ class WriteGuestResponse(_message.Message):
 Global___WriteGuestResponse: _TypeAlias = WriteGuestResponse  # noqa: Y015
 
 @_typing.final
+class CompareExchangeGuestRequest(_message.Message):
+    """An emulated guest LOCK CMPXCHG (arch/x86/kvm/x86.c emulator_cmpxchg_emulated, rule R4.5).
+    1, 2, 4 or 8 bytes inside one page of writable RAM are exchanged atomically: natively on an
+    untracked page (FAST, no event); on a tracked page the exchange is emulated and notified
+    only when memory held `expected`. The page is marked dirty either way. Other sizes, a
+    page-crossing access or a target that is not writable RAM are done as a plain WriteGuest
+    of `desired` (as_write), the compare ignored, as KVM does.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    VCPU_FIELD_NUMBER: _builtins.int
+    GPA_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """VM name."""
+    vcpu: _builtins.int
+    """Writing vCPU id, 0..max_vcpus-1."""
+    gpa: _builtins.int
+    """Guest-physical address of the first byte."""
+    expected: _builtins.bytes
+    """The bytes memory must hold for the exchange; as long as desired."""
+    desired: _builtins.bytes
+    """The bytes to store, 1..ServerLimits.max_write_bytes (1, 2, 4 or 8 to be atomic)."""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        vcpu: _builtins.int = ...,
+        gpa: _builtins.int = ...,
+        expected: _builtins.bytes = ...,
+        desired: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired", b"desired", "expected", b"expected", "gpa", b"gpa", "vcpu", b"vcpu", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareExchangeGuestRequest: _TypeAlias = CompareExchangeGuestRequest  # noqa: Y015
+
+@_typing.final
+class CompareExchangeGuestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXCHANGED_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    AS_WRITE_FIELD_NUMBER: _builtins.int
+    PIECES_FIELD_NUMBER: _builtins.int
+    CYCLES_FIELD_NUMBER: _builtins.int
+    exchanged: _builtins.bool
+    """Memory now holds `desired` (always true when done as a write)."""
+    current: _builtins.bytes
+    """What memory held before: `expected` when exchanged, else the value the guest gets
+    back; empty when done as a write.
+    """
+    as_write: _builtins.bool
+    """KVM emulated the exchange as a plain write."""
+    cycles: _builtins.int
+    """Simulated cycles this access cost."""
+    @_builtins.property
+    def pieces(self) -> _containers.RepeatedCompositeFieldContainer[Global___WritePiece]:
+        """One entry per page-sized piece (one unless done as a write that crosses a page)."""
+
+    def __init__(
+        self,
+        *,
+        exchanged: _builtins.bool = ...,
+        current: _builtins.bytes = ...,
+        as_write: _builtins.bool = ...,
+        pieces: _abc.Iterable[Global___WritePiece] | None = ...,
+        cycles: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_write", b"as_write", "current", b"current", "cycles", b"cycles", "exchanged", b"exchanged", "pieces", b"pieces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompareExchangeGuestResponse: _TypeAlias = CompareExchangeGuestResponse  # noqa: Y015
+
+@_typing.final
 class WriteGuestBatchRequest(_message.Message):
     """Many guest writes in columnar form: write i is (vcpu[i], gpa[i], length[i]) and its bytes
     are data[sum(length[:i]) : sum(length[:i+1])]. Applied in order; validated as a whole

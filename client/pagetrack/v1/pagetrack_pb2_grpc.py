@@ -312,6 +312,11 @@ class MemoryServiceStub:
                 request_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.WriteGuestBatchRequest.SerializeToString,
                 response_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.WriteGuestBatchResponse.FromString,
                 _registered_method=True)
+        self.CompareExchangeGuest = channel.unary_unary(
+                '/pagetrack.v1.MemoryService/CompareExchangeGuest',
+                request_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.CompareExchangeGuestRequest.SerializeToString,
+                response_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.CompareExchangeGuestResponse.FromString,
+                _registered_method=True)
         self.ReadGuest = channel.unary_unary(
                 '/pagetrack.v1.MemoryService/ReadGuest',
                 request_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.ReadGuestRequest.SerializeToString,
@@ -363,6 +368,13 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareExchangeGuest(self, request, context):
+        """A guest LOCK CMPXCHG: notified only when it exchanges.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadGuest(self, request, context):
         """Reads guest memory.
         """
@@ -404,6 +416,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.WriteGuestBatch,
                     request_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.WriteGuestBatchRequest.FromString,
                     response_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.WriteGuestBatchResponse.SerializeToString,
+            ),
+            'CompareExchangeGuest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareExchangeGuest,
+                    request_deserializer=pagetrack_dot_v1_dot_pagetrack__pb2.CompareExchangeGuestRequest.FromString,
+                    response_serializer=pagetrack_dot_v1_dot_pagetrack__pb2.CompareExchangeGuestResponse.SerializeToString,
             ),
             'ReadGuest': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadGuest,
@@ -552,6 +569,33 @@ class MemoryService:
             '/pagetrack.v1.MemoryService/WriteGuestBatch',
             pagetrack_dot_v1_dot_pagetrack__pb2.WriteGuestBatchRequest.SerializeToString,
             pagetrack_dot_v1_dot_pagetrack__pb2.WriteGuestBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareExchangeGuest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagetrack.v1.MemoryService/CompareExchangeGuest',
+            pagetrack_dot_v1_dot_pagetrack__pb2.CompareExchangeGuestRequest.SerializeToString,
+            pagetrack_dot_v1_dot_pagetrack__pb2.CompareExchangeGuestResponse.FromString,
             options,
             channel_credentials,
             insecure,

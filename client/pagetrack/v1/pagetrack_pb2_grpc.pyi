@@ -137,6 +137,8 @@ class MemoryServiceStub:
     """One guest write from a vCPU, through the MMIO / fast / emulated paths."""
     WriteGuestBatch: _grpc.UnaryUnaryMultiCallable[_pagetrack_pb2.WriteGuestBatchRequest, _pagetrack_pb2.WriteGuestBatchResponse]
     """Many guest writes in one call (columnar)."""
+    CompareExchangeGuest: _grpc.UnaryUnaryMultiCallable[_pagetrack_pb2.CompareExchangeGuestRequest, _pagetrack_pb2.CompareExchangeGuestResponse]
+    """A guest LOCK CMPXCHG: notified only when it exchanges."""
     ReadGuest: _grpc.UnaryUnaryMultiCallable[_pagetrack_pb2.ReadGuestRequest, _pagetrack_pb2.ReadGuestResponse]
     """Reads guest memory."""
     DmaWrite: _grpc.UnaryUnaryMultiCallable[_pagetrack_pb2.DmaWriteRequest, _pagetrack_pb2.DmaWriteResponse]
@@ -157,6 +159,8 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     """One guest write from a vCPU, through the MMIO / fast / emulated paths."""
     WriteGuestBatch: _aio.UnaryUnaryMultiCallable[_pagetrack_pb2.WriteGuestBatchRequest, _pagetrack_pb2.WriteGuestBatchResponse]  # type: ignore[assignment]
     """Many guest writes in one call (columnar)."""
+    CompareExchangeGuest: _aio.UnaryUnaryMultiCallable[_pagetrack_pb2.CompareExchangeGuestRequest, _pagetrack_pb2.CompareExchangeGuestResponse]  # type: ignore[assignment]
+    """A guest LOCK CMPXCHG: notified only when it exchanges."""
     ReadGuest: _aio.UnaryUnaryMultiCallable[_pagetrack_pb2.ReadGuestRequest, _pagetrack_pb2.ReadGuestResponse]  # type: ignore[assignment]
     """Reads guest memory."""
     DmaWrite: _aio.UnaryUnaryMultiCallable[_pagetrack_pb2.DmaWriteRequest, _pagetrack_pb2.DmaWriteResponse]  # type: ignore[assignment]
@@ -204,6 +208,14 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_pagetrack_pb2.WriteGuestBatchResponse, _abc.Awaitable[_pagetrack_pb2.WriteGuestBatchResponse]]:
         """Many guest writes in one call (columnar)."""
+
+    @_abc_1.abstractmethod
+    def CompareExchangeGuest(
+        self,
+        request: _pagetrack_pb2.CompareExchangeGuestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pagetrack_pb2.CompareExchangeGuestResponse, _abc.Awaitable[_pagetrack_pb2.CompareExchangeGuestResponse]]:
+        """A guest LOCK CMPXCHG: notified only when it exchanges."""
 
     @_abc_1.abstractmethod
     def ReadGuest(

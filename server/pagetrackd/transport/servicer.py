@@ -254,6 +254,30 @@ class MemoryService(pbg.MemoryServiceServicer):
         return reply
 
     @unary
+    async def CompareExchangeGuest(
+        self, request: pb.CompareExchangeGuestRequest, context: Ctx
+    ) -> pb.CompareExchangeGuestResponse:
+        entry = self.engine.vm(_tenant(), request.vm)
+        self.engine.charge_writes(entry.tenant, 1)
+        if entry.hub.subscribers:
+            await self.engine.admit(entry)
+        vm = entry.vm
+        before = sum(vm.stats.cycles)
+        try:
+            result = vm.cmpxchg(request.vcpu, request.gpa, request.expected, request.desired)
+        except PageTrackError:
+            self.engine.refund_writes(entry.tenant, 1)
+            raise
+        reply = pb.CompareExchangeGuestResponse(
+            exchanged=result.exchanged, current=result.current, as_write=result.as_write,
+            cycles=sum(vm.stats.cycles) - before,
+        )
+        add = reply.pieces.add
+        for p in result.write.pieces:
+            add(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
+        return reply
+
+    @unary
     async def WriteGuestBatch(
         self, request: pb.WriteGuestBatchRequest, context: Ctx
     ) -> pb.WriteGuestBatchResponse:
