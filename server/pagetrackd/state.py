@@ -41,6 +41,8 @@ import structlog
 
 from pagetrackd import __version__
 from pagetrackd.domain import AlreadyExists, InvalidArgument, PageTrackError, TenantId, Vm
+from pagetrackd.domain.events import EventBatch
+from pagetrackd.domain.hub import HistoryDump, RegionRemoved
 from pagetrackd.domain.snapshot import (
     SlotState,
     VmState,
@@ -49,7 +51,7 @@ from pagetrackd.domain.snapshot import (
     import_vm,
     vm_options,
 )
-from pagetrackd.domain.types import TENANT_OWNER
+from pagetrackd.domain.types import TENANT_OWNER, RegionChange, SlotChange
 from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.leases import LeaseKind
 from pagetrackd.plugins import Plugin
@@ -242,6 +244,8 @@ class Snapshot:
     header: dict[str, Any]
     state: VmState
     raw_sha256: bytes = b""
+    #: the event history, when it was saved (state-dir files)
+    history: HistoryDump | None = None
 
     @property
     def tenant(self) -> str:
@@ -313,14 +317,76 @@ def _vm_header(
     }
 
 
+def _history_record(region: RegionRemoved) -> dict[str, Any]:
+    c = region.change
+    return {
+        "base_gfn": region.base_gfn, "npages": region.npages, "at_seq": region.at_seq,
+        "change": None if c is None else {
+            "slot_id": c.slot_id, "change": c.change.value, "new_base_gfn": c.new_base_gfn,
+        },
+    }
+
+
+def _history_arrays(dump: HistoryDump) -> dict[str, np.ndarray[Any, Any]]:
+    e = dump.events
+    return {
+        "h_seq": e.seq, "h_gpa": e.gpa, "h_length": e.length, "h_vcpu": e.vcpu,
+        "h_source": e.source, "h_data": np.frombuffer(e.data, dtype=np.uint8),
+        "h_batch_events": dump.batch_events, "h_batch_ts": dump.batch_ts_ns,
+        "h_is_region": dump.is_region.astype(np.uint8),
+    }
+
+
+def _read_history(hist: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> HistoryDump | None:
+    if not isinstance(hist, dict) or "oldest_seq" not in hist:
+        return None  # saved without its history (SnapshotVm, older files)
+    regions = []
+    for i, r in enumerate(_get(hist, "regions", list, "history")):
+        where = f"history.regions[{i}]"
+        change = r.get("change") if isinstance(r, dict) else None
+        try:
+            rc = None if change is None else RegionChange(
+                int(change["slot_id"]), SlotChange(change["change"]),
+                int(change.get("new_base_gfn", 0)),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise SnapshotError(f"snapshot header: {where}.change is malformed") from None
+        regions.append(RegionRemoved(
+            _get(r, "base_gfn", int, where), _get(r, "npages", int, where),
+            _get(r, "at_seq", int, where), rc,
+        ))
+    events = EventBatch(
+        _array(arrays, "h_seq").astype(np.uint64), _array(arrays, "h_gpa").astype(np.uint64),
+        _array(arrays, "h_length").astype(np.uint32), _array(arrays, "h_vcpu").astype(np.uint32),
+        _array(arrays, "h_source").astype(np.uint8),
+        _array(arrays, "h_data").astype(np.uint8).tobytes(),
+    )
+    n = len(events)
+    if events.gpa.size != n or events.length.size != n or events.vcpu.size != n or (
+        events.source.size != n or int(events.length.sum(dtype=np.int64)) != len(events.data)
+    ):
+        raise SnapshotError("snapshot history columns differ in length")
+    return HistoryDump(
+        events=events,
+        batch_events=_array(arrays, "h_batch_events").astype(np.int64),
+        batch_ts_ns=_array(arrays, "h_batch_ts").astype(np.int64),
+        is_region=_array(arrays, "h_is_region").astype(bool),
+        regions=regions,
+        oldest_seq=_get(hist, "oldest_seq", int, "history"),
+    )
+
+
 def snapshot_entry(
     entry: VmEntry,
     *,
     include_memory: bool,
     engine: Engine | None = None,
     keep_owner: Callable[[str], bool] = lambda owner: True,
+    include_history: bool = False,
 ) -> bytes:
-    """One VM as snapshot bytes (``engine`` lets lease records be added)."""
+    """One VM as snapshot bytes (``engine`` lets lease records be added). With
+    ``include_history`` the event history goes too, so that streams can resume across a
+    daemon restart (state-dir files)."""
     state = export_vm(entry.vm, include_memory=include_memory, keep_owner=keep_owner)
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     for i, s in enumerate(state.slots):
@@ -334,7 +400,13 @@ def snapshot_entry(
             arrays[f"s{i}_mem_lo"] = s.mem_lo.astype(np.uint16)
             arrays[f"s{i}_mem_len"] = s.mem_len.astype(np.uint16)
             arrays[f"s{i}_mem_data"] = np.frombuffer(s.mem_data, dtype=np.uint8)
-    return encode(_vm_header(entry, state, engine), arrays)
+    header = _vm_header(entry, state, engine)
+    if include_history:
+        dump = entry.hub.history.dump()
+        arrays.update(_history_arrays(dump))
+        header["history"]["oldest_seq"] = dump.oldest_seq
+        header["history"]["regions"] = [_history_record(r) for r in dump.regions]
+    return encode(header, arrays)
 
 
 def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -402,7 +474,8 @@ def read_snapshot(data: bytes) -> Snapshot:
         vm_options(state)
     except InvalidArgument as exc:
         raise SnapshotError(str(exc)) from None
-    return Snapshot(header, state, hashlib.sha256(data).digest())
+    history = _read_history(header.get("history"), arrays)
+    return Snapshot(header, state, hashlib.sha256(data).digest(), history)
 
 
 def restore_snapshot(
@@ -416,8 +489,9 @@ def restore_snapshot(
 ) -> VmEntry:
     """Create the VM of ``snap`` for ``tenant`` (as ``name`` if given).
 
-    The seq continues from the snapshot's; the event history starts empty, so a resume
-    from before it gets Compacted. Tenant references are restored, and lease references
+    The seq continues from the snapshot's; the event history is the saved one when the
+    snapshot holds it (state-dir files), else it starts empty, so a resume from before
+    the snapshot gets Compacted. Tenant references are restored, and lease references
     of the lease ids in ``leases`` (others are dropped: leases belong to live clients).
     Plugins are attached again and rebuild their shadows from guest memory, taking
     their tracking references anew. Raises AlreadyExists if the VM exists and
@@ -458,8 +532,14 @@ def restore_snapshot(
     except BaseException:
         engine.delete_vm(tenant, name)
         raise
-    # Nothing before the restored seq can be replayed: resumes from there are compacted.
+    # Without a saved history nothing before the restored seq can be replayed: resumes
+    # from there are compacted.
     entry.hub.history.oldest_seq = state.seq + 1
+    if snap.history is not None:
+        try:
+            entry.hub.history.restore(snap.history, state.seq)
+        except InvalidArgument as exc:
+            log.warning("state.history_not_restored", vm=name, reason=str(exc))
     created = snap.header.get("created_at_ns")
     if isinstance(created, int) and created > 0:
         entry.created_at_ns = created
@@ -655,7 +735,8 @@ class StateDir:
                 if self._sigs.get(path) == sig:
                     continue
                 files[path] = snapshot_entry(
-                    entry, include_memory=self.include_memory, engine=engine, keep_owner=keep
+                    entry, include_memory=self.include_memory, engine=engine,
+                    keep_owner=keep, include_history=True,
                 )
             leases_blob = _seal(
                 {

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagetrackd.domain import Compacted, DmaPolicy, Vm, WriteEvent
+from pagetrackd.domain import Compacted, DmaPolicy, InvalidArgument, Vm, WriteEvent
 from pagetrackd.domain.hub import (
     Gap,
     GapReason,
@@ -193,6 +193,47 @@ def test_history_resume_and_compaction() -> None:
     seqs, gaps, _ = _drain(sub)
     assert seqs == list(range(oldest, vm.seq + 1))
     assert gaps == []
+
+
+def test_a_batch_larger_than_the_history_keeps_its_newest_events() -> None:
+    """Regression: a batch of more events than the history holds used to leave nothing
+    to resume from; now the history keeps its newest max_events events."""
+    vm = _vm()
+    hub = VmHub(History(max_events=100))
+    vm.register_notifier(hub.history)
+    _write(vm, 250, single=False)
+    assert hub.history.oldest_seq == 151 and hub.history.events == 100
+    sub = Subscriber(name="late", queue_limit=1000)
+    hub.subscribe(vm, sub, start_seq=151)
+    assert _drain(sub)[0] == list(range(151, 251))
+
+
+def test_history_dump_and_restore_give_the_same_resumes() -> None:
+    """A history restored from its dump (a state file) answers every resume as the
+    original does: events, region records and the oldest seq."""
+    vm = _vm()
+    hub = VmHub(History(max_events=300))
+    vm.register_notifier(hub.history)
+    _write(vm, 120, single=False)
+    _write(vm, 30, single=True)
+    vm.set_memslot(1, 2048, 16)
+    vm.set_memslot(1, 2048, 0)  # a region record between events
+    _write(vm, 200, single=False)
+    copy = History(max_events=300)
+    copy.restore(hub.history.dump(), vm.seq)
+    assert copy.oldest_seq == hub.history.oldest_seq > 1
+    for start in (copy.oldest_seq, copy.oldest_seq + 17, 149, vm.seq + 1):
+        want, got = hub.history.since(start, vm.seq), copy.since(start, vm.seq)
+        assert [type(i) for i in got] == [type(i) for i in want]
+        for a, b in zip(want, got, strict=True):
+            if isinstance(a, Stamped):
+                assert isinstance(b, Stamped) and a.ts_ns == b.ts_ns
+                assert a.batch.seq.tolist() == b.batch.seq.tolist()
+                assert a.batch.data == b.batch.data
+            else:
+                assert a == b
+    with pytest.raises(InvalidArgument):
+        History().restore(hub.history.dump(), vm.seq - 1)  # runs past the head
 
 
 def test_region_removed_reaches_subscribers_in_order() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -58,31 +59,76 @@ def test_sigterm_restart_restores_everything(tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
+def _replay(d: Daemon, start_seq: int, head: int) -> list[tuple[Any, ...]]:
+    """Everything a stream resuming at ``start_seq`` is sent up to ``head``: events and
+    region records, in order."""
+    stream = d.stub("WatchService").Watch(
+        pb.WatchRequest(vm="vm1", start_seq=start_seq, heartbeat_interval_ms=100)
+    )
+    got: list[tuple[Any, ...]] = []
+    seen = 0
+    for msg in stream:
+        kind = msg.WhichOneof("kind")
+        if kind == "events":
+            e = msg.events
+            offsets = np.concatenate([[0], np.cumsum(list(e.length))]).tolist()
+            for i, seq in enumerate(e.seq):
+                got.append(("event", seq, e.gpa[i], e.vcpu[i], e.data[offsets[i]:offsets[i + 1]]))
+                seen = seq
+        elif kind == "region_removed":
+            r = msg.region_removed
+            got.append(("region", r.base_gfn, r.npages, r.at_seq))
+        elif kind == "progress" and seen >= head:
+            break
+        else:
+            assert kind in ("registered", "progress"), msg
+    stream.cancel()
+    return got
+
+
 def test_resume_across_a_restart(tmp_path: Path) -> None:
-    """A client resuming at the next seq gets the new events with no gap; one resuming
-    from before the restart gets OUT_OF_RANGE, or a COMPACTED gap if it allows it."""
+    """The event history is saved with the VM: after a restart a client resumes from
+    any seq still held and gets exactly what it would have got before; a seq the
+    history had already let go of is OUT_OF_RANGE (or a COMPACTED gap), as before."""
     state = tmp_path / "state"
     d = start_daemon(tmp_path, *_state_args(state))
     try:
         build_vm(d)
+        mem = d.stub("MemoryService")
+        for npages in (16, 0):  # a region record in the history
+            mem.SetMemoryRegion(
+                pb.SetMemoryRegionRequest(vm="vm1", slot=3, base_gfn=0x30000, npages=npages)
+            )
         head = d.stub("VmService").GetVm(pb.GetVmRequest(vm="vm1")).vm.head_seq
+        before = _replay(d, 1, head)
+        assert [x[1] for x in before if x[0] == "event"] == list(range(1, head + 1))
+        assert any(x[0] == "region" for x in before), "the scenario deletes a memslot"
+    finally:
+        assert d.stop() == 0
+    d = start_daemon(tmp_path, *_state_args(state))
+    try:
+        assert _replay(d, 1, head) == before
+        events = [x for x in _replay(d, 3, head) if x[0] == "event"]
+        assert events == [x for x in before if x[0] == "event" and x[1] >= 3]
+        mem = d.stub("MemoryService")
+        mem.WriteGuest(pb.WriteGuestRequest(vm="vm1", vcpu=0, gpa=2 * PAGE, data=b"after"))
+        # (The region record came after event `head`: a resume at head + 1 gets it too.)
+        assert _replay(d, head + 1, head + 1) == [
+            before[-1], ("event", head + 1, 2 * PAGE, 0, b"after")
+        ]
+        # Push the first events out of the 1000-event history, then restart again.
+        n = 1200
+        mem.WriteGuestBatch(pb.WriteGuestBatchRequest(
+            vm="vm1", gpa=[2 * PAGE + 8 * (i % 512) for i in range(n)], vcpu=[1],
+            length=[8] * n, data=b"12345678" * n))
+        oldest = d.stub("VmService").GetVm(pb.GetVmRequest(vm="vm1")).vm.oldest_seq
+        assert oldest > head + 1
     finally:
         assert d.stop() == 0
     d = start_daemon(tmp_path, *_state_args(state))
     try:
         watch = d.stub("WatchService")
-        stream = watch.Watch(pb.WatchRequest(vm="vm1", start_seq=head + 1, max_batch_delay_ms=1))
-        assert next(stream).WhichOneof("kind") == "registered"
-        d.stub("MemoryService").WriteGuest(
-            pb.WriteGuestRequest(vm="vm1", vcpu=0, gpa=2 * PAGE, data=b"after")
-        )
-        for msg in stream:
-            kind = msg.WhichOneof("kind")
-            assert kind in ("events", "progress"), msg
-            if kind == "events":
-                assert list(msg.events.seq) == [head + 1]
-                break
-        stream.cancel()
+        assert d.stub("VmService").GetVm(pb.GetVmRequest(vm="vm1")).vm.oldest_seq == oldest
         with pytest.raises(grpc.RpcError) as err:
             next(iter(watch.Watch(pb.WatchRequest(vm="vm1", start_seq=1))))
         assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
@@ -90,8 +136,10 @@ def test_resume_across_a_restart(tmp_path: Path) -> None:
         assert next(stream).WhichOneof("kind") == "registered"
         gap = next(stream)
         assert gap.WhichOneof("kind") == "gap"
-        assert (gap.gap.first_seq, gap.gap.last_seq) == (1, head)
+        assert (gap.gap.first_seq, gap.gap.last_seq) == (1, oldest - 1)
         assert gap.gap.reason == pb.GAP_REASON_COMPACTED
+        first = next(m for m in stream if m.WhichOneof("kind") != "progress")
+        assert first.WhichOneof("kind") == "events" and first.events.seq[0] == oldest
         stream.cancel()
     finally:
         assert d.stop() == 0

@@ -107,6 +107,29 @@ class EventBatch:
         )
 
     @classmethod
+    def concat(cls, batches: Sequence[EventBatch]) -> EventBatch:
+        """The events of ``batches``, one after the other."""
+        if not batches:
+            return cls.empty()
+        return cls(
+            np.concatenate([b.seq for b in batches]),
+            np.concatenate([b.gpa for b in batches]),
+            np.concatenate([b.length for b in batches]),
+            np.concatenate([b.vcpu for b in batches]),
+            np.concatenate([b.source for b in batches]),
+            b"".join(b.data for b in batches),
+        )
+
+    def slice(self, lo: int, hi: int) -> EventBatch:
+        """Events ``lo`` to ``hi - 1``."""
+        start = int(self.length[:lo].sum(dtype=np.int64))
+        end = start + int(self.length[lo:hi].sum(dtype=np.int64))
+        return EventBatch(
+            self.seq[lo:hi], self.gpa[lo:hi], self.length[lo:hi], self.vcpu[lo:hi],
+            self.source[lo:hi], self.data[start:end],
+        )
+
+    @classmethod
     def empty(cls) -> EventBatch:
         """A batch with no events."""
         return cls.from_events(())

@@ -171,8 +171,17 @@ class History:
         self._pending_ts = 0
         self.events = 0
         self.nbytes = 0
-        #: lowest seq a resume may still start from
-        self.oldest_seq = 1
+        self._oldest_seq = 1
+
+    @property
+    def oldest_seq(self) -> int:
+        """Lowest seq a resume may still start from."""
+        self._flush()  # storing pending single events may let older ones go
+        return self._oldest_seq
+
+    @oldest_seq.setter
+    def oldest_seq(self, seq: int) -> None:
+        self._oldest_seq = seq
 
     def _flush(self) -> None:
         if self._pending:
@@ -186,11 +195,24 @@ class History:
             self.events += len(item.batch)
             self.nbytes += len(item.batch.data) + 29 * len(item.batch)
         while self._items and (self.events > self.max_events or self.nbytes > self.max_bytes):
-            old = self._items.popleft()
+            old = self._items[0]
+            if isinstance(old, Stamped):
+                n = len(old.batch)
+                excess = self.events - self.max_events
+                if 0 < excess < n and self.nbytes <= self.max_bytes:
+                    # Over by fewer events than the oldest batch holds: drop just those,
+                    # so the history keeps exactly the newest max_events events.
+                    keep = old.batch.slice(excess, n)
+                    self._items[0] = Stamped(keep, old.ts_ns)
+                    self._oldest_seq = int(old.batch.seq[excess])
+                    self.events -= excess
+                    self.nbytes -= len(old.batch.data) - len(keep.data) + 29 * excess
+                    continue
+            self._items.popleft()
             if isinstance(old, Stamped):
                 self.events -= len(old.batch)
                 self.nbytes -= len(old.batch.data) + 29 * len(old.batch)
-                self.oldest_seq = int(old.batch.seq[-1]) + 1
+                self._oldest_seq = int(old.batch.seq[-1]) + 1
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Keep one event."""
@@ -210,11 +232,60 @@ class History:
         self._flush()
         self._append(_region_record(vm, base_gfn, npages))
 
+    def dump(self) -> HistoryDump:
+        """What the history holds, as columns (for a state file)."""
+        self._flush()
+        batches = [i.batch for i in self._items if isinstance(i, Stamped)]
+        return HistoryDump(
+            events=EventBatch.concat(batches),
+            batch_events=np.array([len(b) for b in batches], dtype=np.int64),
+            batch_ts_ns=np.array(
+                [i.ts_ns for i in self._items if isinstance(i, Stamped)], dtype=np.int64
+            ),
+            is_region=np.array([isinstance(i, RegionRemoved) for i in self._items], dtype=bool),
+            regions=[i for i in self._items if isinstance(i, RegionRemoved)],
+            oldest_seq=self.oldest_seq,
+        )
+
+    def restore(self, dump: HistoryDump, head_seq: int) -> None:
+        """Hold what ``dump`` held (an empty history only), within this history's bounds:
+        a daemon restarted from its state lets streams resume as if it had not stopped.
+        Raises InvalidArgument if the dump does not fit together or runs past ``head_seq``."""
+        n_batches = int(np.count_nonzero(~dump.is_region))
+        seqs = dump.events.seq
+        if (
+            self._items or self._pending
+            or dump.batch_events.size != n_batches or dump.batch_ts_ns.size != n_batches
+            or len(dump.regions) != dump.is_region.size - n_batches
+            or int(dump.batch_events.sum()) != len(dump.events)
+            or bool((dump.batch_events <= 0).any())
+            or (seqs.size and (
+                bool((np.diff(seqs.astype(np.int64)) <= 0).any())
+                or int(seqs[0]) < dump.oldest_seq or int(seqs[-1]) > head_seq
+            ))
+            or not 1 <= dump.oldest_seq <= head_seq + 1
+        ):
+            raise InvalidArgument("saved event history does not fit together; not restored")
+        ends = np.cumsum(dump.batch_events).tolist()
+        regions = iter(dump.regions)
+        k = lo = 0
+        self._oldest_seq = dump.oldest_seq
+        for is_region in dump.is_region.tolist():
+            if is_region:
+                self._append(next(regions))
+                continue
+            self._append(Stamped(dump.events.slice(lo, ends[k]), int(dump.batch_ts_ns[k])))
+            lo = ends[k]
+            k += 1
+
     def since(self, start_seq: int, head_seq: int) -> list[Item]:
         """Items with events of seq >= ``start_seq`` (region records after it too).
 
         Raises Compacted when ``start_seq`` is older than what is held.
         """
+        # Pending single events first: storing them may let go of older ones, and the
+        # checks below must see what is really held.
+        self._flush()
         if start_seq > head_seq + 1:
             raise InvalidArgument(
                 f"start_seq {start_seq} is in the future: the VM's last seq is {head_seq}"
@@ -229,7 +300,6 @@ class History:
                 f"seq {start_seq} is no longer held; the oldest held is {self.oldest_seq}",
                 oldest_seq=self.oldest_seq,
             )
-        self._flush()
         out: list[Item] = []
         for item in self._items:
             if isinstance(item, Stamped):
@@ -242,6 +312,20 @@ class History:
             elif isinstance(item, RegionRemoved) and item.at_seq >= start_seq - 1:
                 out.append(item)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryDump:
+    """A history's contents as columns: every held event in seq order, how many of them
+    each stored batch held and when it was stamped, and the region records, placed by
+    ``is_region`` (one flag per stored item, in order)."""
+
+    events: EventBatch
+    batch_events: npt.NDArray[np.int64]
+    batch_ts_ns: npt.NDArray[np.int64]
+    is_region: npt.NDArray[np.bool_]
+    regions: list[RegionRemoved]
+    oldest_seq: int
 
 
 @dataclass(slots=True)
