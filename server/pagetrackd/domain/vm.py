@@ -164,6 +164,63 @@ class BatchResult:
         return self.counts[path]
 
 
+class _HeldEvents:
+    """The events of a batched write that the batch nodes (streams) have not been given
+    yet: given to them when the batch ends, or earlier, as ``NotifierList.flush``,
+    before anything that must come after them in seq order reaches them or the
+    registrations change (a per-event notifier's callback may do either)."""
+
+    def __init__(
+        self, vm: Vm, pgpa: I64, plen: I64, poff: I64, pvcpu: I64, data: bytes
+    ) -> None:
+        self.vm = vm
+        self.columns = (pgpa, plen, poff, pvcpu)
+        self.data = data
+        #: seq of each emulated piece, in order (a notifier's DMA with
+        #: dma_policy=notify may take seqs in between), and its piece index
+        self.seqs: list[int] = []
+        self.pieces: list[int] = []
+        self.sent = 0  # events handed to the batch nodes (or to none) so far
+        self.outer: Callable[[], None] | None = None
+
+    def flush(self) -> None:
+        """Give the batch nodes the events held so far."""
+        if self.sent == len(self.seqs):
+            return
+        seqs, js = self.seqs[self.sent :], np.array(self.pieces[self.sent :], dtype=np.int64)
+        self.sent = len(self.seqs)
+        vm = self.vm
+        if vm.notifiers.batch:
+            pgpa, plen, poff, pvcpu = self.columns
+            batch = EventBatch(
+                np.array(seqs, dtype=np.uint64),
+                pgpa[js].astype(np.uint64),
+                plen[js].astype(np.uint32),
+                pvcpu[js].astype(np.uint32),
+                np.zeros(js.size, dtype=np.uint8),
+                _gather(self.data, poff[js], plen[js]),
+            )
+            told = vm.notifiers.dispatch_batch(vm, batch)
+            vm.stats.notifications += told
+
+    def __enter__(self) -> _HeldEvents:
+        notifiers = self.vm.notifiers
+        self.outer = notifiers.flush
+        if self.outer is not None:
+            self.outer()  # a batch written from a callback: the outer batch's events first
+        notifiers.flush = self.flush
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        notifiers = self.vm.notifiers
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            notifiers.flush = self.outer
+            self.vm.stats.notifier_errors = notifiers.errors
+
+
 def _gather(data: bytes, start: I64, length: I64) -> bytes:
     """The bytes ``data[start[k] : start[k] + length[k]]`` for every k, concatenated."""
     ends = np.cumsum(length)
@@ -1045,166 +1102,116 @@ class Vm:
         (see NotifierList.flush)."""
         if not isinstance(data, bytes):
             data = bytes(data)
-        notifiers = self.notifiers
-        done_s: list[int] = []  # the seq of each emulated piece, in order (a notifier's
-        # DMA with dma_policy=notify may take seqs in between)
-        done_j: list[int] = []  # and its piece index
-        sent = 0  # events of done_s handed to the batch nodes (or to none) so far
-        outer = notifiers.flush
-
-        def flush() -> None:
-            # Batch nodes get this batch's events up to now before anything that must
-            # come after them in seq order, and before registrations change.
-            nonlocal sent
-            if sent == len(done_s):
-                return
-            ss, js = done_s[sent:], np.array(done_j[sent:], dtype=np.int64)
-            sent = len(done_s)
-            if notifiers.batch:
-                batch = EventBatch(
-                    np.array(ss, dtype=np.uint64),
-                    pgpa[js].astype(np.uint64),
-                    plen[js].astype(np.uint32),
-                    pvcpu[js].astype(np.uint32),
-                    np.zeros(js.size, dtype=np.uint8),
-                    _gather(data, poff[js], plen[js]),
-                )
-                told = notifiers.dispatch_batch(self, batch)
-                self.stats.notifications += told
-
-        if outer is not None:
-            outer()  # a batch written from a callback: the outer batch's events first
-        notifiers.flush = flush
-        try:
-            self._emulate_sync(
-                path, pos, index, pgpa, plen, poff, pvcpu, data, seq, done_s, done_j
-            )
-            flush()
-        finally:
-            notifiers.flush = outer
-            self.stats.notifier_errors = notifiers.errors
-
-    def _emulate_sync(
-        self,
-        path: npt.NDArray[np.int8],
-        pos: I64,
-        index: I64,
-        pgpa: I64,
-        plen: I64,
-        poff: I64,
-        pvcpu: I64,
-        data: bytes,
-        seq: I64,
-        done_s: list[int],
-        done_j: list[int],
-    ) -> None:
-        view = memoryview(data)
-        notifiers = self.notifiers
-        slots = self.slots.slots()
-        total = pgpa.size
-        gen = self.generation
-        calls = 0
-        known: tuple[NotifierNode, ...] | None = None  # the nodes `fast` was made for
-        fast: list[tuple[NotifierNode, Callable[[Vm, int, int, int, bytes], None]]] = []
-        one: Callable[[Vm, int, int, int, bytes], None] | None = None  # fast's only node
-        one_calls = 0  # calls made to `one` not yet counted
-        i = 0
-        while True:
-            # The emulated pieces still to do, found once (and again after a
-            # re-classification), not by rescanning the rest of the batch per piece;
-            # their columns as Python lists, which iterate far faster than numpy scalars.
-            todo = np.flatnonzero(path[i:] == _EMULATED) + i
-            if not todo.size:
-                break
-            again = False
-            for j, p, ix, gp, o, ln, vc in zip(
-                todo.tolist(), pos[todo].tolist(), index[todo].tolist(), pgpa[todo].tolist(),
-                poff[todo].tolist(), plen[todo].tolist(), pvcpu[todo].tolist(), strict=True,
-            ):
-                if j > i:
-                    self._apply_range(i, j, path, pos, index, pgpa, plen, poff, slots, view)
-                # Emulate piece j: write first, then notify (R4.4).
-                slot = slots[p]
-                piece = data[o : o + ln]
-                slot.memory.write(ix, gp & PAGE_MASK, piece)
-                if slot.dirty is not None:
-                    slot.dirty.add(ix)
-                self.seq = s = self.seq + 1
-                done_s.append(s)
-                done_j.append(j)
-                nodes = notifiers.sync
-                if nodes is not known:
-                    # Registered nodes changed (or first piece): can every node take the
-                    # write without an event object (GuestWriteNotifier)?
-                    if one_calls:
-                        fast[0][0].calls += one_calls
-                        calls += one_calls
-                        one_calls = 0
-                    known = nodes
-                    fns = [getattr(n.notifier, "track_guest_write", None) for n in nodes]
-                    fast = [] if None in fns else [
-                        (n, fn) for n, fn in zip(nodes, fns, strict=True) if fn is not None
-                    ]
-                    one = fast[0][1] if len(fast) == 1 else None
-                if one is not None:
-                    # The only node (the usual case, a plugin): it is active, or `sync`
-                    # would have changed; its calls are counted when the list changes.
-                    one_calls += 1
-                    try:
-                        one(self, s, vc, gp, piece)
-                    except Exception:
-                        notifiers._failed(fast[0][0], self, "track_write")
-                elif fast:
-                    for node, fn in fast:
-                        if not node.active:  # unregistered by a node called before it
-                            continue
-                        calls += 1
-                        node.calls += 1
+        with _HeldEvents(self, pgpa, plen, poff, pvcpu, data) as held:
+            done_s = held.seqs
+            done_j = held.pieces
+            view = memoryview(data)
+            notifiers = self.notifiers
+            slots = self.slots.slots()
+            total = pgpa.size
+            gen = self.generation
+            calls = 0
+            known: tuple[NotifierNode, ...] | None = None  # the nodes `fast` was made for
+            fast: list[tuple[NotifierNode, Callable[[Vm, int, int, int, bytes], None]]] = []
+            one: Callable[[Vm, int, int, int, bytes], None] | None = None  # fast's only node
+            one_calls = 0  # calls made to `one` not yet counted
+            i = 0
+            while True:
+                # The emulated pieces still to do, found once (and again after a
+                # re-classification), not by rescanning the rest of the batch per piece;
+                # their columns as Python lists, which iterate far faster than numpy scalars.
+                todo = np.flatnonzero(path[i:] == _EMULATED) + i
+                if not todo.size:
+                    break
+                again = False
+                for j, p, ix, gp, o, ln, vc in zip(
+                    todo.tolist(), pos[todo].tolist(), index[todo].tolist(), pgpa[todo].tolist(),
+                    poff[todo].tolist(), plen[todo].tolist(), pvcpu[todo].tolist(), strict=True,
+                ):
+                    if j > i:
+                        self._apply_range(i, j, path, pos, index, pgpa, plen, poff, slots, view)
+                    # Emulate piece j: write first, then notify (R4.4).
+                    slot = slots[p]
+                    piece = data[o : o + ln]
+                    slot.memory.write(ix, gp & PAGE_MASK, piece)
+                    if slot.dirty is not None:
+                        slot.dirty.add(ix)
+                    self.seq = s = self.seq + 1
+                    done_s.append(s)
+                    done_j.append(j)
+                    nodes = notifiers.sync
+                    if nodes is not known:
+                        # Registered nodes changed (or first piece): can every node take the
+                        # write without an event object (GuestWriteNotifier)?
+                        if one_calls:
+                            fast[0][0].calls += one_calls
+                            calls += one_calls
+                            one_calls = 0
+                        known = nodes
+                        fns = [getattr(n.notifier, "track_guest_write", None) for n in nodes]
+                        fast = [] if None in fns else [
+                            (n, fn) for n, fn in zip(nodes, fns, strict=True) if fn is not None
+                        ]
+                        one = fast[0][1] if len(fast) == 1 else None
+                    if one is not None:
+                        # The only node (the usual case, a plugin): it is active, or `sync`
+                        # would have changed; its calls are counted when the list changes.
+                        one_calls += 1
                         try:
-                            fn(self, s, vc, gp, piece)
+                            one(self, s, vc, gp, piece)
                         except Exception:
-                            notifiers._failed(node, self, "track_write")
+                            notifiers._failed(fast[0][0], self, "track_write")
+                    elif fast:
+                        for node, fn in fast:
+                            if not node.active:  # unregistered by a node called before it
+                                continue
+                            calls += 1
+                            node.calls += 1
+                            try:
+                                fn(self, s, vc, gp, piece)
+                            except Exception:
+                                notifiers._failed(node, self, "track_write")
+                    else:
+                        event: WriteEvent = _new(WriteEvent)  # _guest_event(s, vc, gp, piece)
+                        _ev_seq(event, s)
+                        _ev_vcpu(event, vc)
+                        _ev_gpa(event, gp)
+                        _ev_data(event, piece)
+                        _ev_source(event, _GUEST)
+                        for node in nodes:
+                            if not node.active:
+                                continue
+                            calls += 1
+                            node.calls += 1
+                            try:
+                                node.notifier.track_write(self, event)
+                            except Exception:
+                                notifiers._failed(node, self, "track_write")
+                    i = j + 1
+                    if self.generation != gen:
+                        gen = self.generation
+                        if i < total:
+                            # A notifier changed tracking or memslots: classify the rest again.
+                            path[i:], pos[i:], index[i:] = self._classify(pgpa[i:])
+                            slots = self.slots.slots()
+                            again = True
+                            break
+                if not again:
+                    break
+            self._apply_range(i, total, path, pos, index, pgpa, plen, poff, slots, view)
+            if one_calls:
+                fast[0][0].calls += one_calls
+                calls += one_calls
+            if done_s:
+                # Every piece that ends up EMULATED was emulated here, in order; their seqs
+                # are consecutive unless a notifier took some in between.
+                first, last = done_s[0], done_s[-1]
+                if last - first + 1 == len(done_s):
+                    seq[path == _EMULATED] = np.arange(first, last + 1, dtype=np.int64)
                 else:
-                    event: WriteEvent = _new(WriteEvent)  # _guest_event(s, vc, gp, piece)
-                    _ev_seq(event, s)
-                    _ev_vcpu(event, vc)
-                    _ev_gpa(event, gp)
-                    _ev_data(event, piece)
-                    _ev_source(event, _GUEST)
-                    for node in nodes:
-                        if not node.active:
-                            continue
-                        calls += 1
-                        node.calls += 1
-                        try:
-                            node.notifier.track_write(self, event)
-                        except Exception:
-                            notifiers._failed(node, self, "track_write")
-                i = j + 1
-                if self.generation != gen:
-                    gen = self.generation
-                    if i < total:
-                        # A notifier changed tracking or memslots: classify the rest again.
-                        path[i:], pos[i:], index[i:] = self._classify(pgpa[i:])
-                        slots = self.slots.slots()
-                        again = True
-                        break
-            if not again:
-                break
-        self._apply_range(i, total, path, pos, index, pgpa, plen, poff, slots, view)
-        if one_calls:
-            fast[0][0].calls += one_calls
-            calls += one_calls
-        if done_s:
-            # Every piece that ends up EMULATED was emulated here, in order; their seqs
-            # are consecutive unless a notifier took some in between.
-            first, last = done_s[0], done_s[-1]
-            if last - first + 1 == len(done_s):
-                seq[path == _EMULATED] = np.arange(first, last + 1, dtype=np.int64)
-            else:
-                seq[path == _EMULATED] = done_s
-        self.stats.notifications += calls
-        self.stats.notifier_errors = notifiers.errors
+                    seq[path == _EMULATED] = done_s
+            self.stats.notifications += calls
+            self.stats.notifier_errors = notifiers.errors
 
     def _apply_range(
         self,

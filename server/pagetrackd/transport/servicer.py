@@ -7,9 +7,9 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 import numpy as np
@@ -24,8 +24,10 @@ from pagetrackd.domain import (
     PageTrackError,
     SlotFlags,
     TenantId,
+    Vm,
     VmLimits,
     WritePath,
+    WritePiece,
 )
 from pagetrackd.domain.vm import gfns_from
 from pagetrackd.engine import Engine, VmEntry, WorkloadRun
@@ -37,6 +39,7 @@ from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.status import streaming, unary
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+A = TypeVar("A")
 
 
 def _tenant() -> TenantId:
@@ -166,6 +169,12 @@ class VmService(pbg.VmServiceServicer):
         return pb.SetVmPolicyResponse(vm=_vm_pb(self.engine, entry))
 
 
+def _add_pieces(out: Any, pieces: Iterable[WritePiece]) -> None:
+    add = out.add  # in place: a list of pb.WritePiece would be copied
+    for p in pieces:
+        add(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
+
+
 class MemoryService(pbg.MemoryServiceServicer):
     """Memslots, dirty logs and guest memory access."""
 
@@ -232,49 +241,47 @@ class MemoryService(pbg.MemoryServiceServicer):
             dirty_count=count,
         )
 
-    @unary
-    async def WriteGuest(
-        self, request: pb.WriteGuestRequest, context: Ctx
-    ) -> pb.WriteGuestResponse:
-        entry = self.engine.vm(_tenant(), request.vm)
+    async def _guest_access(self, vm_name: str, access: Callable[[Vm], A]) -> tuple[A, int]:
+        """One guest access to ``vm_name``: charged to the tenant's write rate (given back
+        if refused), after block-policy streams have room. Returns its result and the
+        simulated cycles it cost."""
+        entry = self.engine.vm(_tenant(), vm_name)
         self.engine.charge_writes(entry.tenant, 1)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
         try:
-            result = vm.write(request.vcpu, request.gpa, request.data)
+            result = access(vm)
         except PageTrackError:
             self.engine.refund_writes(entry.tenant, 1)
             raise
-        reply = pb.WriteGuestResponse(cycles=sum(vm.stats.cycles) - before)
-        add = reply.pieces.add  # in place: a list of WritePiece would be copied
-        for p in result.pieces:
-            add(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
+        return result, sum(vm.stats.cycles) - before
+
+    @unary
+    async def WriteGuest(
+        self, request: pb.WriteGuestRequest, context: Ctx
+    ) -> pb.WriteGuestResponse:
+        result, cycles = await self._guest_access(
+            request.vm, lambda vm: vm.write(request.vcpu, request.gpa, request.data)
+        )
+        reply = pb.WriteGuestResponse(cycles=cycles)
+        _add_pieces(reply.pieces, result.pieces)
         return reply
 
     @unary
     async def CompareExchangeGuest(
         self, request: pb.CompareExchangeGuestRequest, context: Ctx
     ) -> pb.CompareExchangeGuestResponse:
-        entry = self.engine.vm(_tenant(), request.vm)
-        self.engine.charge_writes(entry.tenant, 1)
-        if entry.hub.subscribers:
-            await self.engine.admit(entry)
-        vm = entry.vm
-        before = sum(vm.stats.cycles)
-        try:
-            result = vm.cmpxchg(request.vcpu, request.gpa, request.expected, request.desired)
-        except PageTrackError:
-            self.engine.refund_writes(entry.tenant, 1)
-            raise
+        result, cycles = await self._guest_access(
+            request.vm,
+            lambda vm: vm.cmpxchg(request.vcpu, request.gpa, request.expected, request.desired),
+        )
         reply = pb.CompareExchangeGuestResponse(
             exchanged=result.exchanged, current=result.current, as_write=result.as_write,
-            cycles=sum(vm.stats.cycles) - before,
+            cycles=cycles,
         )
-        add = reply.pieces.add
-        for p in result.write.pieces:
-            add(gpa=p.gpa, length=p.length, path=cv.path_pb(p.path), seq=p.seq)
+        _add_pieces(reply.pieces, result.write.pieces)
         return reply
 
     @unary
