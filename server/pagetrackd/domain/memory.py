@@ -14,9 +14,9 @@ Layout, chosen so that a batch of writes is stored with a handful of numpy opera
   the slab position of page offset 0, so byte ``off`` of the page is at ``base + off``.
   Row 0 is an empty extent that every unwritten page maps to, so lookups need no masks;
 * a three-level **directory** (32 pages a leaf, 32 leaves a middle node) maps a page to
-  its row with three array lookups; it costs about 200 bytes per 128 KiB of guest memory
-  that holds a written page, plus 4 bytes per 4 MiB of the range the slot's written pages
-  span.
+  its row with three array lookups; it costs 128 bytes per 128 KiB of guest memory that
+  holds a written page, 128 per 4 MiB, and 4 bytes per 4 MiB of the range the slot's
+  written pages span.
 
 Single accesses find a page through a dict that holds each page's ``(lo, hi, base, row)``
 as Python ints, and copy through a memoryview of the slab: numpy scalars would cost
