@@ -899,7 +899,9 @@ class Vm:
 
         The outcome, guest memory and events equal those of calling :meth:`write` for
         each in order. numpy classifies the pieces in bulk; per-event notifiers are called
-        after each emulated piece, batch notifiers once with all the events at the end.
+        after each emulated piece, batch notifiers once with all the events at the end
+        (or in parts, where a per-event notifier's callback makes that necessary to keep
+        them in seq order).
         If a notifier changes tracking or memslots, the rest of the batch is classified
         again, so the equivalence holds.
         """
