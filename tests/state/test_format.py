@@ -17,6 +17,7 @@ from pagetrackd.state import (
     decode,
     encode,
     read_snapshot,
+    restore_snapshot,
     snapshot_entry,
 )
 
@@ -119,3 +120,22 @@ async def test_a_file_in_the_wrong_place_is_refused(tmp_path: Path) -> None:
     sd2 = StateDir(tmp_path)
     assert sd2.load(e2) == 0
     assert src.with_name("other.ptvm.bad").exists()
+
+
+def test_a_history_that_does_not_fit_is_dropped_and_the_vm_still_loads() -> None:
+    """Saved history columns that contradict the VM (here: seqs past its head) are not
+    restored; the VM comes back with an empty history, as from a file without one."""
+    e = _engine_with_vm()
+    entry = e.vm(T, "box")
+    assert entry.vm.seq == 1  # the write to the tracked gfn 0x100
+    data = snapshot_entry(entry, include_memory=True, include_history=True)
+    header, arrays = decode(data)
+    assert header["history"]["oldest_seq"] == 1 and arrays["h_seq"].tolist() == [1]
+    arrays["h_seq"] = np.array([7], dtype=np.uint64)  # the VM's head is 1
+    snap = read_snapshot(encode(header, arrays))
+    assert snap.history is not None
+    e2 = Engine()
+    restored = restore_snapshot(e2, T, snap)
+    assert restored.vm.seq == 1 and restored.hub.history.oldest_seq == 2
+    good = restore_snapshot(Engine(), T, read_snapshot(data))
+    assert good.hub.history.oldest_seq == 1 and good.hub.history.events == 1
