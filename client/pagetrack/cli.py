@@ -582,8 +582,12 @@ def cmpxchg_cmd(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="VM name.")],
     gpa: Annotated[str, typer.Argument(help="Guest-physical address.")],
-    expected: Annotated[str, typer.Argument(help="Bytes memory must hold: " + _DATA_HELP)],
-    desired: Annotated[str, typer.Argument(help="Bytes to store, as many as EXPECTED.")],
+    expected: Annotated[
+        str, typer.Argument(help="Bytes memory must hold: 0xHEX, @FILE, or text (UTF-8).")
+    ],
+    desired: Annotated[
+        str, typer.Argument(help="Bytes to store, as many as EXPECTED, written the same way.")
+    ],
     vcpu: Annotated[int, typer.Option("--vcpu", min=0, help="Writing vCPU.")] = 0,
     hex_: Annotated[bool, typer.Option("--hex", help="Both are hex even without 0x.")] = False,
     text: Annotated[bool, typer.Option("--text", help="Both are text even if they look like hex.")]
