@@ -16,7 +16,8 @@ Layout, chosen so that a batch of writes is stored with a handful of numpy opera
 * a three-level **directory** (32 pages a leaf, 32 leaves a middle node) maps a page to
   its row with three array lookups; it costs 128 bytes per 128 KiB of guest memory that
   holds a written page, 128 per 4 MiB, and 4 bytes per 4 MiB of the range the slot's
-  written pages span.
+  written pages span. It is built on the first batched write, so memory only ever
+  written one access at a time does not pay for it.
 
 Single accesses find a page through a dict that holds each page's ``(lo, hi, base, row)``
 as Python ints, and copy through a memoryview of the slab: numpy scalars would cost
@@ -52,7 +53,7 @@ class SlotMemory:
 
     __slots__ = (
         "nbytes", "_extent", "_nrows", "_lo", "_hi", "_base", "_slab", "_slab_mv", "_used",
-        "_top", "_mid", "_leaf", "_nmid", "_nleaf",
+        "_top", "_mid", "_leaf", "_nmid", "_nleaf", "_indexed",
     )
 
     def __init__(self) -> None:
@@ -73,6 +74,7 @@ class SlotMemory:
         self._mid = np.zeros((1, FAN), dtype=np.uint32)
         self._leaf = np.zeros((1, FAN), dtype=np.int32)
         self._nmid = self._nleaf = 1
+        self._indexed = False  # the directory is built on the first batch
 
     @property
     def pages(self) -> int:
@@ -111,6 +113,29 @@ class SlotMemory:
         return n
 
     def _new_row(self, index: int) -> int:
+        row = self._nrows
+        if row == self._lo.size:
+            cap = row * 2
+            for name in ("_lo", "_hi", "_base"):
+                old = getattr(self, name)
+                new = np.zeros(cap, dtype=np.int64)
+                new[:row] = old
+                setattr(self, name, new)
+        self._nrows = row + 1
+        if self._indexed:
+            self._index(index, row)
+        return row
+
+    def _build_index(self) -> None:
+        """Build the directory on the first batch: memory only ever written one access at
+        a time (an idle VM's, a plugin's tables) never pays for one."""
+        if self._extent:
+            self._grow_top(max(self._extent))
+        for page, ext in self._extent.items():
+            self._index(page, ext[3])
+        self._indexed = True
+
+    def _index(self, index: int, row: int) -> None:
         self._grow_top(index)
         t = index >> (2 * FAN_SHIFT)
         m = (index >> FAN_SHIFT) & (FAN - 1)
@@ -122,17 +147,7 @@ class SlotMemory:
         if not leaf:
             leaf = self._node("_leaf", "_nleaf")
             self._mid[mid, m] = leaf
-        row = self._nrows
-        if row == self._lo.size:
-            cap = row * 2
-            for name in ("_lo", "_hi", "_base"):
-                old = getattr(self, name)
-                new = np.zeros(cap, dtype=np.int64)
-                new[:row] = old
-                setattr(self, name, new)
-        self._nrows = row + 1
         self._leaf[leaf, index & (FAN - 1)] = row
-        return row
 
     def _alloc(self, size: int) -> int:
         """Slab position of ``size`` fresh zero bytes (may compact or grow the slab, which
@@ -210,6 +225,8 @@ class SlotMemory:
         calling :meth:`write` for each, in a few array operations."""
         if not index.size:
             return
+        if not self._indexed:
+            self._build_index()
         self._grow_top(int(index.max()))
         rows = self._rows(index)
         end = offset + length
