@@ -923,6 +923,16 @@ _WORKLOAD_VM = typer.Option(
 )
 
 
+def _one_workload(ctx: typer.Context, method: str, workload_id: str, vm: str | None) -> None:
+    """Call ``stop_workload`` or ``get_workload`` (a sharded client also takes the VM,
+    to know which daemon to ask) and print the status."""
+    with _client(ctx) as c:
+        call = getattr(c, method)
+        w = call(workload_id, vm=vm) if isinstance(c, ShardedClient) else call(workload_id)
+    if not _emit_json(ctx, w):
+        _print_workload(w)
+
+
 @workload_app.command("stop")
 def workload_stop(
     ctx: typer.Context,
@@ -930,13 +940,7 @@ def workload_stop(
     vm: Annotated[str | None, _WORKLOAD_VM] = None,
 ) -> None:
     """Stop a workload."""
-    with _client(ctx) as c:
-        if isinstance(c, ShardedClient):
-            w = c.stop_workload(workload_id, vm=vm)
-        else:
-            w = c.stop_workload(workload_id)
-    if not _emit_json(ctx, w):
-        _print_workload(w)
+    _one_workload(ctx, "stop_workload", workload_id, vm)
 
 
 @workload_app.command("show")
@@ -946,13 +950,7 @@ def workload_show(
     vm: Annotated[str | None, _WORKLOAD_VM] = None,
 ) -> None:
     """Show a workload's status."""
-    with _client(ctx) as c:
-        if isinstance(c, ShardedClient):
-            w = c.get_workload(workload_id, vm=vm)
-        else:
-            w = c.get_workload(workload_id)
-    if not _emit_json(ctx, w):
-        _print_workload(w)
+    _one_workload(ctx, "get_workload", workload_id, vm)
 
 
 @workload_app.command("list")
