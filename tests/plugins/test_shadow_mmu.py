@@ -55,6 +55,18 @@ def attach(vm: Vm, mm: AddressSpace, **options) -> ShadowMmu:
     return mmu
 
 
+def shadowed(**options: str | bool) -> tuple[Vm, GuestOs, AddressSpace, ShadowMmu, int]:
+    """A guest with one data page mapped at GVA and a shadow MMU attached that has
+    shadowed the path to it (one fault)."""
+    vm, os, mm = make_guest()
+    data = os.get_frame()
+    assert data is not None
+    mm.map(GVA, data)
+    mmu = attach(vm, mm, **options)
+    mmu.translate(GVA)
+    return vm, os, mm, mmu, data
+
+
 def tables(mm: AddressSpace, level: int) -> list[int]:
     """Gfns of the address space's tables at ``level``."""
     return [gfn for gfn, lvl in mm.tables.items() if lvl == level]
@@ -105,12 +117,7 @@ def test_r7_1_fault_shadows_each_table_on_the_path_and_write_tracks_it() -> None
 
 def test_r4_2_every_guest_write_to_a_shadowed_table_is_emulated_and_notified() -> None:
     """Once shadowed, a guest table write traps (emulated path), untracked data does not."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pt = tables(mm, 1)[0]
     assert write_entry(vm, pt, 7, 0) is WritePath.EMULATED
     assert vm.write(0, data << PAGE_SHIFT, b"x").pieces[0].path is WritePath.FAST
@@ -140,12 +147,7 @@ def test_r7_3_misaligned_or_partial_write_zaps_the_whole_shadow_page(
 ) -> None:
     """A misaligned write to a shadowed table zaps its shadow page and drops the
     track reference (mmu.c kvm_mmu_track_write -> kvm_mmu_prepare_zap_page)."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pt = tables(mm, 1)[0]
     vm.write(0, (pt << PAGE_SHIFT) + 0x100 + offset, bytes(nbytes))
     status = mmu.status()
@@ -245,12 +247,7 @@ def test_r7_2_written_spte_is_zapped_and_refaults_lazily() -> None:
 def test_r7_4_third_write_to_a_nonleaf_table_floods_it() -> None:
     """detect_write_flooding: the 3rd emulated write to a non-leaf shadow page without
     an intervening use zaps it and drops its reference; writes 1 and 2 only zap SPTEs."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pd = tables(mm, 2)[0]
     for i in range(2):
         write_entry(vm, pd, 500 + i, 0)
@@ -269,12 +266,7 @@ def test_r7_4_a_fault_is_a_use_but_a_shadow_hit_is_not() -> None:
     """The flood count is reset when the page is walked by the fault path
     (paging_tmpl.h FNAME(fetch): clear_sp_write_flooding_count); a hardware walk of
     an intact shadow never reaches KVM, so it resets nothing."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pd = tables(mm, 2)[0]
     write_entry(vm, pd, 500, 0)
     write_entry(vm, pd, 501, 0)
@@ -294,12 +286,7 @@ def test_r7_4_a_fault_is_a_use_but_a_shadow_hit_is_not() -> None:
 
 def test_r7_4_leaf_shadow_pages_are_never_flooded() -> None:
     """detect_write_flooding skips level-1 pages (they may go unsync in KVM)."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pt = tables(mm, 1)[0]
     for i in range(10):
         write_entry(vm, pt, 100 + i, 0)
@@ -309,12 +296,7 @@ def test_r7_4_leaf_shadow_pages_are_never_flooded() -> None:
 
 def test_flood_threshold_and_flood_leaf_options() -> None:
     """flood_threshold=1 zaps at the first write; flood_leaf counts level-1 pages too."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm, flood_threshold="1", flood_leaf=True)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed(flood_threshold="1", flood_leaf=True)
     pt = tables(mm, 1)[0]
     write_entry(vm, pt, 100, 0)
     assert mmu.status()["flooded"] == 1 and not vm.is_tracked(pt)
@@ -323,12 +305,7 @@ def test_flood_threshold_and_flood_leaf_options() -> None:
 def test_r3_4_shared_counter_keeps_gfn_tracked_after_a_flood_zap() -> None:
     """The tenant's reference and the MMU's share one counter: when flooding drops the
     MMU's reference the gfn stays tracked (mmu.c unaccount_shadowed)."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pd = tables(mm, 2)[0]
     vm.track_add([pd])
     assert vm.track_query([pd])[0].count == 2
@@ -341,12 +318,7 @@ def test_r3_4_shared_counter_keeps_gfn_tracked_after_a_flood_zap() -> None:
 def test_r7_6_unprotect_zaps_the_gfns_shadow_pages_so_the_write_runs_natively() -> None:
     """kvm_mmu_unprotect_page: every shadow page of the gfn goes with its reference;
     the retried write is then native. retry is true only if something was zapped."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pt = tables(mm, 1)[0]
     out = mmu.call("unprotect", gfn=pt)
     assert out["zapped"] == 1 and out["retry"] is True and out["tracked"] is False
@@ -359,12 +331,7 @@ def test_r7_6_unprotect_zaps_the_gfns_shadow_pages_so_the_write_runs_natively() 
 def test_r4_10_unprotect_leaves_an_externally_tracked_gfn_tracked() -> None:
     """A gfn an external user also tracks is not freed by unprotect: emulation has to
     succeed (R4.10)."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pt = tables(mm, 1)[0]
     vm.track_add([pt])
     out = mmu.unprotect(pt)
@@ -374,12 +341,7 @@ def test_r4_10_unprotect_leaves_an_externally_tracked_gfn_tracked() -> None:
 
 def test_r4_10_loop_guard_refuses_a_second_retry_at_the_same_rip_and_address() -> None:
     """last_retry_eip/last_retry_addr: the same (rip, address) is not retried twice."""
-    vm, os, mm = make_guest()
-    data = os.get_frame()
-    assert data is not None
-    mm.map(GVA, data)
-    mmu = attach(vm, mm)
-    mmu.translate(GVA)
+    vm, os, mm, mmu, data = shadowed()
     pt = tables(mm, 1)[0]
     assert mmu.call("unprotect", gfn=pt, rip=0xFFFF_FFFF_8100_0000)["retry"] is True
     mmu.translate(GVA)  # shadowed again
