@@ -612,6 +612,14 @@ class AsyncClient:
             stall_timeout_s=stall_timeout_s,
         )
 
+    def watch_raw(
+        self, request: pb.WatchRequest
+    ) -> grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.WatchResponse]:
+        """Open one Watch call as it is on the wire: raw WatchResponse messages, no
+        conversion and no reconnection (for tools that forward the records, such as
+        ``pagetrack export nats``). Errors surface as grpc.RpcError."""
+        return self._watch.Watch(request, metadata=self._metadata)
+
     async def unwatch(self, vm: str, notifier_id: int) -> int:
         """End a Watch stream by notifier id; returns the last seq it will deliver."""
         reply = await self._call(
