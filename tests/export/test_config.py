@@ -44,7 +44,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         '[metrics]\nport = 9500\n'
     )
     c = load_config(path)
-    assert (c.target, c.token, c.patterns, c.nats_servers, c.format) == (
+    assert (c.target, c.bearer_token(), c.patterns, c.nats_servers, c.format) == (
         "127.0.0.1:7000", "s3cret", ("web-*",), ("nats://127.0.0.1:4333",), "jsonl")
     assert (c.stream.name, c.stream.create, c.stream.storage, c.stream.max_age_s) == (
         "PT", True, "memory", 3600)

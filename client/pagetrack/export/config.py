@@ -41,6 +41,7 @@ class ExportConfig:
 
     target: str = "127.0.0.1:50051"  #: the daemon
     token: str | None = None  #: bearer token of the tenant whose VMs are exported
+    token_file: str | None = None  #: or a file holding it, read when the exporter starts
     ca_file: str | None = None
     vms: tuple[str, ...] = ()  #: exact VM names; with ``patterns`` empty too, every VM
     patterns: tuple[str, ...] = ()  #: shell-style globs over VM names
@@ -96,6 +97,15 @@ class ExportConfig:
                 raise errors.InvalidArgument(
                     f"stream.{key} {value!r}: choose one of {', '.join(allowed)}"
                 )
+
+    def bearer_token(self) -> str | None:
+        """``token``, else the contents of ``token_file``, else None."""
+        if self.token or not self.token_file:
+            return self.token
+        try:
+            return Path(self.token_file).read_text().strip()
+        except OSError as exc:
+            raise errors.InvalidArgument(f"{self.token_file}: {exc.strerror}") from None
 
     def wants(self, vm: str) -> bool:
         """Whether ``vm`` is one of the VMs to export."""
@@ -159,12 +169,6 @@ def load_config(path: str | Path | None) -> ExportConfig:
             if key not in names:
                 raise errors.InvalidArgument(f"{path}: unknown key {section}.{key}")
             values[names[key]] = value
-    token_file = values.pop("token_file", None)
-    if token_file and not values.get("token"):
-        try:
-            values["token"] = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise errors.InvalidArgument(f"{token_file}: {exc.strerror}") from None
     for key in ("vms", "patterns", "nats_servers"):
         if key in values:
             values[key] = tuple(values[key])

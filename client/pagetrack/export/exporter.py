@@ -31,7 +31,7 @@ class Exporter:
     async def run(self, stop: asyncio.Event) -> None:
         """Connect to the daemon and NATS and export until ``stop`` is set."""
         c = self.config
-        client = AsyncClient(c.target, token=c.token, ca_file=c.ca_file,
+        client = AsyncClient(c.target, token=c.bearer_token(), ca_file=c.ca_file,
                              backoff=Backoff(initial_s=0.1, max_s=c.retry_max_s))
         delay = c.retry_initial_s
         try:
