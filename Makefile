@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit proto bench clean
 
+# The install is editable and path-based (hatchling writes a .pth naming client/ and
+# server/), so mypy and IDEs see the packages from a user's own scripts too.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
