@@ -16,6 +16,7 @@ from pagetrack import AsyncClient, ShardedAsyncClient, ShardedClient
 from pagetrack.cli import main
 from tests.client.conftest import short_tmp
 from tests.daemon_process import DaemonProcess, start_daemon
+from tests.waiting import HANG_S
 
 PAGE = 4096
 
@@ -103,7 +104,7 @@ async def test_watch_goes_to_the_owning_daemon(
         await sharded.set_memory_region(name, 0, 0, 16)
         await sharded.add_tracking(name, [2])
         async with sharded.watch(name) as stream:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(HANG_S):
                 async for msg in stream:
                     if isinstance(msg, pt.Registered):
                         notifiers = await direct[target].list_notifiers(name)
