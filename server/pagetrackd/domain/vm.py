@@ -291,9 +291,10 @@ class Vm:
         self.stats = VmStats()
         #: seq of the last event; the next event gets seq + 1 (gap-free, R-stream)
         self.seq = 0
-        #: bumped whenever tracking or memslots change, so a batch in progress knows
-        #: its classification is stale
-        self.generation = 0
+        self._generation = 0
+        #: called (with the VM) whenever :attr:`generation` moves: the daemon keeps
+        #: per-tenant totals of memslot pages and tracked gfns without scanning its VMs
+        self.on_change: Callable[[Vm], None] | None = None
         self.closed = False
         #: set only while notifiers hear of a removed region: which slot and change
         self.region_change: RegionChange | None = None
@@ -461,6 +462,18 @@ class Vm:
             bits[np.fromiter(slot.dirty, np.int64, len(slot.dirty))] = 1
         slot.dirty = set()
         return np.packbits(bits, bitorder="little").tobytes()
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever tracking or memslots change, so a batch in progress knows its
+        classification is stale."""
+        return self._generation
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        self._generation = value
+        if self.on_change is not None:
+            self.on_change(self)
 
     # ------------------------------------------------------------------ tracking
 

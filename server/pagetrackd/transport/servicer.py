@@ -542,9 +542,9 @@ class LeaseService(pbg.LeaseServiceServicer):
         tenant = _tenant()
         lease = self.engine.leases.get(tenant, _require(request.lease_id, "lease_id"))
         refs = self.engine.lease_references(lease)
-        before = sum(e.vm.tracked_count for e in self.engine.list_vms(tenant))
+        before = self.engine.usage(tenant)[1]
         self.engine.leases.end(lease)
-        after = sum(e.vm.tracked_count for e in self.engine.list_vms(tenant))
+        after = self.engine.usage(tenant)[1]
         return pb.RevokeLeaseResponse(released_references=refs, untracked_gfns=before - after)
 
     @unary
