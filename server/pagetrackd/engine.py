@@ -20,13 +20,13 @@ from typing import Any
 import structlog
 
 from pagetrackd.domain import (
-    AlreadyExists,
     CostModel,
     DmaPolicy,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PageTrackError,
+    PluginAlreadyAttached,
+    PluginNotFound,
     QuotaExceeded,
     Registry,
     Semantics,
@@ -34,6 +34,7 @@ from pagetrackd.domain import (
     Unavailable,
     Vm,
     VmLimits,
+    WorkloadNotFound,
 )
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
@@ -212,7 +213,7 @@ class Engine:
             raise QuotaExceeded(
                 f"{writes} writes exceed the tenant's write_rate quota of {rate} writes/s"
                 f" ({int(tokens)} available now); slow down or ask for a higher quota",
-                quota="write_rate", limit=rate,
+                quota="write_rate", limit=rate, retry_after_s=(writes - tokens) / rate,
             )
         self._buckets[tenant] = (tokens - writes, now)
 
@@ -305,7 +306,9 @@ class Engine:
                 "limits": VmLimits(**h["limits"]),
             }
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidArgument(f"not a usable recording header: {exc}") from None
+            raise InvalidArgument(
+                f"not a usable recording header: {exc}", field="data"
+            ) from None
         entry = self.create_vm(tenant, name, **options)
         try:
             result = replay(path, vm=entry.vm)
@@ -314,7 +317,7 @@ class Engine:
             raise
         except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or arguments
             self.delete_vm(tenant, name)
-            raise InvalidArgument(f"recording is malformed: {exc}") from None
+            raise InvalidArgument(f"recording is malformed: {exc}", field="data") from None
         self._adopt_plugins(entry)
         return entry, result.records
 
@@ -498,7 +501,9 @@ class Engine:
                 f"unknown plugin {kind!r}; available: {', '.join(sorted(PLUGINS)) or 'none'}"
             )
         if kind in entry.plugins:
-            raise AlreadyExists(f"plugin {kind!r} is already attached to VM {entry.name!r}")
+            raise PluginAlreadyAttached(
+                f"plugin {kind!r} is already attached to VM {entry.name!r}"
+            )
         plugin = factory()
         plugin.attach(entry.vm, **options)
         entry.plugins[kind] = plugin
@@ -524,7 +529,9 @@ class Engine:
         """An attached plugin."""
         plugin = entry.plugins.get(kind)
         if plugin is None:
-            raise NotFound(f"plugin {kind!r} is not attached to VM {entry.name!r}")
+            raise PluginNotFound(
+                f"plugin {kind!r} is not attached to VM {entry.name!r}", name=kind
+            )
         return plugin
 
     def detach_plugin(self, entry: VmEntry, kind: str) -> int:
@@ -646,7 +653,7 @@ class Engine:
         """One of the tenant's workloads."""
         run = self.workloads.get(run_id)
         if run is None or run.tenant != tenant:
-            raise NotFound(f"workload {run_id!r} not found")
+            raise WorkloadNotFound(f"workload {run_id!r} not found", name=run_id)
         return run
 
     async def stop_workload(self, tenant: TenantId, run_id: str) -> WorkloadRun:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pagetrackd.domain.errors import AlreadyExists, InvalidArgument, VmNotFound
+from pagetrackd.domain.errors import InvalidArgument, VmAlreadyExists, VmNotFound
 from pagetrackd.domain.types import TenantId
 from pagetrackd.domain.vm import Vm
 
@@ -46,7 +46,7 @@ class Registry:
         check_vm_name(name)
         vms = self._vms.setdefault(tenant, {})
         if name in vms:
-            raise AlreadyExists(f"VM {name!r} already exists")
+            raise VmAlreadyExists(f"VM {name!r} already exists")
         vm = Vm(name, **options)
         vms[name] = vm
         self._sorted.clear()
@@ -56,7 +56,7 @@ class Registry:
         """The tenant's VM called ``name``."""
         vm = self._vms.get(tenant, {}).get(name)
         if vm is None:
-            raise VmNotFound(f"VM {name!r} not found")
+            raise VmNotFound(f"VM {name!r} not found", name=name)
         return vm
 
     def list_vms(self, tenant: TenantId | None = None) -> list[tuple[TenantId, Vm]]:

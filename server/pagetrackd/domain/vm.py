@@ -246,7 +246,8 @@ def gfns_from(ranges: Iterable[tuple[int, int]] = (), gfns: Iterable[int] = ()) 
     for start, count in ranges:
         if start < 0 or count <= 0:
             raise InvalidArgument(
-                f"gfn range start={start} count={count}: start must be >= 0 and count > 0"
+                f"gfn range start={start} count={count}: start must be >= 0 and count > 0",
+                field="ranges",
             )
         total += count
         if total > MAX_GFNS_PER_CALL:
@@ -327,13 +328,16 @@ class Vm:
         old = self.slots.by_id.get(slot_id)
         if npages == 0:
             if old is None:
-                raise SlotNotFound(f"slot {slot_id} does not exist; nothing to delete")
+                raise SlotNotFound(
+                    f"slot {slot_id} does not exist; nothing to delete", name=str(slot_id)
+                )
             self._delete_slot(old)
             return SlotChange.DELETE
         if not 0 <= base_gfn or base_gfn + npages > lim.gfn_limit:
             raise InvalidArgument(
                 f"gfn range {base_gfn:#x}+{npages:#x} exceeds the {lim.gfn_bits}-bit gfn space"
-                f" (last gfn {lim.gfn_limit - 1:#x})"
+                f" (last gfn {lim.gfn_limit - 1:#x})",
+                field="base_gfn",
             )
         if old is not None:
             if npages != old.info.npages:
@@ -451,7 +455,7 @@ class Vm:
         bit order, padded to 64-bit words), then cleared."""
         slot = self.slots.by_id.get(slot_id)
         if slot is None:
-            raise SlotNotFound(f"slot {slot_id} does not exist")
+            raise SlotNotFound(f"slot {slot_id} does not exist", name=str(slot_id))
         if slot.dirty is None:
             raise FailedPrecondition(
                 f"slot {slot_id} does not have LOG_DIRTY_PAGES set; enable it first"
@@ -699,7 +703,7 @@ class Vm:
     def _check_access(self, gpa: int, n: int) -> None:
         lim = self.limits
         if n <= 0:
-            raise InvalidArgument("a write needs at least one byte of data")
+            raise InvalidArgument("a write needs at least one byte of data", field="data")
         if n > lim.max_write_bytes:
             raise InvalidArgument(
                 f"{n} bytes in one access; at most {lim.max_write_bytes} are allowed"
@@ -764,6 +768,8 @@ class Vm:
                 "exchange compares and stores the same number of bytes"
             )
         n = len(desired)
+        if n == 0:
+            raise InvalidArgument("a write needs at least one byte of data", field="desired")
         if not 0 <= vcpu < self.vcpus:
             self._check_vcpu(vcpu)
         self._check_access(gpa, n)

@@ -403,13 +403,15 @@ def _check_gfn_space(vm: Any, request: Any) -> None:
         if r.start + r.count > limit:
             raise InvalidArgument(
                 f"gfn range start={r.start:#x} count={r.count:#x} passes the VM's"
-                f" {vm.limits.gfn_bits}-bit gfn space (last gfn {limit - 1:#x})"
+                f" {vm.limits.gfn_bits}-bit gfn space (last gfn {limit - 1:#x})",
+                field="ranges",
             )
     if len(request.gfns) and int(np.array(request.gfns, dtype=np.uint64).max()) >= limit:
         top = int(np.array(request.gfns, dtype=np.uint64).max())
         raise InvalidArgument(
             f"gfn {top:#x} is outside the VM's {vm.limits.gfn_bits}-bit gfn space"
-            f" (last gfn {limit - 1:#x})"
+            f" (last gfn {limit - 1:#x})",
+            field="gfns",
         )
 
 
