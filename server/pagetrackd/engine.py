@@ -170,6 +170,13 @@ class Engine:
         self._record_dir: Path | None = None  #: made on the first recorded VM
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
+        #: tenant -> [memslot pages, tracked gfns] over its VMs, as of each VM's last
+        #: accounting; VMs changed since wait in _changed (quota checks then cost the
+        #: VMs that changed, not every VM)
+        self._usage: dict[TenantId, list[int]] = {}
+        self._counted: dict[Vm, tuple[int, int]] = {}
+        self._changed: set[Vm] = set()
+        self._vm_tenant: dict[Vm, TenantId] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -265,6 +272,8 @@ class Engine:
         )
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
+        self._vm_tenant[vm] = tenant
+        vm.on_change = self._changed.add
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
         if record:
             if self._record_dir is None:
@@ -338,18 +347,43 @@ class Engine:
             if entry.recording is not None:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
+        self._account()
+        pages, tracked = self._counted.pop(entry.vm, (0, 0))
+        usage = self._usage.setdefault(tenant, [0, 0])
+        usage[0] -= pages
+        usage[1] -= tracked
         self.registry.delete_vm(tenant, name)
+        self._changed.discard(entry.vm)
+        self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]
         entry.room.set()
         log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
         return last
 
+    def _account(self) -> None:
+        """Bring the per-tenant totals up to date with the VMs that changed."""
+        while self._changed:
+            vm = self._changed.pop()
+            tenant = self._vm_tenant.get(vm)
+            if tenant is None or vm.closed:
+                continue
+            now = (sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count)
+            was = self._counted.get(vm, (0, 0))
+            self._counted[vm] = now
+            usage = self._usage.setdefault(tenant, [0, 0])
+            usage[0] += now[0] - was[0]
+            usage[1] += now[1] - was[1]
+
+    def usage(self, tenant: TenantId) -> tuple[int, int]:
+        """(memslot pages, tracked gfns) summed over the tenant's VMs."""
+        self._account()
+        pages, tracked = self._usage.get(tenant, (0, 0))
+        return pages, tracked
+
     def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""
         q = self.quotas(tenant).guest_pages
-        used = sum(
-            s.npages for e in self.list_vms(tenant) for s in e.vm.memslots()
-        )
+        used = self.usage(tenant)[0]
         if used + extra > q:
             raise QuotaExceeded(
                 f"memslots would hold {used + extra} guest pages; the tenant's quota is {q}",
@@ -359,7 +393,7 @@ class Engine:
     def check_tracked(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more tracked gfns pass the tenant's quota."""
         q = self.quotas(tenant).tracked_gfns
-        used = sum(e.vm.tracked_count for e in self.list_vms(tenant))
+        used = self.usage(tenant)[1]
         if used + extra > q:
             raise QuotaExceeded(
                 f"{used + extra} gfns would be tracked; the tenant's quota is {q}",
