@@ -26,7 +26,7 @@ def _mounted(service: dict[str, Any], path: str) -> Path:
     mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
     for inside, outside in mounts.items():
         if path.startswith(inside + "/"):
-            return ROOT / outside / path.removeprefix(inside + "/")
+            return Path(ROOT, outside, path.removeprefix(inside + "/"))
     raise AssertionError(f"{path} is not mounted")
 
 

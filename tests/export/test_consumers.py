@@ -4,11 +4,9 @@ exporter stored and print the same records."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,9 +15,9 @@ from pagetrack.export import ExportConfig, Exporter
 from tests.daemon_process import DaemonProcess
 from tests.export.conftest import tracked_vm, write_events
 from tests.export.support import NatsServer, eventually
+from tests.node_tools import ROOT, npm_ci
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "docs" / "examples" / "export"
+EXAMPLES = ROOT / "examples" / "export"
 
 
 async def _export(client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer,
@@ -54,27 +52,20 @@ def _python_consumer(url: str, subject: str, until: int) -> list[str]:
     return out.stdout.splitlines()
 
 
-def _node_consumer(tmp: Path, url: str, subject: str, until: int) -> list[str]:
-    npm, node = shutil.which("npm"), shutil.which("node")
-    if npm is None or node is None:
-        pytest.fail("the Node.js consumer example needs node and npm on PATH")
-    app = tmp / "node-consumer"
-    app.mkdir()
-    for name in ("package.json", "package-lock.json", "consumer.mjs"):
-        shutil.copy(EXAMPLES / "node" / name, app / name)
-    install = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=app,
-                             capture_output=True, text=True, timeout=300)
-    assert install.returncode == 0, install.stderr
-    env = {**os.environ, "PAGETRACK_PROTO": str(ROOT / "proto/pagetrack/v1/pagetrack.proto")}
+def _node_consumer(url: str, subject: str, until: int) -> list[str]:
+    app = EXAMPLES / "node"
+    npm_ci(app)  # from its lockfile, as `make tools` does; fails loudly without npm
+    node = shutil.which("node")
+    assert node is not None
     out = subprocess.run([node, "consumer.mjs", url, subject, str(until)], cwd=app,
-                         capture_output=True, text=True, timeout=60, env=env)
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
 
 
 @pytest.mark.parametrize("fmt", ["protobuf", "jsonl"])
 async def test_python_and_node_consumers_read_the_same_records(
-    tmp_path: Path, fmt: str, client: AsyncClient, daemon: DaemonProcess,
+    fmt: str, client: AsyncClient, daemon: DaemonProcess,
     nats_server: NatsServer,
 ) -> None:
     vm, head = await _export(client, daemon, nats_server, fmt)
@@ -83,5 +74,5 @@ async def test_python_and_node_consumers_read_the_same_records(
     assert py[0].startswith(f"{vm} gap 1..") and " COMPACTED (" in py[0]
     assert f"{vm} region removed at seq 200" in py
     assert py[-1].startswith(f"{vm} events ") and py[-1].split()[2].endswith(f"..{head}")
-    js = await asyncio.to_thread(_node_consumer, tmp_path, nats_server.url, subject, head)
+    js = await asyncio.to_thread(_node_consumer, nats_server.url, subject, head)
     assert js == py

@@ -20,7 +20,7 @@ if (!url || !subject) {
 const until = untilArg ? Number(untilArg) : Infinity;
 const here = path.dirname(fileURLToPath(import.meta.url));
 const protoPath = process.env.PAGETRACK_PROTO
-  ?? path.join(here, "../../../../proto/pagetrack/v1/pagetrack.proto");
+  ?? path.join(here, "../../../proto/pagetrack/v1/pagetrack.proto");
 const EventBatch = protobuf.loadSync(protoPath).lookupType("pagetrack.v1.EventBatch");
 const num = (x) => (typeof x === "number" ? x : x.toNumber()); // fixed64 may be a Long
 
