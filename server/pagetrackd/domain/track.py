@@ -21,6 +21,8 @@ from pagetrackd.domain.types import TENANT_OWNER
 CHUNK_SHIFT = 5
 CHUNK = 1 << CHUNK_SHIFT
 COUNTER_MAX = 0xFFFF  #: USHRT_MAX, KVM's bound on a track counter
+#: an owner's record of one page: its dict entry and two ints
+OWNER_ENTRY_BYTES = 120
 
 I64 = npt.NDArray[np.int64]
 
@@ -56,6 +58,24 @@ class ChunkedCounters:
         """Bytes held by the directory and the chunks."""
         d = 0 if self._dir is None else self._dir.nbytes
         return d + self._rows.nbytes
+
+    @property
+    def footprint(self) -> int:
+        """Bytes really held: the directory as allocated and the chunks in use."""
+        d = 0 if self._dir is None else self._dir.nbytes
+        return d + self._nrows * CHUNK * 2
+
+    def growth_bound(self, index: I64) -> int:
+        """At most how many bytes :attr:`footprint` grows by when pages ``index`` are set."""
+        nchunks = (self.npages + CHUNK - 1) >> CHUNK_SHIFT
+        chunks = np.unique(index >> CHUNK_SHIFT)
+        if self._dir is None:
+            missing, grow = chunks.size, 2 * nchunks
+        else:
+            missing, grow = int(np.count_nonzero(self._dir[chunks] == 0)), 0
+        if self._nrows + missing - 1 > 0xFFFF and (self._dir is None or self._dir.itemsize < 4):
+            grow += 4 * nchunks  # the directory widens to 32 bits
+        return grow + missing * CHUNK * 2
 
     def get1(self, index: int) -> int:
         """The counter of one page."""
@@ -153,6 +173,31 @@ class SlotTracking:
     def nbytes(self) -> int:
         """Approximate bytes held by the counters."""
         return self.counters.nbytes + self.attributed.nbytes
+
+    @property
+    def footprint(self) -> int:
+        """Bytes really held: counters, region counts and owner records."""
+        lp = 0 if self.lpage_2m is None or self.lpage_1g is None else (
+            self.lpage_2m.nbytes + self.lpage_1g.nbytes
+        )
+        entries = sum(len(refs) for refs in self.owners.values())
+        return (
+            self.counters.footprint + self.attributed.footprint + lp
+            + OWNER_ENTRY_BYTES * entries
+        )
+
+    def growth_bound(self, index: I64, owner: str) -> int:
+        """At most how many bytes :attr:`footprint` grows by when ``owner`` adds a
+        reference to each of the distinct pages ``index``."""
+        if not index.size:
+            return 0
+        grow = self.counters.growth_bound(index)
+        if self.lpage_2m is None:
+            pages = self.counters.npages
+            grow += 2 * ((pages >> 9) + 2) + 4 * ((pages >> 18) + 2)
+        if owner != TENANT_OWNER:
+            grow += self.attributed.growth_bound(index) + OWNER_ENTRY_BYTES * index.size
+        return grow
 
     def held(self, index: I64, owner: str) -> npt.NDArray[np.int64]:
         """References ``owner`` holds on each of the distinct pages ``index``."""

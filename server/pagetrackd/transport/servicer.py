@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import os
@@ -241,11 +242,16 @@ class MemoryService(pbg.MemoryServiceServicer):
             dirty_count=count,
         )
 
-    async def _guest_access(self, vm_name: str, access: Callable[[Vm], A]) -> tuple[A, int]:
-        """One guest access to ``vm_name``: charged to the tenant's write rate (given back
-        if refused), after block-policy streams have room. Returns its result and the
-        simulated cycles it cost."""
+    async def _guest_access(
+        self, vm_name: str, access: Callable[[Vm], A], gpa: int, length: int
+    ) -> tuple[A, int]:
+        """One guest access to ``vm_name`` that may store ``length`` bytes at ``gpa``:
+        checked against the guest memory quota, charged to the tenant's write rate
+        (given back if refused), after block-policy streams have room. Returns its
+        result and the simulated cycles it cost."""
         entry = self.engine.vm(_tenant(), vm_name)
+        if 0 < length <= self.limits.max_write_bytes and 0 <= gpa < 1 << 63:
+            self.engine.check_memory(entry, [gpa], [length])
         self.engine.charge_writes(entry.tenant, 1)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
@@ -263,7 +269,8 @@ class MemoryService(pbg.MemoryServiceServicer):
         self, request: pb.WriteGuestRequest, context: Ctx
     ) -> pb.WriteGuestResponse:
         result, cycles = await self._guest_access(
-            request.vm, lambda vm: vm.write(request.vcpu, request.gpa, request.data)
+            request.vm, lambda vm: vm.write(request.vcpu, request.gpa, request.data),
+            request.gpa, len(request.data),
         )
         reply = pb.WriteGuestResponse(cycles=cycles)
         _add_pieces(reply.pieces, result.pieces)
@@ -276,6 +283,7 @@ class MemoryService(pbg.MemoryServiceServicer):
         result, cycles = await self._guest_access(
             request.vm,
             lambda vm: vm.cmpxchg(request.vcpu, request.gpa, request.expected, request.desired),
+            request.gpa, len(request.desired),
         )
         reply = pb.CompareExchangeGuestResponse(
             exchanged=result.exchanged, current=result.current, as_write=result.as_write,
@@ -316,6 +324,9 @@ class MemoryService(pbg.MemoryServiceServicer):
             raise InvalidArgument(
                 f"vcpu has {len(request.vcpu)} entries; give one per write ({n}) or exactly one"
             )
+        length = np.array(request.length, dtype=np.int64)
+        if int(length.min()) > 0 and int(length.max()) <= self.limits.max_write_bytes:
+            self.engine.check_memory(entry, gpa.astype(np.int64), length)
         self.engine.charge_writes(entry.tenant, n)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
@@ -325,7 +336,7 @@ class MemoryService(pbg.MemoryServiceServicer):
             result = vm.write_batch(
                 gpa.astype(np.int64),
                 vcpu,
-                np.array(request.length, dtype=np.int64),
+                length,
                 request.data,
             )
         except PageTrackError:
@@ -380,6 +391,8 @@ class MemoryService(pbg.MemoryServiceServicer):
     async def DmaWrite(self, request: pb.DmaWriteRequest, context: Ctx) -> pb.DmaWriteResponse:
         entry = self.engine.vm(_tenant(), request.vm)
         vm = entry.vm
+        if 0 < len(request.data) <= self.limits.max_write_bytes and request.gpa < 1 << 62:
+            self.engine.check_memory(entry, [request.gpa], [len(request.data)])
         before = vm.stats.dma_cycles
         result = vm.dma_write(request.gpa, request.data)
         bypass = vm.dma_policy.value == "bypass"
@@ -443,6 +456,7 @@ class TrackingService(pbg.TrackingServiceServicer):
         owner = self.engine.lease_owner(tenant, request.lease_id)
         gfns = self._gfns(request, entry.vm)
         self.engine.check_tracked(tenant, len(np.unique(gfns)))
+        self.engine.check_tracking_memory(entry, gfns, owner)
         started = entry.vm.track_add(gfns, owner)
         return pb.TrackingChangeResponse(
             references=len(gfns), transitions=started, tracked_gfns=entry.vm.tracked_count
@@ -877,8 +891,8 @@ def vm_stats_pb(engine: Engine, entry: VmEntry) -> pb.VmStats:
         events_coalesced=sum(x.counters.coalesced for x in subs),
         tracked_gfns=vm.tracked_count,
         write_protected_gfns=vm.tracked_count,
-        memory_bytes=vm.memory_bytes,
-        track_pool_bytes=vm.counter_bytes,
+        memory_bytes=vm.memory_footprint,
+        track_pool_bytes=vm.tracking_footprint,
         cycles=pb.CycleCounts(
             mmio_exit=s.cycles[WritePath.MMIO_EXIT],
             fast=s.cycles[WritePath.FAST],
@@ -963,11 +977,10 @@ class AdminService(pbg.AdminServiceServicer):
                 min_lease_ttl_ms=100,
                 max_lease_ttl_ms=24 * 3600 * 1000,
                 max_audit_mismatches=lim.max_audit_mismatches,
+                max_queue_bytes=lim.max_queue_bytes,
+                default_queue_bytes=lim.default_queue_bytes,
             ),
-            quotas=pb.TenantQuotas(
-                vms=q.vms, guest_pages=q.guest_pages, tracked_gfns=q.tracked_gfns,
-                watchers=q.watchers, workloads=q.workloads, write_rate=q.write_rate,
-            ),
+            quotas=pb.TenantQuotas(**dataclasses.asdict(q)),
             started_at_ns=self.engine.started_ns,
             default_vm_options=pb.VmOptions(
                 dma_policy=pb.DMA_POLICY_BYPASS,
