@@ -37,6 +37,9 @@ from pagetrackd.domain import (
     VmLimits,
 )
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
+from pagetrackd.domain.memory import PAGE_OBJECT_BYTES, PROMOTE_BYTES
+from pagetrackd.domain.snapshot import VmState
+from pagetrackd.domain.track import SlotTracking
 from pagetrackd.domain.types import PAGE_SIZE
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
@@ -53,6 +56,8 @@ WORKLOAD_FAST_CHUNK = 2048
 #: the most one written page piece can add to guest memory: a whole page, its objects
 #: and directory nodes (an exact bound is computed only near the quota)
 _PIECE_WORST_BYTES = PAGE_SIZE + 1024
+#: the most tracking references one restore adds (as many as one AddTracking may)
+MAX_RESTORE_REFERENCES = 1 << 22
 #: a workload at rate 0 steps for this long before yielding to the event loop (streams
 #: then send what it wrote in fewer, larger messages)
 WORKLOAD_SLICE_S = 0.010
@@ -259,9 +264,11 @@ class Engine:
         history_events: int | None = None,
         history_bytes: int | None = None,
         record: bool = False,
+        vm: Vm | None = None,
     ) -> VmEntry:
         """Create a VM for ``tenant`` with its event history; with ``record``, every
-        operation on it is recorded (see :mod:`pagetrackd.replay`)."""
+        operation on it is recorded (see :mod:`pagetrackd.replay`). Given ``vm`` (made
+        and loaded apart, with the options given here), that VM is registered."""
         self.check_serving()
         q = self.quotas(tenant)
         if self.registry.count_vms(tenant) >= q.vms:
@@ -283,7 +290,7 @@ class Engine:
                 quota="history_bytes", limit=q.history_bytes,
             )
         vm = self.registry.create_vm(
-            tenant, name, vcpus=vcpus, dma_policy=dma_policy, semantics=semantics,
+            tenant, name, vm=vm, vcpus=vcpus, dma_policy=dma_policy, semantics=semantics,
             cost=cost, limits=limits,
         )
         history = History(h_events, h_bytes)
@@ -293,7 +300,7 @@ class Engine:
             if self._record_dir is None:
                 self._record_dir = Path(tempfile.mkdtemp(prefix="pagetrack-recordings-"))
             entry.recording = self._record_dir / f"{time.time_ns()}-{tenant}-{name}.jsonl"
-            entry.recorder = Recorder(vm, entry.recording)
+            entry.recorder = Recorder(vm, entry.recording, max_bytes=q.recording_bytes)
         self.entries[(tenant, name)] = entry
         log.info("vm.created", tenant=tenant, vm=name, record=record)
         return entry
@@ -303,6 +310,13 @@ class Engine:
         if entry.recorder is None or entry.recording is None:
             raise FailedPrecondition(
                 f"VM {entry.name!r} is not recorded; create it with the record option"
+            )
+        if entry.recorder.overflowed:
+            q = self.quotas(entry.tenant).recording_bytes
+            raise QuotaExceeded(
+                f"VM {entry.name!r}'s recording passed the tenant's recording_bytes quota of"
+                f" {q} bytes and was stopped there; it cannot be replayed",
+                quota="recording_bytes", limit=q,
             )
         entry.recorder.flush()
         return entry.recording
@@ -419,6 +433,51 @@ class Engine:
                 f" tenant's tracking_bytes quota is {q}. A huge memslot needs a large"
                 " counter directory; nothing was tracked",
                 quota="tracking_bytes", limit=q,
+            )
+
+    def check_restore_size(
+        self, tenant: TenantId, state: VmState, replacing: VmEntry | None = None
+    ) -> None:
+        """Raise QuotaExceeded, before a saved VM is loaded, if loading it could take the
+        tenant past guest_memory_bytes or tracking_bytes (``replacing``'s share given
+        back), or if it holds more tracking references than one request may add: what a
+        small file declares is checked before anything is allocated for it."""
+        q = self.quotas(tenant)
+        memory = tracking = references = 0
+        for s in state.slots:
+            pages = int(s.mem_index.size)
+            if pages:
+                width = np.where(s.mem_len > PROMOTE_BYTES, PAGE_SIZE, s.mem_len + 2 * 8)
+                top = (int(s.mem_index.max()) >> 10) + 1
+                memory += int(width.sum()) + pages * (PAGE_OBJECT_BYTES + 24 + 256) + 6 * top
+            counters = SlotTracking(s.npages, s.base_gfn)
+            for owner, (owned, counts) in s.owners.items():
+                references += int(counts.sum())
+                tracking += counters.growth_bound(np.unique(owned), owner)
+        if references > MAX_RESTORE_REFERENCES:
+            raise QuotaExceeded(
+                f"the snapshot holds {references} tracking references; at most"
+                f" {MAX_RESTORE_REFERENCES} are restored at once",
+                quota="tracked_gfns", limit=MAX_RESTORE_REFERENCES,
+            )
+        mem_used = self.memory_used(tenant)
+        track_used = self.tracking_used(tenant)
+        if replacing is not None:
+            mem_used -= replacing.vm.memory_footprint
+            track_used -= replacing.vm.tracking_footprint
+        if mem_used + memory > q.guest_memory_bytes:
+            raise QuotaExceeded(
+                f"the snapshot's guest memory needs up to {memory} bytes; with the {mem_used}"
+                f" the tenant holds that passes its guest_memory_bytes quota of"
+                f" {q.guest_memory_bytes}",
+                quota="guest_memory_bytes", limit=q.guest_memory_bytes,
+            )
+        if track_used + tracking > q.tracking_bytes:
+            raise QuotaExceeded(
+                f"the snapshot's tracking needs up to {tracking} bytes of counters; with the"
+                f" {track_used} the tenant holds that passes its tracking_bytes quota of"
+                f" {q.tracking_bytes}",
+                quota="tracking_bytes", limit=q.tracking_bytes,
             )
 
     def check_tracked(self, tenant: TenantId, extra: int) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from pagetrackd.auth import hash_token
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.integration.support import Api, connect, new_name
 
+ROOT = Path(__file__).resolve().parents[2]
 ATTACKER = "attacker-token"
 VICTIM = "victim-token"
 MiB = 1 << 20
@@ -63,7 +67,8 @@ class Tenant:
     """One tenant's channel: stubs that send its bearer token."""
 
     def __init__(self, target: str, token: str) -> None:
-        self.api: Api = connect(target)
+        # Large answers (a query over many gfns) need more than grpc's 4 MiB default.
+        self.api: Api = connect(target, [("grpc.max_receive_message_length", 64 * MiB)])
         self.md = (("authorization", f"Bearer {token}"),)
 
     async def call(self, method: Any, request: Any) -> Any:
@@ -105,6 +110,9 @@ class Latencies:
     samples: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    def worst(self) -> float:
+        return max(self.samples, default=float("inf"))
+
     def p99(self) -> float:
         s = sorted(self.samples)
         return s[min(len(s) - 1, int(len(s) * 0.99))] if s else float("inf")
@@ -112,43 +120,26 @@ class Latencies:
 
 @contextlib.asynccontextmanager
 async def victim_meanwhile(target: str) -> AsyncIterator[Latencies]:
-    """The victim tenant keeps writing to and reading its own VM (one request at a time)
-    while the body runs; yields the latencies measured so far."""
-    victim = Tenant(target, VICTIM)
-    vm = await victim.new_vm(64)
-    await victim.call(
-        victim.api.track.AddTracking,
-        pb.TrackingChangeRequest(vm=vm, gfns=[1], mode=pb.TRACK_MODE_WRITE),
-    )
+    """The victim tenant keeps writing to and reading its own VM (one request at a time,
+    from its own process) while the body runs. The latencies are filled in when the
+    body is done, so a request held up by the body is counted."""
     out = Latencies()
-    stop = asyncio.Event()
-    answered = asyncio.Event()
-
-    async def loop() -> None:
-        i = 0
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                if i % 2:
-                    await victim.call(
-                        victim.api.mem.WriteGuest,
-                        pb.WriteGuestRequest(vm=vm, gpa=4096 + 8 * (i % 512), data=b"v" * 8),
-                    )
-                else:
-                    await victim.call(victim.api.vm.GetVm, pb.GetVmRequest(vm=vm))
-            except grpc.aio.AioRpcError as exc:
-                out.errors.append(f"{exc.code().name}: {exc.details()}")
-            out.samples.append(time.perf_counter() - t0)
-            answered.set()
-            i += 1
-            await asyncio.sleep(0.002)
-
-    task = asyncio.create_task(loop())
-    try:
-        # At least one answer before the attack, so a stall shows in the samples.
-        await asyncio.wait_for(answered.wait(), 30)
-        yield out
-    finally:
-        stop.set()
-        await task
-        await victim.close()
+    with tempfile.TemporaryDirectory(prefix="victim-") as folder:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.robustness.starve_victim", target, VICTIM, folder,
+            stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            ready = Path(folder) / "ready"
+            while not ready.exists():
+                assert proc.returncode is None, "the victim ended before its first answer"
+                assert time.monotonic() < deadline, "the victim got no answer in 30 s"
+                await asyncio.sleep(0.01)  # polling a file another process writes
+            yield out
+        finally:
+            (Path(folder) / "stop").write_text("")
+            stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+        doc = json.loads(stdout)
+        out.samples = doc["samples"]
+        out.errors = doc["errors"]

@@ -38,14 +38,20 @@ class Registry:
     def __init__(self) -> None:
         self._vms: dict[TenantId, dict[str, Vm]] = {}
 
-    def create_vm(self, tenant: TenantId, name: str, **options: Any) -> Vm:
-        """Create a VM named ``name`` for ``tenant``; options go to :class:`Vm`."""
+    def create_vm(
+        self, tenant: TenantId, name: str, *, vm: Vm | None = None, **options: Any
+    ) -> Vm:
+        """Create a VM named ``name`` for ``tenant``; options go to :class:`Vm`. Given
+        ``vm`` (made apart, named ``name``), that VM is registered instead."""
         check_vm_name(name)
-        vms = self._vms.setdefault(tenant, {})
+        vms = self._vms.get(tenant, {})
         if name in vms:
             raise AlreadyExists(f"VM {name!r} already exists")
-        vm = Vm(name, **options)
-        vms[name] = vm
+        if vm is None:
+            vm = Vm(name, **options)
+        elif vm.name != name:
+            raise InvalidArgument(f"VM {vm.name!r} cannot be registered as {name!r}")
+        self._vms.setdefault(tenant, {})[name] = vm
         return vm
 
     def get_vm(self, tenant: TenantId, name: str) -> Vm:

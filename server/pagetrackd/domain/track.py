@@ -34,13 +34,18 @@ class ChunkedCounters:
     points at, so reads need no masking.
     """
 
-    __slots__ = ("npages", "_dir", "_rows", "_nrows", "nonzero", "_dir_mv", "_rows_mv")
+    __slots__ = (
+        "npages", "_dir", "_rows", "_nrows", "nonzero", "_dir_mv", "_rows_mv", "_chunk_of_row",
+    )
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
         self._dir: npt.NDArray[np.unsignedinteger] | None = None
         self._rows = np.zeros((1, CHUNK), dtype=np.uint16)
         self._nrows = 1
+        #: the chunk each row holds, so the pages in use are found without scanning the
+        #: directory (which is as long as the slot is large)
+        self._chunk_of_row = np.zeros(1, dtype=np.int64)
         self.nonzero = 0  #: number of pages whose counter is > 0
         # Flat memoryviews of _dir and _rows for get1: indexing them yields Python ints
         # several times faster than numpy scalar indexing. Rebuilt whenever either array
@@ -63,7 +68,7 @@ class ChunkedCounters:
     def footprint(self) -> int:
         """Bytes really held: the directory as allocated and the chunks in use."""
         d = 0 if self._dir is None else self._dir.nbytes
-        return d + self._nrows * CHUNK * 2
+        return d + self._nrows * (CHUNK * 2 + 8)
 
     def growth_bound(self, index: I64) -> int:
         """At most how many bytes :attr:`footprint` grows by when pages ``index`` are set."""
@@ -75,7 +80,7 @@ class ChunkedCounters:
             missing, grow = int(np.count_nonzero(self._dir[chunks] == 0)), 0
         if self._nrows + missing - 1 > 0xFFFF and (self._dir is None or self._dir.itemsize < 4):
             grow += 4 * nchunks  # the directory widens to 32 bits
-        return grow + missing * CHUNK * 2
+        return grow + missing * (CHUNK * 2 + 8)
 
     def get1(self, index: int) -> int:
         """The counter of one page."""
@@ -112,7 +117,11 @@ class ChunkedCounters:
             grown = np.zeros((cap, CHUNK), dtype=np.uint16)
             grown[: self._nrows] = self._rows[: self._nrows]
             self._rows = grown
+            chunk_of_row = np.zeros(cap, dtype=np.int64)
+            chunk_of_row[: self._nrows] = self._chunk_of_row[: self._nrows]
+            self._chunk_of_row = chunk_of_row
         self._dir[missing] = np.arange(self._nrows, need, dtype=self._dir.dtype)
+        self._chunk_of_row[self._nrows : need] = missing
         self._nrows = need
         self._views()
 
@@ -143,10 +152,9 @@ class ChunkedCounters:
         """Pages whose counter is > 0, ascending."""
         if self._dir is None or self.nonzero == 0:
             return np.zeros(0, dtype=np.int64)
-        chunks = np.flatnonzero(self._dir)
-        rows = self._rows[self._dir[chunks]]
-        r, c = np.nonzero(rows)
-        out = (chunks[r].astype(np.int64) << CHUNK_SHIFT) + c
+        chunks = self._chunk_of_row[1 : self._nrows]
+        r, c = np.nonzero(self._rows[1 : self._nrows])
+        out = (chunks[r] << CHUNK_SHIFT) + c
         return np.sort(out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -23,8 +24,10 @@ from pagetrackd.domain import (
     CostModel,
     InvalidArgument,
     PageTrackError,
+    QuotaExceeded,
     SlotFlags,
     TenantId,
+    Unavailable,
     Vm,
     VmLimits,
     WritePath,
@@ -34,7 +37,15 @@ from pagetrackd.domain.vm import gfns_from
 from pagetrackd.engine import Engine, VmEntry, WorkloadRun
 from pagetrackd.leases import Lease, LeaseKind
 from pagetrackd.plugins import Plugin
-from pagetrackd.state import FORMAT_VERSION, read_snapshot, restore_snapshot, snapshot_entry
+from pagetrackd.state import (
+    FORMAT_VERSION,
+    SnapshotError,
+    prepare_vm,
+    read_snapshot,
+    restore_snapshot,
+    snapshot_entry,
+    snapshot_length,
+)
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.status import streaming, unary
@@ -479,34 +490,73 @@ class TrackingService(pbg.TrackingServiceServicer):
     async def QueryTracking(
         self, request: pb.QueryTrackingRequest, context: Ctx
     ) -> pb.QueryTrackingResponse:
-        entry = self.engine.vm(_tenant(), request.vm)
+        tenant = _tenant()
+        entry = self.engine.vm(tenant, request.vm)
         vm = entry.vm
         cv.enum_value({pb.TRACK_MODE_WRITE: 1}, request.mode, "mode")
+        only_tracked = request.only_tracked
         if not request.ranges and not request.gfns:
-            if not request.only_tracked:
+            if not only_tracked:
                 raise InvalidArgument("name gfns or ranges, or set only_tracked to list all")
             gfns = vm.tracked_gfns()
+            only_tracked = False  # tracked_gfns() lists only tracked ones
         else:
             total = sum(r.count for r in request.ranges) + len(request.gfns)
-            if total > 1 << 20:
-                raise InvalidArgument(f"{total} gfns in one query; at most {1 << 20}")
+            if total > QUERY_MAX_GFNS:
+                raise InvalidArgument(
+                    f"{total} gfns in one query; at most {QUERY_MAX_GFNS} (query a range at"
+                    " a time)"
+                )
             _check_gfn_space(vm, request)
             gfns = gfns_from(
                 cv.gfn_ranges(request.ranges), np.array(request.gfns, dtype=np.uint64)
             )
-            if request.only_tracked:
-                gfns = np.array([g for g in gfns.tolist() if vm.is_tracked(g)], dtype=np.int64)
-        if len(gfns) > 1 << 20:
-            raise InvalidArgument(f"{len(gfns)} gfns to report; query at most {1 << 20} at once")
-        out = []
-        for info in vm.track_query(gfns.tolist()):
-            slot = vm.slots.find(info.gfn)
-            out.append(
-                cv.track_state_pb(
-                    info, None if slot is None else slot.info.slot_id, request.include_owners
-                )
+        if len(gfns) > QUERY_MAX_GFNS:
+            raise InvalidArgument(
+                f"{len(gfns)} gfns to report; at most {QUERY_MAX_GFNS} at once: query the"
+                " tracked gfns a range at a time"
             )
-        return pb.QueryTrackingResponse(gfns=out)
+        wanted = gfns.tolist()
+        # Answered QUERY_CHUNK gfns per turn of the event loop, so a large query does not
+        # stall other calls; if tracking or memslots change in between, it starts over,
+        # so the answer is one consistent view.
+        for _ in range(QUERY_ATTEMPTS):
+            gen = vm.generation
+            reply = pb.QueryTrackingResponse()
+            out = reply.gfns  # appended to part by part (one large copy would stall)
+            for k in range(0, len(wanted), QUERY_CHUNK):
+                if k:
+                    await asyncio.sleep(0)
+                    if vm.closed or vm.generation != gen:
+                        break
+                part = wanted[k : k + QUERY_CHUNK]
+                if only_tracked:
+                    part = [g for g in part if vm.is_tracked(g)]
+                for info in vm.track_query(part):
+                    slot = vm.slots.find(info.gfn)
+                    out.append(
+                        cv.track_state_pb(
+                            info, None if slot is None else slot.info.slot_id,
+                            request.include_owners,
+                        )
+                    )
+            else:
+                return reply
+            entry = self.engine.vm(tenant, request.vm)  # NotFound once deleted
+            vm = entry.vm
+        raise Unavailable(
+            f"tracking of VM {request.vm!r} kept changing while {len(wanted)} gfns were"
+            " queried; retry, or query fewer gfns at once"
+        )
+
+
+#: the most gfns one QueryTracking reports: the answer (~35 bytes a gfn with owners) is
+#: encoded on the event loop in some 40 ms, and stays well within grpc's default 4 MiB
+QUERY_MAX_GFNS = 1 << 14
+#: gfns QueryTracking answers per turn of the event loop (a few ms of work)
+QUERY_CHUNK = 512
+#: times a large query starts over when tracking changes under it
+QUERY_ATTEMPTS = 3
 
 
 def _lease_pb(engine: Engine, lease: Lease) -> pb.Lease:
@@ -932,10 +982,6 @@ def _process_info(engine: Engine) -> pb.ProcessInfo:
     )
 
 
-#: the largest snapshot RestoreVm takes, bytes
-MAX_RESTORE_BYTES = 1 << 34
-
-
 class AdminService(pbg.AdminServiceServicer):
     """Server information and statistics."""
 
@@ -1030,20 +1076,45 @@ class AdminService(pbg.AdminServiceServicer):
         self, request_iterator: AsyncIterator[pb.RestoreVmRequest], context: Ctx
     ) -> pb.RestoreVmResponse:
         tenant = _tenant()
+        limit = self.engine.quotas(tenant).upload_bytes
         name, replace, first = "", False, True
-        parts: list[bytes] = []
-        total = 0
+        data = bytearray()
+        declared: int | None = None
         async for req in request_iterator:
             if first:
                 name, replace, first = req.vm, req.replace, False
-            total += len(req.data)
-            if total > MAX_RESTORE_BYTES:
-                raise InvalidArgument(f"snapshot is larger than {MAX_RESTORE_BYTES} bytes")
-            parts.append(req.data)
+            data += req.data
+            if declared is None:
+                # The header is checked on the first bytes: a stream that is not a
+                # snapshot, or declares more than the quota, is refused at once.
+                declared = snapshot_length(bytes(data[:1 << 20]))
+                if declared is not None and declared > limit:
+                    raise QuotaExceeded(
+                        f"the snapshot declares {declared} bytes; the tenant's upload_bytes"
+                        f" quota is {limit}",
+                        quota="upload_bytes", limit=limit,
+                    )
+            if len(data) > (declared or limit):
+                raise SnapshotError(
+                    f"snapshot upload passed the {declared or limit} bytes its header declares"
+                    if declared is not None and declared <= limit
+                    else f"snapshot upload passed the tenant's upload_bytes quota of {limit}"
+                )
         if first:
             raise InvalidArgument("RestoreVm needs at least one message with snapshot data")
-        snap = read_snapshot(b"".join(parts))
-        entry = restore_snapshot(self.engine, tenant, snap, name=name, replace=replace)
+        # Decoding and loading run in worker threads (they touch nothing shared): the
+        # event loop keeps serving other calls meanwhile.
+        snap = await asyncio.to_thread(read_snapshot, bytes(data))
+        del data
+        name = name or snap.state.name
+        existing = None
+        with contextlib.suppress(PageTrackError):
+            existing = self.engine.vm(tenant, name)
+        self.engine.check_restore_size(tenant, snap.state, existing)
+        prepared = await asyncio.to_thread(prepare_vm, snap, name)
+        entry = restore_snapshot(
+            self.engine, tenant, snap, name=name, replace=replace, prepared=prepared
+        )
         return pb.RestoreVmResponse(vm=_vm_pb(self.engine, entry))
 
     @streaming
@@ -1062,6 +1133,7 @@ class AdminService(pbg.AdminServiceServicer):
         self, request_iterator: AsyncIterator[pb.ReplayVmRequest], context: Ctx
     ) -> pb.ReplayVmResponse:
         tenant = _tenant()
+        limit = self.engine.quotas(tenant).upload_bytes
         name, total = "", 0
         with tempfile.TemporaryDirectory(prefix="pagetrack-replay-") as tmp:
             path = Path(tmp) / "recording.jsonl"
@@ -1070,9 +1142,11 @@ class AdminService(pbg.AdminServiceServicer):
                     if not name:
                         name = req.vm
                     total += len(req.data)
-                    if total > MAX_REPLAY_BYTES:
-                        raise InvalidArgument(
-                            f"recording is larger than {MAX_REPLAY_BYTES} bytes"
+                    if total > limit:
+                        raise QuotaExceeded(
+                            f"recording upload passed the tenant's upload_bytes quota of"
+                            f" {limit}",
+                            quota="upload_bytes", limit=limit,
                         )
                     out.write(req.data)
             if not name:
@@ -1081,10 +1155,6 @@ class AdminService(pbg.AdminServiceServicer):
                 raise InvalidArgument("ReplayVm got no recording data")
             entry, records = self.engine.replay_vm(tenant, name, path)
         return pb.ReplayVmResponse(vm=_vm_pb(self.engine, entry), records=records)
-
-
-#: the largest recording ReplayVm takes, bytes
-MAX_REPLAY_BYTES = 1 << 30
 
 
 def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[tuple[bytes, bool]]:
