@@ -21,13 +21,13 @@ import numpy as np
 import structlog
 
 from pagetrackd.domain import (
-    AlreadyExists,
     CostModel,
     DmaPolicy,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PageTrackError,
+    PluginAlreadyAttached,
+    PluginNotFound,
     QuotaExceeded,
     Registry,
     Semantics,
@@ -35,6 +35,7 @@ from pagetrackd.domain import (
     Unavailable,
     Vm,
     VmLimits,
+    WorkloadNotFound,
 )
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.domain.memory import PAGE_OBJECT_BYTES, PROMOTE_BYTES
@@ -190,6 +191,13 @@ class Engine:
         self._record_dir: Path | None = None  #: made on the first recorded VM
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
+        #: tenant -> [memslot pages, tracked gfns] over its VMs, as of each VM's last
+        #: accounting; VMs changed since wait in _changed (quota checks then cost the
+        #: VMs that changed, not every VM)
+        self._usage: dict[TenantId, list[int]] = {}
+        self._counted: dict[Vm, tuple[int, int]] = {}
+        self._changed: set[Vm] = set()
+        self._vm_tenant: dict[Vm, TenantId] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,7 +234,7 @@ class Engine:
             raise QuotaExceeded(
                 f"{writes} writes exceed the tenant's write_rate quota of {rate} writes/s"
                 f" ({int(tokens)} available now); slow down or ask for a higher quota",
-                quota="write_rate", limit=rate,
+                quota="write_rate", limit=rate, retry_after_s=(writes - tokens) / rate,
             )
         self._buckets[tenant] = (tokens - writes, now)
 
@@ -295,6 +303,8 @@ class Engine:
         )
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
+        self._vm_tenant[vm] = tenant
+        vm.on_change = self._changed.add
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
         if record:
             if self._record_dir is None:
@@ -334,7 +344,9 @@ class Engine:
                 "limits": VmLimits(**h["limits"]),
             }
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidArgument(f"not a usable recording header: {exc}") from None
+            raise InvalidArgument(
+                f"not a usable recording header: {exc}", field="data"
+            ) from None
         entry = self.create_vm(tenant, name, **options)
         try:
             result = replay(path, vm=entry.vm)
@@ -343,7 +355,7 @@ class Engine:
             raise
         except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or arguments
             self.delete_vm(tenant, name)
-            raise InvalidArgument(f"recording is malformed: {exc}") from None
+            raise InvalidArgument(f"recording is malformed: {exc}", field="data") from None
         self._adopt_plugins(entry)
         return entry, result.records
 
@@ -373,18 +385,43 @@ class Engine:
             if entry.recording is not None:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
+        self._account()
+        pages, tracked = self._counted.pop(entry.vm, (0, 0))
+        usage = self._usage.setdefault(tenant, [0, 0])
+        usage[0] -= pages
+        usage[1] -= tracked
         self.registry.delete_vm(tenant, name)
+        self._changed.discard(entry.vm)
+        self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]
         entry.room.set()
         log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
         return last
 
+    def _account(self) -> None:
+        """Bring the per-tenant totals up to date with the VMs that changed."""
+        while self._changed:
+            vm = self._changed.pop()
+            tenant = self._vm_tenant.get(vm)
+            if tenant is None or vm.closed:
+                continue
+            now = (sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count)
+            was = self._counted.get(vm, (0, 0))
+            self._counted[vm] = now
+            usage = self._usage.setdefault(tenant, [0, 0])
+            usage[0] += now[0] - was[0]
+            usage[1] += now[1] - was[1]
+
+    def usage(self, tenant: TenantId) -> tuple[int, int]:
+        """(memslot pages, tracked gfns) summed over the tenant's VMs."""
+        self._account()
+        pages, tracked = self._usage.get(tenant, (0, 0))
+        return pages, tracked
+
     def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""
         q = self.quotas(tenant).guest_pages
-        used = sum(
-            s.npages for e in self.list_vms(tenant) for s in e.vm.memslots()
-        )
+        used = self.usage(tenant)[0]
         if used + extra > q:
             raise QuotaExceeded(
                 f"memslots would hold {used + extra} guest pages; the tenant's quota is {q}",
@@ -392,15 +429,15 @@ class Engine:
             )
 
     def _tenant_entries(self, tenant: TenantId) -> list[VmEntry]:
-        return [e for (t, _), e in self.entries.items() if t == tenant]
+        return [self.entries[(tenant, vm.name)] for vm in self.registry.vms_of(tenant)]
 
     def memory_used(self, tenant: TenantId) -> int:
         """Bytes the tenant's guest memory really holds, over its VMs."""
-        return sum(e.vm.memory_footprint for e in self._tenant_entries(tenant))
+        return sum(vm.memory_footprint for vm in self.registry.vms_of(tenant))
 
     def tracking_used(self, tenant: TenantId) -> int:
         """Bytes the tenant's track counters really hold, over its VMs."""
-        return sum(e.vm.tracking_footprint for e in self._tenant_entries(tenant))
+        return sum(vm.tracking_footprint for vm in self.registry.vms_of(tenant))
 
     def check_memory(self, entry: VmEntry, gpa: Any, length: Any) -> None:
         """Raise QuotaExceeded, before anything is written, if guest writes of
@@ -483,7 +520,7 @@ class Engine:
     def check_tracked(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more tracked gfns pass the tenant's quota."""
         q = self.quotas(tenant).tracked_gfns
-        used = sum(e.vm.tracked_count for e in self.list_vms(tenant))
+        used = self.usage(tenant)[1]
         if used + extra > q:
             raise QuotaExceeded(
                 f"{used + extra} gfns would be tracked; the tenant's quota is {q}",
@@ -603,7 +640,9 @@ class Engine:
                 f"unknown plugin {kind!r}; available: {', '.join(sorted(PLUGINS)) or 'none'}"
             )
         if kind in entry.plugins:
-            raise AlreadyExists(f"plugin {kind!r} is already attached to VM {entry.name!r}")
+            raise PluginAlreadyAttached(
+                f"plugin {kind!r} is already attached to VM {entry.name!r}"
+            )
         plugin = factory()
         plugin.attach(entry.vm, **options)
         entry.plugins[kind] = plugin
@@ -629,7 +668,9 @@ class Engine:
         """An attached plugin."""
         plugin = entry.plugins.get(kind)
         if plugin is None:
-            raise NotFound(f"plugin {kind!r} is not attached to VM {entry.name!r}")
+            raise PluginNotFound(
+                f"plugin {kind!r} is not attached to VM {entry.name!r}", name=kind
+            )
         return plugin
 
     def detach_plugin(self, entry: VmEntry, kind: str) -> int:
@@ -765,7 +806,7 @@ class Engine:
         """One of the tenant's workloads."""
         run = self.workloads.get(run_id)
         if run is None or run.tenant != tenant:
-            raise NotFound(f"workload {run_id!r} not found")
+            raise WorkloadNotFound(f"workload {run_id!r} not found", name=run_id)
         return run
 
     async def stop_workload(self, tenant: TenantId, run_id: str) -> WorkloadRun:

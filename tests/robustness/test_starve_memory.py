@@ -43,11 +43,11 @@ async def test_scattered_guest_writes_stop_at_guest_memory_bytes(tmp_path: Path)
         vm = await att.new_vm(1 << 30)
         rss0 = d.rss_bytes()
         rng = np.random.default_rng(17)
-        batch = 16384
+        batch = 4096
         message = ""
         async with victim_meanwhile(d.tcp) as lat:
-            # 64 batches would hold ~1M pages (>= 330 MB): far past the quota.
-            for _ in range(64):
+            # 256 batches would hold ~1M pages (>= 330 MB): far past the quota.
+            for _ in range(256):
                 gpa = (rng.integers(0, 1 << 30, batch) << 12) | (rng.integers(0, 512, batch) << 3)
                 request = pb.WriteGuestBatchRequest(
                     vm=vm, gpa=gpa.tolist(), vcpu=[0], length=[8] * batch, data=b"\x5a" * 8 * batch
