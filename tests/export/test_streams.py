@@ -75,6 +75,30 @@ async def test_gap_when_the_exporter_was_away_longer_than_the_ring(
     assert (decoded.first_seq, decoded.last_seq) == (first, last)
 
 
+async def test_batches_of_large_writes_fit_the_nats_message_limit(
+    client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    """600 page-sized writes are 2.4 MB of data, more than one 1 MB NATS message: the
+    exporter asks the daemon for batches that fit."""
+    vm = await tracked_vm(client, "exp-big")
+    gpas = [(0x100 + i % 64) << 12 for i in range(600)]
+    result = await client.write_batch(vm, gpas, bytes(4096 * 600))
+    head = int(result.last_seq or 0)
+    assert head == 600
+    config = ExportConfig(target=daemon.tcp, nats_servers=(nats_server.url,))
+    async with running(config) as exporter:
+        await exported(exporter, vm, head)
+        [pump] = exporter.pumps.values()
+        assert pump.attempts == 1  # no publish was refused
+    nc, js = await connect(nats_server.url)
+    try:
+        records = await read_vm(js, "default", vm)
+    finally:
+        await nc.close()
+    assert tiling(records).events == head and len(records) >= 3
+    assert all(len(r.data) <= 1 << 20 for r in records)
+
+
 async def test_region_records_are_exported_once_across_restarts(
     client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer
 ) -> None:

@@ -38,6 +38,32 @@ _POLICY = {
 }
 
 
+#: bytes a batch's event costs besides its data: protobuf columns (seq, gpa and timestamp
+#: fixed64, length, vcpu and flags varints), or a JSON line's keys and numbers
+_EVENT_BYTES = {"protobuf": 48, "jsonl": 200}
+_HEADROOM = 4096  #: headers and framing of one message
+_MAX_WRITE = 4096  #: the largest single write's data: every batch must take one
+
+
+def batch_limits(
+    max_message: int, fmt: str, events: int | None, data_bytes: int | None
+) -> tuple[int, int]:
+    """max_batch_events and max_batch_bytes for the Watch such that every batch, encoded,
+    fits one NATS message of ``max_message`` bytes (8192 events by default)."""
+    per_event = _EVENT_BYTES[fmt]
+    factor = 4 / 3 if fmt == "jsonl" else 1.0  # base64
+    room = max_message - _HEADROOM
+    most_events = int((room - _MAX_WRITE * factor) // per_event)
+    if most_events < 1:
+        raise errors.InvalidArgument(
+            f"NATS messages of {max_message} bytes cannot hold one {_MAX_WRITE}-byte write;"
+            " raise max_payload / max_msg_size"
+        )
+    n = max(1, min(events or 8192, most_events))
+    data = int((room - n * per_event) / factor)
+    return n, max(_MAX_WRITE, min(data_bytes or data, data))
+
+
 class Retry(Exception):
     """This attempt ended; start again from JetStream's position."""
 
@@ -116,10 +142,12 @@ class VmPump:
 
     def _request(self, start_seq: int) -> pb.WatchRequest:
         c = self.config
+        events, data = batch_limits(self.sink.max_message, c.format, c.max_batch_events,
+                                    c.max_batch_bytes)
         req = pb.WatchRequest(vm=self.vm, start_seq=start_seq, allow_compacted=True,
-                              policy=_POLICY[c.policy])
-        for key in ("queue_limit", "block_timeout_ms", "max_batch_events", "max_batch_bytes",
-                    "max_batch_delay_ms"):
+                              policy=_POLICY[c.policy], max_batch_events=events,
+                              max_batch_bytes=data)
+        for key in ("queue_limit", "block_timeout_ms", "max_batch_delay_ms"):
             value = getattr(c, key)
             if value is not None:
                 setattr(req, key, value)

@@ -31,6 +31,8 @@ class JetStreamSink:
         self.closed = asyncio.Event()
         self.nc: Nats | None = None
         self._js: JetStreamContext | None = None
+        #: largest message NATS and the stream take, bytes (known once connected)
+        self.max_message = 1 << 20
 
     @property
     def js(self) -> JetStreamContext:
@@ -62,6 +64,7 @@ class JetStreamSink:
         )
         self._js = self.nc.jetstream(timeout=c.ack_timeout_s,
                                      publish_async_max_pending=1 << 20)
+        self.max_message = self.nc.max_payload
 
     async def close(self) -> None:
         """Close the connection (pending acks are abandoned)."""
@@ -85,7 +88,11 @@ class JetStreamSink:
                 raise LookupError(
                     f"JetStream has no stream {s.name!r}; create it, or give --create-stream"
                 )
+            if (info.config.max_msg_size or -1) > 0:
+                self.max_message = min(self.max_message, info.config.max_msg_size or 0)
             return
+        if s.max_msg_size > 0:
+            self.max_message = min(self.max_message, s.max_msg_size)
         cfg = api.StreamConfig(
             name=s.name,
             subjects=[f"{self.config.subject_prefix}.>"],
