@@ -4,14 +4,19 @@ records once, several consumers, new VMs, JSON lines, and tenants kept apart."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagetrack.client import AsyncClient
-from pagetrack.export import ExportConfig, Exporter
+from pagetrack.export import ExportConfig, Exporter, Position
+from pagetrack.export.sink import JetStreamSink, PublishRefused
+from pagetrack.export.subjects import Encoder
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrackd.auth import hash_token
 from tests.daemon_process import DaemonProcess, start_daemon
@@ -245,3 +250,89 @@ async def test_a_tenants_exporter_sees_only_its_own_vms(
         assert bob.stop() == 0
         assert daemon.stop() == 0
     assert "alice" not in bob.log.read_text()
+
+
+async def test_metrics_show_progress_and_published_counts(
+    client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    vm = await tracked_vm(client, "exp-metrics")
+    config = ExportConfig(target=daemon.tcp, nats_servers=(nats_server.url,),
+                          max_batch_events=100)
+    async with running(config) as exporter:
+        port = exporter.metrics.serve("127.0.0.1", 0)
+        head = await write_events(client, vm, 450)
+        await exported(exporter, vm, head)
+
+        def scrape() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            return {
+                s.name + str(sorted(s.labels.items())): s.value
+                for f in text_string_to_metric_families(text.decode()) for s in f.samples
+            }
+
+        samples = await asyncio.to_thread(scrape)
+    labels = str(sorted({"tenant": "default", "vm": vm}.items()))
+    assert samples["pagetrack_export_events_total" + labels] == head
+    assert samples["pagetrack_export_exported_seq" + labels] == head
+    kinds = sorted({"kind": "events", "tenant": "default", "vm": vm}.items())
+    assert samples["pagetrack_export_messages_total" + str(kinds)] >= 5
+    assert samples["pagetrack_export_vms[]"] == 1
+
+
+async def test_a_full_stream_holds_the_export_back_until_there_is_room(
+    client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    """JetStream refuses publishes into a full discard-new stream: the export stops and
+    retries from JetStream's position, and completes once the stream has room."""
+    nc, js = await connect(nats_server.url)
+    try:
+        await js.add_stream(StreamConfig(name=STREAM, subjects=["pagetrack.>"], max_msgs=3,
+                                         discard=DiscardPolicy.NEW))
+        vm = await tracked_vm(client, "exp-full")
+        config = ExportConfig(target=daemon.tcp, nats_servers=(nats_server.url,),
+                              max_batch_events=50, retry_max_s=0.3)
+        stop = asyncio.Event()
+        exporter = Exporter(config)  # the stream exists: no --create-stream
+        task = asyncio.create_task(exporter.run(stop))
+        try:
+            head = await write_events(client, vm, 500)
+
+            async def refused() -> bool:
+                pumps = list(exporter.pumps.values())
+                return bool(pumps) and pumps[0].attempts >= 3
+
+            await eventually(refused, "publishes refused by the full stream")
+            assert len(await read_vm(js, "default", vm)) == 3
+            await js.update_stream(StreamConfig(name=STREAM, subjects=["pagetrack.>"],
+                                                max_msgs=-1, discard=DiscardPolicy.NEW))
+            await exported(exporter, vm, head)
+        finally:
+            stop.set()
+            await task
+        t = tiling(await read_vm(js, "default", vm))
+        assert t.events == head and not t.gaps
+    finally:
+        await nc.close()
+
+
+async def test_a_repeated_publish_is_stored_once(nats_server: NatsServer) -> None:
+    """The same batch published twice (a retry after a lost ack) has the same Nats-Msg-Id:
+    JetStream stores it once and acks the repeat as a duplicate."""
+    sink = JetStreamSink(ExportConfig(nats_servers=(nats_server.url,)).with_overrides(
+        stream_create=True))
+    await sink.connect()
+    try:
+        await sink.ensure_stream()
+        batch = pb.EventBatch(seq=[1, 2], gpa=[0, 8], length=[8, 8], vcpu=[0, 0],
+                              flags=[0, 0], timestamp_ns=[5, 6], data=bytes(16))
+        headers, payload = Encoder("t", "vm.1", "protobuf").events(batch)
+        subject = "pagetrack.t.vm%2E1.events"
+        first = await (await sink.publish(subject, payload, dict(headers)))
+        again = await (await sink.publish(subject, payload, dict(headers)))
+        assert (first.duplicate, again.duplicate, again.seq) == (False, True, first.seq)
+        assert await sink.position("t", "vm.1") == Position(last_seq=2)
+        refused = await sink.publish("elsewhere.events", payload, dict(headers))
+        with pytest.raises(PublishRefused, match="no stream takes this subject"):
+            await refused
+    finally:
+        await sink.close()

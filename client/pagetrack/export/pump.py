@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -22,12 +22,9 @@ from pagetrack import errors
 from pagetrack.client import AsyncClient
 from pagetrack.export.config import ExportConfig
 from pagetrack.export.metrics import ExportMetrics
-from pagetrack.export.sink import JetStreamSink
+from pagetrack.export.sink import Ack, JetStreamSink
 from pagetrack.export.subjects import H_GAP_REASON, Encoder, Position, subject
 from pagetrack.v1 import pagetrack_pb2 as pb
-
-if TYPE_CHECKING:
-    from nats.js.api import PubAck
 
 log = logging.getLogger("pagetrack.export")
 
@@ -76,7 +73,7 @@ class Retry(Exception):
 class _Sent:
     """A publish awaiting its ack, and what it stores."""
 
-    ack: asyncio.Future[PubAck]
+    ack: asyncio.Future[Ack]
     kind: str
     last_seq: int  #: newest seq it covers (events, gaps), else 0
     events: int
@@ -287,12 +284,15 @@ class VmPump:
         if exc is not None:
             raise Retry("nats", f"JetStream refused a publish: {exc!r}")
         labels = self._labels
-        self.metrics.messages.labels(*labels, sent.kind).inc()
-        self.metrics.bytes.labels(*labels).inc(sent.size)
-        if sent.kind == "events":
-            self.metrics.events.labels(*labels).inc(sent.events)
-        elif sent.kind == "gaps":
-            self.metrics.gap_events.labels(*labels, sent.gap_reason).inc(sent.events)
+        if sent.ack.result().duplicate:  # stored before: counted then
+            self.metrics.duplicates.labels(*labels).inc()
+        else:
+            self.metrics.messages.labels(*labels, sent.kind).inc()
+            self.metrics.bytes.labels(*labels).inc(sent.size)
+            if sent.kind == "events":
+                self.metrics.events.labels(*labels).inc(sent.events)
+            elif sent.kind == "gaps":
+                self.metrics.gap_events.labels(*labels, sent.gap_reason).inc(sent.events)
         if sent.last_seq > self.exported_seq:
             self.exported_seq = sent.last_seq
             self.metrics.exported_seq.labels(*labels).set(sent.last_seq)
