@@ -144,7 +144,7 @@ def _jetstream_reader(url: str, subject: str, last_seq: int, ready: Any, out: An
         from pagetrack.v1 import pagetrack_pb2 as pb
 
         nc = await nats.connect(url)
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=30)
         # A pull consumer of the new messages, as a reader that keeps no position would be.
         sub = await js.pull_subscribe(subject, stream=STREAM, config=ConsumerConfig(
             deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE))
@@ -163,7 +163,11 @@ def _jetstream_reader(url: str, subject: str, last_seq: int, ready: Any, out: An
         out.put((time.time(), got))
         await nc.close()
 
-    uvloop.run(run())
+    try:
+        uvloop.run(run())
+    except Exception as exc:  # tell the bench at once rather than let it wait
+        out.put(exc)
+        raise
 
 
 def _one_run(reader: Any, reader_args: tuple[Any, ...], target: str, vm: str) -> float:
@@ -176,7 +180,10 @@ def _one_run(reader: Any, reader_args: tuple[Any, ...], target: str, vm: str) ->
     w = ctx.Process(target=_writer, args=(target, vm, EVENTS, wout))
     w.start()
     t_start = wout.get(timeout=60)
-    t_end, got = out.get(timeout=600)
+    result = out.get(timeout=600)
+    if isinstance(result, Exception):
+        raise RuntimeError(f"the reader failed: {result!r}")
+    t_end, got = result
     w.join(60)
     r.join(60)
     return float(got / (t_end - t_start))

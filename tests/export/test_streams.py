@@ -4,6 +4,8 @@ records once, several consumers, new VMs, JSON lines, and tenants kept apart."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -336,3 +338,15 @@ async def test_a_repeated_publish_is_stored_once(nats_server: NatsServer) -> Non
             await refused
     finally:
         await sink.close()
+
+
+def test_cli_says_when_the_stream_is_missing(
+    tmp_path: Path, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    exe = Path(sys.executable).parent / "pagetrack"
+    out = subprocess.run(
+        [str(exe), "--target", daemon.tcp, "export", "nats", "--nats", nats_server.url,
+         "--stream", "MISSING"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        "pagetrack: JetStream has no stream 'MISSING'; create it, or give --create-stream")

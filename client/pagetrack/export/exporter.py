@@ -42,7 +42,7 @@ class Exporter:
                     await sink.ensure_stream()
                     batch_limits(sink.max_message, c.format, c.max_batch_events,
                                  c.max_batch_bytes)
-                except (LookupError, PageTrackError):
+                except PageTrackError:
                     await sink.close()  # a configuration that cannot work: say so, stop
                     raise
                 except Exception as exc:  # NATS down or refusing: try again

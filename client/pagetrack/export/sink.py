@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pagetrack import errors
 from pagetrack.export.config import ExportConfig
 from pagetrack.export.subjects import KINDS, Position, position, subject
 
@@ -108,7 +109,7 @@ class JetStreamSink:
             info = None
         if not s.create:
             if info is None:
-                raise LookupError(
+                raise errors.FailedPrecondition(
                     f"JetStream has no stream {s.name!r}; create it, or give --create-stream"
                 )
             if (info.config.max_msg_size or -1) > 0:
