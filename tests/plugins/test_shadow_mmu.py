@@ -1,4 +1,4 @@
-"""The shadow MMU plugin against KVM's shadow paging (KVM_SEMANTICS.md §3, §4, §7).
+"""The shadow MMU plugin against KVM's shadow paging (rules R3, R4, R7 of docs/kvm-rules.md).
 
 Sources: torvalds/linux arch/x86/kvm/mmu/mmu.c (account_shadowed, kvm_mmu_track_write,
 mmu_pte_write_fetch_gpte, detect_write_misaligned, detect_write_flooding,
@@ -17,6 +17,7 @@ from pagetrackd.domain import (
     FailedPrecondition,
     InvalidArgument,
     Vm,
+    WriteEvent,
     WritePath,
 )
 from pagetrackd.domain.types import TENANT_OWNER
@@ -94,7 +95,7 @@ def test_registered_under_its_name_as_an_internal_user() -> None:
 
 def test_r7_1_fault_shadows_each_table_on_the_path_and_write_tracks_it() -> None:
     """A translation walks PML4, PDPT, PD and PT; each gets a shadow page holding one
-    track reference owned by plugin:shadow_mmu (mmu.c account_shadowed; leaf tables
+    track reference owned by plugin:shadow-mmu (mmu.c account_shadowed; leaf tables
     too, the documented difference from KVM's unsync leaves)."""
     vm, os, mm = make_guest()
     data = os.get_frame()
@@ -588,3 +589,95 @@ def test_audit_stays_clean_when_guest_tables_hold_random_garbage(seed: int) -> N
             checked += report.checked
     assert mmu.audit().clean
     assert checked > 100 and int(mmu.status()["faults"]) > 50
+
+
+@pytest.mark.parametrize("owner", [TENANT_OWNER, "lease:tool", "plugin:vgpu"])
+def test_r3_1_r3_3_another_users_add_write_protects_the_sptes_mapping_the_gfn(
+    owner: str,
+) -> None:
+    """R3.1/R3.3: when any user's add takes a gfn's counter 0 -> 1, KVM write-protects
+    every SPTE mapping it (arch/x86/kvm/mmu/page_track.c __kvm_write_track_add_gfn ->
+    mmu.c kvm_mmu_slot_gfn_write_protect), so the next guest write faults and takes the
+    tracked-write path (page_fault_handle_page_track), and the fault path installs no
+    writable SPTE while the counter is above 0 (mmu_try_to_unsync_pages: -EPERM)."""
+    vm, os, mm, mmu, data = shadowed()
+    before = mmu.translate(GVA, write=True)
+    assert before["writable"] and not before["emulated"]
+    vm.track_add([data], owner=owner)
+    assert mmu.audit().clean
+    out = mmu.translate(GVA, write=True)
+    assert out["faulted"] and out["emulated"] and not out["writable"]
+    assert mmu.status()["write_protected"] == 1
+    again = mmu.translate(GVA, write=True)  # still read-only: faults and emulates again
+    assert again["faulted"] and again["emulated"]
+    vm.track_remove([data], owner=owner)
+    after = mmu.translate(GVA, write=True)  # write access comes back lazily (R3.2)
+    assert after["writable"] and not after["emulated"]
+
+
+def test_r3_3_audit_checks_every_spte_against_the_current_counters() -> None:
+    """R3.3: no writable SPTE may map a gfn whose counter is above 0, whoever holds the
+    reference (arch/x86/kvm/mmu/mmu.c mmu_try_to_unsync_pages). The audit reads the
+    counters, not only the plugin's own tables: with the VM's add hook cut (the MMU
+    never hears of the tenant's add), the stale writable SPTE is reported."""
+    vm, os, mm, mmu, data = shadowed()
+    assert mmu.translate(GVA, write=True)["writable"]
+    vm.track_start_hooks.clear()
+    vm.track_add([data])
+    report = mmu.audit()
+    assert [m.address for m in report.mismatches] == [GVA]
+    assert "write-tracked gfn" in report.mismatches[0].reason
+
+
+@pytest.mark.parametrize("mmu_first", [True, False])
+def test_r4_8_shadow_mmu_runs_after_every_external_notifier(mmu_first: bool) -> None:
+    """R4.8: KVM calls kvm_mmu_track_write after walking the external notifier list
+    (arch/x86/kvm/mmu/page_track.h kvm_page_track_write, 6.6+; before, the MMU's node
+    was registered at VM creation and so ran last), whatever the attach order."""
+    calls: list[str] = []
+
+    class SpyMmu(ShadowMmu):
+        def track_write(self, vm: Vm, event: WriteEvent) -> None:
+            calls.append("mmu")
+            super().track_write(vm, event)
+
+    class External:
+        name = "kvmgt"
+        external = True
+
+        def track_write(self, vm: Vm, event: WriteEvent) -> None:
+            calls.append("external")
+
+        def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
+            pass
+
+    vm, os, mm = make_guest()
+    data = os.get_frame()
+    assert data is not None
+    mm.map(GVA, data)
+    mmu = SpyMmu()
+    if mmu_first:
+        mmu.attach(vm, root=mm.cr3)
+        vm.register_notifier(External())
+    else:
+        vm.register_notifier(External())
+        mmu.attach(vm, root=mm.cr3)
+    mmu.translate(GVA)
+    calls.clear()
+    vm.write(0, mm.entry_gpa(GVA, 1), make_leaf_entry(data).to_bytes(8, "little"))
+    assert calls == ["external", "mmu"]
+
+
+def test_owner_ids_are_the_tenant_name_and_shadow_mmu_as_the_api_says() -> None:
+    """OwnerCount.id is the tenant's name for tenant references and "shadow-mmu" for the
+    shadow MMU's (pagetrack.proto OwnerCount)."""
+    from pagetrack.v1 import pagetrack_pb2 as pb
+    from pagetrackd.transport.convert import owner_pb
+
+    vm, os, mm, mmu, data = shadowed()
+    vm.track_add([mm.cr3 >> PAGE_SHIFT])
+    owners = vm.track_query([mm.cr3 >> PAGE_SHIFT])[0].owners
+    got = sorted((o.kind, o.id, o.count) for o in (
+        owner_pb(k, c, "acme") for k, c in owners.items()
+    ))
+    assert got == [(pb.OWNER_KIND_TENANT, "acme", 1), (pb.OWNER_KIND_PLUGIN, "shadow-mmu", 1)]

@@ -217,6 +217,12 @@ class _EventFlagEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventFlag.V
     """Set under the COALESCE policy when earlier writes to this gfn were folded into this one."""
     EVENT_FLAG_DATA_OMITTED: _EventFlag.ValueType  # 4
     """Set when the stream asked for omit_data: this event's bytes are not in EventBatch.data."""
+    EVENT_FLAG_UNTRACKED: _EventFlag.ValueType  # 8
+    """Set when the written page was not write-tracked: a piece of an emulated guest write
+    that crossed from a tracked page (or an MMIO page) into an untracked one. KVM's
+    emulator notifies every piece it writes, tracked or not (arch/x86/kvm/x86.c
+    emulator_write_phys); a watcher filtering by gfn sees it only if it asked for that gfn.
+    """
     EVENT_FLAG_MODE_MASK: _EventFlag.ValueType  # 65280
     """Mask of the TrackMode bits: mode = (flags & 0xff00) >> 8."""
 
@@ -233,6 +239,12 @@ EVENT_FLAG_COALESCED: EventFlag.ValueType  # 2
 """Set under the COALESCE policy when earlier writes to this gfn were folded into this one."""
 EVENT_FLAG_DATA_OMITTED: EventFlag.ValueType  # 4
 """Set when the stream asked for omit_data: this event's bytes are not in EventBatch.data."""
+EVENT_FLAG_UNTRACKED: EventFlag.ValueType  # 8
+"""Set when the written page was not write-tracked: a piece of an emulated guest write
+that crossed from a tracked page (or an MMIO page) into an untracked one. KVM's
+emulator notifies every piece it writes, tracked or not (arch/x86/kvm/x86.c
+emulator_write_phys); a watcher filtering by gfn sees it only if it asked for that gfn.
+"""
 EVENT_FLAG_MODE_MASK: EventFlag.ValueType  # 65280
 """Mask of the TrackMode bits: mode = (flags & 0xff00) >> 8."""
 Global___EventFlag: _TypeAlias = EventFlag  # noqa: Y015
@@ -2471,7 +2483,7 @@ class EventBatch(_message.Message):
 
     @_builtins.property
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """EventFlag bits: source, coalesced, data omitted; mode in bits 8..15."""
+        """EventFlag bits: source, coalesced, data omitted, untracked; mode in bits 8..15."""
 
     @_builtins.property
     def timestamp_ns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

@@ -133,7 +133,9 @@ class ChunkedCounters:
 class SlotTracking:
     """Track counters, owner records and large-page disallow counts of one slot."""
 
-    __slots__ = ("counters", "attributed", "owners", "lpage_2m", "lpage_1g", "base_gfn")
+    __slots__ = (
+        "counters", "attributed", "owners", "lpage_2m", "lpage_1g", "base_gfn", "edges"
+    )
 
     def __init__(self, npages: int, base_gfn: int) -> None:
         self.base_gfn = base_gfn
@@ -148,6 +150,8 @@ class SlotTracking:
         #: allocated when the first gfn is tracked
         self.lpage_2m: npt.NDArray[np.uint16] | None = None
         self.lpage_1g: npt.NDArray[np.uint32] | None = None
+        #: region indexes (2M, 1G) the slot covers only in part: never huge-mapped
+        self.edges: tuple[frozenset[int], frozenset[int]] = _edges(base_gfn, npages)
 
     @property
     def nbytes(self) -> int:
@@ -223,14 +227,17 @@ class SlotTracking:
         return started, stopped
 
     def lpage_disallowed(self, gfn: int) -> tuple[bool, bool]:
-        """Whether tracked gfns disallow the 2 MiB and the 1 GiB mapping that hold
-        ``gfn`` (a gfn of this slot)."""
-        if self.lpage_2m is None or self.lpage_1g is None:
-            return False, False
+        """Whether the 2 MiB and the 1 GiB mapping that hold ``gfn`` (a gfn of this slot)
+        are disallowed: a tracked gfn in the region (R3.1), or the slot covers only part
+        of the region (R3.5), which holds from creation whatever is tracked."""
         base = self.base_gfn
+        i2, i1 = (gfn >> 9) - (base >> 9), (gfn >> 18) - (base >> 18)
+        edge_2m, edge_1g = self.edges
+        if self.lpage_2m is None or self.lpage_1g is None:
+            return i2 in edge_2m, i1 in edge_1g
         return (
-            bool(self.lpage_2m[(gfn >> 9) - (base >> 9)]),
-            bool(self.lpage_1g[(gfn >> 18) - (base >> 18)]),
+            bool(self.lpage_2m[i2]) or i2 in edge_2m,
+            bool(self.lpage_1g[i1]) or i1 in edge_1g,
         )
 
     def _count_lpages(self, index: I64, step: int) -> None:
@@ -260,6 +267,7 @@ class SlotTracking:
     def rebase(self, base_gfn: int) -> None:
         """The slot moved: recompute the region counts for its new base."""
         self.base_gfn = base_gfn
+        self.edges = _edges(base_gfn, self.counters.npages)
         self.lpage_2m = None
         self.lpage_1g = None
         self._count_lpages(self.counters.nonzero_indices(), +1)
@@ -275,3 +283,20 @@ class SlotTracking:
     def owner_pages(self, owner: str) -> Iterable[tuple[int, int]]:
         """(page index, references) pairs held by a non-tenant owner."""
         return list(self.owners.get(owner, {}).items())
+
+
+def _edges(base_gfn: int, npages: int) -> tuple[frozenset[int], frozenset[int]]:
+    """R3.5, arch/x86/kvm/x86.c kvm_alloc_memslot_metadata: at each huge level the first
+    region gets disallow_lpage = 1 when base_gfn is not aligned to it, the last when
+    base_gfn + npages is not. The indexes are relative to the slot's first region."""
+    out = []
+    for shift in (9, 18):
+        size = 1 << shift
+        last = ((base_gfn + npages - 1) >> shift) - (base_gfn >> shift)
+        edge = set()
+        if base_gfn & (size - 1):
+            edge.add(0)
+        if (base_gfn + npages) & (size - 1):
+            edge.add(last)
+        out.append(frozenset(edge))
+    return out[0], out[1]

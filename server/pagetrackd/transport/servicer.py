@@ -489,7 +489,8 @@ class TrackingService(pbg.TrackingServiceServicer):
             slot = vm.slots.find(info.gfn)
             out.append(
                 cv.track_state_pb(
-                    info, None if slot is None else slot.info.slot_id, request.include_owners
+                    info, None if slot is None else slot.info.slot_id, request.include_owners,
+                    str(entry.tenant),
                 )
             )
         return pb.QueryTrackingResponse(gfns=out)
