@@ -258,6 +258,8 @@ def render(found: dict[str, list[tuple[str, str]]]) -> str:
         "it. A test named `test_rX_Y_...` checks rule RX.Y; the text next to it is the first",
         "sentence of its docstring. Status: *faithful* (as the kernel does it; a note names",
         "what pagetrack adds), *deliberate difference* (and why), *not modelled* (and why).",
+        "`make mutate` (tools/mutate.py) breaks each modelled rule on purpose, one change at a",
+        "time, and requires these tests to fail on every breakage.",
         "",
         "| Rule | What | Kernel source | Status | Tests |",
         "|---|---|---|---|---|",

@@ -64,8 +64,8 @@ def m(rule: str, what: str, file: str, old: str, new: str, *tests: str) -> Mutan
 MUTANTS: list[Mutant] = [
     # -- R1: counters
     m("R1.1", "counters are 8-bit", TRACK,
-      "self._rows = np.zeros((1, CHUNK), dtype=np.uint16)",
-      "self._rows = np.zeros((1, CHUNK), dtype=np.uint8)"),
+      "grown = np.zeros((cap, CHUNK), dtype=np.uint16)",
+      "grown = np.zeros((cap, CHUNK), dtype=np.uint8)"),
     m("R1.1", "index from the slot base off by one", VM,
       "idx, counts = np.unique(gfns[pos == p] - slot.base_gfn, return_counts=True)",
       "idx, counts = np.unique(gfns[pos == p] - slot.base_gfn + 1, return_counts=True)"),

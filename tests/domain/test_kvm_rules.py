@@ -142,6 +142,9 @@ def test_r1_1_one_uint16_counter_per_gfn_indexed_from_slot_base() -> None:
     assert slot.tracking.counters.get(idx).dtype == np.uint16
     assert not slot.tracking.counters.get(idx).any()
     vm.track_add([0x1005, 0x1005, 0x101F])
+    assert slot.tracking.counters.get(idx).dtype == np.uint16
+    vm.track_add(np.full(300, 0x1006))
+    assert slot.tracking.counters.get1(6) == 300  # past 8 bits
     assert slot.tracking.counters.get1(5) == 2
     assert slot.tracking.counters.get1(0x1F) == 1
     assert vm.slots.by_id[0].tracking.counters.nonzero == 0
