@@ -835,9 +835,9 @@ def test_r6_3_move_2016_keeps_counters_and_notifies() -> None:
     # Large-page regions are recomputed for the new base: the tracking counts per
     # region (both regions are also slot edges now, R3.5, so track_query says True).
     regions = vm.slots.by_id[0].tracking
-    assert regions.lpage_2m is not None and regions.lpage_2m.tolist() == [1, 1]
+    assert regions.lpage_2m == {0: 1, 1: 1}
     vm.release_owner("lease:1")
-    assert regions.lpage_2m.tolist() == [1, 0]
+    assert regions.lpage_2m == {0: 1}
     assert [i.lpage_disallowed_2m for i in vm.track_query([0x1F0, 0x200])] == [True, True]
 
 
