@@ -70,8 +70,7 @@ MUTANTS: list[Mutant] = [
       "idx, counts = np.unique(gfns[pos == p] - slot.base_gfn, return_counts=True)",
       "idx, counts = np.unique(gfns[pos == p] - slot.base_gfn + 1, return_counts=True)"),
     m("R1.3", "overflow past 65535 let through", VM,
-      "over = np.flatnonzero(after > COUNTER_MAX)",
-      "over = np.flatnonzero(after > COUNTER_MAX + 1)"),
+      "            if top <= COUNTER_MAX:\n", "            if top <= COUNTER_MAX + 1:\n"),
     m("R1.4", "a refused overflow still bumps the lpage count (KVM's quirk)", VM,
       "            if tracking.counters.get1(i1) + 1 > COUNTER_MAX:\n",
       "            if tracking.counters.get1(i1) + 1 > COUNTER_MAX:\n"
@@ -110,9 +109,9 @@ MUTANTS: list[Mutant] = [
     m("R3.1", "write protection leaves W set", MMU,
       "                    sp.sptes[idx] &= ~PTE_RW\n", "                    pass\n", MMU_T),
     m("R3.1", "no lpage disallow on the first reference", TRACK,
-      "                self.lpage_2m[i2] += 1", "                self.lpage_2m[i2] += 0"),
+      "            step = 1 if started else -1\n", "            step = 0 if started else -1\n"),
     m("R3.2", "the last remove keeps huge pages disallowed", TRACK,
-      "                self.lpage_2m[i2] -= 1", "                self.lpage_2m[i2] -= 0"),
+      "            step = 1 if started else -1\n", "            step = 1 if started else 0\n"),
     m("R3.3", "the fault path installs writable SPTEs on tracked gfns", MMU,
       "if writable and level == 1 and self.vm.is_tracked(gfn):", "if False:", MMU_T),
     m("R3.3", "the audit ignores the counters", MMU,
@@ -121,8 +120,7 @@ MUTANTS: list[Mutant] = [
       "untracked = not slot.tracking.counters.get1(index)\n",
       "untracked = slot.tracking.counters.get1(index) < 2\n"),
     m("R3.4", "plugin references are not told apart from the tenant's", TRACK,
-      "            self.attributed.set1(index, self.attributed.get1(index) + delta)\n",
-      "            pass\n"),
+      "            self.attributed.add(one, delta)\n", "            pass\n"),
     m("R3.5", "no huge-page disallow at an unaligned slot start", TRACK,
       "        if base_gfn & (size - 1):\n            edge.add(0)",
       "        if False:\n            edge.add(0)"),
@@ -303,9 +301,9 @@ MUTANTS: list[Mutant] = [
       "        self._protect.difference_update(gone)",
       "        for g in gone:\n            self._protect_remove(g)", VGPU_T),
     # -- R9: pitfalls
-    Mutant("R9.6", "the tenant may drop references others hold", VM, (
-        ("                held1 = tracking.counters.get1(i1) - tracking.attributed.get1(i1)",
-         "                held1 = tracking.counters.get1(i1)"),
+    Mutant("R9.6", "the tenant may drop references others hold", TRACK, (
+        ("            return self.counters.get1(index) - self.attributed.get1(index)",
+         "            return self.counters.get1(index)"),
     )),
 ]
 
