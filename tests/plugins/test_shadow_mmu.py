@@ -202,6 +202,12 @@ def test_r7_2_four_byte_write_is_widened_to_the_gpte_in_long_mode() -> None:
     assert mmu.status()["misaligned"] == 0
     assert vm.is_tracked(pt)
     assert mmu.audit().clean
+    # The widened gpte is re-read: a 4-byte write to a present PD entry re-reads its
+    # 8 bytes (gentry != 0), which KVM counts as a pde_zapped (mmu.c kvm_mmu_track_write).
+    pd = mm.entry_gpa(GVA, 2)
+    before = int(mmu.status()["pde_zapped"])
+    vm.write(0, pd + 4, vm.read(pd + 4, 4))
+    assert mmu.status()["pde_zapped"] == before + 1
 
 
 def test_r7_2_four_byte_write_straddling_two_gptes_zaps_the_page() -> None:
@@ -681,3 +687,36 @@ def test_owner_ids_are_the_tenant_name_and_shadow_mmu_as_the_api_says() -> None:
         owner_pb(k, c, "acme") for k, c in owners.items()
     ))
     assert got == [(pb.OWNER_KIND_TENANT, "acme", 1), (pb.OWNER_KIND_PLUGIN, "shadow-mmu", 1)]
+
+
+def test_r3_1_a_multi_gfn_add_write_protects_every_gfn() -> None:
+    """R3.1: an add of many gfns at once (a range, a list) write-protects the SPTEs of
+    each gfn that becomes tracked, as one add per gfn would (arch/x86/kvm/mmu/mmu.c
+    kvm_mmu_slot_gfn_write_protect)."""
+    vm, os, mm, mmu, data = shadowed()
+    other = os.get_frame()
+    assert other is not None
+    mm.map(GVA + 0x1000, other)
+    for gva in (GVA, GVA + 0x1000):
+        assert mmu.translate(gva, write=True)["writable"]
+    vm.track_add([data, other], owner="lease:tool")
+    for gva in (GVA, GVA + 0x1000):
+        out = mmu.translate(gva, write=True)
+        assert out["faulted"] and out["emulated"] and not out["writable"]
+    assert mmu.audit().clean
+
+
+def test_r7_4_finding_a_shadow_page_by_lookup_resets_its_flood_count() -> None:
+    """R7.4: the flood count is reset when the shadow-page lookup finds the page
+    (arch/x86/kvm/mmu/mmu.c kvm_mmu_find_shadow_page -> clear_sp_write_flooding_count),
+    not only on a fault's walk: two writes to the PML4, another vCPU loading the same
+    root, then a third write does not flood it."""
+    vm, os, mm, mmu, data = shadowed()
+    root = mm.cr3 >> PAGE_SHIFT
+    for _ in range(2):
+        write_entry(vm, root, 300, 0)
+    assert [p["flood"] for p in mmu.shadow_pages() if p["gfn"] == root] == [2]
+    mmu.call("set_root", cr3=mm.cr3, vcpu=1)  # found by the lookup: a use
+    assert [p["flood"] for p in mmu.shadow_pages() if p["gfn"] == root] == [0]
+    write_entry(vm, root, 300, 0)
+    assert mmu.status()["flooded"] == 0 and vm.is_tracked(root)

@@ -118,6 +118,20 @@ def test_r8_2_every_shadowed_table_is_tracked_once_by_the_vgpu() -> None:
     assert vgpu.status()["shadowed_tables"] == 4
 
 
+def test_r8_2_protect_table_adds_once_per_gfn() -> None:
+    """R8.2: intel_gvt_page_track_add returns 0 without calling KVM when the gfn is
+    already in the protect table, so the vGPU holds at most one reference per gfn
+    (drivers/gpu/drm/i915/gvt/kvmgt.c); removing it twice drops it once."""
+    vm = make_vm()
+    vgpu = attach(vm)
+    vgpu._protect_add(PT)
+    vgpu._protect_add(PT)
+    assert owner_refs(vm, PT) == 1
+    vgpu._protect_remove(PT)
+    vgpu._protect_remove(PT)
+    assert owner_refs(vm, PT) == 0 and vgpu.status()["handler_errors"] == 0
+
+
 def test_r8_2_vgpu_reference_adds_to_the_tenants_counter() -> None:
     """R3.4: users share one counter; the vGPU's unshadowing leaves the tenant's ref."""
     vm = make_vm()
@@ -400,9 +414,21 @@ def test_r8_10_remove_region_forgets_gfns_without_untracking() -> None:
 
 
 def test_r8_10_after_delete_writes_to_the_range_are_not_handled() -> None:
+    """R8.10 (6.6+): kvmgt_page_track_remove_region deletes the range's gfns from the
+    protect table only and does not call kvm_write_track_remove_gfn for them
+    (drivers/gpu/drm/i915/gvt/kvmgt.c)."""
     vm = make_vm(semantics=Semantics.LINUX_6_6)
     vgpu = attach(vm)
+    removes: list[tuple[list[int], str]] = []
+    real_remove = vm.track_remove
+
+    def spy(gfns: list[int], owner: str = TENANT_OWNER) -> int:
+        removes.append((list(gfns), owner))
+        return real_remove(gfns, owner)
+
+    vm.track_remove = spy  # type: ignore[method-assign,assignment]
     vm.set_memslot(0, 0, 0)
+    assert removes == [] and vgpu.status()["handler_errors"] == 0
     assert vgpu.protect_table == frozenset()
     assert vgpu.status()["regions_removed"] == 1
     audit = vgpu.audit()
