@@ -330,6 +330,15 @@ class Engine:
         """VMs of one tenant (or all), sorted by tenant and name."""
         return [self.entries[(t, vm.name)] for t, vm in self.registry.list_vms(tenant)]
 
+    def list_vms_page(
+        self, tenant: TenantId | None, start: int, size: int
+    ) -> tuple[list[VmEntry], int]:
+        """``size`` VMs from position ``start`` of :meth:`list_vms`, and how many there
+        are in all (a page costs its own VMs, not every VM)."""
+        pairs = self.registry.list_vms(tenant)
+        page = [self.entries[(t, vm.name)] for t, vm in pairs[start : start + size]]
+        return page, len(pairs)
+
     def delete_vm(self, tenant: TenantId, name: str) -> int:
         """Delete a VM: workloads stop, notifiers hear regions go, streams close.
         Returns the VM's last seq."""
