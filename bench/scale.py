@@ -701,8 +701,10 @@ async def _watch_writer(target: str, vms: int, rate: int, seconds: float) -> Non
                 await asyncio.sleep(delay)
             if len(pending) > 64:  # behind: do not queue without bound
                 await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        await asyncio.gather(*pending)
-        print(json.dumps({"sent": sent, "rate": sent / (time.monotonic() - start)}), flush=True)
+        done = await asyncio.gather(*pending, return_exceptions=True)
+        failed = sum(isinstance(r, BaseException) for r in done)
+        print(json.dumps({"sent": sent, "rate": sent / (time.monotonic() - start),
+                          "failed_calls": failed}), flush=True)
 
 
 async def _setup_watch_vms(target: str, vms: int) -> None:
@@ -749,6 +751,7 @@ def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
         points.append((w, cpu_per_event, sr, wr))
         lb = label(w)
         emit(f"watchers_{lb}_writes_per_s", wr["rate"])
+        emit(f"watchers_{lb}_failed_write_calls", wr["failed_calls"])
         emit(f"watchers_{lb}_delivered_per_s", sr["events"] / measure_s)
         emit(f"watchers_{lb}_cpu_us_per_event", cpu_per_event * 1e6)
         emit(f"watchers_{lb}_p50_ms", sr["p50_ms"])
