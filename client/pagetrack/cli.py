@@ -562,16 +562,38 @@ def track_show(
 # --------------------------------------------------------------------------- memory access
 
 
-def _data_arg(data: str, hex_: bool, text: bool) -> bytes:
+def _data_arg(data: str, hex_: bool, text: bool, width: int = 0) -> bytes:
+    """DATA as bytes: an integer stored little-endian in ``width`` bytes, or else 0xHEX
+    (bytes in order), @FILE or text."""
     if hex_ and text:
         _usage("--hex and --text exclude each other")
+    if width:
+        if hex_ or text:
+            _usage("--hex and --text do not go with --u8/--u16/--u32/--u64")
+        return _parsed(cp.parse_uint_le, data, width)
     raw = _parsed(cp.parse_data, data, force_hex=hex_, force_text=text)
     if not raw:
         _usage("DATA is empty")
     return raw
 
 
-_DATA_HELP = "Bytes to write: 0xHEX, @FILE, or text (UTF-8)."
+def _width(u8: bool, u16: bool, u32: bool, u64: bool) -> int:
+    """Bytes of the integer store asked for (0: DATA is bytes)."""
+    chosen = [w for w, on in ((1, u8), (2, u16), (4, u32), (8, u64)) if on]
+    if len(chosen) > 1:
+        _usage("give at most one of --u8, --u16, --u32, --u64")
+    return chosen[0] if chosen else 0
+
+
+_DATA_HELP = (
+    "What to write. Bytes, in order: 0xHEX (0x1122 writes 0x11, then 0x22), @FILE, or text"
+    " (UTF-8). With --u8/--u16/--u32/--u64: an integer (0x.. or decimal) stored as x86"
+    " stores it, little-endian (--u32 0x11223344 writes 44 33 22 11)."
+)
+_U8 = typer.Option("--u8", help="DATA is an integer stored in 1 byte.")
+_U16 = typer.Option("--u16", help="DATA is an integer stored little-endian in 2 bytes.")
+_U32 = typer.Option("--u32", help="DATA is an integer stored little-endian in 4 bytes.")
+_U64 = typer.Option("--u64", help="DATA is an integer stored little-endian in 8 bytes.")
 
 
 @app.command("write")
@@ -584,10 +606,18 @@ def write_cmd(
     hex_: Annotated[bool, typer.Option("--hex", help="DATA is hex even without 0x.")] = False,
     text: Annotated[bool, typer.Option("--text", help="DATA is text even if it looks like hex.")]
     = False,
+    u8: Annotated[bool, _U8] = False,
+    u16: Annotated[bool, _U16] = False,
+    u32: Annotated[bool, _U32] = False,
+    u64: Annotated[bool, _U64] = False,
 ) -> None:
-    """Write guest memory from a vCPU (MMIO exit, fast path, or trapped and notified)."""
+    """Write guest memory from a vCPU (MMIO exit, fast path, or trapped and notified).
+
+    DATA is bytes in order unless --u8/--u16/--u32/--u64 make it an integer store:
+    'write vm1 0x1000 0x1122' writes 11 22; 'write vm1 0x1000 --u16 0x1122' writes 22 11.
+    """
     address = _parsed(cp.parse_size, gpa)
-    raw = _data_arg(data, hex_, text)
+    raw = _data_arg(data, hex_, text, _width(u8, u16, u32, u64))
     with _client(ctx) as c:
         res = c.write(vm, address, raw, vcpu=vcpu)
     if _emit_json(ctx, res):
@@ -643,10 +673,14 @@ def dma_cmd(
     hex_: Annotated[bool, typer.Option("--hex", help="DATA is hex even without 0x.")] = False,
     text: Annotated[bool, typer.Option("--text", help="DATA is text even if it looks like hex.")]
     = False,
+    u8: Annotated[bool, _U8] = False,
+    u16: Annotated[bool, _U16] = False,
+    u32: Annotated[bool, _U32] = False,
+    u64: Annotated[bool, _U64] = False,
 ) -> None:
-    """A device-model DMA write, handled by the VM's DMA policy."""
+    """A device-model DMA write, handled by the VM's DMA policy (DATA as for 'write')."""
     address = _parsed(cp.parse_size, gpa)
-    raw = _data_arg(data, hex_, text)
+    raw = _data_arg(data, hex_, text, _width(u8, u16, u32, u64))
     with _client(ctx) as c:
         res = c.dma_write(vm, address, raw)
     if _emit_json(ctx, res):
@@ -701,9 +735,10 @@ def dirty_log_cmd(
 
 
 def _event_json(e: Event) -> dict[str, Any]:
+    """An event's JSON line: numbers are numbers (``gpa_hex`` repeats gpa for people)."""
     return {
-        "type": "event", "seq": e.seq, "vm": e.vm, "vcpu": e.vcpu, "gpa": f"{e.gpa:#x}",
-        "gpa_int": e.gpa, "gfn": e.gfn, "length": e.length, "data": e.data.hex(),
+        "type": "event", "seq": e.seq, "vm": e.vm, "vcpu": e.vcpu, "gpa": e.gpa,
+        "gpa_hex": f"{e.gpa:#x}", "gfn": e.gfn, "length": e.length, "data": e.data.hex(),
         "source": e.source.value, "ts_ns": e.timestamp_ns,
         **({"coalesced": True} if e.coalesced else {}),
     }
@@ -763,10 +798,12 @@ def run_watch(
     progress: bool,
     stdout: TextIO,
     stderr: TextIO,
+    events_only: bool = False,
 ) -> int:
     """Print a stream's messages until it closes or ``count`` events were printed;
-    returns the events printed."""
-    from pagetrack.types import Closed, EventBatch, Progress
+    returns the events printed. With ``events_only``, stdout gets event lines only and a
+    gap (events lost) is said on stderr."""
+    from pagetrack.types import Closed, EventBatch, Gap, Progress
 
     printed = 0
     jsonl = fmt is WatchFormat.JSONL
@@ -783,7 +820,16 @@ def run_watch(
             if count is not None and printed >= count:
                 break
             continue
-        if isinstance(msg, Progress) and not (progress or jsonl):
+        if isinstance(msg, Progress) and (events_only or not (progress or jsonl)):
+            continue
+        if events_only:
+            if isinstance(msg, Gap):
+                line = _record_text(msg)
+                assert line is not None
+                stderr.write(f"pagetrack: {line[0].removeprefix('!! ')}\n")
+                stderr.flush()
+            if isinstance(msg, Closed):
+                break
             continue
         if jsonl:
             rec = _record_json(msg)
@@ -807,9 +853,16 @@ def watch_cmd(
     vm: Annotated[str, typer.Argument(help="VM name.")],
     fmt: Annotated[
         WatchFormat,
-        typer.Option("--format", "-f", help="text for people, jsonl for programs (one JSON"
-                     " object per line; non-event lines carry a \"type\")."),
+        typer.Option("--format", "-f", help="text for people; jsonl for programs: one JSON"
+                     " object per line, each with a \"type\": event (one per write event),"
+                     " registered (on each connect), progress (heartbeat, every second),"
+                     " gap (events lost, with the seq range), region_removed, closed."),
     ] = WatchFormat.TEXT,
+    events_only: Annotated[
+        bool,
+        typer.Option("--events-only", help="Print event lines only (a gap is still"
+                     " reported, on stderr)."),
+    ] = False,
     filters: Annotated[
         list[str] | None,
         typer.Option("--filter", metavar="GFNS", help="Only these gfns (0x100-0x1ff, 0x100+16, 42);"
@@ -857,7 +910,7 @@ def watch_cmd(
         vm, start_seq=from_seq, gfn_ranges=ranges, sources=sources or None, policy=policy,
         omit_data=omit_data, resume=not no_resume,
     ) as stream:
-        run_watch(stream, fmt, count, progress, sys.stdout, sys.stderr)
+        run_watch(stream, fmt, count, progress, sys.stdout, sys.stderr, events_only)
 
 
 # --------------------------------------------------------------------------- stats
