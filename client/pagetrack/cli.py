@@ -907,7 +907,7 @@ def watch_cmd(
         ranges.extend(r)
         ranges.extend((x, 1) for x in g)
     with _client(ctx) as c, c.watch(
-        vm, start_seq=from_seq, gfn_ranges=ranges, sources=sources or None, policy=policy,
+        vm, start_seq=from_seq, ranges=ranges, sources=sources or None, policy=policy,
         omit_data=omit_data, resume=not no_resume,
     ) as stream:
         run_watch(stream, fmt, count, progress, sys.stdout, sys.stderr, events_only)

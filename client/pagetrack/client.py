@@ -16,6 +16,7 @@ import os
 import random
 import struct
 import threading
+import warnings
 from collections.abc import (
     AsyncGenerator,
     Callable,
@@ -187,6 +188,10 @@ class AsyncClient:
     ``authorization: Bearer <token>``. ``ca_file`` (PEM) turns TLS on and verifies the
     server against it; ``tls=True`` uses TLS with the system roots. ``timeout`` bounds
     each unary call, in seconds (None = no bound). Use as ``async with``, or call close().
+
+    Every method is a coroutine (``await client.create_vm("vm1")``) except ``watch()``,
+    which returns its stream at once, without ``await``: an async iterator to use as
+    ``async with client.watch("vm1") as stream: async for msg in stream: ...``.
     """
 
     def __init__(
@@ -556,7 +561,7 @@ class AsyncClient:
         vm: str,
         *,
         start_seq: int | None = None,
-        gfn_ranges: GfnRanges = None,
+        ranges: GfnRanges = None,
         sources: Iterable[t.EventSource | str] | None = None,
         only_owned: bool = False,
         owner_leases: Iterable[str] = (),
@@ -572,8 +577,10 @@ class AsyncClient:
         resume: bool = True,
         backoff: Backoff | None = None,
         stall_timeout_s: float | None = None,
+        gfn_ranges: GfnRanges = None,
     ) -> WatchStream:
-        """Open a stream of a VM's write events: ``async for msg in client.watch(vm)``.
+        """Open a stream of a VM's write events: ``async for msg in client.watch(vm)``
+        (no ``await``: the stream is an async iterator; ``async with`` closes it).
 
         Messages are Registered (first, and again after each reconnect), EventBatch,
         Gap, RegionRemoved, Progress and Closed (last). ``start_seq`` replays from the
@@ -582,10 +589,21 @@ class AsyncClient:
         With ``resume``, a lost connection (UNAVAILABLE, daemon shutdown, or no message
         for ``stall_timeout_s``, default 3 heartbeats + 2 s) is retried with ``backoff``
         and the stream resumes from the seq after the last one it saw.
+
+        ``ranges`` keeps only events on those gfns, given as for ``add_tracking``.
+        ``gfn_ranges`` is its old name: it still works, with a DeprecationWarning.
         """
+        if gfn_ranges is not None:
+            if ranges is not None:
+                raise TypeError("watch() takes ranges or gfn_ranges (its old name), not both")
+            warnings.warn(
+                "watch(gfn_ranges=...) is deprecated; use watch(ranges=...) as add_tracking"
+                " does", DeprecationWarning, stacklevel=2,
+            )
+            ranges = gfn_ranges
         request = pb.WatchRequest(
             vm=vm,
-            gfn_ranges=cv.gfn_ranges_pb(gfn_ranges),
+            gfn_ranges=cv.gfn_ranges_pb(ranges),
             sources=[cv.to_pb(t.EventSource, s, "source") for s in sources or ()],  # type: ignore[misc]
             only_owned=only_owned,
             owner_leases=list(owner_leases),
