@@ -20,13 +20,13 @@ from typing import Any
 import structlog
 
 from pagetrackd.domain import (
-    AlreadyExists,
     CostModel,
     DmaPolicy,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PageTrackError,
+    PluginAlreadyAttached,
+    PluginNotFound,
     QuotaExceeded,
     Registry,
     Semantics,
@@ -34,6 +34,7 @@ from pagetrackd.domain import (
     Unavailable,
     Vm,
     VmLimits,
+    WorkloadNotFound,
 )
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
@@ -169,6 +170,13 @@ class Engine:
         self._record_dir: Path | None = None  #: made on the first recorded VM
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
+        #: tenant -> [memslot pages, tracked gfns] over its VMs, as of each VM's last
+        #: accounting; VMs changed since wait in _changed (quota checks then cost the
+        #: VMs that changed, not every VM)
+        self._usage: dict[TenantId, list[int]] = {}
+        self._counted: dict[Vm, tuple[int, int]] = {}
+        self._changed: set[Vm] = set()
+        self._vm_tenant: dict[Vm, TenantId] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -205,7 +213,7 @@ class Engine:
             raise QuotaExceeded(
                 f"{writes} writes exceed the tenant's write_rate quota of {rate} writes/s"
                 f" ({int(tokens)} available now); slow down or ask for a higher quota",
-                quota="write_rate", limit=rate,
+                quota="write_rate", limit=rate, retry_after_s=(writes - tokens) / rate,
             )
         self._buckets[tenant] = (tokens - writes, now)
 
@@ -264,6 +272,8 @@ class Engine:
         )
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
+        self._vm_tenant[vm] = tenant
+        vm.on_change = self._changed.add
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
         if record:
             if self._record_dir is None:
@@ -296,7 +306,9 @@ class Engine:
                 "limits": VmLimits(**h["limits"]),
             }
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidArgument(f"not a usable recording header: {exc}") from None
+            raise InvalidArgument(
+                f"not a usable recording header: {exc}", field="data"
+            ) from None
         entry = self.create_vm(tenant, name, **options)
         try:
             result = replay(path, vm=entry.vm)
@@ -305,7 +317,7 @@ class Engine:
             raise
         except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or arguments
             self.delete_vm(tenant, name)
-            raise InvalidArgument(f"recording is malformed: {exc}") from None
+            raise InvalidArgument(f"recording is malformed: {exc}", field="data") from None
         self._adopt_plugins(entry)
         return entry, result.records
 
@@ -335,18 +347,43 @@ class Engine:
             if entry.recording is not None:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
+        self._account()
+        pages, tracked = self._counted.pop(entry.vm, (0, 0))
+        usage = self._usage.setdefault(tenant, [0, 0])
+        usage[0] -= pages
+        usage[1] -= tracked
         self.registry.delete_vm(tenant, name)
+        self._changed.discard(entry.vm)
+        self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]
         entry.room.set()
         log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
         return last
 
+    def _account(self) -> None:
+        """Bring the per-tenant totals up to date with the VMs that changed."""
+        while self._changed:
+            vm = self._changed.pop()
+            tenant = self._vm_tenant.get(vm)
+            if tenant is None or vm.closed:
+                continue
+            now = (sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count)
+            was = self._counted.get(vm, (0, 0))
+            self._counted[vm] = now
+            usage = self._usage.setdefault(tenant, [0, 0])
+            usage[0] += now[0] - was[0]
+            usage[1] += now[1] - was[1]
+
+    def usage(self, tenant: TenantId) -> tuple[int, int]:
+        """(memslot pages, tracked gfns) summed over the tenant's VMs."""
+        self._account()
+        pages, tracked = self._usage.get(tenant, (0, 0))
+        return pages, tracked
+
     def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""
         q = self.quotas(tenant).guest_pages
-        used = sum(
-            s.npages for e in self.list_vms(tenant) for s in e.vm.memslots()
-        )
+        used = self.usage(tenant)[0]
         if used + extra > q:
             raise QuotaExceeded(
                 f"memslots would hold {used + extra} guest pages; the tenant's quota is {q}",
@@ -356,7 +393,7 @@ class Engine:
     def check_tracked(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more tracked gfns pass the tenant's quota."""
         q = self.quotas(tenant).tracked_gfns
-        used = sum(e.vm.tracked_count for e in self.list_vms(tenant))
+        used = self.usage(tenant)[1]
         if used + extra > q:
             raise QuotaExceeded(
                 f"{used + extra} gfns would be tracked; the tenant's quota is {q}",
@@ -464,7 +501,9 @@ class Engine:
                 f"unknown plugin {kind!r}; available: {', '.join(sorted(PLUGINS)) or 'none'}"
             )
         if kind in entry.plugins:
-            raise AlreadyExists(f"plugin {kind!r} is already attached to VM {entry.name!r}")
+            raise PluginAlreadyAttached(
+                f"plugin {kind!r} is already attached to VM {entry.name!r}"
+            )
         plugin = factory()
         plugin.attach(entry.vm, **options)
         entry.plugins[kind] = plugin
@@ -490,7 +529,9 @@ class Engine:
         """An attached plugin."""
         plugin = entry.plugins.get(kind)
         if plugin is None:
-            raise NotFound(f"plugin {kind!r} is not attached to VM {entry.name!r}")
+            raise PluginNotFound(
+                f"plugin {kind!r} is not attached to VM {entry.name!r}", name=kind
+            )
         return plugin
 
     def detach_plugin(self, entry: VmEntry, kind: str) -> int:
@@ -612,7 +653,7 @@ class Engine:
         """One of the tenant's workloads."""
         run = self.workloads.get(run_id)
         if run is None or run.tenant != tenant:
-            raise NotFound(f"workload {run_id!r} not found")
+            raise WorkloadNotFound(f"workload {run_id!r} not found", name=run_id)
         return run
 
     async def stop_workload(self, tenant: TenantId, run_id: str) -> WorkloadRun:

@@ -40,7 +40,7 @@ import numpy as np
 import structlog
 
 from pagetrackd import __version__
-from pagetrackd.domain import AlreadyExists, InvalidArgument, PageTrackError, TenantId, Vm
+from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId, Vm, VmAlreadyExists
 from pagetrackd.domain.events import EventBatch
 from pagetrackd.domain.hub import HistoryDump, RegionRemoved
 from pagetrackd.domain.snapshot import (
@@ -84,6 +84,8 @@ MAX_HEADER_BYTES = 64 << 20
 
 class SnapshotError(InvalidArgument):
     """Raised for snapshot bytes that are cut short, corrupt or of an unknown version."""
+
+    field = "data"  # the request field that carries the snapshot
 
 
 # ---------------------------------------------------------------------- container
@@ -512,7 +514,9 @@ def restore_snapshot(
     with contextlib.suppress(PageTrackError):
         existing = engine.vm(tenant, name)
     if existing is not None and not replace:
-        raise AlreadyExists(f"VM {name!r} already exists; restore with replace to overwrite it")
+        raise VmAlreadyExists(
+            f"VM {name!r} already exists; restore with replace to overwrite it"
+        )
     # A dry run into a VM outside the registry: every check passes before anything changes.
     import_vm(state, Vm(name, **opts), keep_owner=keep)
     old_pages = sum(s.npages for s in existing.vm.memslots()) if existing else 0
