@@ -40,6 +40,7 @@ from pagetrack.constants import (
     SlowConsumerPolicy,
     WorkloadKind,
 )
+from pagetrack.targets import normalize_target
 
 if TYPE_CHECKING:
     from pagetrack.client import Client, SyncWatchStream
@@ -89,6 +90,15 @@ class Settings:
     ca_file: str | None
     timeout: float
     json: bool
+
+
+class StartableKind(StrEnum):
+    """The workload kinds ``workload start`` offers (WorkloadKind without "unspecified")."""
+
+    GPU_PPGTT = WorkloadKind.GPU_PPGTT.value
+    GUEST_PAGETABLES = WorkloadKind.GUEST_PAGETABLES.value
+    RANDOM_WRITES = WorkloadKind.RANDOM_WRITES.value
+    KERNEL_BUILD = WorkloadKind.KERNEL_BUILD.value
 
 
 class WatchFormat(StrEnum):
@@ -218,6 +228,9 @@ def _root(
     ] = False,
 ) -> None:
     """Command line for pagetrackd."""
+    for one in target.split(","):
+        if one.strip():
+            _parsed(normalize_target, one)
     ctx.obj = Settings(target, token, ca_file, timeout, as_json)
 
 
@@ -255,7 +268,11 @@ def _print_info(target: str, info: Any) -> None:
 @vm_app.command("create")
 def vm_create(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="VM name: letters, digits, '.', '_', '-'.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="VM name: 1 to 63 lowercase letters, digits, '.', '_' and '-',"
+                       " starting and ending with a letter or digit."),
+    ],
     dma_policy: Annotated[
         DmaPolicy | None,
         typer.Option("--dma-policy", help="What DMA to tracked gfns does (default bypass)."),
@@ -305,17 +322,23 @@ def vm_list(
 ) -> None:
     """List VMs."""
     with _client(ctx) as c:
-        vms = c.list_vms(all_tenants=all_tenants)
-    if _emit_json(ctx, vms):
+        if _is_sharded(c):  # several daemons: say which one holds each VM
+            placed = c.list_vms_by_daemon(all_tenants=all_tenants)
+        else:
+            placed = [("", vm) for vm in c.list_vms(all_tenants=all_tenants)]
+    several = "," in _settings(ctx).target
+    if _emit_json(ctx, [{**cp.jsonable(vm), "daemon": where} if several else vm
+                        for where, vm in placed]):
         return
-    table = _table("name", "tenant", "slots", "tracked", "head seq", "notifiers",
-                   "workloads", "dma policy")
-    for vm in vms:
+    table = _table(*(["daemon"] if several else []), "name", "tenant", "slots", "tracked",
+                   "head seq", "notifiers", "workloads", "dma policy")
+    for where, vm in placed:
         table.add_row(
+            *([where] if several else []),
             vm.name, vm.tenant, str(vm.memslot_count), str(vm.tracked_gfns), str(vm.head_seq),
             str(vm.notifier_count), str(vm.running_workloads), vm.options.dma_policy.value,
         )
-    out.print(table if vms else "no VMs")
+    out.print(table if placed else "no VMs")
 
 
 @vm_app.command("show")
@@ -959,7 +982,7 @@ def _print_workload(w: Any) -> None:
 def workload_start(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="VM name.")],
-    kind: Annotated[WorkloadKind, typer.Argument(help="Kind of write stream.")],
+    kind: Annotated[StartableKind, typer.Argument(help="Kind of write stream.")],
     rate: Annotated[
         float, typer.Option("--rate", min=0, help="Writes per second (0 = as fast as possible).")
     ] = 0.0,
@@ -983,13 +1006,12 @@ def workload_start(
     ] = None,
 ) -> None:
     """Start a simulated write workload on a VM."""
-    if kind is WorkloadKind.UNSPECIFIED:
-        _usage("choose a workload kind")
     duration_ms = _parsed(cp.parse_duration_ms, duration) if duration else 0
     opts = _parsed(cp.parse_options, options or [])
     with _client(ctx) as c:
         w = c.start_workload(
-            vm, kind, rate=rate, count=count, duration_ms=duration_ms, seed=seed, vcpus=vcpus,
+            vm, WorkloadKind(kind.value), rate=rate, count=count, duration_ms=duration_ms,
+            seed=seed, vcpus=vcpus,
             tracked_fraction=tracked_fraction, options=opts,
         )
     if not _emit_json(ctx, w):

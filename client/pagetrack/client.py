@@ -48,13 +48,13 @@ import numpy as np
 import numpy.typing as npt
 
 from pagetrack import _convert as cv
-from pagetrack import errors
+from pagetrack import errors, targets
 from pagetrack import types as t
 from pagetrack.constants import DEFAULT_TARGET
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 
-DEFAULT_PORT = 50051
+DEFAULT_PORT = targets.DEFAULT_PORT
 
 #: what add_tracking & co. accept as gfns: one int, ints, or a numpy array
 Gfns: TypeAlias = int | Iterable[int] | npt.NDArray[Any] | None
@@ -105,17 +105,12 @@ class Backoff:
 
 
 def normalize_target(target: str) -> str:
-    """``HOST:PORT``, ``unix:PATH`` or a bare host (port 50051 is added)."""
-    target = target.strip()
-    if not target:
-        raise errors.InvalidArgument("target is empty; give HOST:PORT or unix:PATH")
-    if target.startswith(("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")):
-        return target
-    if target.startswith("["):
-        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
-    if ":" not in target:
-        return f"{target}:{DEFAULT_PORT}"
-    return target
+    """``HOST:PORT``, ``unix:PATH`` or a bare host (port 50051 is added); InvalidArgument
+    for an empty target or a port outside 1-65535."""
+    try:
+        return targets.normalize_target(target)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
 
 
 async def _unary(
