@@ -25,6 +25,25 @@ BIN = Path(sys.executable).parent
 _LIFELINES: dict[int, int] = {}
 
 
+#: Runs argv[1:] with PR_SET_PDEATHSIG(SIGKILL) set (Linux; it survives exec): the
+#: command is killed when the test process that started it dies, however that dies.
+_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "if sys.platform == 'linux':\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
+    "if os.getppid() != parent:\n"
+    "    sys.exit(137)  # the parent died before the signal was armed\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def with_parent(argv: list[str]) -> list[str]:
+    """``argv`` made to die with this process (the helper processes a test starts:
+    watchers, consumers, clients; daemons use popen_pagetrackd)."""
+    return [sys.executable, "-c", _WITH_PARENT, str(os.getpid()), *argv]
+
+
 def popen_pagetrackd(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """``pagetrackd --stop-on-stdin-eof ARGS`` with stdin a pipe only this process writes
     to, so the daemon stops when this process dies; other Popen arguments as given."""

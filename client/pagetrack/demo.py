@@ -41,6 +41,7 @@ STOP_S = 10.0  #: how long a stopping daemon may take before it is killed
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon binds
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -20,7 +20,7 @@ from pagetrack import Client
 from pagetrack import _cliparse as cp
 from pagetrack.cli import app, main
 from pagetrack.types import GfnRange
-from tests.daemon_process import DaemonProcess, start_daemon
+from tests.daemon_process import DaemonProcess, start_daemon, with_parent
 
 PAGETRACK = Path(sys.executable).with_name("pagetrack")
 
@@ -74,7 +74,7 @@ def test_end_to_end_session(daemon: DaemonProcess) -> None:
     assert "4096 pages" in ok(target, "slot", "set", "e2e", "0", "0", "16M", "--log-dirty")
     assert "16 gfns newly tracked" in ok(target, "track", "add", "e2e", "0x10-0x1f")
     watcher = subprocess.Popen(
-        [str(PAGETRACK), "watch", "e2e", "--format", "jsonl", "--count", "3"],
+        with_parent([str(PAGETRACK), "watch", "e2e", "--format", "jsonl", "--count", "3"]),
         env=_env(target), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -156,7 +156,7 @@ def test_ctrl_c_ends_watch_quietly(daemon: DaemonProcess) -> None:
     """Ctrl-C (SIGINT) ends `pagetrack watch` with status 130 and no traceback."""
     ok(daemon.tcp, "vm", "create", "sig")
     watcher = subprocess.Popen(
-        [str(PAGETRACK), "watch", "sig", "--format", "jsonl"], env=_env(daemon.tcp),
+        with_parent([str(PAGETRACK), "watch", "sig", "--format", "jsonl"]), env=_env(daemon.tcp),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

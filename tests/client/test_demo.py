@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon_process import with_parent
 from tests.waiting import HANG_S, wait_until
 
 BANNER = re.compile(r"pagetrackd \(pid (\d+)\) is running at 127\.0\.0\.1:(\d+)")
@@ -26,7 +27,8 @@ def demo(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAGETRACK_")}
     env["TMPDIR"] = str(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pagetrack.demo", "--port", "0", "--stats-every", "1"],
+        with_parent([sys.executable, "-m", "pagetrack.demo", "--port", "0", "--stats-every",
+                     "1"]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
@@ -66,7 +68,10 @@ def _gone(pid: int) -> bool:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a new daemon could listen on ``port`` (as servers do, with SO_REUSEADDR: a
+    connection the old daemon closed may linger in TIME_WAIT)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

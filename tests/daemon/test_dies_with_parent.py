@@ -1,5 +1,6 @@
-"""A daemon a test starts dies with the test process, however it ends: SIGKILL of the
-parent closes the daemon's stdin pipe and the daemon stops (--stop-on-stdin-eof)."""
+"""What a test starts dies with the test process, however it ends: SIGKILL of the parent
+closes a daemon's stdin pipe and the daemon stops (--stop-on-stdin-eof), and a helper
+process started through with_parent() gets SIGKILL (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: A parent process: starts a daemon as the tests do, says where it is, then waits.
 PARENT = r"""
-import json, sys, time
+import json, subprocess, sys, time
 from pathlib import Path
-from tests.daemon_process import start_daemon
+from tests.daemon_process import start_daemon, with_parent
 d = start_daemon(Path(sys.argv[1]))
-print(json.dumps({"pid": d.proc.pid, "address": d.tcp}), flush=True)
+helper = subprocess.Popen(with_parent(["sleep", "3600"]))
+print(json.dumps({"pid": d.proc.pid, "address": d.tcp, "helper": helper.pid}), flush=True)
 time.sleep(3600)
 """
 
@@ -58,6 +60,7 @@ def test_sigkill_of_the_parent_stops_the_daemon(tmp_path: Path) -> None:
         parent.send_signal(signal.SIGKILL)
         parent.communicate(timeout=HANG_S)
         wait_until(lambda: _gone(child["pid"]), "the orphaned daemon to stop")
+        wait_until(lambda: _gone(child["helper"]), "the orphaned helper process to die")
         log = next(tmp_path.glob("*.log")).read_text()
         assert '"daemon.stdin_closed"' in log and '"daemon.stopped"' in log
     finally:

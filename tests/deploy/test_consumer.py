@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.daemon_process import start_daemon
+from tests.daemon_process import start_daemon, with_parent
 from tests.deploy.conftest import DEPLOY
 from tests.waiting import HANG_S, wait_until
 
@@ -106,7 +106,7 @@ def _run_consumer(target: str, out: Path, until_events: int) -> str:
     }
     env.pop("PAGETRACK_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT)], env=env, stderr=subprocess.PIPE, text=True
+        with_parent([sys.executable, str(SCRIPT)]), env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_until(

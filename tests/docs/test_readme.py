@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_process import start_daemon
+from tests.daemon_process import start_daemon, with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv"
@@ -87,7 +87,7 @@ def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
         else:
             code = block.code.replace(f'"{README_TARGET}"', f'"{d.tcp}"')
             cmd = [str(VENV / "bin" / "python"), "-c", code]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(with_parent(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=90)
