@@ -213,7 +213,9 @@ class Engine:
             raise QuotaExceeded(
                 f"{writes} writes exceed the tenant's write_rate quota of {rate} writes/s"
                 f" ({int(tokens)} available now); slow down or ask for a higher quota",
-                quota="write_rate", limit=rate, retry_after_s=(writes - tokens) / rate,
+                quota="write_rate", limit=rate,
+                # The bucket holds one second's worth: a larger batch never fits.
+                retry_after_s=(writes - tokens) / rate if writes <= rate else None,
             )
         self._buckets[tenant] = (tokens - writes, now)
 

@@ -147,7 +147,8 @@ async def test_another_tenants_vm_answers_byte_for_byte_like_a_missing_one(
 
 async def test_quota_failure_and_retry_info(daemon: DaemonProcess) -> None:
     """A count quota names tenant, quota and limit and has no RetryInfo; the write-rate
-    quota says how long to wait, and after that wait the same batch passes."""
+    quota says how long to wait, and after that wait the same batch passes (a batch over
+    the rate, which no wait lets through, gets no RetryInfo)."""
     async with _client(daemon) as pt:
         names = [new_name() for _ in range(4)]
         for name in names[:3]:
@@ -176,6 +177,10 @@ async def test_quota_failure_and_retry_info(daemon: DaemonProcess) -> None:
         await asyncio.sleep(err.retry_delay)  # what the daemon asked for, no more
         result = await pt.write_batch(vm, [0] * 50, [b"b"] * 50)
         assert result.writes == 50
+        # More than a second's worth never fits: no RetryInfo then.
+        err = await _raises(pagetrack.ResourceExhausted,
+                            pt.write_batch(vm, [0] * 150, [b"c"] * 150), "QUOTA_EXCEEDED")
+        assert err.retry_delay is None and err.quota_violations[0].limit == 100
         await pt.delete_vm(vm)
 
 
