@@ -63,6 +63,10 @@ BIN = Path(sys.executable).parent
 KIB = 1024
 PAGE = 4096
 SLOT_4G = 1 << 20
+#: each VM's default event history bound and each Watch's default queue bound, which the
+#: tenant's history_bytes and stream_queue_bytes quotas add up: raised here for many VMs
+HISTORY_BYTES = 16 << 20
+QUEUE_BYTES = 4 << 20
 
 FULL = {
     "tracking": [1 << 20, 1 << 22, 1 << 24],
@@ -557,7 +561,10 @@ async def _vm_costs(target: str, count: int, calls: int) -> tuple[float, float]:
 
 def section_vms(sizes: list[int], quick: bool, tmp: Path) -> None:
     calls = 200 if quick else 1_000
-    cfg = f"[quotas]\nvms = {sizes[-1] + 10}\nguest_pages = {(sizes[-1] + 10) * SLOT_4G}\n"
+    cfg = (
+        f"[quotas]\nvms = {sizes[-1] + 10}\nguest_pages = {(sizes[-1] + 10) * SLOT_4G}\n"
+        f"history_bytes = {(sizes[-1] + 10) * HISTORY_BYTES}\n"
+    )
     points: list[tuple[int, float, float, float, float]] = []
     with daemon(tmp, config=cfg, name="vms") as d:
         base = d.rss()
@@ -698,7 +705,11 @@ async def _setup_watch_vms(target: str, vms: int) -> None:
 def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
     warm_s, measure_s = (0.5, 1.0) if quick else (1.0, 5.0)
     rate = WATCH_RATE // 10 if quick else WATCH_RATE
-    cfg = f"[quotas]\nvms = {sizes[-1] + 10}\nwatchers = {sizes[-1] + 10}\n"
+    cfg = (
+        f"[quotas]\nvms = {sizes[-1] + 10}\nwatchers = {sizes[-1] + 10}\n"
+        f"history_bytes = {(sizes[-1] + 10) * HISTORY_BYTES}\n"
+        f"stream_queue_bytes = {(sizes[-1] + 10) * QUEUE_BYTES}\n"
+    )
     points = []
     for w in sizes:
         with daemon(tmp, config=cfg, name=f"watch{w}") as d:
@@ -902,7 +913,7 @@ def section_restart(sizes: list[int], quick: bool, tmp: Path) -> None:
     n = sizes[-1]
     events = 1_000 if quick else HISTORY_EVENTS_RESTART
     state = tmp / "state"
-    cfg = f"[quotas]\nvms = {n + 10}\n"
+    cfg = f"[quotas]\nvms = {n + 10}\nhistory_bytes = {(n + 10) * HISTORY_BYTES}\n"
     d = Daemon(tmp, "--state-dir", str(state), "--save-interval", "86400", config=cfg,
                name="restart1")
     try:

@@ -75,7 +75,9 @@ app.add_typer(slot_app, name="slot")
 app.add_typer(track_app, name="track")
 app.add_typer(workload_app, name="workload")
 app.add_typer(plugin_app, name="plugin")
+export_app = typer.Typer(help="Export VMs' events to a message broker.", no_args_is_help=True)
 app.add_typer(lease_app, name="lease")
+app.add_typer(export_app, name="export")
 
 #: tables keep their natural width when piped (rich would fold them at 80 columns)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
@@ -1328,6 +1330,97 @@ def top_cmd(
 
     with _client(ctx) as c:
         top.main(c, interval)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@export_app.command("nats")
+def export_nats_cmd(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", metavar="FILE", show_default=False,
+                     help="TOML file (sections daemon, vms, nats, stream, watch, metrics;"
+                     " see docs/export.md). Flags override it."),
+    ] = None,
+    servers: Annotated[
+        list[str] | None,
+        typer.Option("--nats", metavar="URL", show_default=False,
+                     help="NATS server URL (default nats://127.0.0.1:4222); repeatable."),
+    ] = None,
+    stream: Annotated[
+        str | None,
+        typer.Option("--stream", show_default=False, help="JetStream stream (default"
+                     " PAGETRACK); it must take the subjects <prefix>.>."),
+    ] = None,
+    create_stream: Annotated[
+        bool | None,
+        typer.Option("--create-stream/--no-create-stream", show_default=False,
+                     help="Create the stream (or update its limits) from the config."),
+    ] = None,
+    vms: Annotated[
+        list[str] | None,
+        typer.Option("--vm", metavar="NAME", show_default=False,
+                     help="Export this VM; repeatable. Default: every VM of the tenant."),
+    ] = None,
+    patterns: Annotated[
+        list[str] | None,
+        typer.Option("--pattern", metavar="GLOB", show_default=False,
+                     help="Export the VMs whose name matches (shell glob); repeatable."),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", "-f", metavar="protobuf|jsonl", show_default=False,
+                     help="Payload: EventBatch protobuf bytes (default) or JSON lines."),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option("--policy", metavar="block|drop|disconnect", show_default=False,
+                     help="The Watch streams' slow-consumer policy (default block)."),
+    ] = None,
+    max_inflight: Annotated[
+        int | None,
+        typer.Option("--max-inflight", min=1, show_default=False,
+                     help="Unacked publishes per VM before its Watch is held back"
+                     " (default 64)."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", min=0, max=65535, show_default=False,
+                     help="Serve Prometheus metrics on this port (0 = any free one)."),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option("--metrics-host", show_default=False,
+                     help="Address of the metrics endpoint (default 127.0.0.1)."),
+    ] = None,
+) -> None:
+    """Publish every record of the tenant's VMs to NATS JetStream, exactly once.
+
+    Subjects are <prefix>.<tenant>.<vm>.events, .gaps and .regions. VMs created later are
+    picked up. After any restart the export resumes from what JetStream holds.
+    """
+    from pagetrack.export import load_config
+    from pagetrack.export.run import run_exporter
+
+    s = _settings(ctx)
+    root = ctx.find_root()
+    config = load_config(config_file)
+    daemon: dict[str, Any] = {}
+    for name, value in (("target", s.target), ("token", s.token), ("ca_file", s.ca_file)):
+        source = root.get_parameter_source(name)
+        if source is not None and source.name != "DEFAULT":
+            daemon[name] = value
+    config = config.with_overrides(
+        **daemon,
+        nats_servers=tuple(servers) if servers else None,
+        stream_name=stream, stream_create=create_stream,
+        vms=tuple(vms) if vms else None, patterns=tuple(patterns) if patterns else None,
+        format=fmt, policy=policy, max_inflight=max_inflight,
+        metrics_port=metrics_port, metrics_host=metrics_host,
+    )
+    run_exporter(config)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -625,6 +625,14 @@ class AsyncClient:
             stall_timeout_s=stall_timeout_s,
         )
 
+    def watch_raw(
+        self, request: pb.WatchRequest
+    ) -> grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.WatchResponse]:
+        """Open one Watch call as it is on the wire: raw WatchResponse messages, no
+        conversion and no reconnection (for tools that forward the records, such as
+        ``pagetrack export nats``). Errors surface as grpc.RpcError."""
+        return self._watch.Watch(request, metadata=self._metadata)
+
     async def unwatch(self, vm: str, notifier_id: int) -> int:
         """End a Watch stream by notifier id; returns the last seq it will deliver."""
         reply = await self._call(
@@ -1195,7 +1203,12 @@ class WatchStream:
                 and not this_registered
             ):
                 # A daemon that refused allow_compacted: report the loss and go on.
-                oldest = errors.OutOfRange(details).oldest_seq
+                refusal = errors.from_rpc_error(failure) if failure is not None else None
+                oldest = (
+                    refusal.oldest_seq  # from the error's details, else its message
+                    if isinstance(refusal, errors.OutOfRange)
+                    else errors.OutOfRange(details).oldest_seq
+                )
                 if oldest is not None and oldest > self._next_seq:
                     lost = t.Gap(
                         self._next_seq, oldest - 1, oldest - self._next_seq,
