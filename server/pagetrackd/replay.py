@@ -145,7 +145,7 @@ class Recorder:
     replays from nothing. Use as a context manager or call :meth:`stop`.
     """
 
-    def __init__(self, vm: Vm, out: str | Path | IO[str]) -> None:
+    def __init__(self, vm: Vm, out: str | Path | IO[str], max_bytes: int = 0) -> None:
         if vm.closed or vm.memslots() or vm.seq or vm.stats.writes:
             raise FailedPrecondition(
                 f"VM {vm.name!r} is not fresh: record from creation (no memslots, no writes)"
@@ -163,6 +163,11 @@ class Recorder:
         else:
             self._file = out
             self._owns = False
+        #: the recording stops growing past this many bytes (0 = no bound); ``overflowed``
+        #: then tells that it is incomplete
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.overflowed = False
         self._depth = 0  #: > 0 while a recorded call runs; nested calls are not recorded
         self.records = 0
         self._plugins: list[Any] = []
@@ -174,7 +179,14 @@ class Recorder:
     # ------------------------------------------------------------------ wrapping
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        if self.overflowed:
+            return
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        self.nbytes += len(line)
+        if self.max_bytes and self.nbytes > self.max_bytes:
+            self.overflowed = True  # a recording with a hole would replay wrong: stop
+            return
+        self._file.write(line)
 
     def _wrap_vm(self, name: str) -> None:
         vm = self.vm
