@@ -353,7 +353,7 @@ def test_r4_3_watch_jsonl_marks_the_untracked_piece_and_track_show_names_owners(
     assert code == 0, err
     events = [json.loads(line) for line in out.splitlines() if '"event"' in line]
     assert [(e["seq"], e["gpa"], e.get("untracked", False)) for e in events] == [
-        (1, "0x1ffc", False), (2, "0x2000", True)
+        (1, 0x1FFC, False), (2, 0x2000, True)
     ]
     code, out, _ = cli(capsys, t, "track", "show", "cross", "--owners")
     assert code == 0 and "tenant:-x1" not in out and "tenant:" in out
