@@ -209,3 +209,17 @@ def test_a_whole_slot_range_costs_under_three_bytes_a_page_and_one_run_per_owner
     assert t.nbytes <= 2.5 * n
     _, stopped = t.apply(every, -1, "lease:a")
     assert stopped.size == n and t.counters.nonzero == 0 and not t.owners
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(page_sets(), st.integers(1, 3)), max_size=8), pages_st, pages_st)
+def test_runmap_span_reads_match_page_reads(
+    ops: list[tuple[list[int], int]], a: int, b: int
+) -> None:
+    rm = RunMap()
+    for pages, n in ops:
+        rm.add(np.array(pages, dtype=np.int64), n)
+    lo, hi = min(a, b), max(a, b) + 1
+    every = np.arange(lo, hi, dtype=np.int64)
+    assert rm.get_span(lo, hi).tolist() == rm.get(every).tolist()
+    assert rm.counts_of(every).tolist() == rm.get(every).tolist()

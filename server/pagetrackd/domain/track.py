@@ -317,6 +317,22 @@ class RunMap:
         """The counts of many pages (any order, repeats allowed)."""
         return _eval(self.starts, self.ends, self.values, index)
 
+    def get_span(self, lo: int, hi: int) -> I64:
+        """The counts of pages ``lo .. hi - 1``: one slice assignment per run inside."""
+        out = np.zeros(hi - lo, dtype=np.int64)
+        first = int(np.searchsorted(self.ends, lo, side="right"))
+        last = int(np.searchsorted(self.starts, hi, side="left"))
+        for s, e, v in zip(self.starts[first:last].tolist(), self.ends[first:last].tolist(),
+                           self.values[first:last].tolist(), strict=True):
+            out[max(s, lo) - lo : min(e, hi) - lo] = v
+        return out
+
+    def counts_of(self, index: I64) -> I64:
+        """:meth:`get` for distinct, ascending pages, by span when they are one."""
+        if is_span(index):
+            return self.get_span(int(index[0]), int(index[-1]) + 1)
+        return self.get(index)
+
     def pages(self) -> tuple[I64, I64]:
         """(ascending pages, their counts) of every page with a non-zero count."""
         lens = self.ends - self.starts
@@ -342,7 +358,7 @@ class RunMap:
         if isinstance(delta, int) and is_span(index):
             self.add_span(int(index[0]), int(index[-1]) + 1, delta)
             return
-        new = self.get(index) + delta
+        new = self.counts_of(index) + delta
         # The updates as runs: a new run wherever the pages or the new count break.
         brk = np.flatnonzero((np.diff(index) != 1) | (np.diff(new) != 0)) + 1
         first = np.concatenate([[0], brk])
@@ -366,6 +382,17 @@ class RunMap:
             last = np.concatenate([first[1:], [s.size]]) - 1
             s, e, v = s[first], e[last], v[first]
         self.starts, self.ends, self.values = s, e, v
+
+
+def _distinct_ascending(values: I64) -> I64:
+    """The distinct values of the ascending ``values`` (no sort)."""
+    if values.size < 2:
+        return values
+    keep = np.empty(values.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    out: I64 = values[keep]
+    return out
 
 
 def _eval(starts: I64, ends: I64, values: I64, at: I64) -> I64:
@@ -422,15 +449,23 @@ class SlotTracking:
         quota before anything changes."""
         if not index.size:
             return 0
-        grow = self.counters.growth_bound(np.unique(index >> CHUNK_SHIFT))
-        gfns = index + self.base_gfn
-        regions = np.unique(gfns >> 9).size + np.unique(gfns >> 18).size
+        if is_span(index):
+            # a range: its chunks and regions follow from its ends
+            lo, hi = int(index[0]), int(index[-1])
+            chunks = np.arange(lo >> CHUNK_SHIFT, (hi >> CHUNK_SHIFT) + 1, dtype=np.int64)
+            g0, g1 = lo + self.base_gfn, hi + self.base_gfn
+            regions = (g1 >> 9) - (g0 >> 9) + 1 + (g1 >> 18) - (g0 >> 18) + 1
+        else:
+            chunks = _distinct_ascending(index >> CHUNK_SHIFT)
+            gfns = index + self.base_gfn
+            regions = _distinct_ascending(gfns >> 9).size + _distinct_ascending(gfns >> 18).size
+        grow = self.counters.growth_bound(chunks)
         grow += 2 * _REGION_ENTRY_BYTES * regions  # entries, and the tables' growth
         grow += _DICT_BYTES * ((not self.lpage_2m) + (not self.lpage_1g))
         if owner != TENANT_OWNER:
             # Each break in the pages may split a run of the owner's and of the summed
             # map in two: three 8-byte arrays, two maps.
-            runs = 1 + int(np.count_nonzero(np.diff(index) != 1))
+            runs = 1 if is_span(index) else 1 + int(np.count_nonzero(np.diff(index) != 1))
             grow += 2 * 3 * 8 * (2 * runs + 1)
         return grow
 
@@ -451,12 +486,12 @@ class SlotTracking:
         if owner == TENANT_OWNER:
             out: I64 = self.counts(index).astype(np.int64)
             if len(self.attributed):
-                out -= self.attributed.get(index)
+                out -= self.attributed.counts_of(index)
             return out
         refs = self.owners.get(owner)
         if refs is None:
             return np.zeros(index.shape, dtype=np.int64)
-        return refs.get(index)
+        return refs.counts_of(index)
 
     def held1(self, index: int, owner: str) -> int:
         """References ``owner`` holds on one page."""

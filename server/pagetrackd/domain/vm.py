@@ -301,8 +301,9 @@ class Vm:
         #: seq of the last event; the next event gets seq + 1 (gap-free, R-stream)
         self.seq = 0
         self._generation = 0
-        #: called (with the VM) whenever :attr:`generation` moves: the daemon keeps
-        #: per-tenant totals of memslot pages and tracked gfns without scanning its VMs
+        #: called (with the VM) whenever :attr:`generation` moves and on every call that
+        #: may write guest memory: the daemon keeps per-tenant totals (memslot pages,
+        #: tracked gfns, bytes held) without scanning its VMs
         self.on_change: Callable[[Vm], None] | None = None
         self.closed = False
         #: set only while notifiers hear of a removed region: which slot and change
@@ -516,7 +517,7 @@ class Vm:
         ):
             # Ascending and distinct within one slot (a range, or a sorted list): no
             # sort, no per-gfn counts, however many gfns.
-            return [(slot, gfns - slot.base_gfn, 1)]
+            return [(slot, gfns - slot.base_gfn if slot.base_gfn else gfns, 1)]
         pos = self.slots.find_many(gfns)
         outside = np.flatnonzero(pos < 0)
         if outside.size:
@@ -749,6 +750,8 @@ class Vm:
     def write(self, vcpu: int, gpa: int, data: bytes) -> WriteResult:
         """One guest write: split at page boundaries (R4.3); each piece exits as MMIO,
         lands natively, or is emulated: applied first, then notified (R4.4)."""
+        if self.on_change is not None:
+            self.on_change(self)
         # The checks inline; the _check_* methods run (and raise) only when one fails.
         if not 0 <= vcpu < self.vcpus:
             self._check_vcpu(vcpu)
@@ -802,6 +805,8 @@ class Vm:
         writable RAM is emulated as a plain write of ``desired`` ("emulating exchange as
         write"): see :meth:`write`.
         """
+        if self.on_change is not None:
+            self.on_change(self)
         if len(expected) != len(desired):
             raise InvalidArgument(
                 f"expected has {len(expected)} bytes and desired {len(desired)}: a compare-"
@@ -912,6 +917,8 @@ class Vm:
         as events with source DMA; ``reject`` refuses a DMA that touches a tracked gfn.
         Every byte must be in a writable memslot; nothing is written otherwise.
         """
+        if self.on_change is not None:
+            self.on_change(self)
         n = len(data)
         self._check_access(gpa, n)
         plan: list[tuple[Slot, int, int, int]] = []  # slot, gpa, offset in data, length
@@ -981,6 +988,8 @@ class Vm:
         If a notifier changes tracking or memslots, the rest of the batch is classified
         again, so the equivalence holds.
         """
+        if self.on_change is not None:
+            self.on_change(self)
         g = np.asarray(gpa, dtype=np.int64).ravel()
         v = np.asarray(vcpu, dtype=np.int64).ravel()
         n = np.asarray(length, dtype=np.int64).ravel()
@@ -1466,7 +1475,14 @@ class Vm:
     def tracking_growth_bound(self, gfns: I64, owner: str = TENANT_OWNER) -> int:
         """At most how many bytes :attr:`tracking_footprint` grows by if ``owner`` tracks
         ``gfns``: checked against a quota first."""
-        gfns = np.unique(gfns)
+        if gfns.size > 1 and not bool((gfns[1:] > gfns[:-1]).all()):
+            gfns = np.unique(gfns)  # a range or a sorted list needs no sort
+        if not gfns.size:
+            return 0
+        one = self.slots.find(int(gfns[0]))
+        if one is not None and int(gfns[-1]) < one.info.end_gfn:
+            base = one.base_gfn
+            return one.tracking.growth_bound(gfns - base if base else gfns, owner)
         pos = self.slots.find_many(gfns)
         slots = self.slots.slots()
         grow = 0
