@@ -203,6 +203,8 @@ class Engine:
         self._counted: dict[Vm, tuple[int, int, int, int]] = {}
         self._changed: set[Vm] = set()
         self._vm_tenant: dict[Vm, TenantId] = {}
+        #: tenant -> its VMs' event history bounds, summed (the history_bytes quota)
+        self._history_held: dict[TenantId, int] = {}
         #: list_vms answers, each beside the registry listing it was built from
         self._listed: dict[TenantId | None, tuple[list[Any], list[VmEntry]]] = {}
 
@@ -298,7 +300,7 @@ class Engine:
             raise InvalidArgument(
                 "history_events must be 0..16777216 and history_bytes 0..4294967296"
             )
-        held = sum(e.hub.history.max_bytes for e in self._tenant_entries(tenant))
+        held = self._history_held.get(tenant, 0)
         if held + h_bytes > q.history_bytes:
             raise QuotaExceeded(
                 f"an event history of {h_bytes} bytes would take the tenant's VMs to"
@@ -312,6 +314,7 @@ class Engine:
         )
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
+        self._history_held[tenant] = held + h_bytes
         self._vm_tenant[vm] = tenant
         vm.on_change = self._changed.add
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
@@ -415,6 +418,7 @@ class Engine:
         for k, v in enumerate(counted):
             usage[k] -= v
         self.registry.delete_vm(tenant, name)
+        self._history_held[tenant] -= entry.hub.history.max_bytes
         self._changed.discard(entry.vm)
         self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]
