@@ -591,6 +591,7 @@ class LeaseService(pbg.LeaseServiceServicer):
         self, request: pb.CreateLeaseRequest, context: Ctx
     ) -> pb.CreateLeaseResponse:
         self.engine.check_serving()
+        self.engine.check_leases(_tenant())
         lease = self.engine.leases.create(_tenant(), request.ttl_ms, request.label)
         return pb.CreateLeaseResponse(lease=_lease_pb(self.engine, lease))
 
