@@ -1182,7 +1182,12 @@ class WatchStream:
                 and not this_registered
             ):
                 # A daemon that refused allow_compacted: report the loss and go on.
-                oldest = errors.OutOfRange(details).oldest_seq
+                refusal = errors.from_rpc_error(failure) if failure is not None else None
+                oldest = (
+                    refusal.oldest_seq  # from the error's details, else its message
+                    if isinstance(refusal, errors.OutOfRange)
+                    else errors.OutOfRange(details).oldest_seq
+                )
                 if oldest is not None and oldest > self._next_seq:
                     lost = t.Gap(
                         self._next_seq, oldest - 1, oldest - self._next_seq,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -233,7 +234,8 @@ def rich_status(
         retry = getattr(exc, "retry_after_s", None)
         if retry is not None:
             delay = duration_pb2.Duration()
-            delay.FromNanoseconds(max(1_000_000, int(retry * 1e9)))  # at least 1 ms
+            # Rounded up (at least 1 ms): after this long the request fits.
+            delay.FromNanoseconds(max(1_000_000, math.ceil(retry * 1e9)))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     elif isinstance(exc, e.FailedPrecondition):
         details.append(error_details_pb2.PreconditionFailure(violations=[
