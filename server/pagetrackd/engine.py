@@ -201,6 +201,8 @@ class Engine:
         self._counted: dict[Vm, tuple[int, int]] = {}
         self._changed: set[Vm] = set()
         self._vm_tenant: dict[Vm, TenantId] = {}
+        #: list_vms answers, each beside the registry listing it was built from
+        self._listed: dict[TenantId | None, tuple[list[Any], list[VmEntry]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -387,8 +389,23 @@ class Engine:
         return self.entries[(tenant, name)]
 
     def list_vms(self, tenant: TenantId | None) -> list[VmEntry]:
-        """VMs of one tenant (or all), sorted by tenant and name."""
-        return [self.entries[(t, vm.name)] for t, vm in self.registry.list_vms(tenant)]
+        """VMs of one tenant (or all), sorted by tenant and name. The caller must not
+        change the list: it is kept until a VM is created or deleted."""
+        pairs = self.registry.list_vms(tenant)
+        held = self._listed.get(tenant)
+        if held is None or held[0] is not pairs:
+            held = (pairs, [self.entries[(t, vm.name)] for t, vm in pairs])
+            self._listed[tenant] = held
+        return held[1]
+
+    def list_vms_page(
+        self, tenant: TenantId | None, start: int, size: int
+    ) -> tuple[list[VmEntry], int]:
+        """``size`` VMs from position ``start`` of :meth:`list_vms`, and how many there
+        are in all (a page costs its own VMs, not every VM)."""
+        pairs = self.registry.list_vms(tenant)
+        page = [self.entries[(t, vm.name)] for t, vm in pairs[start : start + size]]
+        return page, len(pairs)
 
     def delete_vm(self, tenant: TenantId, name: str) -> int:
         """Delete a VM: workloads stop, notifiers hear regions go, streams close.

@@ -623,6 +623,8 @@ class Vm:
             raise InvalidArgument("the tenant's references are not released as a whole")
         stopped = 0
         for slot in self.slots.slots():
+            if owner not in slot.tracking.owners:
+                continue
             idx, cnt = slot.tracking.owner_arrays(owner)
             if not idx.size:
                 continue

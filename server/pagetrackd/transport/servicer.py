@@ -140,7 +140,6 @@ class VmService(pbg.VmServiceServicer):
         caller = current_caller.get()
         if request.all_tenants:
             caller.require_admin("listing every tenant's VMs")
-        entries = self.engine.list_vms(None if request.all_tenants else caller.tenant)
         size = request.page_size or 1000
         if size > 1000:
             raise InvalidArgument(f"page_size {size}: at most 1000")
@@ -150,10 +149,12 @@ class VmService(pbg.VmServiceServicer):
                 start = int(request.page_token)
             except ValueError:
                 raise InvalidArgument("page_token is not one this server gave out") from None
-            if not 0 <= start <= len(entries):
-                raise InvalidArgument("page_token is out of date; list again from the start")
-        page = entries[start : start + size]
-        token = str(start + size) if start + size < len(entries) else ""
+        page, total = self.engine.list_vms_page(
+            None if request.all_tenants else caller.tenant, max(start, 0), size
+        )
+        if not 0 <= start <= total:
+            raise InvalidArgument("page_token is out of date; list again from the start")
+        token = str(start + size) if start + size < total else ""
         return pb.ListVmsResponse(
             vms=[_vm_pb(self.engine, e) for e in page], next_page_token=token
         )

@@ -109,7 +109,8 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 
 # ----------------------------------------------------------------- field violations
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: a quoted value ('x' or "x"; the apostrophe of "the VM's" opens none)
+_QUOTED = re.compile(r"(?<!\w)'[^']*'|(?<!\w)\"[^\"]*\"")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
