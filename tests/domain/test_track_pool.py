@@ -180,9 +180,18 @@ class SlotTrackingMachine(RuleBasedStateMachine):
         first2, first1 = self.base >> 9, self.base >> 18
         assert {i + first2: v for i, v in self.t.lpage_2m.items()} == dict(r2)
         assert {i + first1: v for i, v in self.t.lpage_1g.items()} == dict(r1)
+        end = self.base + NPAGES
+
+        def edge(g: int, shift: int) -> bool:
+            """R3.5: a region the slot covers only in part is always disallowed."""
+            lo, hi = (g >> shift) << shift, ((g >> shift) + 1) << shift
+            return lo < self.base or hi > end
+
         for p in (0, NPAGES // 2, NPAGES - 1):
             g = p + self.base
-            assert self.t.lpage_disallowed(g) == (g >> 9 in r2, g >> 18 in r1)
+            assert self.t.lpage_disallowed(g) == (
+                g >> 9 in r2 or edge(g, 9), g >> 18 in r1 or edge(g, 18)
+            )
 
 SlotTrackingMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=25, deadline=None

@@ -408,7 +408,9 @@ def _eval(starts: I64, ends: I64, values: I64, at: I64) -> I64:
 class SlotTracking:
     """Track counters, owner records and large-page disallow counts of one slot."""
 
-    __slots__ = ("counters", "attributed", "owners", "lpage_2m", "lpage_1g", "base_gfn")
+    __slots__ = (
+        "counters", "attributed", "owners", "lpage_2m", "lpage_1g", "base_gfn", "edges"
+    )
 
     def __init__(self, npages: int, base_gfn: int) -> None:
         self.base_gfn = base_gfn
@@ -423,6 +425,8 @@ class SlotTracking:
         #: few entries, not a 4 KiB array; a whole 64 GiB guest 32,768 of them)
         self.lpage_2m: dict[int, int] = {}
         self.lpage_1g: dict[int, int] = {}
+        #: region indexes (2M, 1G) the slot covers only in part: never huge-mapped
+        self.edges: tuple[frozenset[int], frozenset[int]] = _edges(base_gfn, npages)
 
     @property
     def nbytes(self) -> int:
@@ -573,12 +577,15 @@ class SlotTracking:
         return started, stopped
 
     def lpage_disallowed(self, gfn: int) -> tuple[bool, bool]:
-        """Whether tracked gfns disallow the 2 MiB and the 1 GiB mapping that hold
-        ``gfn`` (a gfn of this slot)."""
+        """Whether the 2 MiB and the 1 GiB mapping that hold ``gfn`` (a gfn of this slot)
+        are disallowed: a tracked gfn in the region (R3.1), or the slot covers only part
+        of the region (R3.5), which holds from creation whatever is tracked."""
         base = self.base_gfn
+        i2, i1 = (gfn >> 9) - (base >> 9), (gfn >> 18) - (base >> 18)
+        edge_2m, edge_1g = self.edges
         return (
-            (gfn >> 9) - (base >> 9) in self.lpage_2m,
-            (gfn >> 18) - (base >> 18) in self.lpage_1g,
+            i2 in self.lpage_2m or i2 in edge_2m,
+            i1 in self.lpage_1g or i1 in edge_1g,
         )
 
     def _count_lpages(self, index: I64, step: int) -> None:
@@ -604,6 +611,7 @@ class SlotTracking:
     def rebase(self, base_gfn: int) -> None:
         """The slot moved: recompute the region counts for its new base."""
         self.base_gfn = base_gfn
+        self.edges = _edges(base_gfn, self.counters.npages)
         self.lpage_2m = {}
         self.lpage_1g = {}
         self._count_lpages(self.counters.nonzero_indices(), +1)
@@ -633,3 +641,20 @@ class SlotTracking:
         """(page index, references) pairs held by a non-tenant owner."""
         idx, cnt = self.owner_arrays(owner)
         return list(zip(idx.tolist(), cnt.tolist(), strict=True))
+
+
+def _edges(base_gfn: int, npages: int) -> tuple[frozenset[int], frozenset[int]]:
+    """R3.5, arch/x86/kvm/x86.c kvm_alloc_memslot_metadata: at each huge level the first
+    region gets disallow_lpage = 1 when base_gfn is not aligned to it, the last when
+    base_gfn + npages is not. The indexes are relative to the slot's first region."""
+    out = []
+    for shift in (9, 18):
+        size = 1 << shift
+        last = ((base_gfn + npages - 1) >> shift) - (base_gfn >> shift)
+        edge = set()
+        if base_gfn & (size - 1):
+            edge.add(0)
+        if (base_gfn + npages) & (size - 1):
+            edge.add(last)
+        out.append(frozenset(edge))
+    return out[0], out[1]
