@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 import tempfile
 import time
 from collections.abc import Mapping
@@ -57,6 +58,9 @@ WORKLOAD_FAST_CHUNK = 2048
 #: the most one written page piece can add to guest memory: a whole page, its objects
 #: and directory nodes (an exact bound is computed only near the quota)
 _PIECE_WORST_BYTES = PAGE_SIZE + 1024
+#: ended workloads are forgotten this long after they ended (and beyond each tenant's
+#: finished_workloads quota, the oldest first)
+FINISHED_WORKLOAD_TTL_S = 3600.0
 #: the most tracking references one restore adds (as many as one AddTracking may)
 MAX_RESTORE_REFERENCES = 1 << 22
 #: a workload at rate 0 steps for this long before yielding to the event loop (streams
@@ -189,7 +193,6 @@ class Engine:
         self.entries: dict[tuple[TenantId, str], VmEntry] = {}
         self.leases = LeaseTable(self._release_lease)
         self.workloads: dict[str, WorkloadRun] = {}
-        self._next_workload = 1
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
         self._lease_task: asyncio.Task[None] | None = None
@@ -203,6 +206,8 @@ class Engine:
         self._counted: dict[Vm, tuple[int, int, int, int]] = {}
         self._changed: set[Vm] = set()
         self._vm_tenant: dict[Vm, TenantId] = {}
+        #: tenant -> its VMs' event history bounds, summed (the history_bytes quota)
+        self._history_held: dict[TenantId, int] = {}
         #: list_vms answers, each beside the registry listing it was built from
         self._listed: dict[TenantId | None, tuple[list[Any], list[VmEntry]]] = {}
 
@@ -259,12 +264,29 @@ class Engine:
             raise Unavailable("pagetrackd is shutting down; retry against a running daemon")
 
     async def _expire_leases(self) -> None:
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(self.config.lease_check_interval_s)
             try:
                 self.leases.expire()
+                if time.monotonic() - last_prune > 1.0:
+                    last_prune = time.monotonic()
+                    self.prune_workloads()
             except Exception:
                 log.exception("lease.expiry_failed")
+
+    def check_leases(self, tenant: TenantId) -> None:
+        """Raise QuotaExceeded if the tenant may not hold one more TTL lease."""
+        q = self.quotas(tenant).leases
+        held = sum(
+            1 for lease in self.leases.live()
+            if lease.tenant == tenant and lease.kind is LeaseKind.TTL
+        )
+        if held >= q:
+            raise QuotaExceeded(
+                f"tenant already holds {q} leases, its leases quota; revoke some or let"
+                " them expire", quota="leases", limit=q,
+            )
 
     # ------------------------------------------------------------------ VMs
 
@@ -298,7 +320,7 @@ class Engine:
             raise InvalidArgument(
                 "history_events must be 0..16777216 and history_bytes 0..4294967296"
             )
-        held = sum(e.hub.history.max_bytes for e in self._tenant_entries(tenant))
+        held = self._history_held.get(tenant, 0)
         if held + h_bytes > q.history_bytes:
             raise QuotaExceeded(
                 f"an event history of {h_bytes} bytes would take the tenant's VMs to"
@@ -312,6 +334,7 @@ class Engine:
         )
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
+        self._history_held[tenant] = held + h_bytes
         self._vm_tenant[vm] = tenant
         vm.on_change = self._changed.add
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
@@ -397,10 +420,14 @@ class Engine:
         Returns the VM's last seq."""
         entry = self.vm(tenant, name)
         for run in list(self.workloads.values()):
-            if run.entry is entry and run.task is not None and not run.task.done():
+            if run.entry is not entry:
+                continue
+            if run.task is not None and not run.task.done():
                 run.task.cancel()
                 run.state = "stopped"
                 run.ended = time.monotonic()
+            # Its figures go with the VM: a kept run would keep the deleted VM alive.
+            del self.workloads[run.run_id]
         for plugin in list(entry.plugins.values()):
             plugin.detach()
         entry.plugins.clear()
@@ -415,6 +442,7 @@ class Engine:
         for k, v in enumerate(counted):
             usage[k] -= v
         self.registry.delete_vm(tenant, name)
+        self._history_held[tenant] -= entry.hub.history.max_bytes
         self._changed.discard(entry.vm)
         self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]
@@ -736,6 +764,7 @@ class Engine:
             raise InvalidArgument(f"rate {rate} must be 0 (as fast as possible) .. 1e8 writes/s")
         if count < 0 or duration_s < 0:
             raise InvalidArgument("count and duration must be >= 0")
+        self.prune_workloads()
         q = self.quotas(entry.tenant).workloads
         running = sum(
             1 for r in self.workloads.values() if r.tenant == entry.tenant and r.state == "running"
@@ -752,8 +781,8 @@ class Engine:
             # this finds nothing then; adopting in `finally` keeps the API's view right
             # whatever a setup leaves behind).
             self._adopt_plugins(entry)
-        run_id = f"w{self._next_workload}"
-        self._next_workload += 1
+        # Unguessable, not a count: a tenant learns nothing of the others' workloads.
+        run_id = f"w{secrets.token_hex(6)}"
         run = WorkloadRun(
             run_id, entry.tenant, entry, kind, workload, rate, count, duration_s,
             {"seed": seed, **dict(options)},
@@ -818,6 +847,27 @@ class Engine:
             log.exception("workload.failed", id=run.run_id)
         finally:
             run.ended = time.monotonic()
+            asyncio.get_running_loop().call_soon(self.prune_workloads)  # once its task is done
+
+    def prune_workloads(self) -> int:
+        """Forget ended workloads older than FINISHED_WORKLOAD_TTL_S, and beyond each
+        tenant's finished_workloads quota the oldest ended ones; returns how many went.
+        (An ended workload keeps its figures for GetWorkload, and its VM: unbounded,
+        they would hold memory forever.)"""
+        now = time.monotonic()
+        ended: dict[TenantId, list[WorkloadRun]] = {}
+        for run in self.workloads.values():
+            if run.ended is not None and (run.task is None or run.task.done()):
+                ended.setdefault(run.tenant, []).append(run)
+        gone = 0
+        for tenant, runs in ended.items():
+            runs.sort(key=lambda r: r.ended or 0.0, reverse=True)
+            keep = self.quotas(tenant).finished_workloads
+            for i, run in enumerate(runs):
+                if i >= keep or now - (run.ended or now) > FINISHED_WORKLOAD_TTL_S:
+                    del self.workloads[run.run_id]
+                    gone += 1
+        return gone
 
     def _check_workload_memory(self, entry: VmEntry) -> None:
         """A workload's writes are made inside the daemon, so they are checked step by
