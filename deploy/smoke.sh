@@ -345,7 +345,7 @@ jetstream_check() {  # prints "ok N MESSAGES GAPS" when the demo VM's records co
 import asyncio
 
 import nats
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 
@@ -357,10 +357,10 @@ async def main() -> None:
     info = await js.stream_info("PAGETRACK", subjects_filter=subject)
     total = sum((info.state.subjects or {}).values())
     sub = await js.pull_subscribe(subject, stream="PAGETRACK", config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL))
+        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE))
     next_seq, n, gaps = 1, 0, 0
     while n < total:
-        for msg in await sub.fetch(min(500, total - n), timeout=10):
+        for msg in await sub.fetch(min(100, total - n), timeout=10):
             n += 1
             h = msg.headers
             if h["Pagetrack-Kind"] == "regions":
