@@ -122,6 +122,8 @@ class GapReason(enum.StrEnum):
     BLOCK_TIMEOUT = "block_timeout"
     COMPACTED = "compacted"
     COALESCED = "coalesced"
+    #: the daemon crashed; these seqs were reserved by its previous run
+    RESTART = "restart"
 
 
 class CloseReason(enum.StrEnum):
@@ -707,6 +709,8 @@ class Registered:
     block_timeout_ms: int
     heartbeat_interval_ms: int
     reconnects: int = 0
+    #: this run of the daemon; it changes when the daemon restarts
+    incarnation: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,10 @@ async def _serve(config: Config) -> int:
     await stop.wait()
     structlog.get_logger("pagetrackd").info("daemon.stopping")
     await daemon.stop()
-    return 0
+    if daemon.exit_code:
+        print("pagetrackd: the final save did not complete; see state.vm_save_failed in the"
+              " log", file=sys.stderr)
+    return daemon.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

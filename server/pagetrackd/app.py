@@ -115,6 +115,8 @@ class Daemon:
         self.rpc_metrics: RpcMetrics | None = None
         self.metrics: MetricsServer | None = None
         self.metrics_address = ""
+        #: what the process exits with after stop(): 1 when the final save failed
+        self.exit_code = 0
         if config.metrics_port:
             registry, self.rpc_metrics = build_registry(
                 self.engine, max_vms=config.metrics_max_vms, state=self.state
@@ -214,7 +216,13 @@ class Daemon:
             # Streams have ended, so their leases' references are gone: what is saved is
             # what a restart should bring back.
             written = await self.state.save(self.engine)
-            log.info("state.saved", path=str(self.state.path), written=written)
+            self.state.release_unused(self.engine)
+            if self.state.last_save_complete:
+                log.info("state.saved", path=str(self.state.path), written=written)
+            else:
+                self.exit_code = 1
+                log.error("state.final_save_incomplete", path=str(self.state.path),
+                          written=written, unsaved=self.state.failing)
         if self.metrics is not None:
             await self.metrics.stop()
         log.info("daemon.stopped")

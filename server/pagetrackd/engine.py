@@ -12,7 +12,8 @@ import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,15 @@ class Engine:
         self._next_workload = 1
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
+        #: this run of the daemon (Watch's Registered.incarnation)
+        self.incarnation = uuid.uuid4().hex
+        #: called with every VM created, before anything is written to it
+        self.on_vm_created: list[Callable[[VmEntry], None]] = []
+        #: what is wrong right now (GetServerInfo.problems): key -> (tenant the problem
+        #: belongs to, None for the whole daemon; one-line description)
+        self.problems: dict[str, tuple[TenantId | None, str]] = {}
+        #: called with (tenant, name) of every VM deleted
+        self.on_vm_deleted: list[Callable[[TenantId, str], None]] = []
         self._lease_task: asyncio.Task[None] | None = None
         self._record_dir: Path | None = None  #: made on the first recorded VM
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
@@ -243,15 +253,14 @@ class Engine:
         history_events: int | None = None,
         history_bytes: int | None = None,
         record: bool = False,
+        check_quota: bool = True,
     ) -> VmEntry:
         """Create a VM for ``tenant`` with its event history; with ``record``, every
-        operation on it is recorded (see :mod:`pagetrackd.replay`)."""
+        operation on it is recorded (see :mod:`pagetrackd.replay`). ``check_quota``
+        false is for VMs the daemon accepted before (its state directory)."""
         self.check_serving()
-        q = self.quotas(tenant)
-        if self.registry.count_vms(tenant) >= q.vms:
-            raise QuotaExceeded(
-                f"tenant already has {q.vms} VMs, its quota", quota="vms", limit=q.vms
-            )
+        if check_quota:
+            self.check_vm_count(tenant)
         h_events = self.config.history_events if history_events is None else history_events
         h_bytes = self.config.history_bytes if history_bytes is None else history_bytes
         if not 0 <= h_events <= 1 << 24 or not 0 <= h_bytes <= 1 << 32:
@@ -271,6 +280,8 @@ class Engine:
             entry.recording = self._record_dir / f"{time.time_ns()}-{tenant}-{name}.jsonl"
             entry.recorder = Recorder(vm, entry.recording)
         self.entries[(tenant, name)] = entry
+        for hook in self.on_vm_created:
+            hook(entry)
         log.info("vm.created", tenant=tenant, vm=name, record=record)
         return entry
 
@@ -337,9 +348,19 @@ class Engine:
         last = entry.vm.seq
         self.registry.delete_vm(tenant, name)
         del self.entries[(tenant, name)]
+        for gone in self.on_vm_deleted:
+            gone(tenant, name)
         entry.room.set()
         log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
         return last
+
+    def check_vm_count(self, tenant: TenantId) -> None:
+        """Raise QuotaExceeded if the tenant may not have one more VM."""
+        q = self.quotas(tenant)
+        if self.registry.count_vms(tenant) >= q.vms:
+            raise QuotaExceeded(
+                f"tenant already has {q.vms} VMs, its quota", quota="vms", limit=q.vms
+            )
 
     def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""

@@ -54,6 +54,8 @@ class GapReason(enum.Enum):
 
     DROPPED = "dropped"  #: the queue was full (drop policy, or block that timed out)
     COALESCED = "coalesced"  #: superseded by a later write to the same gfn
+    #: seqs a crashed daemon run had reserved: whatever events they held are lost
+    RESTART = "restart"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,12 @@ class History:
         self.events = 0
         self.nbytes = 0
         self._oldest_seq = 1
+        #: seq ranges lost in a crash (first, last), reported as RESTART gaps on resume
+        self.lost: list[tuple[int, int]] = []
+        #: the highest seq handed out may be ``seq_limit``; an event past it calls
+        #: ``on_seq_limit`` first (the daemon reserves more seqs on disk there)
+        self.seq_limit: int | None = None
+        self.on_seq_limit: Callable[[int], None] = lambda seq: None
 
     @property
     def oldest_seq(self) -> int:
@@ -216,6 +224,8 @@ class History:
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Keep one event."""
+        if self.seq_limit is not None and event.seq > self.seq_limit:
+            self.on_seq_limit(event.seq)
         if not self._pending:
             self._pending_ts = time.time_ns()
         self._pending.append(event)
@@ -224,6 +234,8 @@ class History:
 
     def track_write_batch(self, vm: Vm, batch: EventBatch) -> None:
         """Keep a batch of events."""
+        if self.seq_limit is not None and len(batch) and int(batch.seq[-1]) > self.seq_limit:
+            self.on_seq_limit(int(batch.seq[-1]))
         self._flush()
         self._append(_stamp(batch))
 
@@ -231,6 +243,13 @@ class History:
         """Keep a region record in order with the events."""
         self._flush()
         self._append(_region_record(vm, base_gfn, npages))
+
+    def add_lost(self, first: int, last: int) -> None:
+        """Seqs ``first..last`` were reserved by a daemon run that crashed: a resume
+        across them gets a RESTART gap with that exact range."""
+        if first <= last:
+            self.lost.append((first, last))
+            self.lost.sort()
 
     def dump(self) -> HistoryDump:
         """What the history holds, as columns (for a state file)."""
@@ -245,6 +264,7 @@ class History:
             is_region=np.array([isinstance(i, RegionRemoved) for i in self._items], dtype=bool),
             regions=[i for i in self._items if isinstance(i, RegionRemoved)],
             oldest_seq=self.oldest_seq,
+            lost=[(a, b) for a, b in self.lost if b >= self._oldest_seq],
         )
 
     def restore(self, dump: HistoryDump, head_seq: int) -> None:
@@ -264,12 +284,14 @@ class History:
                 or int(seqs[0]) < dump.oldest_seq or int(seqs[-1]) > head_seq
             ))
             or not 1 <= dump.oldest_seq <= head_seq + 1
+            or any(not 1 <= a <= b <= head_seq for a, b in dump.lost)
         ):
             raise InvalidArgument("saved event history does not fit together; not restored")
         ends = np.cumsum(dump.batch_events).tolist()
         regions = iter(dump.regions)
         k = lo = 0
         self._oldest_seq = dump.oldest_seq
+        self.lost = sorted(dump.lost)
         for is_region in dump.is_region.tolist():
             if is_region:
                 self._append(next(regions))
@@ -301,7 +323,13 @@ class History:
                 oldest_seq=self.oldest_seq,
             )
         out: list[Item] = []
+        lost = [
+            Gap(max(a, start_seq), b, b - max(a, start_seq) + 1, GapReason.RESTART)
+            for a, b in self.lost if b >= start_seq
+        ]
         for item in self._items:
+            while lost and isinstance(item, Stamped) and int(item.batch.seq[0]) > lost[0].last_seq:
+                out.append(lost.pop(0))
             if isinstance(item, Stamped):
                 b = item.batch
                 if int(b.seq[-1]) < start_seq:
@@ -311,7 +339,7 @@ class History:
                 out.append(item)
             elif isinstance(item, RegionRemoved) and item.at_seq >= start_seq - 1:
                 out.append(item)
-        return out
+        return out + lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +354,8 @@ class HistoryDump:
     is_region: npt.NDArray[np.bool_]
     regions: list[RegionRemoved]
     oldest_seq: int
+    #: seq ranges lost in a crash (see :meth:`History.add_lost`)
+    lost: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

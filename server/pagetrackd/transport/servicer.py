@@ -969,6 +969,11 @@ class AdminService(pbg.AdminServiceServicer):
                 watchers=q.watchers, workloads=q.workloads, write_rate=q.write_rate,
             ),
             started_at_ns=self.engine.started_ns,
+            incarnation=self.engine.incarnation,
+            problems=[
+                text for owner, text in self.engine.problems.values()
+                if owner is None or owner == caller.tenant or caller.role == "admin"
+            ],
             default_vm_options=pb.VmOptions(
                 dma_policy=pb.DMA_POLICY_BYPASS,
                 semantics=pb.SEMANTICS_2016,
