@@ -78,7 +78,7 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
-class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     def __init__(self, token: str) -> None:
         self.metadata = (("authorization", f"Bearer {token}"),)
 

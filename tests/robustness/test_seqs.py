@@ -47,7 +47,7 @@ def test_sigkill_then_new_writes_never_reuse_a_seq(daemons: Daemons, tmp_path: P
 
 def test_each_run_has_its_own_incarnation(daemons: Daemons, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ids = []
+    ids: list[str] = []
     for _ in range(3):
         d = daemons.start(state_dir=state)
         if not ids:
