@@ -39,6 +39,7 @@ from pagetrackd.domain import (
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
+from pagetrackd.quota_guard import QuotaGuard, guard
 from pagetrackd.replay import Recorder, read_header, replay
 from pagetrackd.workloads import WORKLOADS, Workload
 
@@ -110,6 +111,8 @@ class VmEntry:
     #: records every operation when the VM was created with ``record``
     recorder: Recorder | None = None
     recording: Path | None = None
+    #: charges the VM's own methods to the tenant's quotas (every path, not only RPCs)
+    quota: QuotaGuard | None = None
 
     @property
     def name(self) -> str:
@@ -219,6 +222,16 @@ class Engine:
             )
         self._buckets[tenant] = (tokens - writes, now)
 
+    def writes_available(self, tenant: TenantId) -> int:
+        """Writes the tenant's write-rate bucket holds now (a large number without a
+        write_rate quota)."""
+        rate = self.quotas(tenant).write_rate
+        if not rate:
+            return 1 << 62
+        now = time.monotonic()
+        tokens, last = self._buckets.get(tenant, (float(rate), now))
+        return int(min(float(rate), tokens + (now - last) * rate))
+
     def refund_writes(self, tenant: TenantId, writes: int) -> None:
         """Give back writes charged for a call that was refused (it changed nothing)."""
         if tenant in self._buckets:
@@ -274,6 +287,7 @@ class Engine:
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
+        entry.quota = guard(self, tenant, vm)
         if record:
             if self._record_dir is None:
                 self._record_dir = Path(tempfile.mkdtemp(prefix="pagetrack-recordings-"))
@@ -595,6 +609,15 @@ class Engine:
                     n = min(n, due)
                 if run.count:
                     n = min(n, run.count - run.writes)
+                room = self.writes_available(run.tenant)
+                if room < n:
+                    # The tenant's write_rate quota holds workloads too: wait for the
+                    # bucket to refill instead of writing past it.
+                    if room <= 0:
+                        rate = self.quotas(run.tenant).write_rate
+                        await asyncio.sleep(min(0.05, max(0.001, 1 / rate)))
+                        continue
+                    n = room
                 await self.admit(entry)
                 if vm.closed:
                     break
@@ -613,6 +636,9 @@ class Engine:
                         if run.duration_s and run.elapsed_s >= run.duration_s:
                             break
                         n = chunk if not run.count else min(chunk, run.count - run.writes)
+                        n = min(n, self.writes_available(run.tenant))
+                        if n <= 0:
+                            break
                         made = step(vm, n)
                         run.writes += made
                     if made == 0:

@@ -628,6 +628,8 @@ def restore_snapshot(
         tenant, name, **opts, history_events=h_events, history_bytes=h_bytes,
         check_quota=not saved,
     )
+    if entry.quota is not None:
+        entry.quota.exempt = saved  # a VM the daemon accepted is never refused at load
     try:
         _fill(engine, entry, snap, keep)
     except BaseException as exc:
@@ -635,6 +637,9 @@ def restore_snapshot(
         if isinstance(exc, PageTrackError) or not isinstance(exc, Exception):
             raise
         raise SnapshotError(f"snapshot cannot be restored: {type(exc).__name__}: {exc}") from None
+    finally:
+        if entry.quota is not None:
+            entry.quota.exempt = False
     return entry
 
 

@@ -78,7 +78,11 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
-class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class _Token(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+):
     def __init__(self, token: str) -> None:
         self.metadata = (("authorization", f"Bearer {token}"),)
 
@@ -90,6 +94,9 @@ class _Token(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
 
     def intercept_unary_stream(self, cont: Any, details: Any, request: Any) -> Any:
         return cont(self._details(details), request)
+
+    def intercept_stream_unary(self, cont: Any, details: Any, requests: Any) -> Any:
+        return cont(self._details(details), requests)
 
 
 @dataclass
@@ -170,13 +177,17 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def _toml(config: dict[str, Any]) -> str:
-    top = [f"{k} = {_toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)]
-    tables = [
-        f"[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+def _toml(config: dict[str, Any], prefix: str = "") -> str:
+    """``config`` as TOML: plain keys, then one table per dict (nested ones too)."""
+    head = f"[{prefix}]\n" if prefix else ""
+    plain = "".join(
+        f"{k} = {_toml_value(v)}\n" for k, v in config.items() if not isinstance(v, dict)
+    )
+    tables = "".join(
+        _toml(v, f"{prefix}.{k}" if prefix else k)
         for k, v in config.items() if isinstance(v, dict)
-    ]
-    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
+    )
+    return head + plain + "\n" + tables
 
 
 @pytest.fixture

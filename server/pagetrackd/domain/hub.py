@@ -411,8 +411,9 @@ class Subscriber:
         self.counters = StreamCounters()
         self._gap: list[int] | None = None  # [first, last, count] of dropped events
         self._coalesce: dict[int, WriteEvent] = {}
-        self._coalesce_first = 0
-        self._coalesce_last = 0
+        #: lowest and highest seq of the events superseded while coalescing, and how many
+        self._superseded_first = 0
+        self._superseded_last = 0
         self._superseded = 0
         #: set when the disconnect policy fired: the lag that made it fire
         self.overflowed_lag: int | None = None
@@ -466,43 +467,58 @@ class Subscriber:
             if batch is not None:
                 self._coalesce_batch(batch)
             for e in events or ():
-                self._coalesce_one(e, e.seq, 1)
+                self._coalesce_one(e, None)
             return
         if batch is not None:
             self._note_gap(int(batch.seq[0]), int(batch.seq[-1]), len(batch))
         elif events:
             self._note_gap(events[0].seq, events[-1].seq, len(events))
 
-    def _coalesce_one(self, event: WriteEvent, first_seq: int, count: int) -> None:
-        """Keep ``event`` as the latest write to its gfn; ``count`` events of that gfn
-        (from ``first_seq`` on, ``event`` last) are folded into it."""
+    def _supersede(self, first: int, last: int, count: int) -> None:
+        """``count`` events with seqs from ``first`` to ``last`` are folded away."""
+        if not self._superseded:
+            self._superseded_first, self._superseded_last = first, last
+        else:
+            self._superseded_first = min(self._superseded_first, first)
+            self._superseded_last = max(self._superseded_last, last)
+        self._superseded += count
+
+    def _coalesce_one(self, event: WriteEvent, earlier: tuple[int, int, int] | None) -> None:
+        """Keep ``event`` as the latest write to its gfn. ``earlier`` is (lowest seq,
+        highest seq, count) of the earlier writes to that gfn folded into it, if any."""
         if len(self._coalesce) >= self.queue_limit and event.gfn not in self._coalesce:
-            self._note_gap(first_seq, event.seq, count)  # no room even to coalesce
+            # no room even to coalesce: the event and the writes folded into it are lost
+            first, _, n = earlier if earlier is not None else (event.seq, 0, 0)
+            self._note_gap(first, event.seq, n + 1)
             return
-        if not self._coalesce:
-            self._coalesce_first = first_seq
-        if self._coalesce.pop(event.gfn, None) is not None:
-            self._superseded += 1
-        self._superseded += count - 1
+        old = self._coalesce.pop(event.gfn, None)
+        if old is not None:
+            self._supersede(old.seq, old.seq, 1)
+        if earlier is not None:
+            self._supersede(*earlier)
         self._coalesce[event.gfn] = event
-        self._coalesce_last = event.seq
 
     def _coalesce_batch(self, batch: EventBatch) -> None:
         """Coalesce a batch in bulk: only the last write per gfn is looked at one by one."""
         gfn = (batch.gpa >> np.uint64(PAGE_SHIFT)).astype(np.int64)
         n = gfn.size
-        _, first_idx, counts = np.unique(gfn, return_index=True, return_counts=True)
-        _, rev_idx = np.unique(gfn[::-1], return_index=True)
-        last_idx = n - 1 - rev_idx
-        order = np.argsort(last_idx)
+        # Writes in gfn order, each gfn's in seq order: a group's last write is kept,
+        # the ones before it (from the group's first to its second-to-last) are folded.
+        order = np.lexsort((np.arange(n), gfn))
+        _, starts, counts = np.unique(gfn[order], return_index=True, return_counts=True)
+        lasts = starts + counts - 1
+        seq = batch.seq[order]
+        keep_at = order[lasts]
+        by_position = np.argsort(keep_at)
         keep = np.zeros(n, dtype=np.bool_)
-        keep[last_idx] = True
-        kept = batch.select(keep)
-        firsts = batch.seq[first_idx[order]].tolist()
-        for event, first, count in zip(
-            kept.events(), firsts, counts[order].tolist(), strict=True
-        ):
-            self._coalesce_one(event, first, count)
+        keep[keep_at] = True
+        kept = batch.select(keep)  # in batch order, i.e. by_position
+        for event, k in zip(kept.events(), by_position.tolist(), strict=True):
+            c = int(counts[k])
+            earlier = (
+                (int(seq[starts[k]]), int(seq[lasts[k] - 1]), c - 1) if c > 1 else None
+            )
+            self._coalesce_one(event, earlier)
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Queue one event (if the filter wants it)."""
@@ -637,7 +653,7 @@ class Subscriber:
         if self._superseded:
             self.counters.coalesced += self._superseded
             self._items.append(
-                Gap(self._coalesce_first, self._coalesce_last, self._superseded,
+                Gap(self._superseded_first, self._superseded_last, self._superseded,
                     GapReason.COALESCED)
             )
             self._superseded = 0

@@ -21,7 +21,6 @@ from pagetrackd.auth import current_caller
 from pagetrackd.domain import (
     CostModel,
     InvalidArgument,
-    PageTrackError,
     SlotFlags,
     TenantId,
     Vm,
@@ -246,16 +245,11 @@ class MemoryService(pbg.MemoryServiceServicer):
         if refused), after block-policy streams have room. Returns its result and the
         simulated cycles it cost."""
         entry = self.engine.vm(_tenant(), vm_name)
-        self.engine.charge_writes(entry.tenant, 1)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
-        try:
-            result = access(vm)
-        except PageTrackError:
-            self.engine.refund_writes(entry.tenant, 1)
-            raise
+        result = access(vm)  # the VM's quota guard charges the write rate
         return result, sum(vm.stats.cycles) - before
 
     @unary
@@ -316,21 +310,16 @@ class MemoryService(pbg.MemoryServiceServicer):
             raise InvalidArgument(
                 f"vcpu has {len(request.vcpu)} entries; give one per write ({n}) or exactly one"
             )
-        self.engine.charge_writes(entry.tenant, n)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
-        try:
-            result = vm.write_batch(
-                gpa.astype(np.int64),
-                vcpu,
-                np.array(request.length, dtype=np.int64),
-                request.data,
-            )
-        except PageTrackError:
-            self.engine.refund_writes(entry.tenant, n)
-            raise
+        result = vm.write_batch(  # the VM's quota guard charges the write rate
+            gpa.astype(np.int64),
+            vcpu,
+            np.array(request.length, dtype=np.int64),
+            request.data,
+        )
         reply = pb.WriteGuestBatchResponse(writes=n, cycles=sum(vm.stats.cycles) - before)
         counts = result.counts
         pieces = reply.pieces
