@@ -4,8 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit proto bench clean
+.PHONY: run test lint typecheck unit proto bench clean tools
 
+# npm packages the tests run, each pinned by its committed lockfile.
+NPM_DIRS := tools/buf
+
+# The install is editable and path-based (hatchling writes a .pth naming client/ and
+# server/), so mypy and IDEs see the packages from a user's own scripts too.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -23,7 +28,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+tools: $(NPM_DIRS:%=%/node_modules/.package-lock.json)
+
+%/node_modules/.package-lock.json: %/package-lock.json
+	cd $* && npm ci --no-audit --no-fund --loglevel=error
+
+unit: $(STAMP) tools
 	$(BIN)/pytest
 
 proto: $(STAMP)
@@ -34,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/core_memory.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(NPM_DIRS:%=%/node_modules)

@@ -7,7 +7,8 @@ Run from the repository root with the project's venv::
 Prints ``name: value`` lines: the C reference (``bench/baseline/c_trap.c``: mprotect +
 SIGSEGV trap and emulate, one real user-space trap per write), single tracked writes through
 ``Vm.write`` with one in-process notifier, batched writes to tracked and to untracked gfns
-through ``Vm.write_batch``, and the ratios of ours to C's (the batch ratio last).
+through ``Vm.write_batch``, and the ratios of ours to C's; then one batch of 40k and one of
+200k writes with a per-event notifier and their rate ratio (linear cost: about 1).
 
 The machine is noisy, so the measurements run in interleaved rounds (C, single, batch, then
 again; 7 rounds, or fewer but at least 3 once 40 s have passed) and each figure is the median
@@ -245,6 +246,36 @@ class BatchBench:
         return total / elapsed
 
 
+class PerEvent:
+    """An in-process notifier called per event that does nothing (the cost is the core's)."""
+
+    name = "bench-per-event"
+    external = False
+
+    def track_write(self, vm: Vm, event: WriteEvent) -> None:
+        pass
+
+    def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
+        pass
+
+
+def per_event_batch_writes_per_s(count: int) -> float:
+    """Tracked writes per second of one ``write_batch`` of ``count`` writes with a per-event
+    notifier: each write is emulated and calls back. The rate must not fall as the batch
+    grows (a rescan of the rest of the batch per piece once made it quadratic)."""
+    vm = Vm("per-event")
+    vm.set_memslot(0, 0, 1024)
+    vm.track_add(np.arange(1024))
+    vm.register_notifier(PerEvent())
+    gpa = (np.arange(count) % 1024) * 4096
+    started = time.perf_counter()
+    res = vm.write_batch(gpa, np.zeros(count), np.full(count, 8), bytes(8 * count))
+    elapsed = time.perf_counter() - started
+    if res.count(WritePath.EMULATED) != count:
+        fail("per-event batch: not every write was emulated")
+    return count / elapsed
+
+
 def main() -> int:
     rng = np.random.default_rng(SEED)
     drawn = rng.choice(SLOT_PAGES, size=2 * TRACKED_PAGES, replace=False) + SLOT_BASE_GFN
@@ -279,6 +310,12 @@ def main() -> int:
     print(f"batch_fast_writes_per_s: {bf_med:.0f}")
     print(f"ratio_tracked_vs_c_trap: {s_med / c_med:.2f}")
     print(f"ratio_batch_tracked_vs_c_trap: {bt_med / c_med:.2f}")
+    small = statistics.median(per_event_batch_writes_per_s(40_000) for _ in range(3))
+    large = statistics.median(per_event_batch_writes_per_s(200_000) for _ in range(3))
+    print(f"per_event_batch_40k_writes_per_s: {small:.0f}")
+    print(f"per_event_batch_200k_writes_per_s: {large:.0f}")
+    # about 1 when the cost is linear in the batch size; 0.2 if it were quadratic
+    print(f"ratio_per_event_batch_200k_vs_40k: {large / small:.2f}")
     return 0
 
 

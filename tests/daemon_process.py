@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.waiting import HANG_S
+
 BIN = Path(sys.executable).parent
 
 
@@ -62,7 +64,7 @@ def start_daemon(
              "--log-format", "json", *args],
             stdout=subprocess.DEVNULL, stderr=out,
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()

@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -22,6 +21,7 @@ from pagetrackd.metrics import MetricsServer, RpcMetrics, build_registry
 from pagetrackd.state import StateDir
 from pagetrackd.transport.interceptors import RequestContextInterceptor
 from pagetrackd.transport.limits import ServerLimits
+from pagetrackd.transport.reflection import reflection_handlers
 from pagetrackd.transport.servicer import (
     AdminService,
     LeaseService,
@@ -150,14 +150,12 @@ class Daemon:
         pbg.add_WorkloadServiceServicer_to_server(WorkloadService(engine), srv)
         pbg.add_AdminServiceServicer_to_server(AdminService(engine, lim), srv)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, srv)
-        # What reflection.enable_server_reflection does for an aio server, but through srv:
-        # given the server itself it registers a method, which costs every call.
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-            reflection.aio.ReflectionServicer(
-                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
-            ),
-            srv,
+        # Reflection as v1 and v1alpha, as generic handlers (enable_server_reflection, given
+        # the server itself, registers a method, which costs every call).
+        server.add_generic_rpc_handlers(
+            reflection_handlers(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+            )
         )
         creds = _server_credentials(self.config)
         bound = []

@@ -869,6 +869,9 @@ class StateDir:
         says whether everything was saved."""
         async with self._lock:
             started = time.perf_counter()
+            # The leases file says when this save began (before any VM was copied): a
+            # saved_at_ns after a change means every VM file holds that change.
+            began_ns = time.time_ns()
             ttl = {
                 lease.lease_id: lease
                 for lease in engine.leases.live()
@@ -907,7 +910,7 @@ class StateDir:
                 written += 1
             leases_blob = _seal(
                 {
-                    "saved_at_ns": time.time_ns(),
+                    "saved_at_ns": began_ns,
                     "leases": [
                         {
                             "lease_id": lease.lease_id,

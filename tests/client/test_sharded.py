@@ -16,6 +16,7 @@ from pagetrack import AsyncClient, ShardedAsyncClient, ShardedClient
 from pagetrack.cli import main
 from tests.client.conftest import short_tmp
 from tests.daemon_process import DaemonProcess, start_daemon
+from tests.waiting import HANG_S
 
 PAGE = 4096
 
@@ -55,6 +56,18 @@ def _prefix() -> str:
     return f"s{uuid.uuid4().hex[:6]}"
 
 
+def _one_per_daemon(sharded: ShardedAsyncClient, stem: str) -> dict[str, str]:
+    """A VM name for each daemon (names are drawn until the ring has placed one on
+    every daemon: a fixed handful could all land on one)."""
+    by_target: dict[str, str] = {}
+    for i in range(10_000):
+        name = f"{stem}{i}"
+        by_target.setdefault(sharded.owner(name), name)
+        if len(by_target) == len(sharded.targets):
+            return by_target
+    raise AssertionError(f"the ring placed 10,000 names on {sorted(by_target)} only")
+
+
 async def test_vms_land_on_the_daemon_the_ring_names(
     sharded: ShardedAsyncClient, direct: dict[str, AsyncClient]
 ) -> None:
@@ -92,18 +105,14 @@ async def test_watch_goes_to_the_owning_daemon(
 ) -> None:
     """A watch opened through the sharded client registers on the VM's daemon and
     delivers the writes made through the sharded client."""
-    prefix = _prefix()
-    names = [f"{prefix}-w{i}" for i in range(8)]
-    by_target: dict[str, str] = {}
-    for name in names:
-        by_target.setdefault(sharded.owner(name), name)
+    by_target = _one_per_daemon(sharded, f"{_prefix()}-w")
     assert len(by_target) == 2
     for target, name in by_target.items():
         await sharded.create_vm(name)
         await sharded.set_memory_region(name, 0, 0, 16)
         await sharded.add_tracking(name, [2])
         async with sharded.watch(name) as stream:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(HANG_S):
                 async for msg in stream:
                     if isinstance(msg, pt.Registered):
                         notifiers = await direct[target].list_notifiers(name)
@@ -121,11 +130,7 @@ async def test_workloads_leases_and_snapshots_follow_the_vm(
     """Leases are created beside their VM; workload ids (unique per daemon only) are
     found by VM; restore_vm goes to the owner of the restored name."""
     prefix = _prefix()
-    names = [f"{prefix}-x{i}" for i in range(8)]
-    pair: dict[str, str] = {}
-    for name in names:
-        pair.setdefault(sharded.owner(name), name)
-    a, b = pair.values()
+    a, b = _one_per_daemon(sharded, f"{prefix}-x").values()
     for name in (a, b):
         await sharded.create_vm(name)
         await sharded.set_memory_region(name, 0, 0, 64)

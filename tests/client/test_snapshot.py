@@ -18,6 +18,7 @@ from pagetrack import AsyncClient, Client
 from pagetrack.cli import main
 from pagetrack.client import check_snapshot
 from tests.daemon_process import DaemonProcess
+from tests.waiting import HANG_S
 
 PAGE = 4096
 PAGETRACK = Path(sys.executable).with_name("pagetrack")
@@ -80,7 +81,7 @@ async def test_round_trip_keeps_slots_tracking_memory_and_seq(
 
     # The seq continues: a watcher on the copy sees the next write as seq 3.
     async with c.watch(copy) as stream:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(HANG_S):
             async for msg in stream:
                 if isinstance(msg, pt.Registered):
                     await c.write(copy, 10 * PAGE, b"next")

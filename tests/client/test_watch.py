@@ -15,6 +15,7 @@ import pagetrack as pt
 from pagetrack import AsyncClient, Backoff, WatchStream
 from tests.client.conftest import short_tmp
 from tests.daemon_process import DaemonProcess, start_daemon
+from tests.waiting import HANG_S, until
 
 PAGE = 4096
 FAST = Backoff(initial_s=0.05, max_s=0.5, max_attempts=100)
@@ -30,7 +31,7 @@ async def _setup(c: AsyncClient, vm: str, **kw: object) -> None:
 async def _next(
     stream: WatchStream,
     kind: type[pt.WatchMessage],
-    within: float = 10,
+    within: float = HANG_S,
     skip: tuple[type, ...] = (pt.Progress, pt.Registered),
 ):
     """The next message of a kind, skipping heartbeats (and what ``skip`` names)."""
@@ -42,7 +43,7 @@ async def _next(
     raise AssertionError(f"stream ended before a {kind.__name__}")
 
 
-async def _events(stream: WatchStream, n: int, within: float = 15) -> list[pt.Event]:
+async def _events(stream: WatchStream, n: int, within: float = HANG_S) -> list[pt.Event]:
     """The next ``n`` events, failing on any gap."""
     out: list[pt.Event] = []
     async with asyncio.timeout(within):
@@ -148,7 +149,7 @@ async def test_overflow_gap_accounts_for_every_event(client: AsyncClient, vm_nam
         await _next(stream, pt.Registered)
         await client.write_batch(vm_name, np.arange(64) * PAGE, b"q" * 64)
         received = lost = 0
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(HANG_S):
             async for msg in stream:
                 if isinstance(msg, pt.EventBatch):
                     received += len(msg)
@@ -171,7 +172,7 @@ async def test_coalesce_accounts_for_every_event(client: AsyncClient, vm_name: s
         gpa = (np.arange(40) % 8) * PAGE  # five writes to each of 8 gfns
         await client.write_batch(vm_name, gpa, np.arange(40, dtype="<u8").tobytes())
         received = accounted = 0
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(HANG_S):
             async for msg in stream:
                 if isinstance(msg, pt.EventBatch):
                     received += len(msg)
@@ -217,6 +218,7 @@ class Proxy:
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.accepted = 0
+        self.refused = 0  #: connections refused while cut
         self.address = ""
 
     async def start(self) -> str:
@@ -233,6 +235,7 @@ class Proxy:
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         if not self.open:
+            self.refused += 1
             w.transport.abort()
             return
         self.accepted += 1
@@ -282,9 +285,17 @@ async def test_resume_after_connection_loss(
             proxy.cut()
             # Written while the watcher is disconnected: only the history has them.
             await writer.write_batch(vm_name, np.arange(5, 12) * PAGE, b"b" * 7)
-            await asyncio.sleep(0.3)
+            # Reading on, the watcher tries to reconnect and is refused (at least once)
+            # before the network comes back.
+            reconnected = asyncio.create_task(_next(stream, pt.Registered))
+
+            async def refused() -> bool:
+                return proxy.refused > 0 or reconnected.done()  # (done: an error to show)
+
+            await until(refused, "a reconnect attempt while cut off")
             proxy.open = True
-            reg = await _next(stream, pt.Registered)
+            reg = await reconnected
+            assert proxy.refused >= 1
             assert reg.reconnects >= 1 and reg.start_seq == 6
             await writer.write(vm_name, 20 * PAGE, b"after")
             seen += [e.seq for e in await _events(stream, 8)]
@@ -309,7 +320,7 @@ async def test_resume_across_daemon_restart() -> None:
                 before = [e.seq for e in await _events(stream, 3)]
                 assert d.stop() == 0  # SIGTERM; VM state saved
                 d = start_daemon(tmp, *state, listen=(sock,))
-                reg = await _next(stream, pt.Registered, within=20)
+                reg = await _next(stream, pt.Registered)
                 assert reg.reconnects >= 1 and reg.start_seq == 4
                 await c.write_batch("r", np.arange(2) * PAGE, b"45")
                 after = [e.seq for e in await _events(stream, 2)]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +16,7 @@ from types import ModuleType
 import pytest
 
 from tests.deploy.conftest import DEPLOY
+from tests.waiting import HANG_S, wait_until
 
 BIN = Path(sys.executable).parent
 SCRIPT = DEPLOY / "compose" / "consumer.py"
@@ -85,18 +85,29 @@ def demo_daemon(tmp_path: Path) -> Iterator[str]:
              "--log-format", "json", "--demo"],
             stdout=subprocess.DEVNULL, stderr=log,
         )
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, "pagetrackd to serve")
+        if proc.poll() is not None:
             pytest.fail((tmp_path / "daemon.log").read_text())
-        time.sleep(0.02)
-    yield json.loads(ready.read_text())["addresses"][0]
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(20)
+        yield json.loads(ready.read_text())["addresses"][0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(HANG_S)
+        finally:
+            proc.kill()
 
 
-def _run_consumer(target: str, out: Path, seconds: float) -> str:
+def _events_in(path: Path) -> int:
+    """Event lines the consumer has written so far."""
+    if not path.exists():
+        return 0
+    return sum('"type": "event"' in line for line in path.read_text().splitlines())
+
+
+def _run_consumer(target: str, out: Path, until_events: int) -> str:
+    """Run the consumer until its file holds more than ``until_events`` events, then
+    stop it with SIGTERM; returns what it said on stderr."""
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
@@ -109,21 +120,24 @@ def _run_consumer(target: str, out: Path, seconds: float) -> str:
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT)], env=env, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or _events_in(out) > until_events,
+            f"the consumer to write more than {until_events} events",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, err
     return err
 
 
 def test_consumer_resumes_where_its_file_ends(demo_daemon: str, tmp_path: Path) -> None:
     out = tmp_path / "events" / "demo.jsonl"
-    first = _run_consumer(demo_daemon, out, 2.0)
+    first = _run_consumer(demo_daemon, out, 0)
     assert "from seq 1 " in first
-    count_after_first = sum('"type": "event"' in line for line in out.read_text().splitlines())
-    second = _run_consumer(demo_daemon, out, 2.0)
+    count_after_first = _events_in(out)
+    second = _run_consumer(demo_daemon, out, count_after_first)
     assert "from seq 1 " not in second
 
     data = out.read_bytes()

@@ -22,6 +22,7 @@ import pytest
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.integration.support import Api, connect, new_name
+from tests.waiting import HANG_S
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGETRACKD = Path(sys.executable).with_name("pagetrackd")
@@ -49,7 +50,7 @@ class DaemonProcess:
         """The ``unix:PATH`` address."""
         return next(a for a in self.addresses if a.startswith("unix:"))
 
-    def start(self, timeout: float = 20.0) -> list[str]:
+    def start(self, timeout: float = HANG_S) -> list[str]:
         """Start the process and wait for its ready file."""
         cmd = [
             str(PAGETRACKD), "--listen", "127.0.0.1:0", "--listen", f"unix:{self.dir}/pt.sock",
@@ -74,7 +75,7 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
 
-    def wait(self, timeout: float = 20.0) -> int:
+    def wait(self, timeout: float = HANG_S) -> int:
         """Wait for the exit code (kill after ``timeout``)."""
         assert self.proc is not None
         try:
@@ -84,7 +85,7 @@ class DaemonProcess:
             self.proc.wait()
             raise AssertionError(f"pagetrackd did not exit in {timeout}s:\n{self.log()}") from None
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = HANG_S) -> int:
         """SIGTERM, then the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:

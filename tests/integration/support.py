@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+from tests.waiting import HANG_S
 
 #: Codes a client mistake must never get.
 SERVER_FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
@@ -136,7 +137,7 @@ class Watch:
     registered: pb.Registered = field(default_factory=pb.Registered)
     messages: list[pb.WatchResponse] = field(default_factory=list)
 
-    async def next(self, wait_s: float = 5.0) -> pb.WatchResponse | None:
+    async def next(self, wait_s: float = HANG_S) -> pb.WatchResponse | None:
         """The next message (None at the end of the stream)."""
         msg = await asyncio.wait_for(self.call.read(), wait_s)
         if msg is grpc.aio.EOF:
@@ -145,7 +146,7 @@ class Watch:
         self.messages.append(msg)
         return msg
 
-    async def next_kind(self, wait_s: float = 5.0, skip: tuple[str, ...] = ("progress",)
+    async def next_kind(self, wait_s: float = HANG_S, skip: tuple[str, ...] = ("progress",)
                         ) -> pb.WatchResponse | None:
         """The next message that is not of a kind in ``skip``."""
         while True:
@@ -153,7 +154,7 @@ class Watch:
             if msg is None or msg.WhichOneof("kind") not in skip:
                 return msg
 
-    async def events_until(self, last_seq: int, wait_s: float = 5.0) -> list[pb.EventBatch]:
+    async def events_until(self, last_seq: int, wait_s: float = HANG_S) -> list[pb.EventBatch]:
         """Event batches up to and including the one holding ``last_seq`` (other kinds
         of message are kept in ``messages`` but not returned)."""
         out: list[pb.EventBatch] = []
@@ -170,7 +171,7 @@ class Watch:
         return [getattr(m, kind) for m in self.messages if m.WhichOneof("kind") == kind]
 
 
-async def open_watch(api: Api, request: pb.WatchRequest, wait_s: float = 5.0) -> Watch:
+async def open_watch(api: Api, request: pb.WatchRequest, wait_s: float = HANG_S) -> Watch:
     """Start a Watch and read its Registered message."""
     w = Watch(api.watch.Watch(request))
     first = await w.next(wait_s)
@@ -203,7 +204,7 @@ async def tracked_writes(
     )
 
 
-async def notifiers_gone(api: Api, vm: str, wait_s: float = 3.0) -> bool:
+async def notifiers_gone(api: Api, vm: str, wait_s: float = HANG_S) -> bool:
     """Whether the VM's notifier list empties within ``wait_s`` (a cancelled stream is
     cleaned up by the server shortly after the client lets go)."""
     deadline = asyncio.get_running_loop().time() + wait_s

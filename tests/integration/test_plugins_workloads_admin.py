@@ -7,7 +7,6 @@ a kind the daemon does not offer yet must be refused with INVALID_ARGUMENT namin
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import grpc
@@ -15,6 +14,7 @@ import pytest
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.integration.support import Api, expect_error, new_name, snapshot
+from tests.waiting import until
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PLUGIN_KINDS = [pb.PLUGIN_KIND_SHADOW_MMU, pb.PLUGIN_KIND_VGPU]
@@ -126,12 +126,11 @@ async def start_or_skip(api: Api, req: pb.StartWorkloadRequest) -> pb.WorkloadSt
 
 
 async def wait_state(api: Api, run_id: str, state: int) -> pb.WorkloadStatus:
-    for _ in range(200):
+    async def reached() -> pb.WorkloadStatus | None:
         w = (await api.workload.GetWorkload(pb.GetWorkloadRequest(id=run_id))).workload
-        if w.state == state:
-            return w
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"workload {run_id} never reached state {state}: {w}")
+        return w if w.state == state else None
+
+    return await until(reached, f"workload {run_id} to reach state {state}")
 
 
 async def test_random_writes_workload_runs_to_its_count(api: Api, vm: str) -> None:
@@ -170,12 +169,16 @@ async def test_workload_runs_until_stopped(api: Api, kind: int) -> None:
 
 async def run_until_stopped(api: Api, vm: str, kind: int) -> None:
     started = await start_or_skip(api, pb.StartWorkloadRequest(vm=vm, kind=kind, rate=500, seed=1))  # type: ignore[arg-type]
-    await asyncio.sleep(0.1)
-    running = (await api.workload.GetWorkload(pb.GetWorkloadRequest(id=started.id))).workload
-    assert running.state == pb.WORKLOAD_STATE_RUNNING, running.error
+
+    async def wrote() -> pb.WorkloadStatus | None:
+        w = (await api.workload.GetWorkload(pb.GetWorkloadRequest(id=started.id))).workload
+        assert w.state == pb.WORKLOAD_STATE_RUNNING, w.error
+        return w if w.writes > 0 else None
+
+    running = await until(wrote, "the workload's first writes")
     stopped = (await api.workload.StopWorkload(pb.StopWorkloadRequest(id=started.id))).workload
     assert stopped.state == pb.WORKLOAD_STATE_STOPPED
-    assert stopped.writes > 0 and stopped.elapsed_ms >= 50
+    assert stopped.writes >= running.writes > 0 and stopped.elapsed_ms >= running.elapsed_ms
 
 
 BAD_WORKLOAD = [

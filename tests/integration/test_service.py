@@ -7,8 +7,10 @@ import asyncio
 from typing import Any
 
 import grpc
+import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.integration.conftest import DaemonProcess
@@ -39,20 +41,48 @@ async def test_health_overall_and_per_service(api: Api) -> None:
     )
 
 
-async def test_reflection_lists_every_service(api: Api) -> None:
-    """Server reflection lists our services, health and reflection, and serves the
-    file that defines a service, so stock tools need no proto files."""
-    stub: Any = reflection_pb2_grpc.ServerReflectionStub(api.channel)  # type: ignore[arg-type]
-    call = stub.ServerReflectionInfo(iter([
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_lists_every_service(api: Api, version: str) -> None:
+    """Server reflection answers as grpc.reflection.v1 (what current grpcurl and grpc-js
+    ask first) and as v1alpha: it lists our services, health and both reflection services,
+    and serves the file that defines a service, so stock tools need no proto files. v1's
+    messages are v1alpha's under a new package, so v1alpha's classes speak v1 on the wire."""
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    call = api.channel.stream_stream(
+        method,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )(iter([
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="pagetrack.v1.VmService"),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol=f"grpc.reflection.{version}.ServerReflection"
+        ),
+        reflection_pb2.ServerReflectionRequest(file_by_filename="pagetrack/v1/pagetrack.proto"),
     ]))
-    replies = [r async for r in call]
+    replies: list[Any] = [r async for r in call]
+    assert len(replies) == 4
     names = {s.name for s in replies[0].list_services_response.service}
     assert set(SERVICES) <= names
-    assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
-    files = replies[1].file_descriptor_response.file_descriptor_proto
-    assert files and b"pagetrack/v1/pagetrack.proto" in files[0]
+    assert {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    for reply in (replies[1], replies[3]):
+        files = [descriptor_pb2.FileDescriptorProto.FromString(f)
+                 for f in reply.file_descriptor_response.file_descriptor_proto]
+        ours = next(f for f in files if f.name == "pagetrack/v1/pagetrack.proto")
+        assert ours.package == "pagetrack.v1"
+        assert "VmService" in {s.name for s in ours.service}
+    own = descriptor_pb2.FileDescriptorProto.FromString(
+        replies[2].file_descriptor_response.file_descriptor_proto[0]
+    )
+    assert own.package == f"grpc.reflection.{version}"
+    info = own.service[0].method[0]
+    assert (info.name, info.input_type) == (
+        "ServerReflectionInfo", f".grpc.reflection.{version}.ServerReflectionRequest"
+    )
 
 
 async def test_unix_socket_serves_the_api(api: Api, unix_api: Api) -> None:

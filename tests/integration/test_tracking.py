@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.integration.support import Api, expect_error, snapshot
+from tests.waiting import until
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -191,12 +190,11 @@ async def test_lease_expiry_releases_tracking(api: Api, vm: str) -> None:
     """A TTL lease that is not kept alive ends and its tracking goes with it."""
     lease = (await api.lease.CreateLease(pb.CreateLeaseRequest(ttl_ms=100))).lease
     await api.track.AddTracking(pb.TrackingChangeRequest(vm=vm, gfns=[0x120], lease_id=lease.id))
-    for _ in range(100):
-        await asyncio.sleep(0.05)
-        vm_now = (await api.vm.GetVm(pb.GetVmRequest(vm=vm))).vm
-        if vm_now.tracked_gfns == 0:
-            break
-    assert vm_now.tracked_gfns == 0
+
+    async def released() -> bool:
+        return (await api.vm.GetVm(pb.GetVmRequest(vm=vm))).vm.tracked_gfns == 0
+
+    await until(released, "the expired lease's tracking to be released")
     await expect_error(
         api.lease.KeepAliveLease(pb.KeepAliveLeaseRequest(lease_id=lease.id)),
         grpc.StatusCode.NOT_FOUND, lease.id,

