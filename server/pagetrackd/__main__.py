@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="save VM state here periodically and on SIGTERM; load it at start")
     p.add_argument("--save-interval", dest="save_interval_s", type=float, metavar="SECONDS",
                    help="how often state is saved (default 30)")
+    p.add_argument("--durability", choices=["interval", "journal"],
+                   help="interval (default): a crash loses what changed since the last save;"
+                   " journal: every acknowledged change is on disk before its reply")
     p.add_argument("--ready-file", metavar="FILE",
                    help="write the bound addresses (JSON) here once serving")
     p.add_argument("--demo", action="store_true", default=None,

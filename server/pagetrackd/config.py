@@ -37,6 +37,9 @@ class Config:
     metrics_max_vms: int = 100  #: VMs with their own metric labels; the rest are vm="_other"
     state_dir: str = ""  #: where VM state is saved and loaded; empty = nothing saved
     save_interval_s: float = 30.0  #: how often state is saved (and on shutdown)
+    #: "interval": a crash loses what changed since the last save; "journal": every
+    #: acknowledged change is journaled (fsynced) before its reply
+    durability: str = "interval"
     ready_file: str = ""  #: once serving, write the bound addresses here (JSON)
     demo: bool = False  #: create a demo VM with slots, tracking and a workload at start
     #: quotas for every tenant (TOML table ``[quotas]``: vms, guest_pages, tracked_gfns,
@@ -60,6 +63,12 @@ class Config:
                 f"save_interval_s {self.save_interval_s} must be more than 0 and at most"
                 " 86400 seconds"
             )
+        if self.durability not in ("interval", "journal"):
+            raise InvalidArgument(
+                f"durability {self.durability!r} must be \"interval\" or \"journal\""
+            )
+        if self.durability == "journal" and not self.state_dir:
+            raise InvalidArgument("durability = \"journal\" needs a state_dir")
         if not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(
                 f"metrics_port {self.metrics_port} must be 0 (off) or a TCP port 1..65535"

@@ -8,15 +8,16 @@ into calls here and results back; tests can drive it directly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -40,6 +41,9 @@ from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscribe
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
 from pagetrackd.quota_guard import QuotaGuard, guard
+
+if TYPE_CHECKING:
+    from pagetrackd.journal import Journal
 from pagetrackd.replay import Recorder, read_header, replay
 from pagetrackd.workloads import WORKLOADS, Workload
 
@@ -176,6 +180,8 @@ class Engine:
         #: what is wrong right now (GetServerInfo.problems): key -> (tenant the problem
         #: belongs to, None for the whole daemon; one-line description)
         self.problems: dict[str, tuple[TenantId | None, str]] = {}
+        #: with durability = "journal": where every change is appended (see journal.py)
+        self.journal: Journal | None = None
         #: called with (tenant, name) of every VM deleted
         self.on_vm_deleted: list[Callable[[TenantId, str], None]] = []
         self._lease_task: asyncio.Task[None] | None = None
@@ -299,6 +305,27 @@ class Engine:
         log.info("vm.created", tenant=tenant, vm=name, record=record)
         return entry
 
+    @contextlib.contextmanager
+    def unjournaled(self) -> Iterator[None]:
+        """Nothing is journaled inside (a restore journals the snapshot instead)."""
+        journal = self.journal
+        if journal is None or journal.paused:
+            yield
+            return
+        journal.paused = True
+        try:
+            yield
+        finally:
+            journal.paused = False
+
+    def journal_restored(self, entry: VmEntry, data: bytes) -> None:
+        """Journal a VM restored from snapshot bytes (replayed by restoring them)."""
+        if self.journal is not None:
+            self.journal.append({
+                "t": entry.tenant, "vm": entry.name, "op": "restore",
+                "data": base64.b64encode(data).decode("ascii"),
+            })
+
     def recording(self, entry: VmEntry) -> Path:
         """The VM's recording so far, flushed to its file."""
         if entry.recorder is None or entry.recording is None:
@@ -328,9 +355,16 @@ class Engine:
         except PageTrackError:
             self.delete_vm(tenant, name)
             raise
-        except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or arguments
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # malformed JSON
             self.delete_vm(tenant, name)
             raise InvalidArgument(f"recording is malformed: {exc}") from None
+        if entry.vm.closed:
+            # A recording of a VM that was deleted ends with its close: nothing is left
+            # to serve (a closed VM must not stay registered).
+            self.delete_vm(tenant, name)
+            raise InvalidArgument(
+                "the recording closes its VM (op \"close\"); replay it without that record"
+            )
         self._adopt_plugins(entry)
         return entry, result.records
 

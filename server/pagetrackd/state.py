@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -55,8 +56,10 @@ from pagetrackd.domain.snapshot import (
 from pagetrackd.domain.types import TENANT_OWNER, RegionChange, SlotChange
 from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.files import fsync_dir, write_atomic
+from pagetrackd.journal import Journal, JournalRecorder, replay_journal
 from pagetrackd.leases import LeaseKind
 from pagetrackd.plugins import Plugin
+from pagetrackd.replay import _encode as _encode_value
 from pagetrackd.seqs import SEQS_FILE, SeqReservations
 
 log = structlog.get_logger("pagetrackd.state")
@@ -754,7 +757,13 @@ class StateDir:
     #: whether the last save wrote everything it had to
     last_save_complete: bool = True
     refused: list[str] = field(default_factory=list)  #: files moved aside at load
+    #: with durability = "journal": every change between saves (see journal.py)
+    journal: Journal | None = None
+    #: journal records applied again at start
+    journal_replayed: int = 0
     seqs: SeqReservations = field(init=False)
+    #: VM file -> the journal index it holds
+    _journaled: dict[Path, int] = field(default_factory=dict)
     _sigs: dict[Path, str] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -792,6 +801,45 @@ class StateDir:
             raise InvalidArgument(f"state directory {self.path}: {exc}") from None
         engine.on_vm_created.append(self.seqs.attach)
         engine.on_vm_deleted.append(self.seqs.forget)
+        journal = self.journal
+        if journal is not None:
+            engine.journal = journal
+            engine.on_vm_created.append(self._journal_vm)
+            engine.on_vm_deleted.append(self._journal_deleted)
+            journal.paused = True  # loading is not a change
+        saved: dict[tuple[str, str], int] = {}
+        try:
+            loaded = self._load_files(engine, saved)
+            if journal is not None:
+                self.journal_replayed = replay_journal(engine, journal, saved)
+                log.info("state.journal_replayed", records=self.journal_replayed)
+        finally:
+            if journal is not None:
+                journal.paused = False
+        for entry in engine.list_vms(None):
+            self._continue_seqs(entry)
+        log.info("state.loaded", path=str(self.path), vms=loaded, refused=len(self.refused))
+        return loaded
+
+    def _journal_vm(self, entry: VmEntry) -> None:
+        assert self.journal is not None
+        JournalRecorder(self.journal, entry)
+        h = entry.hub.history
+        self.journal.append({
+            "t": entry.tenant, "vm": entry.name, "op": "create",
+            "options": _encode_value({
+                "vcpus": entry.vm.vcpus, "dma_policy": entry.vm.dma_policy,
+                "semantics": entry.vm.semantics, "cost": entry.vm.cost,
+                "limits": dataclasses.asdict(entry.vm.limits),
+                "history_events": h.max_events, "history_bytes": h.max_bytes,
+            }),
+        })
+
+    def _journal_deleted(self, tenant: TenantId, name: str) -> None:
+        assert self.journal is not None
+        self.journal.append({"t": tenant, "vm": name, "op": "delete"})
+
+    def _load_files(self, engine: Engine, saved: dict[tuple[str, str], int]) -> int:
         leases = self._load_leases(engine)
         loaded = 0
         for tdir in sorted(p for p in (self.path / "vms").iterdir() if p.is_dir()):
@@ -813,14 +861,15 @@ class StateDir:
                     self._refuse(path, str(exc))
                     continue
                 self._sigs[path] = _signature(entry, leases.get(tenant, set()))
-                self._continue_seqs(entry)
+                index = snap.header.get("journal_index", 0)
+                if isinstance(index, int) and not isinstance(index, bool):
+                    saved[(tenant, entry.name)] = self._journaled[path] = index
                 loaded += 1
                 log.info(
                     "state.vm_loaded", tenant=tenant, vm=entry.name, seq=entry.vm.seq,
                     memslots=len(entry.vm.slots), tracked=entry.vm.tracked_count,
                     plugins=sorted(entry.plugins),
                 )
-        log.info("state.loaded", path=str(self.path), vms=loaded, refused=len(self.refused))
         return loaded
 
     def _continue_seqs(self, entry: VmEntry) -> None:
@@ -885,6 +934,9 @@ class StateDir:
             failures: dict[str, str] = {}
             live: set[Path] = set()
             written = 0
+            journal = self.journal
+            boundary = journal.rotate() if journal is not None else 0
+            held: dict[Path, int] = {}  #: the journal index each VM file holds now
             for entry in engine.list_vms(None):
                 if entry.vm.closed:
                     continue
@@ -892,12 +944,16 @@ class StateDir:
                 live.add(path)
                 sig = _signature(entry, set(ttl))
                 if self._sigs.get(path) == sig:
+                    held[path] = boundary  # unchanged: its file holds all of it
                     continue
+                held[path] = self._journaled.get(path, 0)
                 try:
                     header, arrays = capture_entry(
                         entry, include_memory=self.include_memory, engine=engine,
                         keep_owner=keep, include_history=True,
                     )
+                    index = journal.last_index if journal is not None else 0
+                    header["journal_index"] = index
                     await asyncio.to_thread(_encode_to, path, header, arrays)
                 except Exception as exc:  # this VM's failure is this VM's alone
                     key = _vm_key(entry.tenant, entry.name)
@@ -907,6 +963,7 @@ class StateDir:
                               path=str(path), reason=failures[key])
                     continue
                 self._sigs[path] = sig
+                held[path] = self._journaled[path] = index
                 written += 1
             leases_blob = _seal(
                 {
@@ -929,6 +986,10 @@ class StateDir:
                 failures["leases"] = f"{type(exc).__name__}: {exc}"
                 log.error("state.save_failed", path=str(self.path), reason=str(exc))
             self._sigs = {p: s for p, s in self._sigs.items() if p in live}
+            self._journaled = {p: i for p, i in self._journaled.items() if p in live}
+            if journal is not None and "leases" not in failures:
+                # Records up to the lowest index some VM file holds are in every file.
+                await journal.compact(min(held.values(), default=boundary))
             self.seqs.keep({(e.tenant, e.name) for e in engine.list_vms(None)})
             self.files_written += written
             self.failing = failures

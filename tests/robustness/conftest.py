@@ -65,10 +65,10 @@ class Daemon:
 
     def kill(self) -> None:
         """SIGKILL, and wait for the process to be gone."""
-        self.close_channels()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.close_channels()
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM; returns the exit code."""

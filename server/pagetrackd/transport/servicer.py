@@ -1023,8 +1023,11 @@ class AdminService(pbg.AdminServiceServicer):
             parts.append(req.data)
         if first:
             raise InvalidArgument("RestoreVm needs at least one message with snapshot data")
-        snap = read_snapshot(b"".join(parts))
-        entry = restore_snapshot(self.engine, tenant, snap, name=name, replace=replace)
+        data = b"".join(parts)
+        snap = read_snapshot(data)
+        with self.engine.unjournaled():
+            entry = restore_snapshot(self.engine, tenant, snap, name=name, replace=replace)
+        self.engine.journal_restored(entry, data)
         return pb.RestoreVmResponse(vm=_vm_pb(self.engine, entry))
 
     @streaming
