@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from pagetrack.constants import PAGE_SHIFT, PAGE_SIZE
 
-from pagetrack.types import PAGE_SHIFT, PAGE_SIZE, GfnRange
+if TYPE_CHECKING:
+    from pagetrack.types import GfnRange
 
 _UNITS = {
     "": 1, "b": 1,
@@ -78,6 +80,8 @@ def parse_duration_ms(text: str) -> int:
 def parse_gfn_specs(specs: Iterable[str]) -> tuple[list[GfnRange], list[int]]:
     """Ranges and single gfns from ``0x1000-0x1fff`` (inclusive), ``0x1000+16`` (start and
     count), ``42`` and comma lists of those."""
+    from pagetrack.types import GfnRange
+
     ranges: list[GfnRange] = []
     gfns: list[int] = []
     for spec in specs:
@@ -181,10 +185,9 @@ def jsonable(value: Any) -> Any:
         return value.value
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
-    if isinstance(value, np.ndarray):
+    np = sys.modules.get("numpy")  # (no numpy value exists unless numpy was loaded)
+    if np is not None and isinstance(value, np.ndarray | np.generic):
         return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

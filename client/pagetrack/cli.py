@@ -5,14 +5,17 @@ comma-separated, each VM is placed on one of them by its name (``pagetrack.shard
 listings merge them all. Errors print
 one line, ``pagetrack: <message>``, on stderr: exit status 2 for bad usage, 1 for errors
 reported by the daemon (or when it cannot be reached).
+
+Start-up stays fast: importing this module loads typer, rich and ``pagetrack.constants``,
+never grpc, numpy, the client or its types. A command imports what it needs
+inside its function (``_client`` does it for the daemon's client), so ``--help`` and
+usage errors cost no more than typer; tests/cli/test_startup.py holds it to that.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -20,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TextIO, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO, TypeGuard, TypeVar
 
 import typer
 from rich import box
@@ -28,25 +31,20 @@ from rich.console import Console
 from rich.table import Table
 
 from pagetrack import _cliparse as cp
-from pagetrack.client import DEFAULT_TARGET, Client, SyncWatchStream
-from pagetrack.errors import AlreadyExists, PageTrackError, Unavailable
-from pagetrack.sharded import ShardedClient
-from pagetrack.types import (
-    Closed,
+from pagetrack.constants import (
+    DEFAULT_TARGET,
     DmaPolicy,
-    Event,
-    EventBatch,
     EventSource,
-    Gap,
     PluginKind,
-    Progress,
-    RegionRemoved,
-    Registered,
     Semantics,
     SlowConsumerPolicy,
-    WatchMessage,
     WorkloadKind,
 )
+
+if TYPE_CHECKING:
+    from pagetrack.client import Client, SyncWatchStream
+    from pagetrack.sharded import ShardedClient
+    from pagetrack.types import Event, WatchMessage
 
 T = TypeVar("T")
 
@@ -124,6 +122,10 @@ def _settings(ctx: typer.Context) -> Settings:
 @contextlib.contextmanager
 def _client(ctx: typer.Context) -> Iterator[Client | ShardedClient]:
     """A Client, or a ShardedClient when --target lists several daemons."""
+    from pagetrack.client import Client
+    from pagetrack.errors import Unavailable
+    from pagetrack.sharded import ShardedClient
+
     s = _settings(ctx)
     kwargs: dict[str, Any] = {"token": s.token, "ca_file": s.ca_file, "timeout": s.timeout}
     if "," in s.target:
@@ -138,6 +140,12 @@ def _client(ctx: typer.Context) -> Iterator[Client | ShardedClient]:
             yield client
         except Unavailable as exc:
             raise Unavailable(f"cannot reach pagetrackd at {client.target}: {exc}") from None
+
+
+def _is_sharded(c: Client | ShardedClient) -> TypeGuard[ShardedClient]:
+    from pagetrack.sharded import ShardedClient
+
+    return isinstance(c, ShardedClient)
 
 
 def _emit_json(ctx: typer.Context, value: Any) -> bool:
@@ -162,6 +170,14 @@ def _ts(ns: int) -> str:
 
 
 # --------------------------------------------------------------------------- root
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"pagetrack {version('pagetrack')}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -195,6 +211,11 @@ def _root(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print results as JSON instead of tables.")
     ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version,
+                     help="Print pagetrack's version and exit."),
+    ] = False,
 ) -> None:
     """Command line for pagetrackd."""
     ctx.obj = Settings(target, token, ca_file, timeout, as_json)
@@ -204,7 +225,7 @@ def _root(
 def info_cmd(ctx: typer.Context) -> None:
     """Show the daemon's version, limits and who it thinks you are."""
     with _client(ctx) as c:
-        if isinstance(c, ShardedClient):
+        if _is_sharded(c):
             infos = c.server_infos()
         else:
             infos = {c.target: c.server_info()}
@@ -695,6 +716,8 @@ def _event_text(e: Event) -> str:
 
 
 def _record_json(msg: WatchMessage) -> dict[str, Any] | None:
+    from pagetrack.types import Closed, Gap, Progress, RegionRemoved, Registered
+
     if isinstance(msg, Gap):
         return {"type": "gap", **cp.jsonable(msg)}
     if isinstance(msg, RegionRemoved):
@@ -710,6 +733,8 @@ def _record_json(msg: WatchMessage) -> dict[str, Any] | None:
 
 def _record_text(msg: WatchMessage) -> tuple[str, bool] | None:
     """(line, to_stderr) for a non-event message."""
+    from pagetrack.types import Closed, Gap, Progress, RegionRemoved, Registered
+
     if isinstance(msg, Gap):
         return (f"!! gap: seqs {msg.first_seq}-{msg.last_seq}, {msg.count} events not"
                 f" delivered ({msg.reason.value})", False)
@@ -741,6 +766,8 @@ def run_watch(
 ) -> int:
     """Print a stream's messages until it closes or ``count`` events were printed;
     returns the events printed."""
+    from pagetrack.types import Closed, EventBatch, Progress
+
     printed = 0
     jsonl = fmt is WatchFormat.JSONL
     for msg in stream:
@@ -928,7 +955,7 @@ def _one_workload(ctx: typer.Context, method: str, workload_id: str, vm: str | N
     to know which daemon to ask) and print the status."""
     with _client(ctx) as c:
         call = getattr(c, method)
-        w = call(workload_id, vm=vm) if isinstance(c, ShardedClient) else call(workload_id)
+        w = call(workload_id, vm=vm) if _is_sharded(c) else call(workload_id)
     if not _emit_json(ctx, w):
         _print_workload(w)
 
@@ -1062,7 +1089,7 @@ def lease_create(
     """Create a TTL lease and print its id."""
     ttl_ms = _parsed(cp.parse_duration_ms, ttl)
     with _client(ctx) as c:
-        if isinstance(c, ShardedClient):
+        if _is_sharded(c):
             lease = c.create_lease(ttl_ms, label=label, vm=vm)
         else:
             lease = c.create_lease(ttl_ms, label=label)
@@ -1158,6 +1185,8 @@ def restore_cmd(
     ] = False,
 ) -> None:
     """Create a VM from a snapshot file; its seq continues from the snapshot's."""
+    from pagetrack.errors import AlreadyExists
+
     src = sys.stdin.buffer if file == "-" else file
     try:
         with _client(ctx) as c:
@@ -1220,12 +1249,8 @@ def top_cmd(
     ] = 1.0,
 ) -> None:
     """Live view of every VM's write and event rates (Ctrl-C to quit)."""
-    if importlib.util.find_spec("pagetrack.top") is None:
-        raise PageTrackError(
-            "'top' is not available in this version of pagetrack (no pagetrack.top module);"
-            " use 'pagetrack stats' instead", code="UNIMPLEMENTED",
-        )
-    top = importlib.import_module("pagetrack.top")
+    from pagetrack import top
+
     with _client(ctx) as c:
         top.main(c, interval)
 
@@ -1253,8 +1278,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(exc, "exit_code", 2) == 2:
             message = f"{message.rstrip('.')} (see '{sub} --help')"
         return _fail(message, int(getattr(exc, "exit_code", 2)))
-    except PageTrackError as exc:
-        return _fail(str(exc), 1)
     except typer.Abort:
         return _fail("aborted", 130)
     except KeyboardInterrupt:
@@ -1268,6 +1291,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file named on the command line could not be read or written
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"{where}{exc.strerror or exc}", 1)
+    except Exception as exc:
+        # A PageTrackError can only come from a command that loaded the client.
+        errors = sys.modules.get("pagetrack.errors")
+        if errors is not None and isinstance(exc, errors.PageTrackError):
+            return _fail(str(exc), 1)
+        raise
     return rv if isinstance(rv, int) else 0
 
 

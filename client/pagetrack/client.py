@@ -49,10 +49,10 @@ import numpy.typing as npt
 from pagetrack import _convert as cv
 from pagetrack import errors
 from pagetrack import types as t
+from pagetrack.constants import DEFAULT_TARGET
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PORT = 50051
 
 #: what add_tracking & co. accept as gfns: one int, ints, or a numpy array

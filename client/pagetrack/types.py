@@ -1,162 +1,46 @@
-"""Typed results of the pagetrack client: frozen dataclasses and string enums.
+"""Typed results of the pagetrack client: frozen dataclasses, and the string enums of
+``pagetrack.constants`` (members are strings, ``DmaPolicy.NOTIFY == "notify"``, so methods
+accept either).
 
-Enum members are strings (``DmaPolicy.NOTIFY == "notify"``), so methods accept either.
 Event batches keep their columns as numpy arrays; ``EventBatch.events()`` turns them into
-``Event`` objects when convenient.
+``Event`` objects when convenient. numpy is imported where arrays are made, not here: the
+enums and dataclasses load without it (the ``pagetrack`` command's start-up).
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-#: ``Event.vcpu`` / ``EventBatch.vcpu`` value of a DMA event.
-DMA_VCPU = 0xFFFFFFFF
+from pagetrack.constants import (
+    DEFAULT_TARGET,
+    DMA_VCPU,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    CloseReason,
+    DmaPath,
+    DmaPolicy,
+    EventSource,
+    GapReason,
+    LeaseKind,
+    MemslotChange,
+    NotifierKind,
+    OwnerKind,
+    PluginKind,
+    Semantics,
+    SlowConsumerPolicy,
+    WorkloadKind,
+    WorkloadState,
+    WritePath,
+)
 
-U64Array: TypeAlias = npt.NDArray[np.uint64]
-U32Array: TypeAlias = npt.NDArray[np.uint32]
-
-
-# --------------------------------------------------------------------------- enums
-
-
-class DmaPolicy(enum.StrEnum):
-    """What a DMA write to a write-tracked gfn does."""
-
-    BYPASS = "bypass"
-    NOTIFY = "notify"
-    REJECT = "reject"
-
-
-class Semantics(enum.StrEnum):
-    """Which kernel's memslot-vs-tracking rules a VM follows."""
-
-    V2016 = "2016"
-    LINUX_6_6 = "linux-6.6"
-
-
-class WritePath(enum.StrEnum):
-    """How one page-sized piece of a guest write was handled."""
-
-    UNSPECIFIED = "unspecified"
-    MMIO_EXIT = "mmio_exit"
-    FAST = "fast"
-    EMULATED = "emulated"
-
-
-class DmaPath(enum.StrEnum):
-    """How one page-sized piece of a DMA write was handled."""
-
-    UNSPECIFIED = "unspecified"
-    UNMAPPED = "unmapped"
-    APPLIED = "applied"
-    BYPASSED = "bypassed"
-    NOTIFIED = "notified"
-
-
-class EventSource(enum.StrEnum):
-    """Where an event's write came from."""
-
-    GUEST = "guest"
-    DMA = "dma"
-
-
-class SlowConsumerPolicy(enum.StrEnum):
-    """What a Watch stream does when its queue is full."""
-
-    DROP = "drop"
-    COALESCE = "coalesce"
-    DISCONNECT = "disconnect"
-    BLOCK = "block"
-
-
-class PluginKind(enum.StrEnum):
-    """In-process plugin kinds."""
-
-    SHADOW_MMU = "shadow-mmu"
-    VGPU = "vgpu"
-
-
-class WorkloadKind(enum.StrEnum):
-    """Simulated write streams."""
-
-    UNSPECIFIED = "unspecified"
-    GPU_PPGTT = "gpu-ppgtt"
-    GUEST_PAGETABLES = "guest-pagetables"
-    RANDOM_WRITES = "random-writes"
-    KERNEL_BUILD = "kernel-build"
-
-
-class WorkloadState(enum.StrEnum):
-    """Lifecycle state of a workload."""
-
-    UNSPECIFIED = "unspecified"
-    RUNNING = "running"
-    FINISHED = "finished"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-class MemslotChange(enum.StrEnum):
-    """What a SetMemoryRegion call did (``none``: nothing changed)."""
-
-    NONE = "none"
-    CREATE = "create"
-    MOVE = "move"
-    FLAGS_ONLY = "flags_only"
-    DELETE = "delete"
-
-
-class GapReason(enum.StrEnum):
-    """Why a Watch stream did not get a range of events."""
-
-    UNSPECIFIED = "unspecified"
-    QUEUE_OVERFLOW = "queue_overflow"
-    BLOCK_TIMEOUT = "block_timeout"
-    COMPACTED = "compacted"
-    COALESCED = "coalesced"
-    #: the daemon crashed; these seqs were reserved by its previous run
-    RESTART = "restart"
-
-
-class CloseReason(enum.StrEnum):
-    """Why a Watch stream ended normally."""
-
-    UNSPECIFIED = "unspecified"
-    UNWATCHED = "unwatched"
-    VM_DELETED = "vm_deleted"
-
-
-class OwnerKind(enum.StrEnum):
-    """Kind of holder of a tracking reference."""
-
-    UNSPECIFIED = "unspecified"
-    TENANT = "tenant"
-    LEASE = "lease"
-    PLUGIN = "plugin"
-
-
-class LeaseKind(enum.StrEnum):
-    """Kind of lease."""
-
-    UNSPECIFIED = "unspecified"
-    TTL = "ttl"
-    STREAM = "stream"
-
-
-class NotifierKind(enum.StrEnum):
-    """Kind of registered notifier."""
-
-    UNSPECIFIED = "unspecified"
-    PLUGIN = "plugin"
-    WATCH = "watch"
+U64Array: TypeAlias = "npt.NDArray[np.uint64]"
+U32Array: TypeAlias = "npt.NDArray[np.uint32]"
 
 
 # --------------------------------------------------------------------------- small records
@@ -306,6 +190,8 @@ class DirtyLog:
 
     def dirty_gfns(self) -> U64Array:
         """The dirty gfns, ascending."""
+        import numpy as np
+
         bits = np.unpackbits(np.frombuffer(self.bitmap, dtype=np.uint8), bitorder="little")
         idx = np.flatnonzero(bits[: self.npages]).astype(np.uint64)
         return idx + np.uint64(self.base_gfn)
@@ -765,17 +651,23 @@ class EventBatch:
     @property
     def gfn(self) -> U64Array:
         """Gfn of every event."""
+        import numpy as np
+
         return self.gpa >> np.uint64(PAGE_SHIFT)
 
     @property
     def is_dma(self) -> npt.NDArray[np.bool_]:
         """Whether each event came from DMA."""
+        import numpy as np
+
         out: npt.NDArray[np.bool_] = (self.flags & np.uint32(FLAG_SOURCE_DMA)) != 0
         return out
 
     @property
     def offsets(self) -> npt.NDArray[np.int64]:
         """Start of each event's bytes in ``data`` (plus the end, so len + 1 entries)."""
+        import numpy as np
+
         lengths = np.where(
             (self.flags & np.uint32(FLAG_DATA_OMITTED)) != 0, 0, self.length
         ).astype(np.int64)
@@ -857,6 +749,7 @@ class Closed:
 WatchMessage: TypeAlias = Registered | EventBatch | Gap | RegionRemoved | Progress | Closed
 
 __all__ = [
+    "DEFAULT_TARGET",
     "DMA_VCPU",
     "PAGE_SHIFT",
     "PAGE_SIZE",
