@@ -11,13 +11,15 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import shutil
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -69,6 +71,9 @@ class Quotas:
     watchers: int = 4096
     workloads: int = 64
     write_rate: int = 0  #: guest writes per second (a 1 s burst is allowed); 0 = no limit
+    #: bytes of recordings (VMs created with ``record``) summed over the tenant's VMs; a
+    #: recording that would pass it stops there (GetRecording then says so)
+    recording_bytes: int = 1 << 30
 
 
 def make_quotas(values: Mapping[str, Any], base: Quotas | None = None) -> Quotas:
@@ -115,6 +120,8 @@ class VmEntry:
     #: records every operation when the VM was created with ``record``
     recorder: Recorder | None = None
     recording: Path | None = None
+    #: the open recording file (counts its bytes against the tenant's quota)
+    recording_file: RecordingFile | None = None
     #: charges the VM's own methods to the tenant's quotas (every path, not only RPCs)
     quota: QuotaGuard | None = None
 
@@ -161,6 +168,41 @@ class WorkloadRun:
         return self.writes / e if e > 0 else 0.0
 
 
+class RecordingFile:
+    """A VM's recording file: counts what is written against the tenant's
+    ``recording_bytes`` quota and stops writing (``full``) where it would pass it."""
+
+    def __init__(self, engine: Engine, tenant: TenantId, path: Path, *, append: bool) -> None:
+        self.engine = engine
+        self.tenant = tenant
+        self._file = open(path, "a" if append else "w", encoding="utf-8")
+        self.size = 0  #: bytes in the file
+        self.full = False
+
+    def write(self, text: str) -> int:
+        """Write a record, unless the tenant's recordings would pass the quota."""
+        if self.full:
+            return 0
+        n = len(text.encode())
+        used = self.engine.recording_used.get(self.tenant, 0)
+        if used + n > self.engine.quotas(self.tenant).recording_bytes:
+            self.full = True
+            log.warning("recording.quota_reached", tenant=self.tenant, bytes=self.size)
+            return 0
+        self._file.write(text)
+        self.size += n
+        self.engine.recording_used[self.tenant] = used + n
+        return n
+
+    def flush(self) -> None:
+        """Push buffered records to the file."""
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
 class Engine:
     """Everything the daemon serves, by tenant."""
 
@@ -186,6 +228,10 @@ class Engine:
         self.on_vm_deleted: list[Callable[[TenantId, str], None]] = []
         self._lease_task: asyncio.Task[None] | None = None
         self._record_dir: Path | None = None  #: made on the first recorded VM
+        #: where recordings are kept: the state directory's, else a temporary one
+        self.recordings_dir: Path | None = None
+        #: bytes of recordings per tenant (the recording_bytes quota)
+        self.recording_used: dict[TenantId, int] = {}
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
 
@@ -205,6 +251,9 @@ class Engine:
             self._lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_task
+        if self._record_dir is not None:
+            # Without a state directory recordings do not outlive the daemon.
+            shutil.rmtree(self._record_dir, ignore_errors=True)
 
     def quotas(self, tenant: TenantId) -> Quotas:
         """The quotas that apply to ``tenant``."""
@@ -273,6 +322,7 @@ class Engine:
         history_bytes: int | None = None,
         record: bool = False,
         check_quota: bool = True,
+        record_from: int | None = None,
     ) -> VmEntry:
         """Create a VM for ``tenant`` with its event history; with ``record``, every
         operation on it is recorded (see :mod:`pagetrackd.replay`). ``check_quota``
@@ -295,15 +345,41 @@ class Engine:
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
         entry.quota = guard(self, tenant, vm)
         if record:
-            if self._record_dir is None:
-                self._record_dir = Path(tempfile.mkdtemp(prefix="pagetrack-recordings-"))
-            entry.recording = self._record_dir / f"{time.time_ns()}-{tenant}-{name}.jsonl"
-            entry.recorder = Recorder(vm, entry.recording)
+            self._start_recording(entry, record_from)
         self.entries[(tenant, name)] = entry
         for hook in self.on_vm_created:
             hook(entry)
         log.info("vm.created", tenant=tenant, vm=name, record=record)
         return entry
+
+    def recording_path(self, tenant: TenantId, name: str) -> Path:
+        """Where the recording of a VM is kept."""
+        base = self.recordings_dir
+        if base is None:
+            if self._record_dir is None:
+                self._record_dir = Path(tempfile.mkdtemp(prefix="pagetrack-recordings-"))
+            base = self._record_dir
+        return base / urllib.parse.quote(tenant, safe="") / f"{name}.jsonl"
+
+    def _start_recording(self, entry: VmEntry, record_from: int | None) -> None:
+        """Record the VM's operations; ``record_from`` continues the recording already
+        on disk from that byte on (a restart: what follows it is replayed again)."""
+        path = self.recording_path(entry.tenant, entry.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = 0
+        if record_from is not None and path.is_file():
+            kept = min(record_from, path.stat().st_size)
+            with open(path, "r+b") as old:
+                old.truncate(kept)
+        out = RecordingFile(self, entry.tenant, path, append=record_from is not None)
+        out.size = kept
+        self.recording_used[entry.tenant] = self.recording_used.get(entry.tenant, 0) + kept
+        entry.recording = path
+        entry.recording_file = out
+        entry.recorder = Recorder(
+            entry.vm, cast(IO[str], out), fresh=record_from is None,
+            header=record_from is None,
+        )
 
     @contextlib.contextmanager
     def unjournaled(self) -> Iterator[None]:
@@ -331,6 +407,14 @@ class Engine:
         if entry.recorder is None or entry.recording is None:
             raise FailedPrecondition(
                 f"VM {entry.name!r} is not recorded; create it with the record option"
+            )
+        f = entry.recording_file
+        if f is not None and f.full:
+            q = self.quotas(entry.tenant).recording_bytes
+            raise QuotaExceeded(
+                f"the recording of VM {entry.name!r} stopped at {f.size} bytes: the"
+                f" tenant's recordings would pass its recording_bytes quota of {q}",
+                quota="recording_bytes", limit=q,
             )
         entry.recorder.flush()
         return entry.recording
@@ -391,6 +475,10 @@ class Engine:
         entry.plugins.clear()
         if entry.recorder is not None:
             entry.recorder.stop()
+            if entry.recording_file is not None:
+                entry.recording_file.close()
+                used = self.recording_used.get(tenant, 0) - entry.recording_file.size
+                self.recording_used[tenant] = max(0, used)
             if entry.recording is not None:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq

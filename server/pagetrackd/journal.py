@@ -253,7 +253,7 @@ def _create(engine: Engine, key: tuple[str, str], rec: dict[str, Any]) -> None:
         TenantId(key[0]), key[1], vcpus=o["vcpus"], dma_policy=o["dma_policy"],
         semantics=o["semantics"], cost=o["cost"], limits=_limits(o["limits"]),
         history_events=o["history_events"], history_bytes=o["history_bytes"],
-        check_quota=False,
+        check_quota=False, record=bool(o.get("record", False)),
     )
 
 

@@ -146,8 +146,11 @@ class Recorder:
     replays from nothing. Use as a context manager or call :meth:`stop`.
     """
 
-    def __init__(self, vm: Vm, out: str | Path | IO[str], *, fresh: bool = True) -> None:
-        # fresh=False: the daemon's journal, which records from a VM's current state on
+    def __init__(
+        self, vm: Vm, out: str | Path | IO[str], *, fresh: bool = True, header: bool = True
+    ) -> None:
+        # fresh=False: the daemon's journal, which records from a VM's current state on,
+        # and a recording continued after a restart (header=False: it has its header)
         if fresh and (vm.closed or vm.memslots() or vm.seq or vm.stats.writes):
             raise FailedPrecondition(
                 f"VM {vm.name!r} is not fresh: record from creation (no memslots, no writes)"
@@ -168,7 +171,8 @@ class Recorder:
         self._depth = 0  #: > 0 while a recorded call runs; nested calls are not recorded
         self.records = 0
         self._plugins: list[Any] = []
-        self._emit({"format": FORMAT, "version": VERSION, "vm": _vm_header(vm)})
+        if header:
+            self._emit({"format": FORMAT, "version": VERSION, "vm": _vm_header(vm)})
         for name in VM_OPS:
             self._wrap_vm(name)
         self._wrap_register()

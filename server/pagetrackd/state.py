@@ -376,7 +376,16 @@ def _vm_header(
             for kind, plugin in entry.plugins.items()
         ],
         "leases": leases,
+        # the bytes of the VM's recording this state goes with (the file goes on after)
+        "recording": _recording_bytes(entry),
     }
+
+
+def _recording_bytes(entry: VmEntry) -> int | None:
+    if entry.recorder is None or entry.recording_file is None:
+        return None
+    entry.recorder.flush()
+    return entry.recording_file.size
 
 
 def _history_record(region: RegionRemoved) -> dict[str, Any]:
@@ -627,12 +636,17 @@ def restore_snapshot(
         raise SnapshotError("snapshot header: history.events and history.bytes must be integers")
     if existing is not None:
         engine.delete_vm(tenant, name)
+    recording = snap.header.get("recording") if saved else None
+    if not isinstance(recording, int) or isinstance(recording, bool) or recording < 0:
+        recording = None
     entry = engine.create_vm(
         tenant, name, **opts, history_events=h_events, history_bytes=h_bytes,
-        check_quota=not saved,
+        check_quota=not saved, record=recording is not None, record_from=recording,
     )
     if entry.quota is not None:
         entry.quota.exempt = saved  # a VM the daemon accepted is never refused at load
+    if entry.recorder is not None:
+        entry.recorder._depth += 1  # loading is not an operation of the recording
     try:
         _fill(engine, entry, snap, keep)
     except BaseException as exc:
@@ -643,6 +657,8 @@ def restore_snapshot(
     finally:
         if entry.quota is not None:
             entry.quota.exempt = False
+        if entry.recorder is not None:
+            entry.recorder._depth -= 1
     return entry
 
 
@@ -801,6 +817,7 @@ class StateDir:
             raise InvalidArgument(f"state directory {self.path}: {exc}") from None
         engine.on_vm_created.append(self.seqs.attach)
         engine.on_vm_deleted.append(self.seqs.forget)
+        engine.recordings_dir = self.path / "recordings"
         journal = self.journal
         if journal is not None:
             engine.journal = journal
@@ -818,6 +835,10 @@ class StateDir:
                 journal.paused = False
         for entry in engine.list_vms(None):
             self._continue_seqs(entry)
+        kept = {e.recording for e in engine.list_vms(None)}
+        for path in engine.recordings_dir.glob("*/*.jsonl"):
+            if path not in kept:
+                path.unlink(missing_ok=True)  # of a VM that did not come back
         log.info("state.loaded", path=str(self.path), vms=loaded, refused=len(self.refused))
         return loaded
 
@@ -832,6 +853,7 @@ class StateDir:
                 "semantics": entry.vm.semantics, "cost": entry.vm.cost,
                 "limits": dataclasses.asdict(entry.vm.limits),
                 "history_events": h.max_events, "history_bytes": h.max_bytes,
+                "record": entry.recorder is not None,
             }),
         })
 
