@@ -431,7 +431,7 @@ class Engine:
                 "cost": CostModel(**h["cost"]),
                 "limits": VmLimits(**h["limits"]),
             }
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise InvalidArgument(f"not a usable recording header: {exc}") from None
         entry = self.create_vm(tenant, name, **options)
         try:

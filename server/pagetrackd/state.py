@@ -55,7 +55,7 @@ from pagetrackd.domain.snapshot import (
 )
 from pagetrackd.domain.types import TENANT_OWNER, RegionChange, SlotChange
 from pagetrackd.engine import Engine, VmEntry
-from pagetrackd.files import fsync_dir, write_atomic
+from pagetrackd.files import fsync_dir, tmp_name, write_atomic
 from pagetrackd.journal import Journal, JournalRecorder, replay_journal
 from pagetrackd.leases import LeaseKind
 from pagetrackd.plugins import Plugin
@@ -1080,7 +1080,35 @@ class StateDir:
 
 
 def _encode_to(path: Path, header: dict[str, Any], arrays: dict[str, Any]) -> None:
-    write_atomic(path, encode(header, arrays))
+    """Write the snapshot file of ``header`` and ``arrays`` as :func:`encode` makes it,
+    streaming: the arrays go to the file as they are encoded and the checksum is taken
+    reading it back, so a large VM is not held in memory a second and third time."""
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "w+b") as f:
+            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)))
+            f.write(head)
+            at = f.tell()
+            f.write(_U64.pack(0))
+            np.savez(f, allow_pickle=False, **arrays)
+            end = f.tell()
+            f.seek(at)
+            f.write(_U64.pack(end - at - _U64.size))
+            f.seek(0)
+            digest = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
 
 
 def _signature(entry: VmEntry, ttl_leases: set[str]) -> str:

@@ -103,7 +103,9 @@ def test_journal_sigkill_loop_loses_nothing_acknowledged(
 ) -> None:
     rng = random.Random(16)
     state = tmp_path / "state"
-    args = ("--durability", "journal", "--save-interval", "0.5")
+    # The history holds every event of the run, so a resume from seq 1 sees them all.
+    args = ("--durability", "journal", "--save-interval", "0.5",
+            "--history-events", str(1 << 22))
     d = daemons.start(*args, state_dir=state)
     tracked_vm(d, pages=PAGES)
     w = Writer(d, value=1)
