@@ -24,13 +24,13 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import structlog
 
 from pagetrackd.domain import (
-    AlreadyExists,
     CostModel,
     DmaPolicy,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PageTrackError,
+    PluginAlreadyAttached,
+    PluginNotFound,
     QuotaExceeded,
     Registry,
     Semantics,
@@ -38,6 +38,7 @@ from pagetrackd.domain import (
     Unavailable,
     Vm,
     VmLimits,
+    WorkloadNotFound,
 )
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
@@ -234,6 +235,13 @@ class Engine:
         self.recording_used: dict[TenantId, int] = {}
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
+        #: tenant -> [memslot pages, tracked gfns] over its VMs, as of each VM's last
+        #: accounting; VMs changed since wait in _changed (quota checks then cost the
+        #: VMs that changed, not every VM)
+        self._usage: dict[TenantId, list[int]] = {}
+        self._counted: dict[Vm, tuple[int, int]] = {}
+        self._changed: set[Vm] = set()
+        self._vm_tenant: dict[Vm, TenantId] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -273,7 +281,7 @@ class Engine:
             raise QuotaExceeded(
                 f"{writes} writes exceed the tenant's write_rate quota of {rate} writes/s"
                 f" ({int(tokens)} available now); slow down or ask for a higher quota",
-                quota="write_rate", limit=rate,
+                quota="write_rate", limit=rate, retry_after_s=(writes - tokens) / rate,
             )
         self._buckets[tenant] = (tokens - writes, now)
 
@@ -342,6 +350,8 @@ class Engine:
         )
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
+        self._vm_tenant[vm] = tenant
+        vm.on_change = self._changed.add
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
         entry.quota = guard(self, tenant, vm)
         if record:
@@ -432,7 +442,9 @@ class Engine:
                 "limits": VmLimits(**h["limits"]),
             }
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise InvalidArgument(f"not a usable recording header: {exc}") from None
+            raise InvalidArgument(
+                f"not a usable recording header: {exc}", field="data"
+            ) from None
         entry = self.create_vm(tenant, name, **options)
         try:
             result = replay(path, vm=entry.vm)
@@ -441,13 +453,14 @@ class Engine:
             raise
         except (ValueError, KeyError, TypeError, RecursionError) as exc:  # malformed JSON
             self.delete_vm(tenant, name)
-            raise InvalidArgument(f"recording is malformed: {exc}") from None
+            raise InvalidArgument(f"recording is malformed: {exc}", field="data") from None
         if entry.vm.closed:
             # A recording of a VM that was deleted ends with its close: nothing is left
             # to serve (a closed VM must not stay registered).
             self.delete_vm(tenant, name)
             raise InvalidArgument(
-                "the recording closes its VM (op \"close\"); replay it without that record"
+                "the recording closes its VM (op \"close\"); replay it without that record",
+                field="data",
             )
         self._adopt_plugins(entry)
         return entry, result.records
@@ -482,7 +495,14 @@ class Engine:
             if entry.recording is not None:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
+        self._account()
+        pages, tracked = self._counted.pop(entry.vm, (0, 0))
+        usage = self._usage.setdefault(tenant, [0, 0])
+        usage[0] -= pages
+        usage[1] -= tracked
         self.registry.delete_vm(tenant, name)
+        self._changed.discard(entry.vm)
+        self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]
         for gone in self.on_vm_deleted:
             gone(tenant, name)
@@ -498,12 +518,30 @@ class Engine:
                 f"tenant already has {q.vms} VMs, its quota", quota="vms", limit=q.vms
             )
 
+    def _account(self) -> None:
+        """Bring the per-tenant totals up to date with the VMs that changed."""
+        while self._changed:
+            vm = self._changed.pop()
+            tenant = self._vm_tenant.get(vm)
+            if tenant is None or vm.closed:
+                continue
+            now = (sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count)
+            was = self._counted.get(vm, (0, 0))
+            self._counted[vm] = now
+            usage = self._usage.setdefault(tenant, [0, 0])
+            usage[0] += now[0] - was[0]
+            usage[1] += now[1] - was[1]
+
+    def usage(self, tenant: TenantId) -> tuple[int, int]:
+        """(memslot pages, tracked gfns) summed over the tenant's VMs."""
+        self._account()
+        pages, tracked = self._usage.get(tenant, (0, 0))
+        return pages, tracked
+
     def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""
         q = self.quotas(tenant).guest_pages
-        used = sum(
-            s.npages for e in self.list_vms(tenant) for s in e.vm.memslots()
-        )
+        used = self.usage(tenant)[0]
         if used + extra > q:
             raise QuotaExceeded(
                 f"memslots would hold {used + extra} guest pages; the tenant's quota is {q}",
@@ -513,7 +551,7 @@ class Engine:
     def check_tracked(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more tracked gfns pass the tenant's quota."""
         q = self.quotas(tenant).tracked_gfns
-        used = sum(e.vm.tracked_count for e in self.list_vms(tenant))
+        used = self.usage(tenant)[1]
         if used + extra > q:
             raise QuotaExceeded(
                 f"{used + extra} gfns would be tracked; the tenant's quota is {q}",
@@ -621,7 +659,9 @@ class Engine:
                 f"unknown plugin {kind!r}; available: {', '.join(sorted(PLUGINS)) or 'none'}"
             )
         if kind in entry.plugins:
-            raise AlreadyExists(f"plugin {kind!r} is already attached to VM {entry.name!r}")
+            raise PluginAlreadyAttached(
+                f"plugin {kind!r} is already attached to VM {entry.name!r}"
+            )
         plugin = factory()
         plugin.attach(entry.vm, **options)
         entry.plugins[kind] = plugin
@@ -647,7 +687,9 @@ class Engine:
         """An attached plugin."""
         plugin = entry.plugins.get(kind)
         if plugin is None:
-            raise NotFound(f"plugin {kind!r} is not attached to VM {entry.name!r}")
+            raise PluginNotFound(
+                f"plugin {kind!r} is not attached to VM {entry.name!r}", name=kind
+            )
         return plugin
 
     def detach_plugin(self, entry: VmEntry, kind: str) -> int:
@@ -781,7 +823,7 @@ class Engine:
         """One of the tenant's workloads."""
         run = self.workloads.get(run_id)
         if run is None or run.tenant != tenant:
-            raise NotFound(f"workload {run_id!r} not found")
+            raise WorkloadNotFound(f"workload {run_id!r} not found", name=run_id)
         return run
 
     async def stop_workload(self, tenant: TenantId, run_id: str) -> WorkloadRun:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pagetrackd.domain import InvalidArgument, NotFound, TenantId
+from pagetrackd.domain import InvalidArgument, LeaseNotFound, TenantId
 
 MIN_TTL_MS = 100
 MAX_TTL_MS = 24 * 3600 * 1000
@@ -100,7 +100,9 @@ class LeaseTable:
         """The tenant's lease; another tenant's lease is NotFound too."""
         lease = self._leases.get(lease_id)
         if lease is None or lease.tenant != tenant:
-            raise NotFound(f"lease {lease_id!r} not found (expired, revoked or never made)")
+            raise LeaseNotFound(
+                f"lease {lease_id!r} not found (expired, revoked or never made)", name=lease_id
+            )
         return lease
 
     def keep_alive(self, tenant: TenantId, lease_id: str) -> Lease:

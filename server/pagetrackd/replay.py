@@ -333,9 +333,11 @@ def _lines(source: str | Path | IO[str]) -> Iterator[tuple[int, str]]:
 
 def _check_header(header: Any) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise InvalidArgument("not a pagetrack recording (bad header)")
+        raise InvalidArgument("not a pagetrack recording (bad header)", field="data")
     if header.get("version") != VERSION:
-        raise InvalidArgument(f"recording version {header.get('version')} is not {VERSION}")
+        raise InvalidArgument(
+            f"recording version {header.get('version')} is not {VERSION}", field="data"
+        )
     return header
 
 
@@ -343,7 +345,7 @@ def read_header(source: str | Path | IO[str]) -> dict[str, Any]:
     """The header of a recording (its first line)."""
     for _, line in _lines(source):
         return _check_header(json.loads(line))
-    raise InvalidArgument("empty recording")
+    raise InvalidArgument("empty recording", field="data")
 
 
 def vm_from_header(header: dict[str, Any], name: str | None = None) -> Vm:
@@ -373,7 +375,7 @@ def replay(
     it = _lines(source)
     first = next(it, None)
     if first is None:
-        raise InvalidArgument("empty recording")
+        raise InvalidArgument("empty recording", field="data")
     header = _check_header(json.loads(first[1]))
     if vm is None:
         vm = vm_from_header(header)
@@ -413,11 +415,13 @@ def replay(
             elif op in VM_OPS:
                 getattr(vm, op)(**{k: _decode(v) for k, v in rec["args"].items()})
             else:
-                raise InvalidArgument(f"line {lineno}: unknown op {op!r}")
+                raise InvalidArgument(f"line {lineno}: unknown op {op!r}", field="data")
         except ReplayDiverged:
             raise
         except (KeyError, TypeError) as exc:
-            raise InvalidArgument(f"line {lineno}: malformed record ({exc})") from None
+            raise InvalidArgument(
+                    f"line {lineno}: malformed record ({exc})", field="data"
+                ) from None
         if verify and rec.get("seq") is not None and vm.seq != rec["seq"]:
             raise ReplayDiverged(
                 f"line {lineno} ({op}): seq is {vm.seq} after replay, {rec['seq']} when recorded"

@@ -42,7 +42,7 @@ import numpy as np
 import structlog
 
 from pagetrackd import __version__
-from pagetrackd.domain import AlreadyExists, InvalidArgument, PageTrackError, TenantId, Vm
+from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId, Vm, VmAlreadyExists
 from pagetrackd.domain.events import EventBatch
 from pagetrackd.domain.hub import HistoryDump, RegionRemoved
 from pagetrackd.domain.snapshot import (
@@ -90,6 +90,8 @@ MAX_HEADER_BYTES = 64 << 20
 
 class SnapshotError(InvalidArgument):
     """Raised for snapshot bytes that are cut short, corrupt or of an unknown version."""
+
+    field = "data"  # the request field that carries the snapshot
 
 
 # ---------------------------------------------------------------------- container
@@ -611,7 +613,9 @@ def restore_snapshot(
     with contextlib.suppress(PageTrackError):
         existing = engine.vm(tenant, name)
     if existing is not None and not replace:
-        raise AlreadyExists(f"VM {name!r} already exists; restore with replace to overwrite it")
+        raise VmAlreadyExists(
+            f"VM {name!r} already exists; restore with replace to overwrite it"
+        )
     # A dry run into a VM outside the registry: every check passes before anything changes.
     dry = Vm(name, **opts)
     try:

@@ -54,7 +54,7 @@ BAD_CHANGE = [
     ({"gfns": [2**63]}, INVALID, "gfn space"),
     ({"ranges": [pb.GfnRange(start=2**64 - 1, count=2)]}, INVALID, "gfn space"),
     ({"ranges": [pb.GfnRange(start=0x100, count=2**64 - 1)]}, INVALID, "at most"),
-    ({"ranges": [pb.GfnRange(start=0x100, count=1 << 23)]}, INVALID, "at most"),
+    ({"ranges": [pb.GfnRange(start=0x100, count=1 << 26)]}, INVALID, "at most"),
     ({"gfns": [0x100], "mode": 9}, INVALID, "mode"),
     ({"gfns": [0x100], "lease_id": "no-such-lease"}, grpc.StatusCode.NOT_FOUND, "no-such-lease"),
 ]

@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from tests.daemon_process import DaemonProcess, start_daemon
+from tests.rich_status import check_details
 
 F = FieldDescriptor
 FAULTS = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
@@ -243,6 +244,9 @@ def call(api: Api, m: MethodDescriptor, request: Any) -> tuple[grpc.StatusCode, 
         if code in FAULTS:
             raise Faults(f"{m.name}({request!r:.600}) -> {code.name}: "
                          f"{exc.details()}") from None
+        wrong = check_details(exc, m.input_type)
+        if wrong is not None:
+            open("/tmp/fuzz_wrong.txt", "a").write(f"{m.name} {wrong}\n")
         return code, None
     return grpc.StatusCode.OK, reply
 

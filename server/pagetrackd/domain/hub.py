@@ -142,10 +142,11 @@ def make_filter(
     for start, count in ranges:
         if start < 0 or count <= 0:
             raise InvalidArgument(
-                f"filter gfn range start={start} count={count}: start >= 0 and count > 0"
+                f"filter gfn range start={start} count={count}: start >= 0 and count > 0",
+                field="gfn_ranges",
             )
     if len(ranges) > 1024:
-        raise InvalidArgument(f"{len(ranges)} filter ranges; at most 1024")
+        raise InvalidArgument(f"{len(ranges)} filter ranges; at most 1024", field="gfn_ranges")
     return Filter(tuple(ranges), frozenset(sources) if sources else None, owner or None)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pagetrackd.domain.errors import AlreadyExists, InvalidArgument, VmNotFound
+from pagetrackd.domain.errors import InvalidArgument, VmAlreadyExists, VmNotFound
 from pagetrackd.domain.types import TenantId
 from pagetrackd.domain.vm import Vm
 
@@ -37,31 +37,39 @@ class Registry:
 
     def __init__(self) -> None:
         self._vms: dict[TenantId, dict[str, Vm]] = {}
+        #: list_vms answers, kept until a VM is created or deleted (a ListVms page of a
+        #: daemon with 100k VMs must not sort them all)
+        self._sorted: dict[TenantId | None, list[tuple[TenantId, Vm]]] = {}
 
     def create_vm(self, tenant: TenantId, name: str, **options: Any) -> Vm:
         """Create a VM named ``name`` for ``tenant``; options go to :class:`Vm`."""
         check_vm_name(name)
         vms = self._vms.setdefault(tenant, {})
         if name in vms:
-            raise AlreadyExists(f"VM {name!r} already exists")
+            raise VmAlreadyExists(f"VM {name!r} already exists")
         vm = Vm(name, **options)
         vms[name] = vm
+        self._sorted.clear()
         return vm
 
     def get_vm(self, tenant: TenantId, name: str) -> Vm:
         """The tenant's VM called ``name``."""
         vm = self._vms.get(tenant, {}).get(name)
         if vm is None:
-            raise VmNotFound(f"VM {name!r} not found")
+            raise VmNotFound(f"VM {name!r} not found", name=name)
         return vm
 
     def list_vms(self, tenant: TenantId | None = None) -> list[tuple[TenantId, Vm]]:
-        """(tenant, VM) pairs sorted by tenant and name; all tenants when ``tenant`` is None."""
-        out: list[tuple[TenantId, Vm]] = []
-        for t in sorted(self._vms):
-            if tenant is not None and t != tenant:
-                continue
-            out.extend((t, self._vms[t][n]) for n in sorted(self._vms[t]))
+        """(tenant, VM) pairs sorted by tenant and name; all tenants when ``tenant`` is None.
+        The caller must not change the list."""
+        out = self._sorted.get(tenant)
+        if out is None:
+            out = []
+            for t in sorted(self._vms):
+                if tenant is not None and t != tenant:
+                    continue
+                out.extend((t, self._vms[t][n]) for n in sorted(self._vms[t]))
+            self._sorted[tenant] = out
         return out
 
     def count_vms(self, tenant: TenantId) -> int:
@@ -73,5 +81,6 @@ class Registry:
         vm = self.get_vm(tenant, name)
         vm.close()
         del self._vms[tenant][name]
+        self._sorted.clear()
         if not self._vms[tenant]:
             del self._vms[tenant]

@@ -121,18 +121,16 @@ def export_vm(
         owners: dict[str, tuple[I64, I64]] = {}
         nz = t.counters.nonzero_indices()
         if nz.size:
-            tenant = t.counters.get(nz).astype(np.int64) - t.attributed.get(nz)
+            tenant = t.held(nz, TENANT_OWNER)
             has = tenant > 0
             if has.any() and keep_owner(TENANT_OWNER):
                 owners[TENANT_OWNER] = (nz[has].copy(), tenant[has])
         for owner in sorted(t.owners):
-            refs = t.owners[owner]
-            if not refs or not keep_owner(owner):
+            if not keep_owner(owner):
                 continue
-            pages = np.fromiter(refs.keys(), np.int64, len(refs))
-            counts = np.fromiter(refs.values(), np.int64, len(refs))
-            order = np.argsort(pages)
-            owners[owner] = (pages[order], counts[order])
+            pages, counts = t.owner_arrays(owner)
+            if pages.size:
+                owners[owner] = (pages, counts)
         st = SlotState(
             slot.info.slot_id,
             slot.info.base_gfn,

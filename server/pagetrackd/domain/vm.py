@@ -54,7 +54,7 @@ I64 = npt.NDArray[np.int64]
 
 _OWNER_RE = re.compile(r"^[a-z][a-z0-9_.:/-]{0,127}$")
 #: gfns one tracking call may name, counting every gfn of every range
-MAX_GFNS_PER_CALL = 1 << 22
+MAX_GFNS_PER_CALL = 1 << 25
 #: writes one batch may hold
 MAX_BATCH_WRITES = 1 << 20
 # Enum members as module constants: a class attribute lookup on an Enum costs ~70 ns.
@@ -246,7 +246,8 @@ def gfns_from(ranges: Iterable[tuple[int, int]] = (), gfns: Iterable[int] = ()) 
     for start, count in ranges:
         if start < 0 or count <= 0:
             raise InvalidArgument(
-                f"gfn range start={start} count={count}: start must be >= 0 and count > 0"
+                f"gfn range start={start} count={count}: start must be >= 0 and count > 0",
+                field="ranges",
             )
         total += count
         if total > MAX_GFNS_PER_CALL:
@@ -291,9 +292,10 @@ class Vm:
         self.stats = VmStats()
         #: seq of the last event; the next event gets seq + 1 (gap-free, R-stream)
         self.seq = 0
-        #: bumped whenever tracking or memslots change, so a batch in progress knows
-        #: its classification is stale
-        self.generation = 0
+        self._generation = 0
+        #: called (with the VM) whenever :attr:`generation` moves: the daemon keeps
+        #: per-tenant totals of memslot pages and tracked gfns without scanning its VMs
+        self.on_change: Callable[[Vm], None] | None = None
         self.closed = False
         #: set only while notifiers hear of a removed region: which slot and change
         self.region_change: RegionChange | None = None
@@ -326,13 +328,16 @@ class Vm:
         old = self.slots.by_id.get(slot_id)
         if npages == 0:
             if old is None:
-                raise SlotNotFound(f"slot {slot_id} does not exist; nothing to delete")
+                raise SlotNotFound(
+                    f"slot {slot_id} does not exist; nothing to delete", name=str(slot_id)
+                )
             self._delete_slot(old)
             return SlotChange.DELETE
         if not 0 <= base_gfn or base_gfn + npages > lim.gfn_limit:
             raise InvalidArgument(
                 f"gfn range {base_gfn:#x}+{npages:#x} exceeds the {lim.gfn_bits}-bit gfn space"
-                f" (last gfn {lim.gfn_limit - 1:#x})"
+                f" (last gfn {lim.gfn_limit - 1:#x})",
+                field="base_gfn",
             )
         if old is not None:
             if npages != old.info.npages:
@@ -428,9 +433,7 @@ class Vm:
             # theirs in track_remove_region, so their references are dropped here. The
             # tenant's and leases' references stay with the moved slot.
             for owner in [o for o in slot.tracking.owners if o.startswith("plugin:")]:
-                pages = slot.tracking.owner_pages(owner)
-                idx = np.array([p for p, _ in pages], dtype=np.int64)
-                cnt = np.array([c for _, c in pages], dtype=np.int64)
+                idx, cnt = slot.tracking.owner_arrays(owner)
                 slot.tracking.apply(idx, -cnt, owner)
             slot.info = new
             slot.tracking.rebase(new.base_gfn)
@@ -452,7 +455,7 @@ class Vm:
         bit order, padded to 64-bit words), then cleared."""
         slot = self.slots.by_id.get(slot_id)
         if slot is None:
-            raise SlotNotFound(f"slot {slot_id} does not exist")
+            raise SlotNotFound(f"slot {slot_id} does not exist", name=str(slot_id))
         if slot.dirty is None:
             raise FailedPrecondition(
                 f"slot {slot_id} does not have LOG_DIRTY_PAGES set; enable it first"
@@ -464,6 +467,18 @@ class Vm:
         slot.dirty = set()
         return np.packbits(bits, bitorder="little").tobytes()
 
+    @property
+    def generation(self) -> int:
+        """Bumped whenever tracking or memslots change, so a batch in progress knows its
+        classification is stale."""
+        return self._generation
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        self._generation = value
+        if self.on_change is not None:
+            self.on_change(self)
+
     # ------------------------------------------------------------------ tracking
 
     def _check_owner(self, owner: str) -> None:
@@ -473,12 +488,22 @@ class Vm:
                 ", starting with a letter"
             )
 
-    def _group(self, gfns: I64) -> list[tuple[Slot, I64, I64]]:
-        """Split gfns by slot: (slot, distinct page indexes, occurrences of each)."""
+    def _group(self, gfns: I64) -> list[tuple[Slot, I64, I64 | int]]:
+        """Split gfns by slot: (slot, distinct ascending page indexes, occurrences of
+        each, or 1 when every gfn is listed once)."""
         if gfns.size == 0:
             return []
         if int(gfns.min()) < 0:
             raise InvalidArgument("gfns must be >= 0")
+        slot = self.slots.find(int(gfns[0]))
+        if (
+            slot is not None
+            and int(gfns[-1]) < slot.info.end_gfn
+            and (gfns.size == 1 or bool((gfns[1:] > gfns[:-1]).all()))
+        ):
+            # Ascending and distinct within one slot (a range, or a sorted list): no
+            # sort, no per-gfn counts, however many gfns.
+            return [(slot, gfns - slot.base_gfn, 1)]
         pos = self.slots.find_many(gfns)
         outside = np.flatnonzero(pos < 0)
         if outside.size:
@@ -487,7 +512,7 @@ class Vm:
                 f"gfn {g:#x} is not in any memslot ({outside.size} of the gfns are outside)"
             )
         slots = self.slots.slots()
-        out = []
+        out: list[tuple[Slot, I64, I64 | int]] = []
         for p in np.unique(pos).tolist():
             slot = slots[p]
             idx, counts = np.unique(gfns[pos == p] - slot.base_gfn, return_counts=True)
@@ -532,8 +557,11 @@ class Vm:
         arr = np.asarray(gfns, dtype=np.int64)
         groups = self._group(arr)
         for slot, idx, cnt in groups:
-            after = slot.tracking.counters.get(idx).astype(np.int64) + cnt
-            over = np.flatnonzero(after > COUNTER_MAX)
+            counts = slot.tracking.counts(idx)
+            top = int(counts.max()) + (cnt if isinstance(cnt, int) else int(cnt.max()))
+            if top <= COUNTER_MAX:
+                continue
+            over = np.flatnonzero(counts.astype(np.int64) + cnt > COUNTER_MAX)
             if over.size:
                 g = slot.base_gfn + int(idx[over[0]])
                 raise CounterOverflow(
@@ -559,10 +587,7 @@ class Vm:
         one = self._single_gfn(gfns)
         if one is not None:
             tracking, i1 = one[0].tracking, one[1]
-            if owner == TENANT_OWNER:
-                held1 = tracking.counters.get1(i1) - tracking.attributed.get1(i1)
-            else:
-                held1 = tracking.owners.get(owner, {}).get(i1, 0)
+            held1 = tracking.held1(i1, owner)
             if held1 < 1:
                 raise NotTracked(
                     f"gfn {one[0].base_gfn + i1:#x}: owner {owner!r} holds {held1}"
@@ -579,9 +604,10 @@ class Vm:
             if short.size:
                 i = int(short[0])
                 g = slot.base_gfn + int(idx[i])
+                want = cnt if isinstance(cnt, int) else int(cnt[i])
                 raise NotTracked(
                     f"gfn {g:#x}: owner {owner!r} holds {int(held[i])} reference(s),"
-                    f" cannot remove {int(cnt[i])}"
+                    f" cannot remove {want}"
                 )
         stopped = 0
         for slot, idx, cnt in groups:
@@ -597,11 +623,9 @@ class Vm:
             raise InvalidArgument("the tenant's references are not released as a whole")
         stopped = 0
         for slot in self.slots.slots():
-            pages = slot.tracking.owner_pages(owner)
-            if not pages:
+            idx, cnt = slot.tracking.owner_arrays(owner)
+            if not idx.size:
                 continue
-            idx = np.array([p for p, _ in pages], dtype=np.int64)
-            cnt = np.array([c for _, c in pages], dtype=np.int64)
             _, s = slot.tracking.apply(idx, -cnt, owner)
             stopped += int(s.size)
             self.generation += 1
@@ -647,13 +671,17 @@ class Vm:
                 idx = t.counters.nonzero_indices()
                 idx = idx[t.held(idx, owner) > 0]
             else:
-                idx = np.array(sorted(t.owners.get(owner, {})), dtype=np.int64)
+                idx = t.owner_arrays(owner)[0]
             parts.append(idx + slot.base_gfn)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def owner_references(self, owner: str) -> int:
         """Tracking references a non-tenant owner (a lease or a plugin) holds in this VM."""
-        return sum(sum(s.tracking.owners.get(owner, {}).values()) for s in self.slots.slots())
+        return sum(
+            refs.total()
+            for s in self.slots.slots()
+            if (refs := s.tracking.owners.get(owner)) is not None
+        )
 
     @property
     def tracked_count(self) -> int:
@@ -675,7 +703,7 @@ class Vm:
     def _check_access(self, gpa: int, n: int) -> None:
         lim = self.limits
         if n <= 0:
-            raise InvalidArgument("a write needs at least one byte of data")
+            raise InvalidArgument("a write needs at least one byte of data", field="data")
         if n > lim.max_write_bytes:
             raise InvalidArgument(
                 f"{n} bytes in one access; at most {lim.max_write_bytes} are allowed"
@@ -740,6 +768,8 @@ class Vm:
                 "exchange compares and stores the same number of bytes"
             )
         n = len(desired)
+        if n == 0:
+            raise InvalidArgument("a write needs at least one byte of data", field="desired")
         if not 0 <= vcpu < self.vcpus:
             self._check_vcpu(vcpu)
         self._check_access(gpa, n)

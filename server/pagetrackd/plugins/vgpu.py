@@ -633,14 +633,20 @@ class Vgpu:
         if "ppgtt" in args and args["ppgtt"] is not None:
             mm = self._mms.get(_int_arg(args, "ppgtt"))
             if mm is None:
-                raise NotFound(f"no PPGTT {args['ppgtt']}; known: {sorted(self._mms)}")
+                raise NotFound(
+                    f"no PPGTT {args['ppgtt']}; known: {sorted(self._mms)}",
+                    name=str(args["ppgtt"]),
+                )
             return mm
         if args.get("root_gpa") is not None:
             root_gfn = _root_gfn(args)
             for mm in self._mms.values():
                 if mm.root_gfn == root_gfn:
                     return mm
-            raise NotFound(f"no PPGTT with root gpa {root_gfn << PAGE_SHIFT:#x}")
+            raise NotFound(
+                f"no PPGTT with root gpa {root_gfn << PAGE_SHIFT:#x}",
+                name=f"{root_gfn << PAGE_SHIFT:#x}",
+            )
         if len(self._mms) == 1:
             return next(iter(self._mms.values()))
         raise InvalidArgument("name the PPGTT: give ppgtt=<id> or root_gpa=<gpa>")

@@ -13,7 +13,7 @@ import structlog
 from pagetrackd.auth import Authenticator, current_caller
 from pagetrackd.domain import PageTrackError
 from pagetrackd.journal import Journal
-from pagetrackd.transport.status import code_for
+from pagetrackd.transport.status import abort_with
 
 log = structlog.get_logger("pagetrackd.rpc")
 
@@ -129,7 +129,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         async def refuse(context: Any, exc: PageTrackError) -> None:
             log.warning("rpc.unauthenticated", rpc=rpc, peer=context.peer())
             structlog.contextvars.clear_contextvars()
-            await context.abort(code_for(exc), str(exc))
+            await abort_with(context, exc)
 
         def awaiting(inner: Any) -> Any:
             # unary-unary and stream-unary: one awaited reply
@@ -147,7 +147,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                         try:
                             await journal.commit()
                         except PageTrackError as exc:
-                            await context.abort(code_for(exc), str(exc))
+                            await abort_with(context, exc)
                     return reply
                 except BaseException as exc:
                     error = exc

@@ -12,7 +12,8 @@ class ServerLimits:
     max_message_bytes: int = 64 << 20
     max_write_bytes: int = 1 << 20
     max_batch_writes: int = 1 << 20
-    max_gfns_per_request: int = 1 << 22
+    #: 2^25 gfns: a 128 GiB guest in one range
+    max_gfns_per_request: int = 1 << 25
     max_filter_ranges: int = 1024
     max_watch_batch_events: int = 65536
     default_watch_batch_events: int = 4096

@@ -17,7 +17,7 @@ from pagetrackd.auth import current_caller
 from pagetrackd.domain import (
     Compacted,
     InvalidArgument,
-    NotFound,
+    NotifierNotFound,
     OutOfRange,
     ResourceExhausted,
     Unavailable,
@@ -290,7 +290,8 @@ class WatchService(pbg.WatchServiceServicer):
             if sub.overflowed_lag is not None:
                 raise ResourceExhausted(
                     f"stream fell {sub.overflowed_lag} events behind its queue limit"
-                    f" {sub.queue_limit} (policy disconnect); last seq delivered {sub.last_seq}"
+                    f" {sub.queue_limit} (policy disconnect); last seq delivered {sub.last_seq}",
+                    quota="queue_limit", limit=sub.queue_limit,
                 )
             if not sub.pending:
                 if stream.unwatched or sub.node is None:
@@ -377,7 +378,10 @@ class WatchService(pbg.WatchServiceServicer):
         entry = self.engine.vm(tenant, request.vm)
         stream = self.streams.get((tenant, entry.name, request.notifier_id))
         if stream is None:
-            raise NotFound(f"no open Watch stream with notifier_id {request.notifier_id}")
+            raise NotifierNotFound(
+                f"no open Watch stream with notifier_id {request.notifier_id}",
+                name=str(request.notifier_id),
+            )
         # Unregister now: once this call returns, no event is queued for the stream.
         self.engine.unsubscribe(entry, stream.sub)
         stream.unwatched = True

@@ -1,0 +1,1010 @@
+"""Scale: how costs grow with tracked gfns, VMs, watchers, history and saved state.
+
+Run from the repository root with the project's venv::
+
+    .venv/bin/python bench/scale.py                      # every curve (long: minutes)
+    .venv/bin/python bench/scale.py --only tracking,vms  # some curves
+    .venv/bin/python bench/scale.py --quick              # tiny sizes: a smoke test
+
+Curves (several sizes each; every line is ``name: value``):
+
+* **tracking**: one VM whose one memslot holds N = 1M, 4M and 16.8M pages (a 64 GiB
+  guest at the top). In-process (a child process per size, on the domain core): track
+  and untrack all N gfns in one call, as the tenant and as a lease (owners included);
+  resident bytes per tracked gfn (RSS growth of the child, and what the structures
+  hold); one-gfn QueryTracking and one tracked guest write, against the same slot with
+  1,000 tracked gfns. Through the API (a real ``pagetrackd`` on a unix socket): the same
+  N as one AddTracking/RemoveTracking range, as gfn lists (calls of 1M gfns, encoded
+  before the clock starts), the daemon's RSS growth per gfn, and one-gfn QueryTracking
+  and WriteGuest latency against 1,000 tracked gfns. Times are the best of two rounds.
+* **vms**: one daemon grows to 1k, 10k and 100k VMs, each with a 4 GiB slot and 16
+  tracked gfns spread over it: daemon RSS per VM, create rate (CreateVm +
+  SetMemoryRegion + AddTracking per VM, 64 in flight), median WriteGuest latency on a
+  random VM and median ListVms page (100 VMs at a random offset).
+* **watchers**: 1, 100 and 1,000 Watch streams (a subscriber process), each on its own
+  VM, while a writer process aims at 100k tracked writes/s in total: daemon CPU per
+  delivered event and p99 write-to-subscriber latency (each write carries its send time,
+  CLOCK_MONOTONIC, in its 8 bytes).
+* **history**: one VM with 1M events in its ring (a live Watch attached while they are
+  written gives the live rate): a Watch resuming from the oldest seq, time to its first
+  batch and its catch-up rate to the head; daemon RSS per held event.
+* **restart**: 1,000 VMs (a slot, tenant and lease tracking, 10k events of history
+  each) in a daemon with ``--state-dir``: SIGTERM to exit (the shutdown save), bytes on
+  disk, start to serving with every VM loaded; then, with a save every 2 s while one
+  writer writes to every VM, the writer's longest call (the pause a save causes).
+
+After each curve: the per-unit cost at the largest size and the ratio largest/smallest.
+The summary lines at the end have fixed names and targets (see the issue). Every daemon
+and child dies with the bench (PR_SET_PDEATHSIG). Figures vary a lot on a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import json
+import os
+import random
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+KIB = 1024
+PAGE = 4096
+SLOT_4G = 1 << 20
+
+FULL = {
+    "tracking": [1 << 20, 1 << 22, 1 << 24],
+    "vms": [1_000, 10_000, 100_000],
+    "watchers": [1, 100, 1_000],
+    "history": [1 << 20],
+    "restart": [1_000],
+}
+QUICK = {
+    "tracking": [1 << 12, 1 << 14, 1 << 16],
+    "vms": [20, 60, 200],
+    "watchers": [1, 4, 16],
+    "history": [1 << 13],
+    "restart": [12],
+}
+SECTIONS = list(FULL)
+
+WATCH_RATE = 100_000  #: tracked writes/s in total, across the VMs
+HISTORY_EVENTS_RESTART = 10_000
+QUERY_BASE_TRACKED = 1_000
+
+_results: dict[str, float] = {}
+
+
+def emit(name: str, value: float | int | str) -> None:
+    if isinstance(value, float):
+        value = round(value, 6 if abs(value) < 1 else 3)
+    if isinstance(value, (int, float)):
+        _results[name] = float(value)
+    print(f"{name}: {value}", flush=True)
+
+
+def label(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}m"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}ki"
+    return str(n)
+
+
+def per_unit(curve: str, unit: str, points: list[tuple[int, float]]) -> None:
+    """The per-unit cost at the largest size and the ratio largest / smallest."""
+    if len(points) < 2:
+        return
+    (n0, v0), (n1, v1) = points[0], points[-1]
+    emit(f"{curve}_{unit}_at_{label(n1)}", v1)
+    emit(f"{curve}_{unit}_ratio_{label(n1)}_vs_{label(n0)}", v1 / v0 if v0 else float("inf"))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: this process gets SIGKILL when the bench dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+#: runs argv[1:] after asking for PR_SET_PDEATHSIG (kept across exec): set in the child
+#: itself, not through preexec_fn, which is unsafe once gRPC has started threads
+_ORPHAN_KILL = (
+    "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL);"
+    " os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+class Daemon:
+    """A pagetrackd on a unix socket in ``tmp``."""
+
+    def __init__(self, tmp: Path, *args: str, config: str = "", name: str = "pt") -> None:
+        self.tmp = tmp
+        sock = tmp / f"{name}.sock"
+        ready = tmp / f"{name}-{time.monotonic_ns()}.json"
+        self.log = tmp / f"{name}.log"
+        cmd = [sys.executable, "-c", _ORPHAN_KILL, str(BIN / "pagetrackd"),
+               "--listen", f"unix:{sock}", "--ready-file", str(ready),
+               "--log-format", "json", "--log-level", "warning", *args]
+        if config:
+            cfg = tmp / f"{name}.toml"
+            cfg.write_text(config)
+            cmd += ["--config", str(cfg)]
+        self.started = time.monotonic()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+        deadline = time.monotonic() + 600
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                tail = self.log.read_text()[-3000:]
+                raise SystemExit(f"pagetrackd did not start:\n{tail}")
+            time.sleep(0.005)
+        self.ready_s = time.monotonic() - self.started
+        self.target = f"unix:{sock}"
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> float:
+        """SIGTERM; seconds until the process exited."""
+        t = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(600)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return time.monotonic() - t
+
+
+@contextmanager
+def daemon(tmp: Path, *args: str, config: str = "", name: str = "pt") -> Iterator[Daemon]:
+    d = Daemon(tmp, *args, config=config, name=name)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def spawn_child(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, text=True
+    )
+
+
+def child_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise SystemExit(f"child {proc.args!r} failed (exit {proc.returncode})")
+    out: dict[str, Any] = json.loads(line)
+    return out
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def _channel(target: str) -> Any:
+    import grpc
+
+    big = 256 << 20
+    return grpc.aio.insecure_channel(
+        target,
+        options=[("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)],
+    )
+
+
+def stubs(ch: Any) -> Any:
+    from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+
+    class S:
+        vm = pbg.VmServiceStub(ch)
+        mem = pbg.MemoryServiceStub(ch)
+        track = pbg.TrackingServiceStub(ch)
+        lease = pbg.LeaseServiceStub(ch)
+        watch = pbg.WatchServiceStub(ch)
+        admin = pbg.AdminServiceStub(ch)
+
+    return S
+
+
+async def _median_latency(call: Callable[[int], Awaitable[Any]], n: int) -> float:
+    lat = []
+    for i in range(n):
+        t = time.perf_counter()
+        await call(i)
+        lat.append(time.perf_counter() - t)
+    return statistics.median(lat)
+
+
+def _mono_ns() -> int:
+    return time.monotonic_ns()
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _timed_per_call(fn: Callable[[int], Any], n: int) -> float:
+    """Seconds per call, the median of five blocks of n // 5 calls."""
+    blocks = []
+    k = max(n // 5, 1)
+    for b in range(5):
+        t = time.perf_counter()
+        for i in range(b * k, (b + 1) * k):
+            fn(i)
+        blocks.append((time.perf_counter() - t) / k)
+    return statistics.median(blocks)
+
+
+def child_track(n: int, calls: int) -> None:
+    """In-process tracking figures for one slot of ``n`` pages (printed as JSON)."""
+    import numpy as np
+
+    from pagetrackd.domain import Vm
+
+    def fresh(name: str) -> Any:
+        vm = Vm(name)
+        vm.set_memslot(0, 0, n)
+        return vm
+
+    every = np.arange(n, dtype=np.int64)
+    # Fault the process's memory in first: on this machine a page the process touches
+    # for the first time costs a host fault, which is not the track pool's doing.
+    warm = fresh("warm")
+    warm.track_add(every)
+    warm.track_remove(every)
+    warm.close()
+    del warm
+    gc.collect()
+
+    out: dict[str, Any] = {}
+    # Query and write cost with few tracked gfns, then with every gfn tracked.
+    few = fresh("few")
+    base_gfns = np.linspace(0, n - 1, QUERY_BASE_TRACKED, dtype=np.int64)
+    base_gfns = np.unique(base_gfns)
+    few.track_add(base_gfns)
+    few.track_add(base_gfns, "lease:bench")  # the same owners as the full slot below
+    qg = base_gfns.tolist()
+    data = b"\x5a" * 8
+
+    def figures(vm: Any, gfns: list[int]) -> tuple[float, float]:
+        q = _timed_per_call(lambda i: vm.track_query([gfns[i % len(gfns)]]), calls)
+        w = _timed_per_call(
+            lambda i: vm.write(0, (gfns[i % 256] << 12) + 8 * (i % 512), data), calls
+        )
+        return q, w
+
+    out["query_few_s"], out["write_few_s"] = figures(few, qg)
+    few.close()
+    del few
+    gc.collect()
+
+    rounds = []
+    for r in range(2):
+        vm = fresh(f"all{r}")
+        gc.collect()
+        rss0 = _rss()
+        t = time.perf_counter()
+        started = vm.track_add(every)
+        add_s = time.perf_counter() - t
+        assert started == n, started
+        gc.collect()
+        rss_tenant = _rss()
+        t = time.perf_counter()
+        vm.track_add(every, "lease:bench")
+        add_owner_s = time.perf_counter() - t
+        gc.collect()
+        rss_both = _rss()
+        nbytes = vm.counter_bytes
+        info = vm.track_query([n // 2])[0]
+        assert info.owners == {"tenant": 1, "lease:bench": 1}, info.owners
+        if r == 0:
+            picks = np.linspace(0, n - 1, QUERY_BASE_TRACKED, dtype=np.int64).tolist()
+            out["query_all_s"], out["write_all_s"] = figures(vm, picks)
+        t = time.perf_counter()
+        vm.track_remove(every, "lease:bench")
+        remove_owner_s = time.perf_counter() - t
+        t = time.perf_counter()
+        stopped = vm.track_remove(every)
+        remove_s = time.perf_counter() - t
+        assert stopped == n and vm.tracked_count == 0
+        rounds.append({
+            "add_s": add_s, "add_owner_s": add_owner_s, "remove_s": remove_s,
+            "remove_owner_s": remove_owner_s,
+            "rss_tenant_per_gfn": (rss_tenant - rss0) / n,
+            "rss_both_per_gfn": (rss_both - rss0) / n,
+            "struct_per_gfn": nbytes / n,
+        })
+        vm.close()
+        del vm
+        gc.collect()
+    for k in rounds[0]:
+        out[k] = min(r[k] for r in rounds)
+    out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out), flush=True)
+
+
+async def _api_tracking(target: str, sizes: list[int], calls: int) -> dict[int, dict[str, float]]:
+    import numpy as np
+
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    res: dict[int, dict[str, float]] = {}
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        add_raw = ch.unary_unary(
+            "/pagetrack.v1.TrackingService/AddTracking",
+            request_serializer=None, response_deserializer=pb.TrackingChangeResponse.FromString,
+        )
+        rm_raw = ch.unary_unary(
+            "/pagetrack.v1.TrackingService/RemoveTracking",
+            request_serializer=None, response_deserializer=pb.TrackingChangeResponse.FromString,
+        )
+        info = await s.admin.GetServerInfo(pb.GetServerInfoRequest())
+        per_call = min(1 << 20, info.limits.max_gfns_per_request)
+        for n in sizes:
+            vm = f"track-{label(n)}"
+            await s.vm.CreateVm(pb.CreateVmRequest(name=vm))
+            await s.mem.SetMemoryRegion(
+                pb.SetMemoryRegionRequest(vm=vm, slot=0, base_gfn=0, npages=n)
+            )
+            rng = pb.GfnRange(start=0, count=n)
+            lists = [
+                pb.TrackingChangeRequest(
+                    vm=vm, gfns=np.arange(lo, min(lo + per_call, n), dtype=np.uint64)
+                ).SerializeToString()
+                for lo in range(0, n, per_call)
+            ]
+
+            async def q(i: int, vm: str = vm, n: int = n) -> None:
+                await s.track.QueryTracking(pb.QueryTrackingRequest(
+                    vm=vm, gfns=[(i * 7919) % n], include_owners=True))
+
+            async def w(i: int, vm: str = vm, n: int = n) -> None:
+                g = ((i % 256) * (n // 256)) % n
+                await s.mem.WriteGuest(pb.WriteGuestRequest(
+                    vm=vm, vcpu=0, gpa=(g << 12) + 8 * (i % 512), data=b"\x5a" * 8))
+
+            # few tracked: the 256 write targets and the rest of 1,000 spread gfns
+            few = sorted({((i % 256) * (n // 256)) % n for i in range(256)}
+                         | set(np.linspace(0, n - 1, QUERY_BASE_TRACKED - 256,
+                                           dtype=np.int64).tolist()))
+            await s.track.AddTracking(pb.TrackingChangeRequest(vm=vm, gfns=few))
+            fig: dict[str, float] = {
+                "query_few_s": await _median_latency(q, calls),
+                "write_few_s": await _median_latency(w, calls),
+            }
+            await s.track.RemoveTracking(pb.TrackingChangeRequest(vm=vm, gfns=few))
+            rounds: list[dict[str, float]] = []
+            for r in range(2):
+                rss0 = _daemon_rss_by_info(await s.admin.GetServerInfo(pb.GetServerInfoRequest()))
+                t = time.perf_counter()
+                resp = await s.track.AddTracking(pb.TrackingChangeRequest(vm=vm, ranges=[rng]))
+                add = time.perf_counter() - t
+                assert resp.transitions == n, resp
+                rss1 = _daemon_rss_by_info(await s.admin.GetServerInfo(pb.GetServerInfoRequest()))
+                if r == 0:
+                    fig["query_all_s"] = await _median_latency(q, calls)
+                    fig["write_all_s"] = await _median_latency(w, calls)
+                t = time.perf_counter()
+                resp = await s.track.RemoveTracking(pb.TrackingChangeRequest(vm=vm, ranges=[rng]))
+                remove = time.perf_counter() - t
+                assert resp.transitions == n, resp
+                t = time.perf_counter()
+                for body in lists:
+                    await add_raw(body)
+                add_list = time.perf_counter() - t
+                t = time.perf_counter()
+                for body in lists:
+                    await rm_raw(body)
+                remove_list = time.perf_counter() - t
+                rounds.append({
+                    "add_range_s": add, "remove_range_s": remove,
+                    "add_list_s": add_list, "remove_list_s": remove_list,
+                    "rss_per_gfn": (rss1 - rss0) / n,
+                })
+            for k in rounds[0]:
+                fig[k] = min(r[k] for r in rounds)
+            await s.vm.DeleteVm(pb.DeleteVmRequest(vm=vm))
+            res[n] = fig
+    return res
+
+
+def _daemon_rss_by_info(info: Any) -> int:
+    return int(info.process.rss_bytes)
+
+
+def section_tracking(sizes: list[int], quick: bool, tmp: Path) -> None:
+    calls = 2_000 if quick else 20_000
+    inproc: list[tuple[int, dict[str, Any]]] = []
+    for n in sizes:
+        # one child at a time: each holds up to a few hundred MiB at 16.8M
+        inproc.append((n, child_json(spawn_child("track", str(n), str(calls)))))
+    for n, r in inproc:
+        lb = label(n)
+        emit(f"track_add_{lb}_s", r["add_s"])
+        emit(f"track_remove_{lb}_s", r["remove_s"])
+        emit(f"track_add_{lb}_lease_s", r["add_owner_s"])
+        emit(f"track_remove_{lb}_lease_s", r["remove_owner_s"])
+        emit(f"track_{lb}_rss_bytes_per_gfn", r["rss_tenant_per_gfn"])
+        emit(f"track_{lb}_with_lease_rss_bytes_per_gfn", r["rss_both_per_gfn"])
+        emit(f"track_{lb}_with_lease_pool_bytes_per_gfn", r["struct_per_gfn"])
+        emit(f"track_{lb}_query_us", r["query_all_s"] * 1e6)
+        emit(f"track_{lb}_query_vs_1000_tracked", r["query_all_s"] / r["query_few_s"])
+        emit(f"track_{lb}_write_us", r["write_all_s"] * 1e6)
+        emit(f"track_{lb}_write_vs_1000_tracked", r["write_all_s"] / r["write_few_s"])
+        emit(f"track_{lb}_child_maxrss_mib", r["maxrss_mib"])
+    per_unit("track_add", "ns_per_gfn", [(n, r["add_s"] / n * 1e9) for n, r in inproc])
+    per_unit("track_remove", "ns_per_gfn", [(n, r["remove_s"] / n * 1e9) for n, r in inproc])
+    per_unit("track_rss", "bytes_per_gfn", [(n, r["rss_both_per_gfn"]) for n, r in inproc])
+
+    with daemon(tmp, name="tracking") as d:
+        api = run(_api_tracking(d.target, sizes, calls // 10))
+    for n, f in api.items():
+        lb = label(n)
+        emit(f"track_add_{lb}_api_range_s", f["add_range_s"])
+        emit(f"track_remove_{lb}_api_range_s", f["remove_range_s"])
+        emit(f"track_add_{lb}_api_list_s", f["add_list_s"])
+        emit(f"track_remove_{lb}_api_list_s", f["remove_list_s"])
+        emit(f"track_{lb}_api_rss_bytes_per_gfn", f["rss_per_gfn"])
+        emit(f"track_{lb}_api_query_ms", f["query_all_s"] * 1e3)
+        emit(f"track_{lb}_api_query_vs_1000_tracked", f["query_all_s"] / f["query_few_s"])
+        emit(f"track_{lb}_api_write_ms", f["write_all_s"] * 1e3)
+        emit(f"track_{lb}_api_write_vs_1000_tracked", f["write_all_s"] / f["write_few_s"])
+    pts = sorted(api.items())
+    per_unit("track_add_api_range", "ns_per_gfn", [(n, f["add_range_s"] / n * 1e9) for n, f in pts])
+    per_unit("track_add_api_list", "ns_per_gfn", [(n, f["add_list_s"] / n * 1e9) for n, f in pts])
+
+    top_n, top = inproc[-1]
+    top_api = api[sizes[-1]]
+    _summary["track_add_16m_s"] = top["add_s"]
+    _summary["track_add_16m_api_range_s"] = top_api["add_range_s"]
+    _summary["tracked_bytes_per_gfn"] = max(top["rss_both_per_gfn"], top["struct_per_gfn"])
+    _summary["track_16m_query_vs_1000_tracked"] = top["query_all_s"] / top["query_few_s"]
+    _summary["track_16m_write_vs_1000_tracked"] = top["write_all_s"] / top["write_few_s"]
+
+
+_summary: dict[str, float] = {}
+
+
+# --------------------------------------------------------------------------- vms
+
+
+def _spread(n_tracked: int, npages: int, i: int) -> list[int]:
+    step = npages // n_tracked
+    return [(k * step + i * 97) % npages for k in range(n_tracked)]
+
+
+async def _create_vms(target: str, first: int, last: int, in_flight: int = 64) -> float:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        nxt = first
+
+        async def worker() -> None:
+            nonlocal nxt
+            while nxt < last:
+                i = nxt
+                nxt += 1
+                name = f"vm-{i:06d}"
+                await s.vm.CreateVm(pb.CreateVmRequest(name=name))
+                await s.mem.SetMemoryRegion(
+                    pb.SetMemoryRegionRequest(vm=name, slot=0, base_gfn=0, npages=SLOT_4G)
+                )
+                await s.track.AddTracking(
+                    pb.TrackingChangeRequest(vm=name, gfns=_spread(16, SLOT_4G, i))
+                )
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return time.perf_counter() - t
+
+
+async def _vm_costs(target: str, count: int, calls: int) -> tuple[float, float]:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    rnd = random.Random(count)
+    async with _channel(target) as ch:
+        s = stubs(ch)
+
+        async def w(i: int) -> None:
+            v = rnd.randrange(count)
+            g = _spread(16, SLOT_4G, v)[i % 16]
+            await s.mem.WriteGuest(pb.WriteGuestRequest(
+                vm=f"vm-{v:06d}", vcpu=0, gpa=(g << 12) + 8 * (i % 512), data=b"\x5a" * 8))
+
+        async def page(i: int) -> None:
+            start = rnd.randrange(max(count - 100, 1))
+            r = await s.vm.ListVms(pb.ListVmsRequest(page_size=100, page_token=str(start)))
+            assert len(r.vms) == min(100, count - start)
+
+        await _median_latency(w, 20)
+        return await _median_latency(w, calls), await _median_latency(page, max(calls // 10, 20))
+
+
+def section_vms(sizes: list[int], quick: bool, tmp: Path) -> None:
+    calls = 200 if quick else 1_000
+    cfg = f"[quotas]\nvms = {sizes[-1] + 10}\nguest_pages = {(sizes[-1] + 10) * SLOT_4G}\n"
+    points: list[tuple[int, float, float, float, float]] = []
+    with daemon(tmp, config=cfg, name="vms") as d:
+        base = d.rss()
+        have = 0
+        for n in sizes:
+            secs = run(_create_vms(d.target, have, n))
+            rate = (n - have) / secs
+            have = n
+            gc.collect()
+            rss_per_vm = (d.rss() - base) / n
+            write_s, page_s = run(_vm_costs(d.target, n, calls))
+            points.append((n, rss_per_vm, rate, write_s, page_s))
+    for n, rss_per_vm, rate, write_s, page_s in points:
+        lb = label(n)
+        emit(f"vms_{lb}_rss_kib_per_vm", rss_per_vm / KIB)
+        emit(f"vms_{lb}_create_per_s", rate)
+        emit(f"vms_{lb}_write_ms", write_s * 1e3)
+        emit(f"vms_{lb}_list_page_ms", page_s * 1e3)
+    per_unit("vms_rss", "kib_per_vm", [(p[0], p[1] / KIB) for p in points])
+    per_unit("vms_write", "ms", [(p[0], p[3] * 1e3) for p in points])
+    per_unit("vms_list_page", "ms", [(p[0], p[4] * 1e3) for p in points])
+    _summary["vms_100k_rss_kib_per_vm"] = points[-1][1] / KIB
+
+
+# --------------------------------------------------------------------------- watchers
+
+
+async def _watch_subscriber(target: str, vms: int, warm_s: float, measure_s: float) -> None:
+    """Hold one Watch per VM; report events and latencies received in the window."""
+    import numpy as np
+
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    lat: list[Any] = []
+    counted = 0
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        registered = 0
+        window = [0, 0]
+        first_event = asyncio.Event()
+
+        async def one(i: int) -> None:
+            nonlocal registered, counted
+            call = s.watch.Watch(pb.WatchRequest(vm=f"w-{i:05d}", queue_limit=1 << 20))
+            async for msg in call:
+                kind = msg.WhichOneof("kind")
+                if kind == "registered":
+                    registered += 1
+                elif kind == "events":
+                    now = _mono_ns()
+                    if not first_event.is_set():
+                        # the window opens warm_s after the first event anywhere
+                        window[0] = now + int(warm_s * 1e9)
+                        window[1] = window[0] + int(measure_s * 1e9)
+                        first_event.set()
+                    if window[0] <= now <= window[1]:
+                        sent = np.frombuffer(msg.events.data, dtype="<u8")
+                        lat.append(now - sent)
+                        counted += len(msg.events.seq)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(vms)]
+        while registered < vms:  # noqa: ASYNC110 - counted by many streams; a deadline bounds it
+            await asyncio.sleep(0.01)
+        print(json.dumps({"registered": vms}), flush=True)
+        await first_event.wait()
+        await asyncio.sleep(warm_s + measure_s + 0.5)
+        for t in tasks:
+            t.cancel()
+    all_lat = np.concatenate(lat) if lat else np.zeros(1)
+    print(json.dumps({
+        "events": counted,
+        "p99_ms": float(np.percentile(all_lat, 99)) / 1e6,
+        "p50_ms": float(np.percentile(all_lat, 50)) / 1e6,
+    }), flush=True)
+
+
+async def _watch_writer(target: str, vms: int, rate: int, seconds: float) -> None:
+    """Aim at ``rate`` tracked writes/s in total, in 10 ms ticks across the VMs."""
+    import struct
+
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    tick = 0.01
+    per_tick = int(rate * tick)
+    calls_per_tick = min(vms, 10)
+    per_call = per_tick // calls_per_tick
+    gpas = [(k % 16) * PAGE + 8 * (k // 16 % 512) for k in range(per_call)]
+    sent = 0
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        nxt = 0
+        start = time.monotonic()
+        pending: set[asyncio.Future[Any]] = set()
+        k = 0
+        print(json.dumps({"started": True}), flush=True)
+        while time.monotonic() - start < seconds:
+            for _ in range(calls_per_tick):
+                now = _mono_ns()
+                data = struct.pack("<Q", now) * per_call
+                req = pb.WriteGuestBatchRequest(
+                    vm=f"w-{nxt:05d}", gpa=gpas, vcpu=[0] * per_call,
+                    length=[8] * per_call, data=data,
+                )
+                nxt = (nxt + 1) % vms
+                t = asyncio.ensure_future(s.mem.WriteGuestBatch(req))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+                sent += per_call
+            k += 1
+            delay = start + k * tick - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(pending) > 64:  # behind: do not queue without bound
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*pending)
+        print(json.dumps({"sent": sent, "rate": sent / (time.monotonic() - start)}), flush=True)
+
+
+async def _setup_watch_vms(target: str, vms: int) -> None:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with sem:
+                name = f"w-{i:05d}"
+                await s.vm.CreateVm(pb.CreateVmRequest(name=name))
+                await s.mem.SetMemoryRegion(
+                    pb.SetMemoryRegionRequest(vm=name, slot=0, base_gfn=0, npages=256))
+                await s.track.AddTracking(pb.TrackingChangeRequest(
+                    vm=name, ranges=[pb.GfnRange(start=0, count=16)]))
+
+        await asyncio.gather(*(one(i) for i in range(vms)))
+
+
+def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
+    warm_s, measure_s = (0.5, 1.0) if quick else (1.0, 5.0)
+    rate = WATCH_RATE // 10 if quick else WATCH_RATE
+    cfg = f"[quotas]\nvms = {sizes[-1] + 10}\nwatchers = {sizes[-1] + 10}\n"
+    points = []
+    for w in sizes:
+        with daemon(tmp, config=cfg, name=f"watch{w}") as d:
+            run(_setup_watch_vms(d.target, w))
+            sub = spawn_child("subscriber", d.target, str(w), str(warm_s), str(measure_s))
+            child_json(sub)  # every stream registered
+            writer = spawn_child("writer", d.target, str(w), str(rate),
+                                 str(warm_s + measure_s + 0.5))
+            child_json(writer)  # writing from now on
+            time.sleep(warm_s)
+            cpu0 = d.cpu_s()
+            time.sleep(measure_s)
+            cpu1 = d.cpu_s()
+            wr = child_json(writer)
+            sr = child_json(sub)
+            writer.wait()
+            sub.wait()
+        cpu_per_event = (cpu1 - cpu0) / max(sr["events"], 1)
+        points.append((w, cpu_per_event, sr, wr))
+        lb = label(w)
+        emit(f"watchers_{lb}_writes_per_s", wr["rate"])
+        emit(f"watchers_{lb}_delivered_per_s", sr["events"] / measure_s)
+        emit(f"watchers_{lb}_cpu_us_per_event", cpu_per_event * 1e6)
+        emit(f"watchers_{lb}_p50_ms", sr["p50_ms"])
+        emit(f"watchers_{lb}_p99_ms", sr["p99_ms"])
+    per_unit("watchers_cpu", "us_per_event", [(p[0], p[1] * 1e6) for p in points])
+    _summary["watchers_1000_cpu_per_event_ratio"] = points[-1][1] / max(points[0][1], 1e-12)
+    _summary["watchers_1000_p99_ms"] = points[-1][2]["p99_ms"]
+
+
+# --------------------------------------------------------------------------- history
+
+
+async def _history(target: str, events: int) -> dict[str, float]:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        await s.vm.CreateVm(pb.CreateVmRequest(name="hist"))
+        await s.mem.SetMemoryRegion(
+            pb.SetMemoryRegionRequest(vm="hist", slot=0, base_gfn=0, npages=4096))
+        await s.track.AddTracking(pb.TrackingChangeRequest(
+            vm="hist", ranges=[pb.GfnRange(start=0, count=256)]))
+        rss0 = _daemon_rss_by_info(await s.admin.GetServerInfo(pb.GetServerInfoRequest()))
+        per_call = min(8192, events)
+        gpas = [(k % 256) * PAGE + 8 * (k // 256 % 512) for k in range(per_call)]
+        req = pb.WriteGuestBatchRequest(vm="hist", gpa=gpas, vcpu=[0] * per_call,
+                                        length=[8] * per_call, data=b"\x5a" * 8 * per_call)
+        # A live Watch while the events are written: the live rate.
+        live_got = 0
+        live_done = asyncio.Event()
+        live = s.watch.Watch(pb.WatchRequest(vm="hist", queue_limit=1 << 22))
+        registered = asyncio.Event()
+        t_first = [0.0, 0.0]
+
+        async def live_reader() -> None:
+            nonlocal live_got
+            async for msg in live:
+                kind = msg.WhichOneof("kind")
+                if kind == "registered":
+                    registered.set()
+                elif kind == "events":
+                    if not live_got:
+                        t_first[0] = time.perf_counter()
+                    live_got += len(msg.events.seq)
+                    if live_got >= events:
+                        t_first[1] = time.perf_counter()
+                        live_done.set()
+                        return
+
+        reader = asyncio.create_task(live_reader())
+        await registered.wait()
+        t = time.perf_counter()
+        for _ in range(events // per_call):
+            await s.mem.WriteGuestBatch(req)
+        write_s = time.perf_counter() - t
+        await live_done.wait()
+        live.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        live_rate = events / (t_first[1] - t)
+        rss1 = _daemon_rss_by_info(await s.admin.GetServerInfo(pb.GetServerInfoRequest()))
+        vm = (await s.vm.GetVm(pb.GetVmRequest(vm="hist"))).vm
+        held = vm.head_seq - vm.oldest_seq + 1
+        # Resume from the oldest held seq.
+        t = time.perf_counter()
+        first = 0.0
+        got = 0
+        call = s.watch.Watch(pb.WatchRequest(vm="hist", start_seq=vm.oldest_seq,
+                                             queue_limit=1 << 22, max_batch_events=65536))
+        async for msg in call:
+            if msg.WhichOneof("kind") == "events":
+                if not got:
+                    first = time.perf_counter() - t
+                got += len(msg.events.seq)
+                if got >= held:
+                    break
+        catch_s = time.perf_counter() - t
+        call.cancel()
+        return {
+            "held": held, "write_rate": events / write_s, "live_rate": live_rate,
+            "first_batch_s": first, "catch_up_rate": got / catch_s,
+            "rss_per_event": (rss1 - rss0) / held,
+        }
+
+
+def section_history(sizes: list[int], quick: bool, tmp: Path) -> None:
+    n = sizes[-1]
+    with daemon(tmp, "--history-events", str(n), "--history-bytes", str(n * 64),
+                name="history") as d:
+        r = run(_history(d.target, n))
+    lb = label(n)
+    emit(f"history_{lb}_held_events", r["held"])
+    emit(f"history_{lb}_write_events_per_s", r["write_rate"])
+    emit(f"history_{lb}_live_events_per_s", r["live_rate"])
+    emit(f"resume_{lb}_first_batch_ms", r["first_batch_s"] * 1e3)
+    emit(f"resume_{lb}_catch_up_events_per_s", r["catch_up_rate"])
+    emit(f"resume_{lb}_catch_up_vs_live", r["catch_up_rate"] / r["live_rate"])
+    emit(f"history_{lb}_rss_bytes_per_event", r["rss_per_event"])
+    _summary["resume_1m_first_batch_ms"] = r["first_batch_s"] * 1e3
+
+
+# --------------------------------------------------------------------------- restart
+
+
+async def _fill_restart(target: str, vms: int, events: int) -> None:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        sem = asyncio.Semaphore(16)
+        per_call = min(5000, events)
+        gpas = [(k % 64) * PAGE + 8 * (k // 64 % 512) for k in range(per_call)]
+        data = b"\x5a" * 8 * per_call
+
+        async def one(i: int) -> None:
+            async with sem:
+                name = f"r-{i:05d}"
+                await s.vm.CreateVm(pb.CreateVmRequest(name=name))
+                await s.mem.SetMemoryRegion(
+                    pb.SetMemoryRegionRequest(vm=name, slot=0, base_gfn=0, npages=1 << 16))
+                await s.track.AddTracking(pb.TrackingChangeRequest(
+                    vm=name, ranges=[pb.GfnRange(start=0, count=64)]))
+                lease = (await s.lease.CreateLease(
+                    pb.CreateLeaseRequest(ttl_ms=3_600_000, label=name))).lease
+                await s.track.AddTracking(pb.TrackingChangeRequest(
+                    vm=name, lease_id=lease.id, gfns=_spread(16, 1 << 16, i)))
+                for _ in range(events // per_call):
+                    await s.mem.WriteGuestBatch(pb.WriteGuestBatchRequest(
+                        vm=name, gpa=gpas, vcpu=[0] * per_call, length=[8] * per_call,
+                        data=data))
+
+        await asyncio.gather(*(one(i) for i in range(vms)))
+
+
+async def _check_loaded(target: str, vms: int) -> None:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        r = await s.vm.ListVms(pb.ListVmsRequest(page_size=1000))
+        total = len(r.vms)
+        while r.next_page_token:
+            r = await s.vm.ListVms(pb.ListVmsRequest(page_size=1000, page_token=r.next_page_token))
+            total += len(r.vms)
+        assert total == vms, total
+        q = await s.track.QueryTracking(pb.QueryTrackingRequest(
+            vm="r-00000", gfns=[_spread(16, 1 << 16, 0)[0]], include_owners=True))
+        assert len(q.gfns[0].owners) >= 1, q
+
+
+async def _writer_pauses(target: str, vms: int, seconds: float) -> tuple[float, float, int]:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    lat = []
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < seconds:
+            t = time.perf_counter()
+            await s.mem.WriteGuest(pb.WriteGuestRequest(
+                vm=f"r-{i % vms:05d}", vcpu=0, gpa=(i % 64) * PAGE, data=b"\x5a" * 8))
+            lat.append(time.perf_counter() - t)
+            i += 1
+    return max(lat), statistics.median(lat), len(lat)
+
+
+def _save_times(log: Path) -> list[float]:
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "state.saved" and "s" in rec:
+            out.append(float(rec["s"]))
+    return out
+
+
+def section_restart(sizes: list[int], quick: bool, tmp: Path) -> None:
+    n = sizes[-1]
+    events = 1_000 if quick else HISTORY_EVENTS_RESTART
+    state = tmp / "state"
+    cfg = f"[quotas]\nvms = {n + 10}\n"
+    d = Daemon(tmp, "--state-dir", str(state), "--save-interval", "86400", config=cfg,
+               name="restart1")
+    try:
+        t = time.perf_counter()
+        run(_fill_restart(d.target, n, events))
+        fill_s = time.perf_counter() - t
+        rss = d.rss()
+    finally:
+        save_s = d.stop()
+    disk = sum(p.stat().st_size for p in state.rglob("*") if p.is_file())
+    d2 = Daemon(tmp, "--state-dir", str(state), "--save-interval", "2", "--log-level", "debug",
+                config=cfg, name="restart2")
+    try:
+        load_s = d2.ready_s
+        run(_check_loaded(d2.target, n))
+        pause_s, median_s, writes = run(_writer_pauses(d2.target, n, 4.0 if quick else 8.0))
+        saves = _save_times(d2.log)
+    finally:
+        d2.stop()
+    # the same start with nothing to load: what the interpreter and imports cost
+    d3 = Daemon(tmp, config=cfg, name="empty")
+    empty_s = d3.ready_s
+    d3.stop()
+    lb = label(n)
+    emit(f"restart_{lb}_vms_fill_s", fill_s)
+    emit(f"restart_{lb}_vms_daemon_rss_mib", rss / (1 << 20))
+    emit(f"restart_{lb}_vms_shutdown_save_s", save_s)
+    emit(f"restart_{lb}_vms_disk_mib", disk / (1 << 20))
+    emit(f"restart_{lb}_vms_load_s", load_s)
+    emit("restart_empty_start_s", empty_s)
+    emit(f"save_{lb}_vms_periodic_saves", len(saves))
+    if saves:
+        emit(f"save_{lb}_vms_periodic_save_max_s", max(saves))
+    emit("save_writer_calls", writes)
+    emit("save_writer_median_ms", median_s * 1e3)
+    emit(f"save_max_writer_pause_ms_at_{lb}_vms", pause_s * 1e3)
+    _summary["restart_1000_vms_load_s"] = load_s
+    _summary["save_max_writer_pause_ms"] = pause_s * 1e3
+
+
+# --------------------------------------------------------------------------- main
+
+TARGETS = [
+    ("track_add_16m_s", "<=", 1.0),
+    ("track_add_16m_api_range_s", "<=", 2.0),
+    ("tracked_bytes_per_gfn", "<=", 4.0),
+    ("track_16m_query_vs_1000_tracked", "<=", 1.2),
+    ("track_16m_write_vs_1000_tracked", "<=", 1.2),
+    ("vms_100k_rss_kib_per_vm", "<=", 16.0),
+    ("watchers_1000_cpu_per_event_ratio", "<=", 1.5),
+    ("watchers_1000_p99_ms", "<=", 10.0),
+    ("resume_1m_first_batch_ms", "<=", 100.0),
+    ("restart_1000_vms_load_s", "<=", 10.0),
+    ("save_max_writer_pause_ms", "<=", 50.0),
+]
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        die_with_parent()
+        kind, args = argv[1], argv[2:]
+        if kind == "track":
+            child_track(int(args[0]), int(args[1]))
+        elif kind == "subscriber":
+            run(_watch_subscriber(args[0], int(args[1]), float(args[2]), float(args[3])))
+        elif kind == "writer":
+            run(_watch_writer(args[0], int(args[1]), int(args[2]), float(args[3])))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated curves to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, short windows: checks the bench runs, measures nothing")
+    a = p.parse_args(argv)
+    only = [x.strip() for x in a.only.split(",") if x.strip()]
+    bad = [x for x in only if x not in SECTIONS]
+    if bad:
+        p.error(f"unknown curve(s) {bad}; choose from {SECTIONS}")
+    sizes = QUICK if a.quick else FULL
+    emit("mode", "quick" if a.quick else "full")
+    emit("cpus", os.cpu_count() or 0)
+    emit("loadavg_1m", os.getloadavg()[0])
+    sections: dict[str, Callable[[list[int], bool, Path], None]] = {
+        "tracking": section_tracking, "vms": section_vms, "watchers": section_watchers,
+        "history": section_history, "restart": section_restart,
+    }
+    with tempfile.TemporaryDirectory(prefix="pt-scale-") as tmpdir:
+        for name in SECTIONS:
+            if name in only:
+                t = time.perf_counter()
+                sections[name](sizes[name], a.quick, Path(tmpdir))
+                emit(f"{name}_section_s", time.perf_counter() - t)
+    # Summary: fixed names; in --quick mode they hold the small sizes' figures.
+    for name, _op, _target in TARGETS:
+        if name in _summary:
+            emit(name, _summary[name])
+    met = [n for n, _, t in TARGETS if n in _summary and _summary[n] <= t]
+    missed = [n for n, _, t in TARGETS if n in _summary and _summary[n] > t]
+    emit("targets_met", len(met))
+    emit("targets_missed", ",".join(missed) if missed else "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

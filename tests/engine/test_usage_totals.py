@@ -1,0 +1,75 @@
+"""The engine's per-tenant totals (memslot pages, tracked gfns) that quota checks read
+must equal a plain sum over the tenant's VMs after any mix of operations."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagetrackd.domain import PageTrackError
+from pagetrackd.domain.types import TenantId
+from pagetrackd.engine import Engine, EngineConfig, Quotas
+
+TENANTS = [TenantId("a"), TenantId("b")]
+NAMES = ["v0", "v1"]
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["create", "delete", "slot", "drop_slot", "track", "untrack", "lease"]),
+        st.sampled_from(TENANTS), st.sampled_from(NAMES), st.integers(0, 1),
+        st.integers(0, 63),
+    ),
+    min_size=4, max_size=40,
+)
+
+
+def brute(engine: Engine, tenant: TenantId) -> tuple[int, int]:
+    vms = [e.vm for e in engine.list_vms(tenant)]
+    return (
+        sum(s.npages for vm in vms for s in vm.memslots()),
+        sum(vm.tracked_count for vm in vms),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_usage_totals_follow_every_change(steps: list[tuple[str, TenantId, str, int, int]]) -> None:
+    engine = Engine(EngineConfig(quotas=Quotas(vms=10)))
+    lease = {t: engine.leases.create(t, 60_000) for t in TENANTS}
+    for op, tenant, name, slot, gfn in steps:
+        try:
+            if op == "create":
+                engine.create_vm(tenant, name)
+                continue
+            entry = engine.vm(tenant, name)
+            vm = entry.vm
+            if op == "delete":
+                engine.delete_vm(tenant, name)
+            elif op == "slot":
+                vm.set_memslot(slot, slot * 64, 64 - slot * 16)
+            elif op == "drop_slot":
+                vm.set_memslot(slot, slot * 64, 0)
+            elif op == "track":
+                vm.track_add([gfn, gfn + 1])
+            elif op == "untrack":
+                vm.track_remove([gfn])
+            elif op == "lease":
+                vm.track_add([gfn], lease[tenant].owner)
+        except PageTrackError:
+            pass
+        for t in TENANTS:
+            assert engine.usage(t) == brute(engine, t)
+    for t in TENANTS:
+        engine.leases.end(lease[t])
+        assert engine.usage(t) == brute(engine, t)
+
+
+def test_a_deleted_vm_leaves_the_totals() -> None:
+    engine = Engine()
+    t = TenantId("a")
+    vm = engine.create_vm(t, "v").vm
+    vm.set_memslot(0, 0, 100)
+    vm.track_add([1, 2, 3])
+    assert engine.usage(t) == (100, 3)
+    engine.delete_vm(t, "v")
+    assert engine.usage(t) == (0, 0)
