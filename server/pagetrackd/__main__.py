@@ -70,15 +70,17 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(config: Config) -> int:
     daemon = Daemon(config)
+    # Handlers first: a SIGTERM right after the ready file appears stops the daemon
+    # cleanly (with its final save) instead of killing it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await daemon.start()
     if config.demo:
         from pagetrackd.demo import setup_demo
 
         setup_demo(daemon.engine)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     structlog.get_logger("pagetrackd").info("daemon.stopping")
     await daemon.stop()
