@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck unit proto bench clean tools
 
 # npm packages the tests run, each pinned by its committed lockfile.
-NPM_DIRS := tools/buf
+NPM_DIRS := tools/buf examples/node examples/export/node
 
 # The install is editable and path-based (hatchling writes a .pth naming client/ and
 # server/), so mypy and IDEs see the packages from a user's own scripts too.

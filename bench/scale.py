@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
@@ -63,6 +64,10 @@ BIN = Path(sys.executable).parent
 KIB = 1024
 PAGE = 4096
 SLOT_4G = 1 << 20
+#: each VM's default event history bound and each Watch's default queue bound, which the
+#: tenant's history_bytes and stream_queue_bytes quotas add up: raised here for many VMs
+HISTORY_BYTES = 16 << 20
+QUEUE_BYTES = 4 << 20
 
 FULL = {
     "tracking": [1 << 20, 1 << 22, 1 << 24],
@@ -256,16 +261,19 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _timed_per_call(fn: Callable[[int], Any], n: int) -> float:
-    """Seconds per call, the median of five blocks of n // 5 calls."""
-    blocks = []
-    k = max(n // 5, 1)
-    for b in range(5):
-        t = time.perf_counter()
-        for i in range(b * k, (b + 1) * k):
-            fn(i)
-        blocks.append((time.perf_counter() - t) / k)
-    return statistics.median(blocks)
+def _timed_pair(a: Callable[[int], Any], b: Callable[[int], Any], n: int) -> tuple[float, float]:
+    """Seconds per call of ``a`` and of ``b``: seven blocks of each, interleaved (so a
+    burst of load hits both alike), the median block of each."""
+    ta: list[float] = []
+    tb: list[float] = []
+    k = max(n // 7, 1)
+    for blk in range(7):
+        for fn, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            for i in range(blk * k, (blk + 1) * k):
+                fn(i)
+            out.append((time.perf_counter() - t) / k)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def child_track(n: int, calls: int) -> None:
@@ -290,25 +298,29 @@ def child_track(n: int, calls: int) -> None:
     gc.collect()
 
     out: dict[str, Any] = {}
-    # Query and write cost with few tracked gfns, then with every gfn tracked.
+    # Query and write cost with few tracked gfns, beside the same with every gfn tracked
+    # (both with the tenant's and a lease's references).
     few = fresh("few")
-    base_gfns = np.linspace(0, n - 1, QUERY_BASE_TRACKED, dtype=np.int64)
-    base_gfns = np.unique(base_gfns)
+    base_gfns = np.unique(np.linspace(0, n - 1, QUERY_BASE_TRACKED, dtype=np.int64))
     few.track_add(base_gfns)
-    few.track_add(base_gfns, "lease:bench")  # the same owners as the full slot below
-    qg = base_gfns.tolist()
+    few.track_add(base_gfns, "lease:bench")
+    full = fresh("full")
+    full.track_add(every)
+    full.track_add(every, "lease:bench")
+    picks = base_gfns.tolist()  # the same gfns on both
     data = b"\x5a" * 8
 
-    def figures(vm: Any, gfns: list[int]) -> tuple[float, float]:
-        q = _timed_per_call(lambda i: vm.track_query([gfns[i % len(gfns)]]), calls)
-        w = _timed_per_call(
-            lambda i: vm.write(0, (gfns[i % 256] << 12) + 8 * (i % 512), data), calls
-        )
-        return q, w
+    def query(vm: Any) -> Callable[[int], Any]:
+        return lambda i: vm.track_query([picks[i % len(picks)]])
 
-    out["query_few_s"], out["write_few_s"] = figures(few, qg)
-    few.close()
-    del few
+    def write(vm: Any) -> Callable[[int], Any]:
+        return lambda i: vm.write(0, (picks[i % 256] << 12) + 8 * (i % 512), data)
+
+    out["query_few_s"], out["query_all_s"] = _timed_pair(query(few), query(full), calls)
+    out["write_few_s"], out["write_all_s"] = _timed_pair(write(few), write(full), calls)
+    for vm in (few, full):
+        vm.close()
+    del few, full, vm
     gc.collect()
 
     rounds = []
@@ -330,9 +342,6 @@ def child_track(n: int, calls: int) -> None:
         nbytes = vm.counter_bytes
         info = vm.track_query([n // 2])[0]
         assert info.owners == {"tenant": 1, "lease:bench": 1}, info.owners
-        if r == 0:
-            picks = np.linspace(0, n - 1, QUERY_BASE_TRACKED, dtype=np.int64).tolist()
-            out["query_all_s"], out["write_all_s"] = figures(vm, picks)
         t = time.perf_counter()
         vm.track_remove(every, "lease:bench")
         remove_owner_s = time.perf_counter() - t
@@ -356,12 +365,28 @@ def child_track(n: int, calls: int) -> None:
     print(json.dumps(out), flush=True)
 
 
-async def _api_tracking(target: str, sizes: list[int], calls: int) -> dict[int, dict[str, float]]:
+async def _atimed_pair(
+    a: Callable[[int], Awaitable[Any]], b: Callable[[int], Awaitable[Any]], n: int
+) -> tuple[float, float]:
+    """:func:`_timed_pair` for calls: the median latency of each, in interleaved blocks."""
+    la: list[float] = []
+    lb: list[float] = []
+    k = max(n // 7, 1)
+    for blk in range(7):
+        for fn, out in ((a, la), (b, lb)):
+            for i in range(blk * k, (blk + 1) * k):
+                t = time.perf_counter()
+                await fn(i)
+                out.append(time.perf_counter() - t)
+    return statistics.median(la), statistics.median(lb)
+
+
+async def _api_tracking(target: str, n: int, calls: int) -> dict[str, float]:
+    """Tracking figures for one slot of ``n`` pages through a fresh daemon."""
     import numpy as np
 
     from pagetrack.v1 import pagetrack_pb2 as pb
 
-    res: dict[int, dict[str, float]] = {}
     async with _channel(target) as ch:
         s = stubs(ch)
         add_raw = ch.unary_unary(
@@ -372,74 +397,73 @@ async def _api_tracking(target: str, sizes: list[int], calls: int) -> dict[int, 
             "/pagetrack.v1.TrackingService/RemoveTracking",
             request_serializer=None, response_deserializer=pb.TrackingChangeResponse.FromString,
         )
+
+        async def rss() -> int:
+            return _daemon_rss_by_info(await s.admin.GetServerInfo(pb.GetServerInfoRequest()))
+
         info = await s.admin.GetServerInfo(pb.GetServerInfoRequest())
         per_call = min(1 << 20, info.limits.max_gfns_per_request)
-        for n in sizes:
-            vm = f"track-{label(n)}"
+        for vm in ("few", "full"):
             await s.vm.CreateVm(pb.CreateVmRequest(name=vm))
             await s.mem.SetMemoryRegion(
                 pb.SetMemoryRegionRequest(vm=vm, slot=0, base_gfn=0, npages=n)
             )
-            rng = pb.GfnRange(start=0, count=n)
-            lists = [
-                pb.TrackingChangeRequest(
-                    vm=vm, gfns=np.arange(lo, min(lo + per_call, n), dtype=np.uint64)
-                ).SerializeToString()
-                for lo in range(0, n, per_call)
-            ]
+        rng = pb.GfnRange(start=0, count=n)
+        lists = [
+            pb.TrackingChangeRequest(
+                vm="full", gfns=np.arange(lo, min(lo + per_call, n), dtype=np.uint64)
+            ).SerializeToString()
+            for lo in range(0, n, per_call)
+        ]
+        picks = np.unique(np.linspace(0, n - 1, QUERY_BASE_TRACKED, dtype=np.int64)).tolist()
+        await s.track.AddTracking(pb.TrackingChangeRequest(vm="few", gfns=picks))
 
-            async def q(i: int, vm: str = vm, n: int = n) -> None:
+        def query(vm: str) -> Callable[[int], Awaitable[Any]]:
+            async def call(i: int) -> None:
                 await s.track.QueryTracking(pb.QueryTrackingRequest(
-                    vm=vm, gfns=[(i * 7919) % n], include_owners=True))
+                    vm=vm, gfns=[picks[(i * 7919) % len(picks)]], include_owners=True))
+            return call
 
-            async def w(i: int, vm: str = vm, n: int = n) -> None:
-                g = ((i % 256) * (n // 256)) % n
+        def write(vm: str) -> Callable[[int], Awaitable[Any]]:
+            async def call(i: int) -> None:
                 await s.mem.WriteGuest(pb.WriteGuestRequest(
-                    vm=vm, vcpu=0, gpa=(g << 12) + 8 * (i % 512), data=b"\x5a" * 8))
+                    vm=vm, vcpu=0, gpa=(picks[i % 256] << 12) + 8 * (i % 512), data=b"\x5a" * 8))
+            return call
 
-            # few tracked: the 256 write targets and the rest of 1,000 spread gfns
-            few = sorted({((i % 256) * (n // 256)) % n for i in range(256)}
-                         | set(np.linspace(0, n - 1, QUERY_BASE_TRACKED - 256,
-                                           dtype=np.int64).tolist()))
-            await s.track.AddTracking(pb.TrackingChangeRequest(vm=vm, gfns=few))
-            fig: dict[str, float] = {
-                "query_few_s": await _median_latency(q, calls),
-                "write_few_s": await _median_latency(w, calls),
-            }
-            await s.track.RemoveTracking(pb.TrackingChangeRequest(vm=vm, gfns=few))
-            rounds: list[dict[str, float]] = []
-            for r in range(2):
-                rss0 = _daemon_rss_by_info(await s.admin.GetServerInfo(pb.GetServerInfoRequest()))
-                t = time.perf_counter()
-                resp = await s.track.AddTracking(pb.TrackingChangeRequest(vm=vm, ranges=[rng]))
-                add = time.perf_counter() - t
-                assert resp.transitions == n, resp
-                rss1 = _daemon_rss_by_info(await s.admin.GetServerInfo(pb.GetServerInfoRequest()))
-                if r == 0:
-                    fig["query_all_s"] = await _median_latency(q, calls)
-                    fig["write_all_s"] = await _median_latency(w, calls)
-                t = time.perf_counter()
-                resp = await s.track.RemoveTracking(pb.TrackingChangeRequest(vm=vm, ranges=[rng]))
-                remove = time.perf_counter() - t
-                assert resp.transitions == n, resp
-                t = time.perf_counter()
-                for body in lists:
-                    await add_raw(body)
-                add_list = time.perf_counter() - t
-                t = time.perf_counter()
-                for body in lists:
-                    await rm_raw(body)
-                remove_list = time.perf_counter() - t
-                rounds.append({
-                    "add_range_s": add, "remove_range_s": remove,
-                    "add_list_s": add_list, "remove_list_s": remove_list,
-                    "rss_per_gfn": (rss1 - rss0) / n,
-                })
-            for k in rounds[0]:
-                fig[k] = min(r[k] for r in rounds)
-            await s.vm.DeleteVm(pb.DeleteVmRequest(vm=vm))
-            res[n] = fig
-    return res
+        fig: dict[str, float] = {}
+        rounds: list[dict[str, float]] = []
+        for r in range(2):
+            rss0 = await rss()
+            t = time.perf_counter()
+            resp = await s.track.AddTracking(pb.TrackingChangeRequest(vm="full", ranges=[rng]))
+            add = time.perf_counter() - t
+            assert resp.transitions == n, resp
+            if r == 0:
+                # the first add on a fresh daemon: what it holds afterwards
+                fig["rss_per_gfn"] = (await rss() - rss0) / n
+                fig["query_few_s"], fig["query_all_s"] = await _atimed_pair(
+                    query("few"), query("full"), calls)
+                fig["write_few_s"], fig["write_all_s"] = await _atimed_pair(
+                    write("few"), write("full"), calls)
+            t = time.perf_counter()
+            resp = await s.track.RemoveTracking(pb.TrackingChangeRequest(vm="full", ranges=[rng]))
+            remove = time.perf_counter() - t
+            assert resp.transitions == n, resp
+            t = time.perf_counter()
+            for body in lists:
+                await add_raw(body)
+            add_list = time.perf_counter() - t
+            t = time.perf_counter()
+            for body in lists:
+                await rm_raw(body)
+            remove_list = time.perf_counter() - t
+            rounds.append({
+                "add_range_s": add, "remove_range_s": remove,
+                "add_list_s": add_list, "remove_list_s": remove_list,
+            })
+        for k in rounds[0]:
+            fig[k] = min(r[k] for r in rounds)
+        return fig
 
 
 def _daemon_rss_by_info(info: Any) -> int:
@@ -470,8 +494,10 @@ def section_tracking(sizes: list[int], quick: bool, tmp: Path) -> None:
     per_unit("track_remove", "ns_per_gfn", [(n, r["remove_s"] / n * 1e9) for n, r in inproc])
     per_unit("track_rss", "bytes_per_gfn", [(n, r["rss_both_per_gfn"]) for n, r in inproc])
 
-    with daemon(tmp, name="tracking") as d:
-        api = run(_api_tracking(d.target, sizes, calls // 10))
+    api: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        with daemon(tmp, name=f"tracking{n}") as d:
+            api[n] = run(_api_tracking(d.target, n, calls // 10))
     for n, f in api.items():
         lb = label(n)
         emit(f"track_add_{lb}_api_range_s", f["add_range_s"])
@@ -557,7 +583,10 @@ async def _vm_costs(target: str, count: int, calls: int) -> tuple[float, float]:
 
 def section_vms(sizes: list[int], quick: bool, tmp: Path) -> None:
     calls = 200 if quick else 1_000
-    cfg = f"[quotas]\nvms = {sizes[-1] + 10}\nguest_pages = {(sizes[-1] + 10) * SLOT_4G}\n"
+    cfg = (
+        f"[quotas]\nvms = {sizes[-1] + 10}\nguest_pages = {(sizes[-1] + 10) * SLOT_4G}\n"
+        f"history_bytes = {(sizes[-1] + 10) * HISTORY_BYTES}\n"
+    )
     points: list[tuple[int, float, float, float, float]] = []
     with daemon(tmp, config=cfg, name="vms") as d:
         base = d.rss()
@@ -587,6 +616,7 @@ def section_vms(sizes: list[int], quick: bool, tmp: Path) -> None:
 
 async def _watch_subscriber(target: str, vms: int, warm_s: float, measure_s: float) -> None:
     """Hold one Watch per VM; report events and latencies received in the window."""
+    import grpc
     import numpy as np
 
     from pagetrack.v1 import pagetrack_pb2 as pb
@@ -600,8 +630,12 @@ async def _watch_subscriber(target: str, vms: int, warm_s: float, measure_s: flo
         first_event = asyncio.Event()
 
         async def one(i: int) -> None:
-            nonlocal registered, counted
             call = s.watch.Watch(pb.WatchRequest(vm=f"w-{i:05d}", queue_limit=1 << 20))
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await read(call)
+
+        async def read(call: Any) -> None:
+            nonlocal registered, counted
             async for msg in call:
                 kind = msg.WhichOneof("kind")
                 if kind == "registered":
@@ -626,6 +660,7 @@ async def _watch_subscriber(target: str, vms: int, warm_s: float, measure_s: flo
         await asyncio.sleep(warm_s + measure_s + 0.5)
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     all_lat = np.concatenate(lat) if lat else np.zeros(1)
     print(json.dumps({
         "events": counted,
@@ -635,15 +670,16 @@ async def _watch_subscriber(target: str, vms: int, warm_s: float, measure_s: flo
 
 
 async def _watch_writer(target: str, vms: int, rate: int, seconds: float) -> None:
-    """Aim at ``rate`` tracked writes/s in total, in 10 ms ticks across the VMs."""
+    """Aim at ``rate`` tracked writes/s in total: every 10 ms, ten WriteGuestBatch calls
+    to the next VMs in turn, so the write side does the same work whatever the number
+    of VMs and streams; only the fan-out differs."""
     import struct
 
     from pagetrack.v1 import pagetrack_pb2 as pb
 
     tick = 0.01
-    per_tick = int(rate * tick)
-    calls_per_tick = min(vms, 10)
-    per_call = per_tick // calls_per_tick
+    calls_per_tick = 10
+    per_call = max(int(rate * tick) // calls_per_tick, 1)
     gpas = [(k % 16) * PAGE + 8 * (k // 16 % 512) for k in range(per_call)]
     sent = 0
     async with _channel(target) as ch:
@@ -672,8 +708,10 @@ async def _watch_writer(target: str, vms: int, rate: int, seconds: float) -> Non
                 await asyncio.sleep(delay)
             if len(pending) > 64:  # behind: do not queue without bound
                 await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        await asyncio.gather(*pending)
-        print(json.dumps({"sent": sent, "rate": sent / (time.monotonic() - start)}), flush=True)
+        done = await asyncio.gather(*pending, return_exceptions=True)
+        failed = sum(isinstance(r, BaseException) for r in done)
+        print(json.dumps({"sent": sent, "rate": sent / (time.monotonic() - start),
+                          "failed_calls": failed}), flush=True)
 
 
 async def _setup_watch_vms(target: str, vms: int) -> None:
@@ -698,7 +736,11 @@ async def _setup_watch_vms(target: str, vms: int) -> None:
 def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
     warm_s, measure_s = (0.5, 1.0) if quick else (1.0, 5.0)
     rate = WATCH_RATE // 10 if quick else WATCH_RATE
-    cfg = f"[quotas]\nvms = {sizes[-1] + 10}\nwatchers = {sizes[-1] + 10}\n"
+    cfg = (
+        f"[quotas]\nvms = {sizes[-1] + 10}\nwatchers = {sizes[-1] + 10}\n"
+        f"history_bytes = {(sizes[-1] + 10) * HISTORY_BYTES}\n"
+        f"stream_queue_bytes = {(sizes[-1] + 10) * QUEUE_BYTES}\n"
+    )
     points = []
     for w in sizes:
         with daemon(tmp, config=cfg, name=f"watch{w}") as d:
@@ -720,6 +762,7 @@ def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
         points.append((w, cpu_per_event, sr, wr))
         lb = label(w)
         emit(f"watchers_{lb}_writes_per_s", wr["rate"])
+        emit(f"watchers_{lb}_failed_write_calls", wr["failed_calls"])
         emit(f"watchers_{lb}_delivered_per_s", sr["events"] / measure_s)
         emit(f"watchers_{lb}_cpu_us_per_event", cpu_per_event * 1e6)
         emit(f"watchers_{lb}_p50_ms", sr["p50_ms"])
@@ -902,7 +945,7 @@ def section_restart(sizes: list[int], quick: bool, tmp: Path) -> None:
     n = sizes[-1]
     events = 1_000 if quick else HISTORY_EVENTS_RESTART
     state = tmp / "state"
-    cfg = f"[quotas]\nvms = {n + 10}\n"
+    cfg = f"[quotas]\nvms = {n + 10}\nhistory_bytes = {(n + 10) * HISTORY_BYTES}\n"
     d = Daemon(tmp, "--state-dir", str(state), "--save-interval", "86400", config=cfg,
                name="restart1")
     try:
@@ -976,12 +1019,18 @@ def main(argv: list[str]) -> int:
                    help=f"comma-separated curves to run (default all: {','.join(SECTIONS)})")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, short windows: checks the bench runs, measures nothing")
+    p.add_argument("--sizes", default="",
+                   help="comma-separated sizes for the one curve --only names (default: its own)")
     a = p.parse_args(argv)
     only = [x.strip() for x in a.only.split(",") if x.strip()]
     bad = [x for x in only if x not in SECTIONS]
     if bad:
         p.error(f"unknown curve(s) {bad}; choose from {SECTIONS}")
-    sizes = QUICK if a.quick else FULL
+    sizes = dict(QUICK if a.quick else FULL)
+    if a.sizes:
+        if len(only) != 1:
+            p.error("--sizes goes with exactly one curve in --only")
+        sizes[only[0]] = sorted(int(x) for x in a.sizes.split(","))
     emit("mode", "quick" if a.quick else "full")
     emit("cpus", os.cpu_count() or 0)
     emit("loadavg_1m", os.getloadavg()[0])

@@ -57,6 +57,8 @@ def check_details(err: Any, request_type: Descriptor | None) -> str | None:
     if code in _TRANSPORT_CODES:
         return None
     got = details_of(err)
+    if code == grpc.StatusCode.UNAVAILABLE and not got:
+        return None  # the connection, not the daemon (the daemon's own says SHUTTING_DOWN)
     info = got.get("google.rpc.ErrorInfo")
     if info is None:
         return f"{code.name} without ErrorInfo: {err.details()!r}"

@@ -109,8 +109,8 @@ def parse_gfn_specs(specs: Iterable[str]) -> tuple[list[GfnRange], list[int]]:
 
 
 def parse_data(text: str, *, force_hex: bool = False, force_text: bool = False) -> bytes:
-    """Bytes to write: ``0x...`` hex (or any hex with --hex), ``@FILE`` for a file's
-    contents, otherwise the UTF-8 text itself."""
+    """Bytes to write, in order: ``0x...`` hex (``0x1122`` is 0x11 then 0x22; any hex with
+    --hex), ``@FILE`` for a file's contents, otherwise the UTF-8 text itself."""
     if force_text:
         return text.encode()
     if text.startswith("@") and not force_hex:
@@ -128,6 +128,19 @@ def parse_data(text: str, *, force_hex: bool = False, force_text: bool = False) 
                 f"{text!r} is not valid hex (an even number of 0-9a-f digits)"
             ) from None
     return text.encode()
+
+
+def parse_uint_le(text: str, width: int) -> bytes:
+    """An unsigned integer (``0x...`` or decimal, ``_`` allowed) as the ``width`` bytes an
+    x86 store of that size writes: little-endian, lowest byte first."""
+    try:
+        value = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer (0x1f, 31)") from None
+    if not 0 <= value < 1 << (8 * width):
+        raise ValueError(f"{text} does not fit in {width} byte{'s' * (width > 1)}"
+                         f" (0 to {(1 << (8 * width)) - 1:#x})")
+    return value.to_bytes(width, "little")
 
 
 def parse_options(items: Iterable[str]) -> dict[str, str]:

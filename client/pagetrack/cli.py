@@ -40,6 +40,7 @@ from pagetrack.constants import (
     SlowConsumerPolicy,
     WorkloadKind,
 )
+from pagetrack.targets import normalize_target
 
 if TYPE_CHECKING:
     from pagetrack.client import Client, SyncWatchStream
@@ -74,7 +75,9 @@ app.add_typer(slot_app, name="slot")
 app.add_typer(track_app, name="track")
 app.add_typer(workload_app, name="workload")
 app.add_typer(plugin_app, name="plugin")
+export_app = typer.Typer(help="Export VMs' events to a message broker.", no_args_is_help=True)
 app.add_typer(lease_app, name="lease")
+app.add_typer(export_app, name="export")
 
 #: tables keep their natural width when piped (rich would fold them at 80 columns)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
@@ -89,6 +92,15 @@ class Settings:
     ca_file: str | None
     timeout: float
     json: bool
+
+
+class StartableKind(StrEnum):
+    """The workload kinds ``workload start`` offers (WorkloadKind without "unspecified")."""
+
+    GPU_PPGTT = WorkloadKind.GPU_PPGTT.value
+    GUEST_PAGETABLES = WorkloadKind.GUEST_PAGETABLES.value
+    RANDOM_WRITES = WorkloadKind.RANDOM_WRITES.value
+    KERNEL_BUILD = WorkloadKind.KERNEL_BUILD.value
 
 
 class WatchFormat(StrEnum):
@@ -218,6 +230,9 @@ def _root(
     ] = False,
 ) -> None:
     """Command line for pagetrackd."""
+    for one in target.split(","):
+        if one.strip():
+            _parsed(normalize_target, one)
     ctx.obj = Settings(target, token, ca_file, timeout, as_json)
 
 
@@ -255,7 +270,11 @@ def _print_info(target: str, info: Any) -> None:
 @vm_app.command("create")
 def vm_create(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="VM name: letters, digits, '.', '_', '-'.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="VM name: 1 to 63 lowercase letters, digits, '.', '_' and '-',"
+                       " starting and ending with a letter or digit."),
+    ],
     dma_policy: Annotated[
         DmaPolicy | None,
         typer.Option("--dma-policy", help="What DMA to tracked gfns does (default bypass)."),
@@ -305,17 +324,23 @@ def vm_list(
 ) -> None:
     """List VMs."""
     with _client(ctx) as c:
-        vms = c.list_vms(all_tenants=all_tenants)
-    if _emit_json(ctx, vms):
+        if _is_sharded(c):  # several daemons: say which one holds each VM
+            placed = c.list_vms_by_daemon(all_tenants=all_tenants)
+        else:
+            placed = [("", vm) for vm in c.list_vms(all_tenants=all_tenants)]
+    several = "," in _settings(ctx).target
+    if _emit_json(ctx, [{**cp.jsonable(vm), "daemon": where} if several else vm
+                        for where, vm in placed]):
         return
-    table = _table("name", "tenant", "slots", "tracked", "head seq", "notifiers",
-                   "workloads", "dma policy")
-    for vm in vms:
+    table = _table(*(["daemon"] if several else []), "name", "tenant", "slots", "tracked",
+                   "head seq", "notifiers", "workloads", "dma policy")
+    for where, vm in placed:
         table.add_row(
+            *([where] if several else []),
             vm.name, vm.tenant, str(vm.memslot_count), str(vm.tracked_gfns), str(vm.head_seq),
             str(vm.notifier_count), str(vm.running_workloads), vm.options.dma_policy.value,
         )
-    out.print(table if vms else "no VMs")
+    out.print(table if placed else "no VMs")
 
 
 @vm_app.command("show")
@@ -562,16 +587,38 @@ def track_show(
 # --------------------------------------------------------------------------- memory access
 
 
-def _data_arg(data: str, hex_: bool, text: bool) -> bytes:
+def _data_arg(data: str, hex_: bool, text: bool, width: int = 0) -> bytes:
+    """DATA as bytes: an integer stored little-endian in ``width`` bytes, or else 0xHEX
+    (bytes in order), @FILE or text."""
     if hex_ and text:
         _usage("--hex and --text exclude each other")
+    if width:
+        if hex_ or text:
+            _usage("--hex and --text do not go with --u8/--u16/--u32/--u64")
+        return _parsed(cp.parse_uint_le, data, width)
     raw = _parsed(cp.parse_data, data, force_hex=hex_, force_text=text)
     if not raw:
         _usage("DATA is empty")
     return raw
 
 
-_DATA_HELP = "Bytes to write: 0xHEX, @FILE, or text (UTF-8)."
+def _width(u8: bool, u16: bool, u32: bool, u64: bool) -> int:
+    """Bytes of the integer store asked for (0: DATA is bytes)."""
+    chosen = [w for w, on in ((1, u8), (2, u16), (4, u32), (8, u64)) if on]
+    if len(chosen) > 1:
+        _usage("give at most one of --u8, --u16, --u32, --u64")
+    return chosen[0] if chosen else 0
+
+
+_DATA_HELP = (
+    "What to write. Bytes, in order: 0xHEX (0x1122 writes 0x11, then 0x22), @FILE, or text"
+    " (UTF-8). With --u8/--u16/--u32/--u64: an integer (0x.. or decimal) stored as x86"
+    " stores it, little-endian (--u32 0x11223344 writes 44 33 22 11)."
+)
+_U8 = typer.Option("--u8", help="DATA is an integer stored in 1 byte.")
+_U16 = typer.Option("--u16", help="DATA is an integer stored little-endian in 2 bytes.")
+_U32 = typer.Option("--u32", help="DATA is an integer stored little-endian in 4 bytes.")
+_U64 = typer.Option("--u64", help="DATA is an integer stored little-endian in 8 bytes.")
 
 
 @app.command("write")
@@ -584,10 +631,18 @@ def write_cmd(
     hex_: Annotated[bool, typer.Option("--hex", help="DATA is hex even without 0x.")] = False,
     text: Annotated[bool, typer.Option("--text", help="DATA is text even if it looks like hex.")]
     = False,
+    u8: Annotated[bool, _U8] = False,
+    u16: Annotated[bool, _U16] = False,
+    u32: Annotated[bool, _U32] = False,
+    u64: Annotated[bool, _U64] = False,
 ) -> None:
-    """Write guest memory from a vCPU (MMIO exit, fast path, or trapped and notified)."""
+    """Write guest memory from a vCPU (MMIO exit, fast path, or trapped and notified).
+
+    DATA is bytes in order unless --u8/--u16/--u32/--u64 make it an integer store:
+    'write vm1 0x1000 0x1122' writes 11 22; 'write vm1 0x1000 --u16 0x1122' writes 22 11.
+    """
     address = _parsed(cp.parse_size, gpa)
-    raw = _data_arg(data, hex_, text)
+    raw = _data_arg(data, hex_, text, _width(u8, u16, u32, u64))
     with _client(ctx) as c:
         res = c.write(vm, address, raw, vcpu=vcpu)
     if _emit_json(ctx, res):
@@ -643,10 +698,14 @@ def dma_cmd(
     hex_: Annotated[bool, typer.Option("--hex", help="DATA is hex even without 0x.")] = False,
     text: Annotated[bool, typer.Option("--text", help="DATA is text even if it looks like hex.")]
     = False,
+    u8: Annotated[bool, _U8] = False,
+    u16: Annotated[bool, _U16] = False,
+    u32: Annotated[bool, _U32] = False,
+    u64: Annotated[bool, _U64] = False,
 ) -> None:
-    """A device-model DMA write, handled by the VM's DMA policy."""
+    """A device-model DMA write, handled by the VM's DMA policy (DATA as for 'write')."""
     address = _parsed(cp.parse_size, gpa)
-    raw = _data_arg(data, hex_, text)
+    raw = _data_arg(data, hex_, text, _width(u8, u16, u32, u64))
     with _client(ctx) as c:
         res = c.dma_write(vm, address, raw)
     if _emit_json(ctx, res):
@@ -701,9 +760,10 @@ def dirty_log_cmd(
 
 
 def _event_json(e: Event) -> dict[str, Any]:
+    """An event's JSON line: numbers are numbers (``gpa_hex`` repeats gpa for people)."""
     return {
-        "type": "event", "seq": e.seq, "vm": e.vm, "vcpu": e.vcpu, "gpa": f"{e.gpa:#x}",
-        "gpa_int": e.gpa, "gfn": e.gfn, "length": e.length, "data": e.data.hex(),
+        "type": "event", "seq": e.seq, "vm": e.vm, "vcpu": e.vcpu, "gpa": e.gpa,
+        "gpa_hex": f"{e.gpa:#x}", "gfn": e.gfn, "length": e.length, "data": e.data.hex(),
         "source": e.source.value, "ts_ns": e.timestamp_ns,
         **({"coalesced": True} if e.coalesced else {}),
     }
@@ -763,10 +823,12 @@ def run_watch(
     progress: bool,
     stdout: TextIO,
     stderr: TextIO,
+    events_only: bool = False,
 ) -> int:
     """Print a stream's messages until it closes or ``count`` events were printed;
-    returns the events printed."""
-    from pagetrack.types import Closed, EventBatch, Progress
+    returns the events printed. With ``events_only``, stdout gets event lines only and a
+    gap (events lost) is said on stderr."""
+    from pagetrack.types import Closed, EventBatch, Gap, Progress
 
     printed = 0
     jsonl = fmt is WatchFormat.JSONL
@@ -783,7 +845,16 @@ def run_watch(
             if count is not None and printed >= count:
                 break
             continue
-        if isinstance(msg, Progress) and not (progress or jsonl):
+        if isinstance(msg, Progress) and (events_only or not (progress or jsonl)):
+            continue
+        if events_only:
+            if isinstance(msg, Gap):
+                line = _record_text(msg)
+                assert line is not None
+                stderr.write(f"pagetrack: {line[0].removeprefix('!! ')}\n")
+                stderr.flush()
+            if isinstance(msg, Closed):
+                break
             continue
         if jsonl:
             rec = _record_json(msg)
@@ -807,9 +878,16 @@ def watch_cmd(
     vm: Annotated[str, typer.Argument(help="VM name.")],
     fmt: Annotated[
         WatchFormat,
-        typer.Option("--format", "-f", help="text for people, jsonl for programs (one JSON"
-                     " object per line; non-event lines carry a \"type\")."),
+        typer.Option("--format", "-f", help="text for people; jsonl for programs: one JSON"
+                     " object per line, each with a \"type\": event (one per write event),"
+                     " registered (on each connect), progress (heartbeat, every second),"
+                     " gap (events lost, with the seq range), region_removed, closed."),
     ] = WatchFormat.TEXT,
+    events_only: Annotated[
+        bool,
+        typer.Option("--events-only", help="Print event lines only (a gap is still"
+                     " reported, on stderr)."),
+    ] = False,
     filters: Annotated[
         list[str] | None,
         typer.Option("--filter", metavar="GFNS", help="Only these gfns (0x100-0x1ff, 0x100+16, 42);"
@@ -854,10 +932,10 @@ def watch_cmd(
         ranges.extend(r)
         ranges.extend((x, 1) for x in g)
     with _client(ctx) as c, c.watch(
-        vm, start_seq=from_seq, gfn_ranges=ranges, sources=sources or None, policy=policy,
+        vm, start_seq=from_seq, ranges=ranges, sources=sources or None, policy=policy,
         omit_data=omit_data, resume=not no_resume,
     ) as stream:
-        run_watch(stream, fmt, count, progress, sys.stdout, sys.stderr)
+        run_watch(stream, fmt, count, progress, sys.stdout, sys.stderr, events_only)
 
 
 # --------------------------------------------------------------------------- stats
@@ -906,7 +984,7 @@ def _print_workload(w: Any) -> None:
 def workload_start(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="VM name.")],
-    kind: Annotated[WorkloadKind, typer.Argument(help="Kind of write stream.")],
+    kind: Annotated[StartableKind, typer.Argument(help="Kind of write stream.")],
     rate: Annotated[
         float, typer.Option("--rate", min=0, help="Writes per second (0 = as fast as possible).")
     ] = 0.0,
@@ -930,13 +1008,12 @@ def workload_start(
     ] = None,
 ) -> None:
     """Start a simulated write workload on a VM."""
-    if kind is WorkloadKind.UNSPECIFIED:
-        _usage("choose a workload kind")
     duration_ms = _parsed(cp.parse_duration_ms, duration) if duration else 0
     opts = _parsed(cp.parse_options, options or [])
     with _client(ctx) as c:
         w = c.start_workload(
-            vm, kind, rate=rate, count=count, duration_ms=duration_ms, seed=seed, vcpus=vcpus,
+            vm, WorkloadKind(kind.value), rate=rate, count=count, duration_ms=duration_ms,
+            seed=seed, vcpus=vcpus,
             tracked_fraction=tracked_fraction, options=opts,
         )
     if not _emit_json(ctx, w):
@@ -1253,6 +1330,97 @@ def top_cmd(
 
     with _client(ctx) as c:
         top.main(c, interval)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@export_app.command("nats")
+def export_nats_cmd(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", metavar="FILE", show_default=False,
+                     help="TOML file (sections daemon, vms, nats, stream, watch, metrics;"
+                     " see docs/export.md). Flags override it."),
+    ] = None,
+    servers: Annotated[
+        list[str] | None,
+        typer.Option("--nats", metavar="URL", show_default=False,
+                     help="NATS server URL (default nats://127.0.0.1:4222); repeatable."),
+    ] = None,
+    stream: Annotated[
+        str | None,
+        typer.Option("--stream", show_default=False, help="JetStream stream (default"
+                     " PAGETRACK); it must take the subjects <prefix>.>."),
+    ] = None,
+    create_stream: Annotated[
+        bool | None,
+        typer.Option("--create-stream/--no-create-stream", show_default=False,
+                     help="Create the stream (or update its limits) from the config."),
+    ] = None,
+    vms: Annotated[
+        list[str] | None,
+        typer.Option("--vm", metavar="NAME", show_default=False,
+                     help="Export this VM; repeatable. Default: every VM of the tenant."),
+    ] = None,
+    patterns: Annotated[
+        list[str] | None,
+        typer.Option("--pattern", metavar="GLOB", show_default=False,
+                     help="Export the VMs whose name matches (shell glob); repeatable."),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", "-f", metavar="protobuf|jsonl", show_default=False,
+                     help="Payload: EventBatch protobuf bytes (default) or JSON lines."),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option("--policy", metavar="block|drop|disconnect", show_default=False,
+                     help="The Watch streams' slow-consumer policy (default block)."),
+    ] = None,
+    max_inflight: Annotated[
+        int | None,
+        typer.Option("--max-inflight", min=1, show_default=False,
+                     help="Unacked publishes per VM before its Watch is held back"
+                     " (default 64)."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", min=0, max=65535, show_default=False,
+                     help="Serve Prometheus metrics on this port (0 = any free one)."),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option("--metrics-host", show_default=False,
+                     help="Address of the metrics endpoint (default 127.0.0.1)."),
+    ] = None,
+) -> None:
+    """Publish every record of the tenant's VMs to NATS JetStream, exactly once.
+
+    Subjects are <prefix>.<tenant>.<vm>.events, .gaps and .regions. VMs created later are
+    picked up. After any restart the export resumes from what JetStream holds.
+    """
+    from pagetrack.export import load_config
+    from pagetrack.export.run import run_exporter
+
+    s = _settings(ctx)
+    root = ctx.find_root()
+    config = load_config(config_file)
+    daemon: dict[str, Any] = {}
+    for name, value in (("target", s.target), ("token", s.token), ("ca_file", s.ca_file)):
+        source = root.get_parameter_source(name)
+        if source is not None and source.name != "DEFAULT":
+            daemon[name] = value
+    config = config.with_overrides(
+        **daemon,
+        nats_servers=tuple(servers) if servers else None,
+        stream_name=stream, stream_create=create_stream,
+        vms=tuple(vms) if vms else None, patterns=tuple(patterns) if patterns else None,
+        format=fmt, policy=policy, max_inflight=max_inflight,
+        metrics_port=metrics_port, metrics_host=metrics_host,
+    )
+    run_exporter(config)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -16,6 +16,7 @@ import os
 import random
 import struct
 import threading
+import warnings
 from collections.abc import (
     AsyncGenerator,
     Callable,
@@ -47,13 +48,13 @@ import numpy as np
 import numpy.typing as npt
 
 from pagetrack import _convert as cv
-from pagetrack import errors
+from pagetrack import errors, targets
 from pagetrack import types as t
 from pagetrack.constants import DEFAULT_TARGET
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 
-DEFAULT_PORT = 50051
+DEFAULT_PORT = targets.DEFAULT_PORT
 
 #: what add_tracking & co. accept as gfns: one int, ints, or a numpy array
 Gfns: TypeAlias = int | Iterable[int] | npt.NDArray[Any] | None
@@ -104,17 +105,12 @@ class Backoff:
 
 
 def normalize_target(target: str) -> str:
-    """``HOST:PORT``, ``unix:PATH`` or a bare host (port 50051 is added)."""
-    target = target.strip()
-    if not target:
-        raise errors.InvalidArgument("target is empty; give HOST:PORT or unix:PATH")
-    if target.startswith(("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")):
-        return target
-    if target.startswith("["):
-        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
-    if ":" not in target:
-        return f"{target}:{DEFAULT_PORT}"
-    return target
+    """``HOST:PORT``, ``unix:PATH`` or a bare host (port 50051 is added); InvalidArgument
+    for an empty target or a port outside 1-65535."""
+    try:
+        return targets.normalize_target(target)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from None
 
 
 async def _unary(
@@ -187,6 +183,10 @@ class AsyncClient:
     ``authorization: Bearer <token>``. ``ca_file`` (PEM) turns TLS on and verifies the
     server against it; ``tls=True`` uses TLS with the system roots. ``timeout`` bounds
     each unary call, in seconds (None = no bound). Use as ``async with``, or call close().
+
+    Every method is a coroutine (``await client.create_vm("vm1")``) except ``watch()``,
+    which returns its stream at once, without ``await``: an async iterator to use as
+    ``async with client.watch("vm1") as stream: async for msg in stream: ...``.
     """
 
     def __init__(
@@ -556,7 +556,7 @@ class AsyncClient:
         vm: str,
         *,
         start_seq: int | None = None,
-        gfn_ranges: GfnRanges = None,
+        ranges: GfnRanges = None,
         sources: Iterable[t.EventSource | str] | None = None,
         only_owned: bool = False,
         owner_leases: Iterable[str] = (),
@@ -572,8 +572,10 @@ class AsyncClient:
         resume: bool = True,
         backoff: Backoff | None = None,
         stall_timeout_s: float | None = None,
+        gfn_ranges: GfnRanges = None,
     ) -> WatchStream:
-        """Open a stream of a VM's write events: ``async for msg in client.watch(vm)``.
+        """Open a stream of a VM's write events: ``async for msg in client.watch(vm)``
+        (no ``await``: the stream is an async iterator; ``async with`` closes it).
 
         Messages are Registered (first, and again after each reconnect), EventBatch,
         Gap, RegionRemoved, Progress and Closed (last). ``start_seq`` replays from the
@@ -582,10 +584,21 @@ class AsyncClient:
         With ``resume``, a lost connection (UNAVAILABLE, daemon shutdown, or no message
         for ``stall_timeout_s``, default 3 heartbeats + 2 s) is retried with ``backoff``
         and the stream resumes from the seq after the last one it saw.
+
+        ``ranges`` keeps only events on those gfns, given as for ``add_tracking``.
+        ``gfn_ranges`` is its old name: it still works, with a DeprecationWarning.
         """
+        if gfn_ranges is not None:
+            if ranges is not None:
+                raise TypeError("watch() takes ranges or gfn_ranges (its old name), not both")
+            warnings.warn(
+                "watch(gfn_ranges=...) is deprecated; use watch(ranges=...) as add_tracking"
+                " does", DeprecationWarning, stacklevel=2,
+            )
+            ranges = gfn_ranges
         request = pb.WatchRequest(
             vm=vm,
-            gfn_ranges=cv.gfn_ranges_pb(gfn_ranges),
+            gfn_ranges=cv.gfn_ranges_pb(ranges),
             sources=[cv.to_pb(t.EventSource, s, "source") for s in sources or ()],  # type: ignore[misc]
             only_owned=only_owned,
             owner_leases=list(owner_leases),
@@ -611,6 +624,14 @@ class AsyncClient:
             backoff=backoff or self.backoff,
             stall_timeout_s=stall_timeout_s,
         )
+
+    def watch_raw(
+        self, request: pb.WatchRequest
+    ) -> grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.WatchResponse]:
+        """Open one Watch call as it is on the wire: raw WatchResponse messages, no
+        conversion and no reconnection (for tools that forward the records, such as
+        ``pagetrack export nats``). Errors surface as grpc.RpcError."""
+        return self._watch.Watch(request, metadata=self._metadata)
 
     async def unwatch(self, vm: str, notifier_id: int) -> int:
         """End a Watch stream by notifier id; returns the last seq it will deliver."""
@@ -1182,7 +1203,12 @@ class WatchStream:
                 and not this_registered
             ):
                 # A daemon that refused allow_compacted: report the loss and go on.
-                oldest = errors.OutOfRange(details).oldest_seq
+                refusal = errors.from_rpc_error(failure) if failure is not None else None
+                oldest = (
+                    refusal.oldest_seq  # from the error's details, else its message
+                    if isinstance(refusal, errors.OutOfRange)
+                    else errors.OutOfRange(details).oldest_seq
+                )
                 if oldest is not None and oldest > self._next_seq:
                     lost = t.Gap(
                         self._next_seq, oldest - 1, oldest - self._next_seq,

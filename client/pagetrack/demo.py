@@ -1,24 +1,27 @@
-"""``make run`` / ``python -m pagetrack.demo``: start ``pagetrackd --demo`` and show its
-write events live in the terminal until Ctrl-C, which stops the daemon cleanly.
+"""``make run`` / ``python -m pagetrack.demo``: start ``pagetrackd --demo``, walk through a few
+guest writes a newcomer can follow (fast path, tracked and emulated, a read-only ROM, an
+MMIO address), then show the daemon's write events live until Ctrl-C.
 
 The daemon's demo VM has a RAM slot, a ROM slot and a random-writes workload over a slot
 of its own with 1 in 8 of its pages write-tracked. If no tracked writes show up from the
 daemon's own workload, this script drives writes itself (write_batch at a steady rate
 over the same pages) so that events always flow.
+
+The daemon dies with this script, however the script ends: it runs with
+``--stop-on-stdin-eof`` and its stdin is a pipe only this process holds. Ctrl-C, SIGTERM
+and SIGHUP (a closed terminal) stop both cleanly; nothing is left in /tmp.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,22 +29,31 @@ from types import FrameType
 
 import numpy as np
 
-from pagetrack.client import Client
-from pagetrack.errors import NotFound, PageTrackError
-from pagetrack.types import EventBatch, Gap, Progress, RegionRemoved, Registered
+from pagetrack.client import DEFAULT_PORT, Client
+from pagetrack.errors import NotFound, PageTrackError, Unavailable
+from pagetrack.types import EventBatch, Gap, Progress, RegionRemoved, Registered, WritePath
 
 VM = "demo"
-DEFAULT_PORT = 50051
 TRACKED_PAGES = 4096  # the demo tracks 1 in 8 of gfns 0..4095
+READY_S = 60.0  #: how long the daemon may take to serve (only a hang takes this long)
+STOP_S = 10.0  #: how long a stopping daemon may take before it is killed
 
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon binds
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _daemon_command() -> list[str]:
@@ -52,20 +64,53 @@ def _daemon_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "pagetrackd"]
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, timeout: float) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _cli_command() -> str:
+    """How to run the ``pagetrack`` command from the user's shell, as short as is true."""
+    exe = Path(sys.executable).with_name("pagetrack")
+    if shutil.which("pagetrack") == str(exe):
+        return "pagetrack"
+    with contextlib.suppress(ValueError):
+        return str(exe.relative_to(Path.cwd()))
+    return str(exe)
+
+
+def start_daemon(port: int) -> subprocess.Popen[bytes]:
+    """``pagetrackd --demo`` on 127.0.0.1:``port``, stopping when this process dies (its
+    stdin is a pipe whose write end only this process holds). Its warnings and errors go
+    to this terminal's stderr."""
+    read_end, write_end = os.pipe()
+    cmd = [*_daemon_command(), "--demo", "--listen", f"127.0.0.1:{port}", "--grace", "1",
+           "--log-level", "warning", "--log-format", "console", "--stop-on-stdin-eof"]
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    # Kept open (and not inherited by other children) until this process ends.
+    _LIFELINES.append(write_end)
+    return proc
+
+
+_LIFELINES: list[int] = []
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], client: Client) -> None:
+    """Until the daemon serves the demo VM (or has exited: RuntimeError)."""
+    deadline = time.monotonic() + READY_S
+    while True:
         if proc.poll() is not None:
             raise RuntimeError(f"pagetrackd exited with status {proc.returncode}")
-        if ready.exists():
-            try:
-                addresses = json.loads(ready.read_text())["addresses"]
-            except (ValueError, KeyError):
-                addresses = None
-            if addresses:
-                return [str(a) for a in addresses]
-        time.sleep(0.05)
-    raise RuntimeError(f"pagetrackd was not ready after {timeout:.0f} s")
+        try:
+            client.get_vm(VM)
+            return
+        except (Unavailable, NotFound):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pagetrackd did not serve within {READY_S:.0f} s") from None
+            time.sleep(0.05)
 
 
 class Driver(threading.Thread):
@@ -161,10 +206,42 @@ class View:
         )
 
 
-def _banner(target: str, log: Path) -> None:
+#: (what, gpa, bytes): the guided writes, one per path a guest write can take
+TOUR: tuple[tuple[str, int, bytes], ...] = (
+    ("RAM, gfn 0x1: not write-tracked", 0x1000, bytes.fromhex("1122334455667788")),
+    ("RAM, gfn 0x8: write-tracked", 0x8000, bytes.fromhex("1122334455667788")),
+    ("RAM, across gfns 0x7 and 0x8 (a page boundary)", 0x7FFC, bytes.fromhex("aabbccddeeff0011")),
+    ("ROM, slot 1: a read-only memslot", 0x1_0000_0000, bytes.fromhex("1122334455667788")),
+    ("no memslot: MMIO (the local APIC's page)", 0xFEE0_0000, bytes.fromhex("01000000")),
+)
+
+#: what each path means, in the words of the glossary (README.md)
+PATH_MEANING = {
+    WritePath.FAST: "fast path: applied, nobody told (an untracked page)",
+    WritePath.EMULATED: "trapped and emulated: applied, then every watcher is told",
+    WritePath.MMIO_EXIT: "MMIO exit: not applied; the VMM in user space would emulate it",
+}
+
+
+def tour(client: Client, cli: str, target_flag: str) -> None:
+    """Make the guided writes and say what happened to each, with the command to repeat
+    it."""
+    print("\nA guest write takes one of three paths. Five writes by vCPU 0, one per case:\n")
+    for what, gpa, data in TOUR:
+        res = client.write(VM, gpa, data)
+        print(f"  {cli}{target_flag} write demo {gpa:#x} 0x{data.hex()}   # {what}")
+        for piece in res.pieces:
+            seq = f", event #{piece.seq}" if piece.seq is not None else ""
+            print(f"      {piece.gpa:#x} +{piece.length}: {piece.path.value}{seq} --"
+                  f" {PATH_MEANING.get(piece.path, piece.path.value)}")
+        print(f"      cost: {res.cycles} simulated cycles")
+    print(flush=True)
+
+
+def _banner(target: str, pid: int, cli: str, target_flag: str) -> None:
     print(
         f"""
-pagetrack demo: pagetrackd is running at {target} (log: {log})
+pagetrack demo: pagetrackd (pid {pid}) is running at {target}
 
   VM "demo": 256 MiB of RAM at gpa 0 (slot 0, dirty-logged), a 16 MiB read-only ROM
   at 4 GiB (slot 1), and 16 MiB more at gpa 0x400000000 (slot 30) where a random-writes
@@ -173,15 +250,15 @@ pagetrack demo: pagetrackd is running at {target} (log: {log})
   (1 in 8 of the first 4096 pages of slot 0 too). Writes to untracked pages take the fast
   path; writes to tracked pages are trapped, emulated and delivered below as events
   (seq, vCPU, address, new bytes). A few lines a second are shown; [stats] lines count
-  every write by path, the events received and any dropped.
+  every write by path, the events received and any dropped. README.md's glossary says
+  what gpa, gfn, MMIO exit, fast, emulated and cycles mean.
 
-  Try in another terminal:
-    pagetrack -t {target} vm show demo
-    pagetrack -t {target} watch demo --format jsonl --count 5
-    pagetrack -t {target} stats
+  Try in another terminal (from this directory):
+    {cli}{target_flag} vm show demo
+    {cli}{target_flag} watch demo --format jsonl --events-only --count 5
+    {cli}{target_flag} stats
 
-  Press Ctrl-C to stop the demo and the daemon.
-""",
+  Press Ctrl-C to stop the demo and the daemon.""",
         flush=True,
     )
 
@@ -190,15 +267,21 @@ def _stop_daemon(proc: subprocess.Popen[bytes]) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=STOP_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
     return proc.returncode
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def _say(text: str, err: bool = False) -> None:
+    """Print, unless the terminal is gone (after SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _drive_needed(client: Client, wait_s: float) -> bool:
@@ -213,35 +296,26 @@ def _drive_needed(client: Client, wait_s: float) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Start the daemon, show the stream, stop everything on Ctrl-C; the exit status."""
-    port = args.port if _port_free(args.port) else 0
-    tmp = Path(tempfile.mkdtemp(prefix="pagetrack-demo-"))
-    ready = tmp / "ready.json"
-    log_path = tmp / "pagetrackd.log"
-    cmd = [*_daemon_command(), "--demo", "--listen", f"127.0.0.1:{port}",
-           "--ready-file", str(ready), "--log-format", "json"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+    port = args.port if args.port and _port_free(args.port) else _free_port()
+    proc = start_daemon(port)
+    target = f"127.0.0.1:{port}"
+    cli = _cli_command()
+    target_flag = "" if port == DEFAULT_PORT else f" --target {target}"
     driver: Driver | None = None
     client: Client | None = None
     try:
-        try:
-            target = _wait_ready(proc, ready, timeout=30)[0]
-        except RuntimeError as exc:
-            print(f"pagetrack demo: {exc}; daemon log:\n{log_path.read_text()[-3000:]}",
-                  file=sys.stderr)
-            return 1
-        if port != args.port:
-            print(f"(port {args.port} is busy; the daemon listens on {target} instead)")
         client = Client(target)
-        for _ in range(100):
-            try:
-                client.get_vm(VM)
-                break
-            except NotFound:
-                time.sleep(0.05)
-        _banner(target, log_path)
+        try:
+            _wait_ready(proc, client)
+        except RuntimeError as exc:
+            _say(f"pagetrack demo: {exc} (its messages are above)", err=True)
+            return 1
+        if args.port and port != args.port:
+            print(f"(port {args.port} is busy; the daemon listens on {target} instead)")
+        _banner(target, proc.pid, cli, target_flag)
+        tour(client, cli, target_flag)
+        print("Live events of the demo's workload (#seq, vCPU, gpa, gfn, new bytes):",
+              flush=True)
         view = View(client, args.lines_per_s, args.stats_every)
         decided = False
         started = time.monotonic()
@@ -269,14 +343,14 @@ def run(args: argparse.Namespace) -> int:
                 if isinstance(msg, EventBatch | Progress):
                     view.maybe_stats(driver)
                 if driver is not None and driver.error:
-                    print(f"pagetrack demo: writes failed: {driver.error}", file=sys.stderr)
+                    _say(f"pagetrack demo: writes failed: {driver.error}", err=True)
                     return 1
         return 0
     except KeyboardInterrupt:
-        print("\nstopping ...", flush=True)
+        _say("\nstopping ...")
         return 0
     except PageTrackError as exc:
-        print(f"pagetrack demo: {exc}", file=sys.stderr)
+        _say(f"pagetrack demo: {exc}", err=True)
         return 1
     finally:
         if driver is not None:
@@ -286,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 client.close()
         status = _stop_daemon(proc)
-        print(f"pagetrackd stopped (exit status {status}).", flush=True)
+        _say(f"pagetrackd stopped (exit status {status}).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Start pagetrackd --demo and show its write events live; Ctrl-C stops.",
     )
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help="TCP port on 127.0.0.1 (another free one if it is busy)")
+                   help="TCP port on 127.0.0.1 (another free one if it is busy; 0: any)")
     p.add_argument("--rate", type=float, default=2000.0,
                    help="writes/s when this script drives the writes itself")
     p.add_argument("--lines-per-s", type=int, default=12, help="event lines shown a second")
     p.add_argument("--stats-every", type=float, default=2.0, help="seconds between [stats]")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return run(args)
 

@@ -250,9 +250,26 @@ class ShardedAsyncClient:
     # ------------------------------------------------------------------ every daemon
 
     async def list_vms(self, *, all_tenants: bool = False) -> list[t.Vm]:
-        """Every daemon's VMs, by tenant and name."""
+        """Every daemon's VMs, by tenant and name (``list_vms_by_daemon`` says where each
+        one lives)."""
+        return [vm for _, vm in await self.list_vms_by_daemon(all_tenants=all_tenants)]
+
+    async def list_vms_by_daemon(
+        self, *, all_tenants: bool = False
+    ) -> list[tuple[str, t.Vm]]:
+        """Every daemon's VMs with the target each was found on, by tenant, name and
+        target. A VM seen through two targets that reach the same daemon (the same
+        tenant, name and creation time) is listed once, under the first target."""
         lists = await self._all(lambda c: c.list_vms(all_tenants=all_tenants))
-        return sorted((v for vms in lists for v in vms), key=lambda v: (v.tenant, v.name))
+        seen: set[tuple[str, str, int]] = set()
+        out: list[tuple[str, t.Vm]] = []
+        for target, vms in zip(self.clients, lists, strict=True):
+            for vm in vms:
+                key = (vm.tenant, vm.name, vm.created_at_ns)
+                if key not in seen:
+                    seen.add(key)
+                    out.append((target, vm))
+        return sorted(out, key=lambda p: (p[1].tenant, p[1].name, p[0]))
 
     async def stats(self, vm: str | None = None) -> list[t.VmStats]:
         """Counters of one VM (from its daemon), or of every VM on every daemon."""
@@ -418,6 +435,7 @@ class ShardedClient(SyncFacade[ShardedAsyncClient]):
     create_vm = _sync(ShardedAsyncClient.create_vm)
     get_vm = _sync(ShardedAsyncClient.get_vm)
     list_vms = _sync(ShardedAsyncClient.list_vms)
+    list_vms_by_daemon = _sync(ShardedAsyncClient.list_vms_by_daemon)
     delete_vm = _sync(ShardedAsyncClient.delete_vm)
     set_policy = _sync(ShardedAsyncClient.set_policy)
     set_memory_region = _sync(ShardedAsyncClient.set_memory_region)

@@ -2,13 +2,18 @@
 
 :func:`collect` takes one sample of every VM through a client; :func:`render` turns two
 samples into a table of rates (pure: no I/O, so it is tested directly); :func:`main`
-loops, refreshing the terminal every ``interval`` seconds until Ctrl-C.
+loops, refreshing the terminal every ``interval`` seconds until ``q`` or Ctrl-C. The
+table fits the terminal: on a narrow one the least wanted columns are left out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,24 +158,51 @@ def _fmt_rate(r: float | None) -> str:
     return f"{r:.0f}"
 
 
+#: (header, justify) of every column, most wanted first: on a narrow terminal the last
+#: ones are left out (the VM column never is; a long name is cut short with an ellipsis).
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("VM", "left"), ("writes/s", "right"), ("events/s", "right"), ("emul/s", "right"),
+    ("drops/s", "right"), ("lag", "right"), ("watch", "right"), ("fast/s", "right"),
+    ("mmio/s", "right"), ("queue", "right"), ("dropped", "right"), ("tracked", "right"),
+    ("plugins", "left"),
+)
+#: the order they are shown in, left to right
+SHOWN_ORDER = ("VM", "writes/s", "mmio/s", "fast/s", "emul/s", "events/s", "drops/s",
+               "dropped", "lag", "queue", "watch", "tracked", "plugins")
+GAP = 2  #: spaces between columns
+VM_MIN = 12  #: the VM column is never narrower than this (nor than its longest name)
+
+
+def _fit(widths: Mapping[str, int], width: int | None) -> tuple[list[str], int]:
+    """The columns that fit in ``width`` (all when None), by priority, and the VM
+    column's width."""
+    vm_full = widths["VM"]
+    if width is None:
+        return [name for name, _ in COLUMNS], vm_full
+    vm_w = min(vm_full, max(VM_MIN, len("VM")))
+    used = vm_w
+    chosen = ["VM"]
+    for name, _ in COLUMNS[1:]:
+        if used + GAP + widths[name] <= width:
+            chosen.append(name)
+            used += GAP + widths[name]
+    # What is left widens the VM column back toward its longest name.
+    vm_w = max(vm_w, min(vm_full, vm_w + width - used))
+    return chosen, vm_w
+
+
 def render(
-    previous: Sample | None, current: Sample, interval: float
+    previous: Sample | None, current: Sample, interval: float, width: int | None = None
 ) -> RenderableType:
     """A table of every VM: write rates by path, event and drop rates, stream lag and
     queue depth, watchers, tracked gfns and plugins; the busiest VM first.
 
     Rates are the counters' change between ``previous`` and ``current`` over
-    ``interval`` seconds ("-" without a previous sample of the VM).
+    ``interval`` seconds ("-" without a previous sample of the VM). Given the terminal's
+    ``width``, columns are left out from the least wanted on (``COLUMNS``) until the
+    table fits; the VM column and whole headers always stay.
     """
     prev_vms = previous.vms if previous is not None else {}
-    table = Table(box=None, header_style="bold reverse", pad_edge=False, expand=False)
-    for name, justify in (
-        ("VM", "left"), ("writes/s", "right"), ("mmio/s", "right"), ("fast/s", "right"),
-        ("emul/s", "right"), ("events/s", "right"), ("drops/s", "right"),
-        ("dropped", "right"), ("lag", "right"), ("queue", "right"), ("watch", "right"),
-        ("tracked", "right"), ("plugins", "left"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     rows = []
     total_writes = total_events = 0.0
     for v in current.vms.values():
@@ -181,28 +213,53 @@ def render(
         total_events += events or 0
         rows.append((writes or 0.0, v, p, writes, events))
     rows.sort(key=lambda r: (-r[0], r[1].vm))
+    cells: list[dict[str, Text]] = []
     for _, v, p, writes, events in rows:
         drops = _rate(v.dropped, p.dropped if p else None, interval)
-        table.add_row(
-            v.vm,
-            _fmt_rate(writes),
-            _fmt_rate(_rate(v.mmio_exit, p.mmio_exit if p else None, interval)),
-            _fmt_rate(_rate(v.fast, p.fast if p else None, interval)),
-            _fmt_rate(_rate(v.emulated, p.emulated if p else None, interval)),
-            _fmt_rate(events),
-            Text(_fmt_rate(drops), style="bold red" if drops else ""),
-            str(v.dropped),
-            Text(str(v.lag), style="yellow" if v.lag else ""),
-            str(v.queue_depth),
-            str(v.watchers),
-            str(v.tracked_gfns),
-            ", ".join(v.plugins) or "-",
+        cells.append({
+            "VM": Text(v.vm),
+            "writes/s": Text(_fmt_rate(writes)),
+            "mmio/s": Text(_fmt_rate(_rate(v.mmio_exit, p.mmio_exit if p else None, interval))),
+            "fast/s": Text(_fmt_rate(_rate(v.fast, p.fast if p else None, interval))),
+            "emul/s": Text(_fmt_rate(_rate(v.emulated, p.emulated if p else None, interval))),
+            "events/s": Text(_fmt_rate(events)),
+            "drops/s": Text(_fmt_rate(drops), style="bold red" if drops else ""),
+            "dropped": Text(str(v.dropped)),
+            "lag": Text(str(v.lag), style="yellow" if v.lag else ""),
+            "queue": Text(str(v.queue_depth)),
+            "watch": Text(str(v.watchers)),
+            "tracked": Text(str(v.tracked_gfns)),
+            "plugins": Text(", ".join(v.plugins) or "-"),
+        })
+    widths = {
+        name: max([len(name), *(row[name].cell_len for row in cells)]) for name, _ in COLUMNS
+    }
+    chosen, vm_w = _fit(widths, width)
+    justify = dict(COLUMNS)
+    table = Table(box=None, header_style="bold reverse", pad_edge=False, expand=False,
+                  padding=(0, GAP // 2))
+    shown = [name for name in SHOWN_ORDER if name in chosen]
+    for name in shown:
+        table.add_column(
+            name, justify=justify[name], no_wrap=True,  # type: ignore[arg-type]
+            overflow="ellipsis", width=vm_w if name == "VM" else widths[name],
         )
-    head = Text.assemble(
-        ("pagetrack top", "bold"),
-        f"  {len(current.vms)} VMs  writes/s {_fmt_rate(total_writes)}"
-        f"  events/s {_fmt_rate(total_events)}  interval {interval:.1f}s",
-    )
+    for row in cells:
+        table.add_row(*(row[name] for name in shown))
+    hidden = len(COLUMNS) - len(shown)
+    summary = (f"  {len(current.vms)} VMs  writes/s {_fmt_rate(total_writes)}"
+               f"  events/s {_fmt_rate(total_events)}")
+    # The longest header line that fits: what is said last goes first.
+    for extra, note in (
+        (f"  every {interval:.1f}s  q quits", f"  ({hidden} columns hidden)"),
+        ("  q quits", f"  ({hidden} hidden)"),
+        ("  q quits", ""),
+        ("", ""),
+    ):
+        note = note if hidden else ""
+        if width is None or len("pagetrack top" + summary + extra + note) <= width:
+            break
+    head = Text.assemble(("pagetrack top", "bold"), summary + extra, (note, "dim"))
     parts: list[RenderableType] = [head]
     if current.error:
         parts.append(Text(f"daemon unreachable: {current.error}", style="bold red"))
@@ -212,6 +269,36 @@ def render(
     return Group(*parts)
 
 
+@contextlib.contextmanager
+def _keys() -> Iterator[Callable[[float], str]]:
+    """A function that waits up to its argument in seconds for a key press and returns
+    it ("" if none). On a terminal, keys are read one at a time without Enter (cbreak
+    mode, put back afterwards); elsewhere it only waits."""
+    stdin = sys.stdin
+    if not stdin.isatty():
+        def wait(timeout: float) -> str:
+            time.sleep(timeout)
+            return ""
+
+        yield wait
+        return
+    import termios
+    import tty
+
+    fd = stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+
+    def read(timeout: float) -> str:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return os.read(fd, 32).decode(errors="replace") if ready else ""
+
+    try:
+        yield read
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 def main(
     client: Any,
     interval: float = 1.0,
@@ -219,20 +306,29 @@ def main(
     iterations: int | None = None,
     console: Console | None = None,
 ) -> None:
-    """Show the live view until Ctrl-C (or for ``iterations`` refreshes)."""
+    """Show the live view until ``q`` or Ctrl-C (or for ``iterations`` refreshes),
+    fitting the table to the terminal's width at every refresh."""
     interval = max(0.1, interval)
+    console = console or Console()
     previous: Sample | None = None
     current = collect(client)
     done = 0
     try:
-        with Live(
-            render(None, current, interval), console=console, auto_refresh=False,
-            screen=False, transient=False,
+        with _keys() as key, Live(
+            render(None, current, interval, console.size.width), console=console,
+            auto_refresh=False, screen=False, transient=False,
         ) as live:
             while iterations is None or done < iterations:
-                time.sleep(max(0.0, current.at + interval - time.monotonic()))
+                pressed = key(max(0.0, current.at + interval - time.monotonic()))
+                if "q" in pressed.lower():
+                    return
+                if pressed and time.monotonic() < current.at + interval:
+                    continue  # another key: keep waiting for the refresh
                 previous, current = current, collect(client)
-                live.update(render(previous, current, current.at - previous.at), refresh=True)
+                live.update(
+                    render(previous, current, current.at - previous.at, console.size.width),
+                    refresh=True,
+                )
                 done += 1
     except KeyboardInterrupt:
         pass

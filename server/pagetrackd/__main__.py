@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -15,16 +16,35 @@ from pagetrackd import logging as pt_logging
 from pagetrackd.app import Daemon
 from pagetrackd.config import DEFAULT_LISTEN, Config, load
 from pagetrackd.domain import PageTrackError
+from pagetrackd.startup import (
+    EXIT_STATUS_HELP,
+    ExitStatus,
+    StartupError,
+    check_listen,
+    check_tls,
+    check_tokens,
+    read_config_file,
+    setting_error,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not the whole usage) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitStatus.USAGE, f"pagetrackd: {message}; see 'pagetrackd --help'\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pagetrackd",
         description=(
             "Serve Linux KVM's x86 page-track facility (guest write tracking) over gRPC."
             " Settings come from --config (TOML), then PAGETRACK_* environment variables"
             " (e.g. PAGETRACK_LISTEN, PAGETRACK_TOKENS_FILE), then these flags."
         ),
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"pagetrackd {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML file with the settings below")
@@ -65,18 +85,56 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the bound addresses (JSON) here once serving")
     p.add_argument("--demo", action="store_true", default=None,
                    help="create a demo VM with tracked pages and a running workload")
+    p.add_argument("--stop-on-stdin-eof", action="store_true",
+                   help="also stop (as on SIGTERM) when standard input reaches end of file:"
+                   " a parent that starts pagetrackd with stdin a pipe it never writes to"
+                   " makes the daemon stop when the parent dies, however it dies")
     return p
 
 
-async def _serve(config: Config) -> int:
-    daemon = Daemon(config)
-    # Handlers first: a SIGTERM right after the ready file appears stops the daemon
-    # cleanly (with its final save) instead of killing it.
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` once stdin reaches end of file (its writer, our parent, is gone)."""
+    fd = sys.stdin.fileno()
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            structlog.get_logger("pagetrackd").info("daemon.stdin_closed")
+            stop.set()
+
+    try:
+        loop.add_reader(fd, readable)
+    except PermissionError:  # epoll refuses regular files and /dev/null
+        raise StartupError(
+            ExitStatus.SETTING,
+            "--stop-on-stdin-eof needs standard input to be a pipe, socket or terminal (it is"
+            " a file); start pagetrackd with stdin a pipe, or leave the flag out",
+        ) from None
+
+
+async def _serve(config: Config, stop_on_stdin_eof: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await daemon.start()
+    if stop_on_stdin_eof:
+        _watch_stdin(loop, stop)
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+    except RuntimeError as exc:  # grpc could not bind (another process took the port)
+        raise StartupError(
+            ExitStatus.LISTEN,
+            f"cannot listen on {', '.join(config.listen)}: {exc}; stop the process using"
+            " it or choose another address",
+        ) from None
     if config.demo:
         from pagetrackd.demo import setup_demo
 
@@ -90,17 +148,34 @@ async def _serve(config: Config) -> int:
     return daemon.exit_code
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``pagetrackd`` command."""
-    args = _parser().parse_args(argv)
-    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
+def _configure(args: argparse.Namespace) -> Config:
+    """The settings, checked: raises StartupError naming what is wrong."""
+    flags: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k not in ("config", "stop_on_stdin_eof")
+    }
     if flags.get("listen") is not None:
         flags["listen"] = tuple(flags["listen"])
+    if args.config:
+        read_config_file(args.config)
     try:
         config = load(args.config, flags=flags)
     except PageTrackError as exc:
-        print(f"pagetrackd: {exc}", file=sys.stderr)
-        return 2
+        raise setting_error(exc) from None
+    check_tokens(config)
+    check_tls(config)
+    check_listen(config)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pagetrackd`` command; returns its exit status (``pagetrackd
+    --help`` lists them)."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _configure(args)
+    except StartupError as exc:
+        print(f"pagetrackd: {exc.message}", file=sys.stderr)
+        return exc.status
     json = {"auto": None, "json": True, "console": False}[config.log_format]
     pt_logging.configure(config.log_level, json)
     try:
@@ -110,13 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # uvloop is not built for every platform
         runner = asyncio.run
     try:
-        return int(runner(_serve(config)))
-    except PageTrackError as exc:
-        print(f"pagetrackd: {exc}", file=sys.stderr)
-        return 2
+        return int(runner(_serve(config, args.stop_on_stdin_eof)))
+    except StartupError as exc:
+        print(f"pagetrackd: {exc.message}", file=sys.stderr)
+        return exc.status
+    except PageTrackError as exc:  # a setting only the daemon could judge (e.g. quotas)
+        print(f"pagetrackd: {setting_error(exc).message}", file=sys.stderr)
+        return ExitStatus.SETTING
     except OSError as exc:
         print(f"pagetrackd: {exc}", file=sys.stderr)
-        return 1
+        return ExitStatus.FAILED
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 
 from pagetrackd.domain import (
@@ -41,6 +42,10 @@ from pagetrackd.domain import (
     WorkloadNotFound,
 )
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
+from pagetrackd.domain.memory import PAGE_OBJECT_BYTES, PROMOTE_BYTES
+from pagetrackd.domain.snapshot import VmState
+from pagetrackd.domain.track import SlotTracking
+from pagetrackd.domain.types import PAGE_SIZE
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
 from pagetrackd.quota_guard import QuotaGuard, guard
@@ -57,6 +62,11 @@ log = structlog.get_logger("pagetrackd.engine")
 WORKLOAD_CHUNK = 256
 #: writes per step at rate 0 (as fast as possible): larger steps cost less per write
 WORKLOAD_FAST_CHUNK = 2048
+#: the most one written page piece can add to guest memory: a whole page, its objects
+#: and directory nodes (an exact bound is computed only near the quota)
+_PIECE_WORST_BYTES = PAGE_SIZE + 1024
+#: the most tracking references one restore adds (as many as one AddTracking may)
+MAX_RESTORE_REFERENCES = 1 << 22
 #: a workload at rate 0 steps for this long before yielding to the event loop (streams
 #: then send what it wrote in fewer, larger messages)
 WORKLOAD_SLICE_S = 0.010
@@ -64,17 +74,25 @@ WORKLOAD_SLICE_S = 0.010
 
 @dataclass(frozen=True, slots=True)
 class Quotas:
-    """Per-tenant limits. The defaults are generous for a single user."""
+    """Per-tenant limits. The defaults suit a daemon that several tenants share: each
+    bounds what one tenant can make the daemon hold or do (docs/operations.md says
+    why each is safe and how to raise it). The byte quotas count what the daemon
+    really holds, not just the bytes a client sent."""
 
-    vms: int = 256
+    vms: int = 64
     guest_pages: int = 1 << 36  #: pages summed over the tenant's memslots
     tracked_gfns: int = 1 << 26
-    watchers: int = 4096
-    workloads: int = 64
+    watchers: int = 256  #: open Watch streams
+    workloads: int = 64  #: running workloads
     write_rate: int = 0  #: guest writes per second (a 1 s burst is allowed); 0 = no limit
-    #: bytes of recordings (VMs created with ``record``) summed over the tenant's VMs; a
-    #: recording that would pass it stops there (GetRecording then says so)
-    recording_bytes: int = 1 << 30
+    guest_memory_bytes: int = 1 << 30  #: bytes guest memory holds, summed over VMs
+    tracking_bytes: int = 256 << 20  #: bytes track counters hold, summed over VMs
+    history_bytes: int = 1 << 30  #: the VMs' event history bounds, summed
+    stream_queue_bytes: int = 1 << 30  #: the open Watch streams' queue bounds, summed
+    recording_bytes: int = 256 << 20  #: one VM's recording file
+    upload_bytes: int = 256 << 20  #: one RestoreVm or ReplayVm upload, and what it decodes to
+    leases: int = 1024  #: TTL leases held at once
+    finished_workloads: int = 64  #: ended workloads kept for their figures
 
 
 def make_quotas(values: Mapping[str, Any], base: Quotas | None = None) -> Quotas:
@@ -121,8 +139,8 @@ class VmEntry:
     #: records every operation when the VM was created with ``record``
     recorder: Recorder | None = None
     recording: Path | None = None
-    #: the open recording file (counts its bytes against the tenant's quota)
-    recording_file: RecordingFile | None = None
+    #: the open recording file
+    recording_file: IO[str] | None = None
     #: charges the VM's own methods to the tenant's quotas (every path, not only RPCs)
     quota: QuotaGuard | None = None
 
@@ -169,41 +187,6 @@ class WorkloadRun:
         return self.writes / e if e > 0 else 0.0
 
 
-class RecordingFile:
-    """A VM's recording file: counts what is written against the tenant's
-    ``recording_bytes`` quota and stops writing (``full``) where it would pass it."""
-
-    def __init__(self, engine: Engine, tenant: TenantId, path: Path, *, append: bool) -> None:
-        self.engine = engine
-        self.tenant = tenant
-        self._file = open(path, "a" if append else "w", encoding="utf-8")
-        self.size = 0  #: bytes in the file
-        self.full = False
-
-    def write(self, text: str) -> int:
-        """Write a record, unless the tenant's recordings would pass the quota."""
-        if self.full:
-            return 0
-        n = len(text.encode())
-        used = self.engine.recording_used.get(self.tenant, 0)
-        if used + n > self.engine.quotas(self.tenant).recording_bytes:
-            self.full = True
-            log.warning("recording.quota_reached", tenant=self.tenant, bytes=self.size)
-            return 0
-        self._file.write(text)
-        self.size += n
-        self.engine.recording_used[self.tenant] = used + n
-        return n
-
-    def flush(self) -> None:
-        """Push buffered records to the file."""
-        self._file.flush()
-
-    def close(self) -> None:
-        """Close the file."""
-        self._file.close()
-
-
 class Engine:
     """Everything the daemon serves, by tenant."""
 
@@ -231,8 +214,6 @@ class Engine:
         self._record_dir: Path | None = None  #: made on the first recorded VM
         #: where recordings are kept: the state directory's, else a temporary one
         self.recordings_dir: Path | None = None
-        #: bytes of recordings per tenant (the recording_bytes quota)
-        self.recording_used: dict[TenantId, int] = {}
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
         #: tenant -> [memslot pages, tracked gfns] over its VMs, as of each VM's last
@@ -242,6 +223,8 @@ class Engine:
         self._counted: dict[Vm, tuple[int, int]] = {}
         self._changed: set[Vm] = set()
         self._vm_tenant: dict[Vm, TenantId] = {}
+        #: list_vms answers, each beside the registry listing it was built from
+        self._listed: dict[TenantId | None, tuple[list[Any], list[VmEntry]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -281,7 +264,9 @@ class Engine:
             raise QuotaExceeded(
                 f"{writes} writes exceed the tenant's write_rate quota of {rate} writes/s"
                 f" ({int(tokens)} available now); slow down or ask for a higher quota",
-                quota="write_rate", limit=rate, retry_after_s=(writes - tokens) / rate,
+                quota="write_rate", limit=rate,
+                # The bucket holds one second's worth: a larger batch never fits.
+                retry_after_s=(writes - tokens) / rate if writes <= rate else None,
             )
         self._buckets[tenant] = (tokens - writes, now)
 
@@ -330,11 +315,15 @@ class Engine:
         history_bytes: int | None = None,
         record: bool = False,
         check_quota: bool = True,
-        record_from: int | None = None,
+        record_from: tuple[int, bool] | None = None,
+        vm: Vm | None = None,
     ) -> VmEntry:
         """Create a VM for ``tenant`` with its event history; with ``record``, every
-        operation on it is recorded (see :mod:`pagetrackd.replay`). ``check_quota``
-        false is for VMs the daemon accepted before (its state directory)."""
+        operation on it is recorded (see :mod:`pagetrackd.replay`). Given ``vm`` (made
+        and loaded apart, with the options given here), that VM is registered.
+        ``check_quota`` false is for VMs the daemon accepted before (its state
+        directory); ``record_from`` continues a recording on disk (see
+        :meth:`_start_recording`)."""
         self.check_serving()
         if check_quota:
             self.check_vm_count(tenant)
@@ -344,8 +333,17 @@ class Engine:
             raise InvalidArgument(
                 "history_events must be 0..16777216 and history_bytes 0..4294967296"
             )
+        q = self.quotas(tenant)
+        held = sum(e.hub.history.max_bytes for e in self._tenant_entries(tenant))
+        if check_quota and held + h_bytes > q.history_bytes:
+            raise QuotaExceeded(
+                f"an event history of {h_bytes} bytes would take the tenant's VMs to"
+                f" {held + h_bytes} bytes of history; its history_bytes quota is"
+                f" {q.history_bytes}. Ask for a smaller history_bytes",
+                quota="history_bytes", limit=q.history_bytes,
+            )
         vm = self.registry.create_vm(
-            tenant, name, vcpus=vcpus, dma_policy=dma_policy, semantics=semantics,
+            tenant, name, vm=vm, vcpus=vcpus, dma_policy=dma_policy, semantics=semantics,
             cost=cost, limits=limits,
         )
         history = History(h_events, h_bytes)
@@ -371,25 +369,28 @@ class Engine:
             base = self._record_dir
         return base / urllib.parse.quote(tenant, safe="") / f"{name}.jsonl"
 
-    def _start_recording(self, entry: VmEntry, record_from: int | None) -> None:
-        """Record the VM's operations; ``record_from`` continues the recording already
-        on disk from that byte on (a restart: what follows it is replayed again)."""
+    def _start_recording(self, entry: VmEntry, record_from: tuple[int, bool] | None) -> None:
+        """Record the VM's operations, up to the tenant's recording_bytes quota.
+        ``record_from`` (bytes, overflowed) continues the recording already on disk
+        after a restart: it is cut to the bytes that go with the loaded state (what
+        followed is replayed from the journal, or was lost with the crash)."""
         path = self.recording_path(entry.tenant, entry.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = 0
         if record_from is not None and path.is_file():
-            kept = min(record_from, path.stat().st_size)
+            kept = min(record_from[0], path.stat().st_size)
             with open(path, "r+b") as old:
                 old.truncate(kept)
-        out = RecordingFile(self, entry.tenant, path, append=record_from is not None)
-        out.size = kept
-        self.recording_used[entry.tenant] = self.recording_used.get(entry.tenant, 0) + kept
+        out = open(path, "a" if record_from is not None else "w", encoding="utf-8")
         entry.recording = path
         entry.recording_file = out
         entry.recorder = Recorder(
-            entry.vm, cast(IO[str], out), fresh=record_from is None,
-            header=record_from is None,
+            entry.vm, out, max_bytes=self.quotas(entry.tenant).recording_bytes,
+            fresh=record_from is None, header=record_from is None,
         )
+        entry.recorder.nbytes = kept
+        if record_from is not None and (record_from[1] or kept < record_from[0]):
+            entry.recorder.overflowed = True  # stopped before, or cut short: incomplete
 
     @contextlib.contextmanager
     def unjournaled(self) -> Iterator[None]:
@@ -418,12 +419,11 @@ class Engine:
             raise FailedPrecondition(
                 f"VM {entry.name!r} is not recorded; create it with the record option"
             )
-        f = entry.recording_file
-        if f is not None and f.full:
+        if entry.recorder.overflowed:
             q = self.quotas(entry.tenant).recording_bytes
             raise QuotaExceeded(
-                f"the recording of VM {entry.name!r} stopped at {f.size} bytes: the"
-                f" tenant's recordings would pass its recording_bytes quota of {q}",
+                f"VM {entry.name!r}'s recording passed the tenant's recording_bytes quota of"
+                f" {q} bytes and was stopped there; it cannot be replayed",
                 quota="recording_bytes", limit=q,
             )
         entry.recorder.flush()
@@ -471,8 +471,23 @@ class Engine:
         return self.entries[(tenant, name)]
 
     def list_vms(self, tenant: TenantId | None) -> list[VmEntry]:
-        """VMs of one tenant (or all), sorted by tenant and name."""
-        return [self.entries[(t, vm.name)] for t, vm in self.registry.list_vms(tenant)]
+        """VMs of one tenant (or all), sorted by tenant and name. The caller must not
+        change the list: it is kept until a VM is created or deleted."""
+        pairs = self.registry.list_vms(tenant)
+        held = self._listed.get(tenant)
+        if held is None or held[0] is not pairs:
+            held = (pairs, [self.entries[(t, vm.name)] for t, vm in pairs])
+            self._listed[tenant] = held
+        return held[1]
+
+    def list_vms_page(
+        self, tenant: TenantId | None, start: int, size: int
+    ) -> tuple[list[VmEntry], int]:
+        """``size`` VMs from position ``start`` of :meth:`list_vms`, and how many there
+        are in all (a page costs its own VMs, not every VM)."""
+        pairs = self.registry.list_vms(tenant)
+        page = [self.entries[(t, vm.name)] for t, vm in pairs[start : start + size]]
+        return page, len(pairs)
 
     def delete_vm(self, tenant: TenantId, name: str) -> int:
         """Delete a VM: workloads stop, notifiers hear regions go, streams close.
@@ -490,8 +505,6 @@ class Engine:
             entry.recorder.stop()
             if entry.recording_file is not None:
                 entry.recording_file.close()
-                used = self.recording_used.get(tenant, 0) - entry.recording_file.size
-                self.recording_used[tenant] = max(0, used)
             if entry.recording is not None:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
@@ -548,6 +561,95 @@ class Engine:
                 quota="guest_pages", limit=q,
             )
 
+    def _tenant_entries(self, tenant: TenantId) -> list[VmEntry]:
+        return [self.entries[(tenant, vm.name)] for vm in self.registry.vms_of(tenant)]
+
+    def memory_used(self, tenant: TenantId) -> int:
+        """Bytes the tenant's guest memory really holds, over its VMs."""
+        return sum(vm.memory_footprint for vm in self.registry.vms_of(tenant))
+
+    def tracking_used(self, tenant: TenantId) -> int:
+        """Bytes the tenant's track counters really hold, over its VMs."""
+        return sum(vm.tracking_footprint for vm in self.registry.vms_of(tenant))
+
+    def check_memory(self, entry: VmEntry, gpa: Any, length: Any) -> None:
+        """Raise QuotaExceeded, before anything is written, if guest writes of
+        ``length[i]`` bytes at ``gpa[i]`` could take the tenant's guest memory past its
+        guest_memory_bytes quota."""
+        q = self.quotas(entry.tenant).guest_memory_bytes
+        used = self.memory_used(entry.tenant)
+        pieces = len(gpa) + int(np.sum(length)) // PAGE_SIZE + len(gpa)
+        if used + pieces * _PIECE_WORST_BYTES <= q:
+            return  # far from the quota: no need for the exact bound
+        grow = entry.vm.memory_growth_bound(
+            np.asarray(gpa, dtype=np.int64), np.asarray(length, dtype=np.int64)
+        )
+        if used + grow > q:
+            raise QuotaExceeded(
+                f"guest memory would hold up to {used + grow} bytes (now {used}); the"
+                f" tenant's guest_memory_bytes quota is {q}. Nothing was written",
+                quota="guest_memory_bytes", limit=q,
+            )
+
+    def check_tracking_memory(self, entry: VmEntry, gfns: Any, owner: str) -> None:
+        """Raise QuotaExceeded, before anything changes, if tracking ``gfns`` could take
+        the tenant's track counters past its tracking_bytes quota."""
+        q = self.quotas(entry.tenant).tracking_bytes
+        used = self.tracking_used(entry.tenant)
+        grow = entry.vm.tracking_growth_bound(np.asarray(gfns, dtype=np.int64), owner)
+        if used + grow > q:
+            raise QuotaExceeded(
+                f"track counters would hold up to {used + grow} bytes (now {used}); the"
+                f" tenant's tracking_bytes quota is {q}. A huge memslot needs a large"
+                " counter directory; nothing was tracked",
+                quota="tracking_bytes", limit=q,
+            )
+
+    def check_restore_size(
+        self, tenant: TenantId, state: VmState, replacing: VmEntry | None = None
+    ) -> None:
+        """Raise QuotaExceeded, before a saved VM is loaded, if loading it could take the
+        tenant past guest_memory_bytes or tracking_bytes (``replacing``'s share given
+        back), or if it holds more tracking references than one request may add: what a
+        small file declares is checked before anything is allocated for it."""
+        q = self.quotas(tenant)
+        memory = tracking = references = 0
+        for s in state.slots:
+            pages = int(s.mem_index.size)
+            if pages:
+                width = np.where(s.mem_len > PROMOTE_BYTES, PAGE_SIZE, s.mem_len + 2 * 8)
+                top = (int(s.mem_index.max()) >> 10) + 1
+                memory += int(width.sum()) + pages * (PAGE_OBJECT_BYTES + 24 + 256) + 6 * top
+            counters = SlotTracking(s.npages, s.base_gfn)
+            for owner, (owned, counts) in s.owners.items():
+                references += int(counts.sum())
+                tracking += counters.growth_bound(np.unique(owned), owner)
+        if references > MAX_RESTORE_REFERENCES:
+            raise QuotaExceeded(
+                f"the snapshot holds {references} tracking references; at most"
+                f" {MAX_RESTORE_REFERENCES} are restored at once",
+                quota="tracked_gfns", limit=MAX_RESTORE_REFERENCES,
+            )
+        mem_used = self.memory_used(tenant)
+        track_used = self.tracking_used(tenant)
+        if replacing is not None:
+            mem_used -= replacing.vm.memory_footprint
+            track_used -= replacing.vm.tracking_footprint
+        if mem_used + memory > q.guest_memory_bytes:
+            raise QuotaExceeded(
+                f"the snapshot's guest memory needs up to {memory} bytes; with the {mem_used}"
+                f" the tenant holds that passes its guest_memory_bytes quota of"
+                f" {q.guest_memory_bytes}",
+                quota="guest_memory_bytes", limit=q.guest_memory_bytes,
+            )
+        if track_used + tracking > q.tracking_bytes:
+            raise QuotaExceeded(
+                f"the snapshot's tracking needs up to {tracking} bytes of counters; with the"
+                f" {track_used} the tenant holds that passes its tracking_bytes quota of"
+                f" {q.tracking_bytes}",
+                quota="tracking_bytes", limit=q.tracking_bytes,
+            )
+
     def check_tracked(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more tracked gfns pass the tenant's quota."""
         q = self.quotas(tenant).tracked_gfns
@@ -569,11 +671,23 @@ class Engine:
     ) -> int:
         """Register a Watch subscriber (after the quota check)."""
         self.check_serving()
-        q = self.quotas(entry.tenant).watchers
+        quotas = self.quotas(entry.tenant)
+        q = quotas.watchers
         if self.watchers(entry.tenant) >= q:
             raise QuotaExceeded(
                 f"tenant already has {q} Watch streams open, its quota",
                 quota="watchers", limit=q,
+            )
+        held = sum(
+            s.queue_bytes for e in self._tenant_entries(entry.tenant)
+            for s in e.hub.subscribers.values()
+        )
+        if held + sub.queue_bytes > quotas.stream_queue_bytes:
+            raise QuotaExceeded(
+                f"a queue of {sub.queue_bytes} bytes would take the tenant's open Watch"
+                f" streams to {held + sub.queue_bytes} queue bytes; its stream_queue_bytes"
+                f" quota is {quotas.stream_queue_bytes}. Ask for a smaller queue_bytes",
+                quota="stream_queue_bytes", limit=quotas.stream_queue_bytes,
             )
         return entry.hub.subscribe(entry.vm, sub, start_seq)
 
@@ -785,6 +899,7 @@ class Engine:
                 await self.admit(entry)
                 if vm.closed:
                     break
+                self._check_workload_memory(entry)
                 made = step(vm, n)
                 if made == 0:
                     break
@@ -818,6 +933,19 @@ class Engine:
             log.exception("workload.failed", id=run.run_id)
         finally:
             run.ended = time.monotonic()
+
+    def _check_workload_memory(self, entry: VmEntry) -> None:
+        """A workload's writes are made inside the daemon, so they are checked step by
+        step: once the tenant's guest memory has reached its quota, the workload fails
+        with the quota's error (a step adds at most a few MiB past it)."""
+        q = self.quotas(entry.tenant).guest_memory_bytes
+        used = self.memory_used(entry.tenant)
+        if used >= q:
+            raise QuotaExceeded(
+                f"guest memory holds {used} bytes, the tenant's guest_memory_bytes quota"
+                f" is {q}: the workload stopped writing",
+                quota="guest_memory_bytes", limit=q,
+            )
 
     def workload(self, tenant: TenantId, run_id: str) -> WorkloadRun:
         """One of the tenant's workloads."""

@@ -88,7 +88,7 @@ _VM_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("pagetrack_stream_lag_events", "Largest lag (head seq - sent seq) of a Watch stream.",
      "gauge"),
     ("pagetrack_history_events", "Events held for Watch resume.", "gauge"),
-    ("pagetrack_guest_memory_bytes", "Bytes held for written guest memory.", "gauge"),
+    ("pagetrack_guest_memory_bytes", "Bytes guest memory holds, with its index.", "gauge"),
     ("pagetrack_track_pool_bytes", "Bytes held by track counters.", "gauge"),
 )
 _MAX_AGG = frozenset({"pagetrack_stream_lag_events"})
@@ -119,8 +119,8 @@ def _vm_values(engine: Engine, entry: VmEntry) -> dict[str, float]:
             (max(0, vm.seq - x.last_seq) for x in subs), default=0
         ),
         "pagetrack_history_events": entry.hub.history.events,
-        "pagetrack_guest_memory_bytes": vm.memory_bytes,
-        "pagetrack_track_pool_bytes": vm.counter_bytes,
+        "pagetrack_guest_memory_bytes": vm.memory_footprint,
+        "pagetrack_track_pool_bytes": vm.tracking_footprint,
     }
 
 

@@ -147,7 +147,13 @@ class Recorder:
     """
 
     def __init__(
-        self, vm: Vm, out: str | Path | IO[str], *, fresh: bool = True, header: bool = True
+        self,
+        vm: Vm,
+        out: str | Path | IO[str],
+        max_bytes: int = 0,
+        *,
+        fresh: bool = True,
+        header: bool = True,
     ) -> None:
         # fresh=False: the daemon's journal, which records from a VM's current state on,
         # and a recording continued after a restart (header=False: it has its header)
@@ -168,6 +174,11 @@ class Recorder:
         else:
             self._file = out
             self._owns = False
+        #: the recording stops growing past this many bytes (0 = no bound); ``overflowed``
+        #: then tells that it is incomplete
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.overflowed = False
         self._depth = 0  #: > 0 while a recorded call runs; nested calls are not recorded
         self.records = 0
         self._plugins: list[Any] = []
@@ -180,7 +191,14 @@ class Recorder:
     # ------------------------------------------------------------------ wrapping
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        if self.overflowed:
+            return
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        self.nbytes += len(line)
+        if self.max_bytes and self.nbytes > self.max_bytes:
+            self.overflowed = True  # a recording with a hole would replay wrong: stop
+            return
+        self._file.write(line)
 
     def _wrap_vm(self, name: str) -> None:
         vm = self.vm

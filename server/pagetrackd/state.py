@@ -72,8 +72,10 @@ __all__ = [
     "StateDir",
     "decode",
     "encode",
+    "prepare_vm",
     "read_snapshot",
     "restore_snapshot",
+    "snapshot_length",
     "snapshot_entry",
 ]
 
@@ -107,6 +109,47 @@ def encode(header: dict[str, Any], arrays: dict[str, np.ndarray[Any, Any]]) -> b
         (_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head, _U64.pack(len(payload)), payload)
     )
     return body + hashlib.sha256(body).digest()
+
+
+def snapshot_length(prefix: bytes) -> int | None:
+    """The whole file's length as its first bytes declare it, or None while fewer than
+    ``prefix + header + 8`` bytes are there. Raises SnapshotError for bytes that are
+    not a snapshot of this version, so an upload is refused on its first message."""
+    if len(prefix) < _PREFIX.size:
+        return None
+    magic, version, hlen = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise SnapshotError("not a pagetrack VM snapshot (bad magic bytes)")
+    if version != FORMAT_VERSION:
+        raise SnapshotError(
+            f"snapshot format_version {version} is not supported; this daemon reads"
+            f" version {FORMAT_VERSION}"
+        )
+    if hlen > MAX_HEADER_BYTES:
+        raise SnapshotError(f"snapshot header length {hlen} is implausible; the file is corrupt")
+    at = _PREFIX.size + hlen
+    if len(prefix) < at + _U64.size:
+        return None
+    (plen,) = _U64.unpack_from(prefix, at)
+    return int(at + _U64.size + plen + _DIGEST)
+
+
+def _check_members(payload: bytes) -> None:
+    """The arrays' zip members must be stored as they are (the daemon writes them so):
+    a compressed member could decode to far more than was uploaded."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as z:
+            infos = z.infolist()
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise SnapshotError(f"snapshot arrays cannot be read: {exc}") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise SnapshotError(
+                f"snapshot array {info.filename!r} is compressed; snapshots store arrays"
+                " uncompressed"
+            )
+    if sum(i.file_size for i in infos) > len(payload):
+        raise SnapshotError("snapshot arrays declare more bytes than the file holds")
 
 
 def decode(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
@@ -146,6 +189,7 @@ def decode(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]
     if not isinstance(header, dict):
         raise SnapshotError("snapshot header is not a JSON object")
     payload = data[at + _U64.size : want - _DIGEST]
+    _check_members(payload)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -383,11 +427,11 @@ def _vm_header(
     }
 
 
-def _recording_bytes(entry: VmEntry) -> int | None:
+def _recording_bytes(entry: VmEntry) -> dict[str, Any] | None:
     if entry.recorder is None or entry.recording_file is None:
         return None
     entry.recorder.flush()
-    return entry.recording_file.size
+    return {"bytes": entry.recording_file.tell(), "overflowed": entry.recorder.overflowed}
 
 
 def _history_record(region: RegionRemoved) -> dict[str, Any]:
@@ -577,6 +621,30 @@ def read_snapshot(data: bytes) -> Snapshot:
     return Snapshot(header, state, hashlib.sha256(data).digest(), history)
 
 
+def prepare_vm(snap: Snapshot, name: str, leases: Iterable[str] = ()) -> Vm:
+    """A new VM outside any registry, named ``name``, loaded with ``snap``'s state:
+    tenant references and those of the lease ids in ``leases`` (other leases and plugins
+    take theirs anew). It touches nothing shared, so it may run in a worker thread.
+    Raises InvalidArgument when the state cannot be loaded."""
+    allowed = {f"lease:{lid}" for lid in leases}
+
+    def keep(owner: str) -> bool:
+        return owner == TENANT_OWNER or owner in allowed or not (
+            owner.startswith(("lease:", "plugin:"))
+        )
+
+    vm = Vm(name, **vm_options(snap.state))
+    try:
+        import_vm(snap.state, vm, keep_owner=keep)
+    except (ValueError, TypeError, OverflowError, KeyError) as exc:
+        vm.close()
+        raise SnapshotError(f"snapshot cannot be restored: {type(exc).__name__}: {exc}") from None
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
 def restore_snapshot(
     engine: Engine,
     tenant: TenantId,
@@ -585,9 +653,12 @@ def restore_snapshot(
     name: str = "",
     replace: bool = False,
     leases: Iterable[str] = (),
+    prepared: Vm | None = None,
     saved: bool = False,
 ) -> VmEntry:
-    """Create the VM of ``snap`` for ``tenant`` (as ``name`` if given).
+    """Create the VM of ``snap`` for ``tenant`` (as ``name`` if given): ``prepared``
+    if given (from :func:`prepare_vm`, which a caller may run in a worker thread), else
+    a VM loaded here.
 
     The seq continues from the snapshot's; the event history is the saved one when the
     snapshot holds it (state-dir files), else it starts empty, so a resume from before
@@ -601,13 +672,6 @@ def restore_snapshot(
     """
     state = snap.state
     name = name or state.name
-    allowed = {f"lease:{lid}" for lid in leases}
-
-    def keep(owner: str) -> bool:
-        return owner == TENANT_OWNER or owner in allowed or not (
-            owner.startswith(("lease:", "plugin:"))
-        )
-
     opts = vm_options(state)
     existing = None
     with contextlib.suppress(PageTrackError):
@@ -616,14 +680,10 @@ def restore_snapshot(
         raise VmAlreadyExists(
             f"VM {name!r} already exists; restore with replace to overwrite it"
         )
-    # A dry run into a VM outside the registry: every check passes before anything changes.
-    dry = Vm(name, **opts)
-    try:
-        import_vm(state, dry, keep_owner=keep)
-    except (ValueError, TypeError, OverflowError, KeyError) as exc:
-        raise SnapshotError(f"snapshot cannot be restored: {type(exc).__name__}: {exc}") from None
-    finally:
-        dry.close()
+    if prepared is None:
+        # Loaded into a VM outside the registry: every check passes before anything
+        # changes, and that VM is the one registered.
+        prepared = prepare_vm(snap, name, leases)
     if not saved:
         old_pages = sum(s.npages for s in existing.vm.memslots()) if existing else 0
         old_tracked = existing.vm.tracked_count if existing else 0
@@ -638,21 +698,20 @@ def restore_snapshot(
     h_bytes = hist.get("bytes", engine.config.history_bytes)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h_events, h_bytes)):
         raise SnapshotError("snapshot header: history.events and history.bytes must be integers")
+    recording = _saved_recording(snap.header) if saved else None
     if existing is not None:
         engine.delete_vm(tenant, name)
-    recording = snap.header.get("recording") if saved else None
-    if not isinstance(recording, int) or isinstance(recording, bool) or recording < 0:
-        recording = None
     entry = engine.create_vm(
         tenant, name, **opts, history_events=h_events, history_bytes=h_bytes,
-        check_quota=not saved, record=recording is not None, record_from=recording,
+        vm=prepared, check_quota=not saved, record=recording is not None,
+        record_from=recording,
     )
     if entry.quota is not None:
         entry.quota.exempt = saved  # a VM the daemon accepted is never refused at load
     if entry.recorder is not None:
         entry.recorder._depth += 1  # loading is not an operation of the recording
     try:
-        _fill(engine, entry, snap, keep)
+        _fill(engine, entry, snap)
     except BaseException as exc:
         engine.delete_vm(tenant, name)  # never a half-made VM
         if isinstance(exc, PageTrackError) or not isinstance(exc, Exception):
@@ -666,11 +725,21 @@ def restore_snapshot(
     return entry
 
 
-def _fill(engine: Engine, entry: VmEntry, snap: Snapshot, keep: Callable[[str], bool]) -> None:
-    """Load a checked snapshot into the VM just created for it."""
+def _saved_recording(header: dict[str, Any]) -> tuple[int, bool] | None:
+    """(bytes, overflowed) of the recording a state file's VM had, if it had one."""
+    rec = header.get("recording")
+    if not isinstance(rec, dict):
+        return None
+    size, over = rec.get("bytes"), rec.get("overflowed")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
+    return size, bool(over)
+
+
+def _fill(engine: Engine, entry: VmEntry, snap: Snapshot) -> None:
+    """The rest of a restore once the loaded VM is registered: history, plugins."""
     state = snap.state
     name = entry.name
-    import_vm(state, entry.vm, keep_owner=keep)
     # Without a saved history nothing before the restored seq can be replayed: resumes
     # from there are compacted.
     entry.hub.history.oldest_seq = state.seq + 1

@@ -20,7 +20,7 @@ from pagetrack import Client
 from pagetrack import _cliparse as cp
 from pagetrack.cli import app, main
 from pagetrack.types import GfnRange
-from tests.daemon_process import DaemonProcess, start_daemon
+from tests.daemon_process import DaemonProcess, start_daemon, with_parent
 
 PAGETRACK = Path(sys.executable).with_name("pagetrack")
 
@@ -74,7 +74,7 @@ def test_end_to_end_session(daemon: DaemonProcess) -> None:
     assert "4096 pages" in ok(target, "slot", "set", "e2e", "0", "0", "16M", "--log-dirty")
     assert "16 gfns newly tracked" in ok(target, "track", "add", "e2e", "0x10-0x1f")
     watcher = subprocess.Popen(
-        [str(PAGETRACK), "watch", "e2e", "--format", "jsonl", "--count", "3"],
+        with_parent([str(PAGETRACK), "watch", "e2e", "--format", "jsonl", "--count", "3"]),
         env=_env(target), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -96,7 +96,7 @@ def test_end_to_end_session(daemon: DaemonProcess) -> None:
     events = [e for e in events if e["type"] == "event"]
     assert [e["seq"] for e in events] == [1, 2, 3]
     assert events[0] == {
-        "type": "event", "seq": 1, "vm": "e2e", "vcpu": 1, "gpa": "0x10000", "gpa_int": 65536,
+        "type": "event", "seq": 1, "vm": "e2e", "vcpu": 1, "gpa": 0x10000, "gpa_hex": "0x10000",
         "gfn": 16, "length": 5, "data": b"hello".hex(), "source": "guest",
         "ts_ns": events[0]["ts_ns"],
     }
@@ -104,6 +104,35 @@ def test_end_to_end_session(daemon: DaemonProcess) -> None:
     assert events[2]["data"] == b"third".hex()
     dump = ok(target, "read", "e2e", "0x10000", "16")
     assert dump.startswith("000000010000: 6865 6c6c 6f") and "hello" in dump
+
+
+def test_watch_events_only_and_integer_stores(daemon: DaemonProcess) -> None:
+    """--events-only prints nothing but event lines (numbers as numbers); write's DATA is
+    bytes in order, and --u16/--u32/--u64 store integers little-endian as x86 does."""
+    t = daemon.tcp
+    ok(t, "vm", "create", "eo")
+    ok(t, "slot", "set", "eo", "0", "0", "1M")
+    ok(t, "track", "add", "eo", "0x10")
+    for args in (["0x10000", "0x1122334455667788"], ["0x10008", "--u64", "0x1122334455667788"],
+                 ["0x10010", "--u32", "0x11223344"], ["0x10014", "--u16", "4660"],
+                 ["0x10016", "--u8", "0xff"]):
+        ok(t, "write", "eo", *args)
+    out = ok(t, "watch", "eo", "--from-seq", "1", "--format", "jsonl", "--events-only",
+             "--count", "5")
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert [x["type"] for x in lines] == ["event"] * 5
+    assert [x["gpa"] for x in lines] == [0x10000, 0x10008, 0x10010, 0x10014, 0x10016]
+    assert all(isinstance(x[k], int) for x in lines for k in ("seq", "gpa", "gfn", "length"))
+    assert [x["data"] for x in lines] == [
+        "1122334455667788", "8877665544332211", "44332211", "3412", "ff"]
+    assert ok(t, "read", "eo", "0x10000", "16").startswith(
+        "000000010000: 1122 3344 5566 7788 8877 6655 4433 2211")
+    for args, text in ((["--u16", "0x10000"], "does not fit in 2 bytes"),
+                       (["--u32", "lots"], "not an integer"),
+                       (["--u8", "--u16", "1"], "at most one of"),
+                       (["--u32", "--hex", "1"], "do not go with")):
+        res = run(t, "write", "eo", "0x10000", *args)
+        assert res.returncode == 2 and text in res.stderr, res.stderr
 
 
 def test_errors_are_one_line_with_exit_codes(daemon: DaemonProcess) -> None:
@@ -127,7 +156,7 @@ def test_ctrl_c_ends_watch_quietly(daemon: DaemonProcess) -> None:
     """Ctrl-C (SIGINT) ends `pagetrack watch` with status 130 and no traceback."""
     ok(daemon.tcp, "vm", "create", "sig")
     watcher = subprocess.Popen(
-        [str(PAGETRACK), "watch", "sig", "--format", "jsonl"], env=_env(daemon.tcp),
+        with_parent([str(PAGETRACK), "watch", "sig", "--format", "jsonl"]), env=_env(daemon.tcp),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

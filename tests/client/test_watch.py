@@ -93,9 +93,10 @@ async def test_batch_columns(client: AsyncClient, vm_name: str) -> None:
 
 
 async def test_filters(client: AsyncClient, vm_name: str) -> None:
-    """gfn_ranges and sources filters reach the daemon."""
+    """ranges and sources filters reach the daemon; ranges takes what add_tracking's
+    ranges takes, and the old name gfn_ranges still works, with a DeprecationWarning."""
     await _setup(client, vm_name, dma_policy="notify")
-    async with client.watch(vm_name, gfn_ranges=[range(10, 12)], sources=["guest"]) as stream:
+    async with client.watch(vm_name, ranges=[range(10, 12)], sources=["guest"]) as stream:
         await _next(stream, pt.Registered)
         await client.write_batch(vm_name, np.arange(20) * PAGE, b"x" * 20)
         await client.dma_write(vm_name, 10 * PAGE, b"d")
@@ -105,8 +106,14 @@ async def test_filters(client: AsyncClient, vm_name: str) -> None:
         (10, pt.EventSource.GUEST), (11, pt.EventSource.GUEST), (11, pt.EventSource.GUEST)
     ]
     assert events[-1].data == b"last"
-    async with client.watch(vm_name, start_seq=1, gfn_ranges=[(11, 1)]) as replay:
+    async with client.watch(vm_name, start_seq=1, ranges=[(11, 1)]) as replay:
         assert [e.seq for e in await _events(replay, 2)] == [12, 22]  # history is filtered too
+    with pytest.warns(DeprecationWarning, match="use watch\\(ranges="):
+        old_name = client.watch(vm_name, start_seq=1, gfn_ranges=[(11, 1)])
+    async with old_name as replay:
+        assert [e.seq for e in await _events(replay, 2)] == [12, 22]
+    with pytest.raises(TypeError, match="not both"):
+        client.watch(vm_name, ranges=[(1, 1)], gfn_ranges=[(1, 1)])
     await client.delete_vm(vm_name)
 
 

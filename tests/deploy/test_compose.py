@@ -81,9 +81,9 @@ def _default(value: str) -> str:
 
 
 def test_services_and_profiles(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"pagetrackd", "prometheus", "consumer", "demo"}
+    assert set(services) == {"pagetrackd", "prometheus", "consumer", "demo", "nats", "exporter"}
     assert services["demo"]["profiles"] == ["demo"]
-    for name in ("pagetrackd", "prometheus", "consumer"):
+    for name in ("pagetrackd", "prometheus", "consumer", "nats", "exporter"):
         assert "profiles" not in services[name], f"{name} must start without a profile"
 
 
@@ -91,7 +91,7 @@ def test_daemon_is_built_from_the_dockerfile(services: dict[str, dict[str, Any]]
     daemon = services["pagetrackd"]
     assert (ROOT / daemon["build"]["context"] / daemon["build"]["dockerfile"]).is_file()
     assert _default(daemon["build"]["args"]["BASE"]) == "python:3.12-slim"
-    for name in ("consumer", "demo"):  # the bundled CLI runs from the same image
+    for name in ("consumer", "demo", "exporter"):  # the bundled CLI runs from the same image
         assert services[name]["image"] == daemon["image"]
 
 

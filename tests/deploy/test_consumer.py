@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.daemon_process import start_daemon, with_parent
 from tests.deploy.conftest import DEPLOY
 from tests.waiting import HANG_S, wait_until
 
@@ -78,24 +79,11 @@ def test_repair_cuts_a_partial_last_line(tmp_path: Path) -> None:
 @pytest.fixture
 def demo_daemon(tmp_path: Path) -> Iterator[str]:
     """pagetrackd --demo (a VM "demo" with a steady workload) on a free loopback port."""
-    ready = tmp_path / "ready.json"
-    with open(tmp_path / "daemon.log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "pagetrackd"), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-             "--log-format", "json", "--demo"],
-            stdout=subprocess.DEVNULL, stderr=log,
-        )
+    d = start_daemon(tmp_path, "--demo")
     try:
-        wait_until(lambda: ready.exists() or proc.poll() is not None, "pagetrackd to serve")
-        if proc.poll() is not None:
-            pytest.fail((tmp_path / "daemon.log").read_text())
-        yield json.loads(ready.read_text())["addresses"][0]
+        yield d.tcp
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(HANG_S)
-        finally:
-            proc.kill()
+        d.stop()
 
 
 def _events_in(path: Path) -> int:
@@ -118,7 +106,7 @@ def _run_consumer(target: str, out: Path, until_events: int) -> str:
     }
     env.pop("PAGETRACK_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT)], env=env, stderr=subprocess.PIPE, text=True
+        with_parent([sys.executable, str(SCRIPT)]), env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_until(

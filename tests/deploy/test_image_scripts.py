@@ -4,20 +4,18 @@ entrypoint (with a stand-in pagetrackd, so no container is needed)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.daemon_process import start_daemon
 from tests.deploy.conftest import DEPLOY
 
 PAGETRACKD = Path(sys.executable).with_name("pagetrackd")
@@ -37,23 +35,11 @@ healthcheck = _load_healthcheck()
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real pagetrackd on a free loopback port; yields HOST:PORT."""
-    tmp = tmp_path_factory.mktemp("daemon")
-    ready = tmp / "ready.json"
-    with open(tmp / "log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(PAGETRACKD), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-             "--log-format", "json"],
-            stdout=subprocess.DEVNULL, stderr=log,
-        )
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"pagetrackd did not start: {(tmp / 'log').read_text()}")
-        time.sleep(0.02)
-    yield json.loads(ready.read_text())["addresses"][0]
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(20)
+    d = start_daemon(tmp_path_factory.mktemp("daemon"))
+    try:
+        yield d.tcp
+    finally:
+        d.stop()
 
 
 def _closed_port() -> int:

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from pagetrack.v1 import pagetrack_pb2 as pb
+from tests.daemon_process import let_go, popen_pagetrackd
 from tests.integration.support import Api, connect, new_name
 from tests.waiting import HANG_S
 
@@ -53,12 +54,12 @@ class DaemonProcess:
     def start(self, timeout: float = HANG_S) -> list[str]:
         """Start the process and wait for its ready file."""
         cmd = [
-            str(PAGETRACKD), "--listen", "127.0.0.1:0", "--listen", f"unix:{self.dir}/pt.sock",
+            "--listen", "127.0.0.1:0", "--listen", f"unix:{self.dir}/pt.sock",
             "--ready-file", str(self.ready), "--log-format", "json", *self.extra,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PAGETRACK_")}
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = popen_pagetrackd(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while not self.ready.exists():
             if self.proc.poll() is not None:
@@ -84,6 +85,8 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"pagetrackd did not exit in {timeout}s:\n{self.log()}") from None
+        finally:
+            let_go(self.proc)
 
     def stop(self, timeout: float = HANG_S) -> int:
         """SIGTERM, then the exit code."""

@@ -36,9 +36,10 @@ class Api:
     health: Any  # grpc_health's stubs type only the sync stub
 
 
-def connect(target: str) -> Api:
-    """Stubs for every service on a fresh insecure channel to ``target``."""
-    ch = grpc.aio.insecure_channel(target)
+def connect(target: str, options: list[tuple[str, Any]] | None = None) -> Api:
+    """Stubs for every service on a fresh insecure channel to ``target`` (with grpc
+    channel ``options``)."""
+    ch = grpc.aio.insecure_channel(target, options=options)
     return Api(  # the stubs' __new__ is typed to return the async stub for an aio channel
         ch,
         pbg.VmServiceStub(ch),

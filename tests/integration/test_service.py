@@ -23,6 +23,7 @@ from tests.integration.support import (
     split_events,
     tracked_writes,
 )
+from tests.rich_status import details_of
 
 SERVICES = [f"pagetrack.v1.{s}" for s in pb.DESCRIPTOR.services_by_name]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -138,6 +139,8 @@ async def test_sigterm_ends_streams_with_unavailable_and_exits_zero() -> None:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
             assert "shutting down" in (exc.details() or "")
             assert "2" in (exc.details() or "")  # the last seq delivered, to resume from
+            info = details_of(exc)["google.rpc.ErrorInfo"]
+            assert (info.reason, info.domain) == ("SHUTTING_DOWN", "pagetrack.dev")
         health.cancel()
         code = await asyncio.get_running_loop().run_in_executor(None, d.wait)
         assert code == 0, d.log()[-3000:]

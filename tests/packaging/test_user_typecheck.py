@@ -28,8 +28,13 @@ async def head(target: str, name: str) -> int:
         try:
             vm: Vm = await pt.get_vm(name)
         except NotFound as exc:
-            print(exc.code, exc.message)
+            info: pagetrack.ResourceInfo | None = exc.resource_info
+            print(exc.code, exc.reason, exc.message, info.resource_name if info else "")
             return -1
+        except pagetrack.ResourceExhausted as exc:
+            delay: float | None = exc.retry_delay
+            print([v.quota_id for v in exc.quota_violations], delay)
+            return -2
         change = await pt.add_tracking(name, ranges=[GfnRange(0x100, 4)])
         print(change.transitions, pagetrack.__name__)
         return vm.head_seq

@@ -14,6 +14,7 @@ import pytest
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from pagetrackd.auth import hash_token
+from pagetrackd.startup import ExitStatus
 from tests.daemon_process import BIN, start_daemon
 
 TOKENS = {"alice-secret": ("alice", "tenant"), "bob-secret": ("bob", "tenant"),
@@ -199,7 +200,7 @@ def test_network_address_without_tokens_needs_insecure(tmp_path: Path) -> None:
         [str(BIN / "pagetrackd"), "--listen", "0.0.0.0:0"], capture_output=True, text=True,
         timeout=30, env={**os.environ, "PAGETRACK_LISTEN": ""},
     )
-    assert out.returncode == 2
+    assert out.returncode == ExitStatus.SETTING
     assert "--insecure" in out.stderr and "Traceback" not in out.stderr
     daemon = start_daemon(tmp_path, "--insecure", listen=("127.0.0.1:0", "0.0.0.0:0"))
     assert daemon.stop() == 0

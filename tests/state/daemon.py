@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+from tests.daemon_process import let_go
 from tests.daemon_process import start_daemon as start_process
 
 
@@ -51,7 +52,10 @@ class Daemon:
             self._channel = None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            let_go(self.proc)
 
     def log_text(self) -> str:
         """Everything the daemon logged so far."""

@@ -14,6 +14,7 @@ import pytest
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from tests.daemon_process import DaemonProcess, start_daemon
+from tests.rich_status import check_details, details_of
 
 EVENTS = 1_000_000
 BATCH = 8192
@@ -95,6 +96,10 @@ async def test_stalled_consumer_accounts_for_every_event(
             assert policy == "DISCONNECT", exc
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "behind" in (exc.details() or "")
+            # A QuotaFailure names the queue limit the stream asked for.
+            assert check_details(exc, pb.WatchRequest.DESCRIPTOR) is None
+            quota = details_of(exc)["google.rpc.QuotaFailure"].violations[0]
+            assert (quota.quota_id, quota.quota_value) == ("queue_limit", 20000)
             # The stream says how far it got; everything after is reported lost.
             lost = EVENTS - received
         stream.cancel()

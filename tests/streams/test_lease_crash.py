@@ -16,7 +16,7 @@ import pytest
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-from tests.daemon_process import DaemonProcess, start_daemon
+from tests.daemon_process import DaemonProcess, start_daemon, with_parent
 from tests.waiting import until
 
 GFNS = 10_000
@@ -79,7 +79,7 @@ async def _tracked(ch: grpc.aio.Channel, vm: str) -> int:
 
 def _spawn(target: str, vm: str, kind: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, target, vm, kind, str(TTL_MS), str(GFNS)],
+        with_parent([sys.executable, "-c", CLIENT, target, vm, kind, str(TTL_MS), str(GFNS)]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None

@@ -28,7 +28,14 @@ def _events(i: int) -> int:
 
 @pytest.fixture
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    d = start_daemon(tmp_path_factory.mktemp("many"))
+    tmp = tmp_path_factory.mktemp("many")
+    # More VMs and streams than one tenant may have by default: raised as an operator would.
+    config = tmp / "pagetrackd.toml"
+    config.write_text(
+        "[quotas]\nvms = 128\nwatchers = 1024\nhistory_bytes = 4294967296\n"
+        "stream_queue_bytes = 8589934592\n"
+    )
+    d = start_daemon(tmp, "--config", str(config))
     yield d
     assert d.stop() == 0
 

@@ -112,6 +112,8 @@ def test_an_unmapped_exception_is_internal_without_its_text() -> None:
         (e.InvalidArgument("a write needs at least one byte of data", field="data"),
          pb.WriteGuestRequest(), "data"),
         (e.InvalidArgument("nothing here names a field"), pb.WriteGuestRequest(), ""),
+        (e.InvalidArgument("the VM's limit 'x' passed: vcpu 'gpa' is wrong"),
+         pb.WriteGuestRequest(), "vcpu"),
     ],
 )
 def test_field_at_fault(exc: e.InvalidArgument, request_msg: object, field: str) -> None:

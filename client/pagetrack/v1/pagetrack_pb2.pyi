@@ -2263,6 +2263,7 @@ class WatchRequest(_message.Message):
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_DELAY_MS_FIELD_NUMBER: _builtins.int
     QUEUE_LIMIT_FIELD_NUMBER: _builtins.int
+    QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     BLOCK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
@@ -2288,6 +2289,11 @@ class WatchRequest(_message.Message):
     """
     queue_limit: _builtins.int
     """Queue bound in events, 1..ServerLimits.max_queue_limit; unset = default."""
+    queue_bytes: _builtins.int
+    """Queue bound in bytes of event data and what holds it,
+    4096..ServerLimits.max_queue_bytes; unset = default. The queue is full at either bound;
+    the stream's queue_bytes count against the tenant's stream_queue_bytes quota.
+    """
     policy: Global___SlowConsumerPolicy.ValueType
     """What to do when the queue is full."""
     block_timeout_ms: _builtins.int
@@ -2331,14 +2337,15 @@ class WatchRequest(_message.Message):
         max_batch_bytes: _builtins.int | None = ...,
         max_batch_delay_ms: _builtins.int | None = ...,
         queue_limit: _builtins.int | None = ...,
+        queue_bytes: _builtins.int | None = ...,
         policy: Global___SlowConsumerPolicy.ValueType = ...,
         block_timeout_ms: _builtins.int | None = ...,
         heartbeat_interval_ms: _builtins.int | None = ...,
         omit_data: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms", "_heartbeat_interval_ms", b"_heartbeat_interval_ms", "_max_batch_bytes", b"_max_batch_bytes", "_max_batch_delay_ms", b"_max_batch_delay_ms", "_max_batch_events", b"_max_batch_events", "_queue_limit", b"_queue_limit", "_start_seq", b"_start_seq", "block_timeout_ms", b"block_timeout_ms", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "queue_limit", b"queue_limit", "start_seq", b"start_seq"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms", "_heartbeat_interval_ms", b"_heartbeat_interval_ms", "_max_batch_bytes", b"_max_batch_bytes", "_max_batch_delay_ms", b"_max_batch_delay_ms", "_max_batch_events", b"_max_batch_events", "_queue_bytes", b"_queue_bytes", "_queue_limit", b"_queue_limit", "_start_seq", b"_start_seq", "block_timeout_ms", b"block_timeout_ms", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "start_seq", b"start_seq"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms", "_heartbeat_interval_ms", b"_heartbeat_interval_ms", "_max_batch_bytes", b"_max_batch_bytes", "_max_batch_delay_ms", b"_max_batch_delay_ms", "_max_batch_events", b"_max_batch_events", "_queue_limit", b"_queue_limit", "_start_seq", b"_start_seq", "allow_compacted", b"allow_compacted", "block_timeout_ms", b"block_timeout_ms", "gfn_ranges", b"gfn_ranges", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "modes", b"modes", "omit_data", b"omit_data", "only_owned", b"only_owned", "owner_leases", b"owner_leases", "policy", b"policy", "queue_limit", b"queue_limit", "sources", b"sources", "start_seq", b"start_seq", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms", "_heartbeat_interval_ms", b"_heartbeat_interval_ms", "_max_batch_bytes", b"_max_batch_bytes", "_max_batch_delay_ms", b"_max_batch_delay_ms", "_max_batch_events", b"_max_batch_events", "_queue_bytes", b"_queue_bytes", "_queue_limit", b"_queue_limit", "_start_seq", b"_start_seq", "allow_compacted", b"allow_compacted", "block_timeout_ms", b"block_timeout_ms", "gfn_ranges", b"gfn_ranges", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "modes", b"modes", "omit_data", b"omit_data", "only_owned", b"only_owned", "owner_leases", b"owner_leases", "policy", b"policy", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "sources", b"sources", "start_seq", b"start_seq", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__block_timeout_ms: _TypeAlias = _typing.Literal["block_timeout_ms"]  # noqa: Y015
     _WhichOneofArgType__block_timeout_ms: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms"]  # noqa: Y015
@@ -2350,6 +2357,8 @@ class WatchRequest(_message.Message):
     _WhichOneofArgType__max_batch_delay_ms: _TypeAlias = _typing.Literal["_max_batch_delay_ms", b"_max_batch_delay_ms"]  # noqa: Y015
     _WhichOneofReturnType__max_batch_events: _TypeAlias = _typing.Literal["max_batch_events"]  # noqa: Y015
     _WhichOneofArgType__max_batch_events: _TypeAlias = _typing.Literal["_max_batch_events", b"_max_batch_events"]  # noqa: Y015
+    _WhichOneofReturnType__queue_bytes: _TypeAlias = _typing.Literal["queue_bytes"]  # noqa: Y015
+    _WhichOneofArgType__queue_bytes: _TypeAlias = _typing.Literal["_queue_bytes", b"_queue_bytes"]  # noqa: Y015
     _WhichOneofReturnType__queue_limit: _TypeAlias = _typing.Literal["queue_limit"]  # noqa: Y015
     _WhichOneofArgType__queue_limit: _TypeAlias = _typing.Literal["_queue_limit", b"_queue_limit"]  # noqa: Y015
     _WhichOneofReturnType__start_seq: _TypeAlias = _typing.Literal["start_seq"]  # noqa: Y015
@@ -2364,6 +2373,8 @@ class WatchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_batch_delay_ms) -> _WhichOneofReturnType__max_batch_delay_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_batch_events) -> _WhichOneofReturnType__max_batch_events | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__queue_bytes) -> _WhichOneofReturnType__queue_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__queue_limit) -> _WhichOneofReturnType__queue_limit | None: ...
     @_typing.overload
@@ -2392,6 +2403,7 @@ class Registered(_message.Message):
     BLOCK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     notifier_id: _builtins.int
     """Notifier id, unique in the VM; pass to Unwatch."""
     head_seq: _builtins.int
@@ -2421,6 +2433,8 @@ class Registered(_message.Message):
     client that sees it change knows the daemon restarted: seqs are never handed out
     twice, and what a crash lost is a Gap(RESTART) on resume.
     """
+    queue_bytes: _builtins.int
+    """Effective queue_bytes."""
     def __init__(
         self,
         *,
@@ -2437,10 +2451,11 @@ class Registered(_message.Message):
         block_timeout_ms: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         incarnation: _builtins.str = ...,
+        queue_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_timeout_ms", b"block_timeout_ms", "head_seq", b"head_seq", "heartbeat_interval_ms", b"heartbeat_interval_ms", "incarnation", b"incarnation", "lease_id", b"lease_id", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "notifier_id", b"notifier_id", "oldest_seq", b"oldest_seq", "policy", b"policy", "queue_limit", b"queue_limit", "start_seq", b"start_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_timeout_ms", b"block_timeout_ms", "head_seq", b"head_seq", "heartbeat_interval_ms", b"heartbeat_interval_ms", "incarnation", b"incarnation", "lease_id", b"lease_id", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "notifier_id", b"notifier_id", "oldest_seq", b"oldest_seq", "policy", b"policy", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "start_seq", b"start_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3877,6 +3892,8 @@ class ServerLimits(_message.Message):
     MIN_LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
     MAX_LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
     MAX_AUDIT_MISMATCHES_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_BYTES_FIELD_NUMBER: _builtins.int
+    DEFAULT_QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request message accepted, bytes."""
     max_write_bytes: _builtins.int
@@ -3921,6 +3938,10 @@ class ServerLimits(_message.Message):
     """Longest lease TTL, ms."""
     max_audit_mismatches: _builtins.int
     """Most mismatches one AuditPlugin returns."""
+    max_queue_bytes: _builtins.int
+    """Watch: largest queue_bytes, bytes."""
+    default_queue_bytes: _builtins.int
+    """Watch: queue_bytes when unset, bytes."""
     def __init__(
         self,
         *,
@@ -3946,10 +3967,12 @@ class ServerLimits(_message.Message):
         min_lease_ttl_ms: _builtins.int = ...,
         max_lease_ttl_ms: _builtins.int = ...,
         max_audit_mismatches: _builtins.int = ...,
+        max_queue_bytes: _builtins.int = ...,
+        default_queue_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_block_timeout_ms", b"default_block_timeout_ms", "default_heartbeat_interval_ms", b"default_heartbeat_interval_ms", "default_queue_limit", b"default_queue_limit", "default_watch_batch_bytes", b"default_watch_batch_bytes", "default_watch_batch_delay_ms", b"default_watch_batch_delay_ms", "default_watch_batch_events", b"default_watch_batch_events", "max_audit_mismatches", b"max_audit_mismatches", "max_batch_bytes", b"max_batch_bytes", "max_batch_writes", b"max_batch_writes", "max_block_timeout_ms", b"max_block_timeout_ms", "max_filter_ranges", b"max_filter_ranges", "max_gfns_per_request", b"max_gfns_per_request", "max_heartbeat_interval_ms", b"max_heartbeat_interval_ms", "max_lease_ttl_ms", b"max_lease_ttl_ms", "max_message_bytes", b"max_message_bytes", "max_queue_limit", b"max_queue_limit", "max_watch_batch_bytes", b"max_watch_batch_bytes", "max_watch_batch_delay_ms", b"max_watch_batch_delay_ms", "max_watch_batch_events", b"max_watch_batch_events", "max_write_bytes", b"max_write_bytes", "min_heartbeat_interval_ms", b"min_heartbeat_interval_ms", "min_lease_ttl_ms", b"min_lease_ttl_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_block_timeout_ms", b"default_block_timeout_ms", "default_heartbeat_interval_ms", b"default_heartbeat_interval_ms", "default_queue_bytes", b"default_queue_bytes", "default_queue_limit", b"default_queue_limit", "default_watch_batch_bytes", b"default_watch_batch_bytes", "default_watch_batch_delay_ms", b"default_watch_batch_delay_ms", "default_watch_batch_events", b"default_watch_batch_events", "max_audit_mismatches", b"max_audit_mismatches", "max_batch_bytes", b"max_batch_bytes", "max_batch_writes", b"max_batch_writes", "max_block_timeout_ms", b"max_block_timeout_ms", "max_filter_ranges", b"max_filter_ranges", "max_gfns_per_request", b"max_gfns_per_request", "max_heartbeat_interval_ms", b"max_heartbeat_interval_ms", "max_lease_ttl_ms", b"max_lease_ttl_ms", "max_message_bytes", b"max_message_bytes", "max_queue_bytes", b"max_queue_bytes", "max_queue_limit", b"max_queue_limit", "max_watch_batch_bytes", b"max_watch_batch_bytes", "max_watch_batch_delay_ms", b"max_watch_batch_delay_ms", "max_watch_batch_events", b"max_watch_batch_events", "max_write_bytes", b"max_write_bytes", "min_heartbeat_interval_ms", b"min_heartbeat_interval_ms", "min_lease_ttl_ms", b"min_lease_ttl_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3967,6 +3990,14 @@ class TenantQuotas(_message.Message):
     WATCHERS_FIELD_NUMBER: _builtins.int
     WORKLOADS_FIELD_NUMBER: _builtins.int
     WRITE_RATE_FIELD_NUMBER: _builtins.int
+    GUEST_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    TRACKING_BYTES_FIELD_NUMBER: _builtins.int
+    HISTORY_BYTES_FIELD_NUMBER: _builtins.int
+    STREAM_QUEUE_BYTES_FIELD_NUMBER: _builtins.int
+    RECORDING_BYTES_FIELD_NUMBER: _builtins.int
+    UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    FINISHED_WORKLOADS_FIELD_NUMBER: _builtins.int
     vms: _builtins.int
     """Most VMs."""
     guest_pages: _builtins.int
@@ -3979,6 +4010,22 @@ class TenantQuotas(_message.Message):
     """Most running workloads."""
     write_rate: _builtins.int
     """Most guest and DMA write pieces per second over all VMs."""
+    guest_memory_bytes: _builtins.int
+    """Most bytes guest memory holds over all VMs (written data and its index)."""
+    tracking_bytes: _builtins.int
+    """Most bytes track counters hold over all VMs."""
+    history_bytes: _builtins.int
+    """Most event history bytes (VmLimits.history_bytes) summed over all VMs."""
+    stream_queue_bytes: _builtins.int
+    """Most Watch queue bytes (WatchRequest.queue_bytes) summed over open streams."""
+    recording_bytes: _builtins.int
+    """Most bytes of one VM's recording."""
+    upload_bytes: _builtins.int
+    """Most bytes of one RestoreVm or ReplayVm upload, and of what it decodes to."""
+    leases: _builtins.int
+    """Most TTL leases held at once."""
+    finished_workloads: _builtins.int
+    """Most ended workloads kept for their figures (the oldest go first)."""
     def __init__(
         self,
         *,
@@ -3988,10 +4035,18 @@ class TenantQuotas(_message.Message):
         watchers: _builtins.int = ...,
         workloads: _builtins.int = ...,
         write_rate: _builtins.int = ...,
+        guest_memory_bytes: _builtins.int = ...,
+        tracking_bytes: _builtins.int = ...,
+        history_bytes: _builtins.int = ...,
+        stream_queue_bytes: _builtins.int = ...,
+        recording_bytes: _builtins.int = ...,
+        upload_bytes: _builtins.int = ...,
+        leases: _builtins.int = ...,
+        finished_workloads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_pages", b"guest_pages", "tracked_gfns", b"tracked_gfns", "vms", b"vms", "watchers", b"watchers", "workloads", b"workloads", "write_rate", b"write_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_workloads", b"finished_workloads", "guest_memory_bytes", b"guest_memory_bytes", "guest_pages", b"guest_pages", "history_bytes", b"history_bytes", "leases", b"leases", "recording_bytes", b"recording_bytes", "stream_queue_bytes", b"stream_queue_bytes", "tracked_gfns", b"tracked_gfns", "tracking_bytes", b"tracking_bytes", "upload_bytes", b"upload_bytes", "vms", b"vms", "watchers", b"watchers", "workloads", b"workloads", "write_rate", b"write_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

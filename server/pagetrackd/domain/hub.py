@@ -150,6 +150,24 @@ def make_filter(
     return Filter(tuple(ranges), frozenset(sources) if sources else None, owner or None)
 
 
+#: what holding one stored item costs beyond its event bytes: the batch object, its five
+#: column arrays and the deque slot (a one-event batch takes some 760 bytes in all)
+ITEM_BYTES = 720
+#: what each event's columns take: seq, gpa (8 each), length, vcpu (4 each), source (1)
+#: and a timestamp (4 on average, one per batch or per coalesced event)
+EVENT_BYTES = 29
+
+
+#: what a single event waiting to be packed into a batch (or coalesced) holds beyond its
+#: data: the WriteEvent object and its fields
+_SINGLE_BYTES = 200
+
+
+def batch_bytes(batch: EventBatch) -> int:
+    """Bytes a stored batch holds: its data, its columns and its objects."""
+    return len(batch.data) + EVENT_BYTES * len(batch) + ITEM_BYTES
+
+
 def _stamp(batch: EventBatch) -> Stamped:
     return Stamped(batch, time.time_ns())
 
@@ -199,10 +217,15 @@ class History:
             self._append(Stamped(batch, self._pending_ts))
 
     def _append(self, item: Item) -> None:
+        """Store an item; the oldest go while the bounds are passed. ``nbytes`` counts
+        what the items really hold (objects included, region records too), so many
+        small batches cannot hold more memory than ``max_bytes`` says."""
         self._items.append(item)
         if isinstance(item, Stamped):
             self.events += len(item.batch)
-            self.nbytes += len(item.batch.data) + 29 * len(item.batch)
+            self.nbytes += batch_bytes(item.batch)
+        else:
+            self.nbytes += ITEM_BYTES
         while self._items and (self.events > self.max_events or self.nbytes > self.max_bytes):
             old = self._items[0]
             if isinstance(old, Stamped):
@@ -215,13 +238,15 @@ class History:
                     self._items[0] = Stamped(keep, old.ts_ns)
                     self._oldest_seq = int(old.batch.seq[excess])
                     self.events -= excess
-                    self.nbytes -= len(old.batch.data) - len(keep.data) + 29 * excess
+                    self.nbytes -= batch_bytes(old.batch) - batch_bytes(keep)
                     continue
             self._items.popleft()
             if isinstance(old, Stamped):
                 self.events -= len(old.batch)
-                self.nbytes -= len(old.batch.data) + 29 * len(old.batch)
+                self.nbytes -= batch_bytes(old.batch)
                 self._oldest_seq = int(old.batch.seq[-1]) + 1
+            else:
+                self.nbytes -= ITEM_BYTES
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Keep one event."""
@@ -394,12 +419,18 @@ class Subscriber:
         policy: SlowPolicy = SlowPolicy.DROP,
         wake: Callable[[], None] = lambda: None,
         block_timeout_s: float = 1.0,
+        queue_bytes: int = 4 << 20,
     ) -> None:
         if not 1 <= queue_limit <= 1 << 22:
             raise InvalidArgument(f"queue_limit {queue_limit} must be 1..{1 << 22} events")
+        if queue_bytes < 1:
+            raise InvalidArgument(f"queue_bytes {queue_bytes} must be >= 1")
         self.name = name
         self.filter = flt or Filter()
         self.queue_limit = queue_limit
+        #: the queue is full at this many bytes (events' data, columns and objects), too
+        self.queue_bytes = queue_bytes
+        self.nbytes = 0  #: bytes queued, singles and coalesced events included
         self.policy = policy
         self.wake = wake
         #: block policy: how long a writer waits for room before events are dropped
@@ -426,12 +457,25 @@ class Subscriber:
     @property
     def full(self) -> bool:
         """Whether the queue has no room."""
-        return self.depth >= self.queue_limit
+        return self.depth >= self.queue_limit or self.nbytes >= self.queue_bytes
 
     @property
     def room(self) -> int:
-        """Events that still fit."""
+        """Events that still fit by count (see :meth:`_fits` for bytes)."""
+        if self.nbytes >= self.queue_bytes:
+            return 0
         return max(0, self.queue_limit - self.depth)
+
+    def _fits(self, batch: EventBatch) -> int:
+        """How many of ``batch``'s first events fit, by count and by bytes."""
+        room = self.room
+        left = self.queue_bytes - self.nbytes - ITEM_BYTES
+        if room == 0 or left <= 0:
+            return 0
+        if len(batch.data) + EVENT_BYTES * len(batch) <= left:
+            return min(room, len(batch))
+        cost = np.cumsum(batch.length.astype(np.int64) + EVENT_BYTES)
+        return min(room, int(np.searchsorted(cost, left, side="right")))
 
     def _note_gap(self, first: int, last: int, count: int) -> None:
         self.counters.dropped += count
@@ -451,7 +495,11 @@ class Subscriber:
 
     def _pack_singles(self) -> None:
         if self._singles:
-            self._items.append(Stamped(EventBatch.from_events(self._singles), self._singles_ts))
+            batch = EventBatch.from_events(self._singles)
+            self.nbytes += batch_bytes(batch) - ITEM_BYTES - sum(
+                len(e.data) + _SINGLE_BYTES for e in self._singles
+            )
+            self._items.append(Stamped(batch, self._singles_ts))
             self._singles = []
 
     def _overflow(self, events: Sequence[WriteEvent] | None, batch: EventBatch | None) -> None:
@@ -487,13 +535,17 @@ class Subscriber:
     def _coalesce_one(self, event: WriteEvent, earlier: tuple[int, int, int] | None) -> None:
         """Keep ``event`` as the latest write to its gfn. ``earlier`` is (lowest seq,
         highest seq, count) of the earlier writes to that gfn folded into it, if any."""
-        if len(self._coalesce) >= self.queue_limit and event.gfn not in self._coalesce:
+        if event.gfn not in self._coalesce and (
+            len(self._coalesce) >= self.queue_limit or self.nbytes >= self.queue_bytes
+        ):
             # no room even to coalesce: the event and the writes folded into it are lost
             first, _, n = earlier if earlier is not None else (event.seq, 0, 0)
             self._note_gap(first, event.seq, n + 1)
             return
+        self.nbytes += len(event.data) + _SINGLE_BYTES
         old = self._coalesce.pop(event.gfn, None)
         if old is not None:
+            self.nbytes -= len(old.data) + _SINGLE_BYTES
             self._supersede(old.seq, old.seq, 1)
         if earlier is not None:
             self._supersede(*earlier)
@@ -529,14 +581,16 @@ class Subscriber:
         ):
             self.counters.filtered += 1
             return
-        if self.depth >= self.queue_limit or self._coalesce:
+        if self.full or self._coalesce:
             self._overflow((event,), None)
             return
         if self._gap is not None:
             self._flush_gap()
         if not self._singles:
             self._singles_ts = time.time_ns()
+            self.nbytes += ITEM_BYTES
         self._singles.append(event)
+        self.nbytes += len(event.data) + _SINGLE_BYTES
         self.depth += 1
         self.counters.queued += 1
         if len(self._singles) >= 512:
@@ -555,7 +609,7 @@ class Subscriber:
         if self._coalesce:
             self._overflow(None, batch)
             return
-        room = self.room
+        room = self._fits(batch)
         if room < len(batch):
             if room:
                 head = batch.select(np.arange(len(batch)) < room)
@@ -571,6 +625,7 @@ class Subscriber:
         self._pack_singles()
         self._items.append(_stamp(batch))
         self.depth += len(batch)
+        self.nbytes += batch_bytes(batch)
         self.counters.queued += len(batch)
         self.wake()
 
@@ -593,6 +648,7 @@ class Subscriber:
             self._items.appendleft(item)
             if isinstance(item, Stamped):
                 self.depth += len(item.batch)
+                self.nbytes += batch_bytes(item.batch)
                 self.counters.queued += len(item.batch)
         if items:
             self.wake()
@@ -616,10 +672,12 @@ class Subscriber:
                     idx = np.arange(n)
                     head = Stamped(item.batch.select(idx < budget), item.ts_ns)
                     self._items[0] = Stamped(item.batch.select(idx >= budget), item.ts_ns)
+                    self.nbytes -= batch_bytes(head.batch) - ITEM_BYTES
                     item = head
                     n = budget
                 else:
                     self._items.popleft()
+                    self.nbytes -= batch_bytes(item.batch)
                 budget -= n
                 self.depth -= n
                 self.counters.sent += n
@@ -651,6 +709,7 @@ class Subscriber:
     def _release_coalesced(self) -> None:
         events = sorted(self._coalesce.values(), key=lambda e: e.seq)
         self._coalesce = {}
+        self.nbytes -= sum(len(e.data) + _SINGLE_BYTES for e in events)
         if self._superseded:
             self.counters.coalesced += self._superseded
             self._items.append(
@@ -661,6 +720,7 @@ class Subscriber:
         batch = EventBatch.from_events(events)
         self._items.append(_stamp(batch))
         self.depth += len(batch)
+        self.nbytes += batch_bytes(batch)
         self.counters.queued += len(batch)
         self.wake()
 

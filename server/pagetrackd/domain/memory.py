@@ -36,6 +36,12 @@ from pagetrackd.domain.types import PAGE_SIZE
 
 #: An extent wider than this is widened to the whole page.
 PROMOTE_BYTES = 1024
+#: Python objects behind each written page: its dict entry, the ``(lo, hi, base, row)``
+#: tuple and its ints (measured with tracemalloc; tests/domain/test_memory_footprint.py
+#: checks :attr:`SlotMemory.footprint` against it).
+PAGE_OBJECT_BYTES = 296
+_ROW_BYTES = 24  #: ``_lo``, ``_hi`` and ``_base`` entries of one row
+_NODE_BYTES = 4 * (1 << 5)  #: one directory node: 32 four-byte entries
 ALIGN = 8  #: extents start and end on this boundary, so 8-byte stores can use a uint64 view
 FAN_SHIFT = 5  #: each directory node has 32 entries
 FAN = 1 << FAN_SHIFT
@@ -80,6 +86,61 @@ class SlotMemory:
     def pages(self) -> int:
         """Number of pages that were ever written."""
         return len(self._extent)
+
+    @property
+    def footprint(self) -> int:
+        """Bytes this memory really holds: the slab, rows and directory as far as they
+        are used, and the Python objects of each written page -- not just the bytes
+        written (8 bytes written to a fresh page cost 330 to 500 bytes). Arrays are
+        allocated zeroed and grown by copying what is used, so their unused tails are
+        never touched and cost no resident memory."""
+        return (
+            self._used + _ROW_BYTES * self._nrows + self._top.nbytes
+            + _NODE_BYTES * (self._nmid + self._nleaf) + PAGE_OBJECT_BYTES * len(self._extent)
+        )
+
+    def growth_bound(self, index: I64, offset: I64, end: I64) -> int:
+        """At most how many bytes :attr:`footprint` grows by when pieces ``[offset, end)``
+        of pages ``index`` are written, found without writing anything, so a quota can
+        be checked before a write changes anything."""
+        if not index.size:
+            return 0
+        if self._indexed or index.size > 64:
+            if not self._indexed:
+                self._build_index()  # what the batch would do first; holds no data
+            self._grow_top(int(index.max()))
+            rows = self._rows(index)
+            lo, hi = self._lo[rows], self._hi[rows]
+        else:
+            held = [self._extent.get(i, (0, 0, 0, 0)) for i in index.tolist()]
+            rows = np.array([h[3] for h in held], dtype=np.int64)
+            lo = np.array([h[0] for h in held], dtype=np.int64)
+            hi = np.array([h[1] for h in held], dtype=np.int64)
+        outside = (offset < lo) | (end > hi)
+        if not outside.any():
+            return 0
+        index, rows = index[outside], rows[outside]
+        new = rows == 0
+        # Each page's extent once every piece is stored: the union of what it holds and
+        # of its pieces. Every piece that is outside may cover anew, up to that width.
+        a = offset[outside] & -ALIGN
+        b = (end[outside] + ALIGN - 1) & -ALIGN
+        a = np.where(new, a, np.minimum(a, lo[outside]))
+        b = np.where(new, b, np.maximum(b, hi[outside]))
+        pages, inverse = np.unique(index, return_inverse=True)
+        page_lo = np.full(pages.size, PAGE_SIZE, dtype=np.int64)
+        page_hi = np.zeros(pages.size, dtype=np.int64)
+        np.minimum.at(page_lo, inverse, a)
+        np.maximum.at(page_hi, inverse, b)
+        width = page_hi - page_lo
+        width[width > PROMOTE_BYTES] = PAGE_SIZE
+        new_pages = int(np.unique(index[new]).size)
+        grow = int(width[inverse].sum())
+        grow += new_pages * (PAGE_OBJECT_BYTES + _ROW_BYTES + 2 * _NODE_BYTES)
+        need = (int(pages[-1]) >> (2 * FAN_SHIFT)) + 1
+        if need > self._top.size:
+            grow += 4 * max(need, self._top.size + self._top.size // 2) - self._top.nbytes
+        return grow
 
     # ----------------------------------------------------------------- lookups
 

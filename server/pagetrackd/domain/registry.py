@@ -41,14 +41,20 @@ class Registry:
         #: daemon with 100k VMs must not sort them all)
         self._sorted: dict[TenantId | None, list[tuple[TenantId, Vm]]] = {}
 
-    def create_vm(self, tenant: TenantId, name: str, **options: Any) -> Vm:
-        """Create a VM named ``name`` for ``tenant``; options go to :class:`Vm`."""
+    def create_vm(
+        self, tenant: TenantId, name: str, *, vm: Vm | None = None, **options: Any
+    ) -> Vm:
+        """Create a VM named ``name`` for ``tenant``; options go to :class:`Vm`. Given
+        ``vm`` (made apart, named ``name``), that VM is registered instead."""
         check_vm_name(name)
-        vms = self._vms.setdefault(tenant, {})
+        vms = self._vms.get(tenant, {})
         if name in vms:
             raise VmAlreadyExists(f"VM {name!r} already exists")
-        vm = Vm(name, **options)
-        vms[name] = vm
+        if vm is None:
+            vm = Vm(name, **options)
+        elif vm.name != name:
+            raise InvalidArgument(f"VM {vm.name!r} cannot be registered as {name!r}")
+        self._vms.setdefault(tenant, {})[name] = vm
         self._sorted.clear()
         return vm
 
@@ -71,6 +77,10 @@ class Registry:
                 out.extend((t, self._vms[t][n]) for n in sorted(self._vms[t]))
             self._sorted[tenant] = out
         return out
+
+    def vms_of(self, tenant: TenantId) -> list[Vm]:
+        """The tenant's VMs, in no particular order (cheap: no sorting)."""
+        return list(self._vms.get(tenant, {}).values())
 
     def count_vms(self, tenant: TenantId) -> int:
         """How many VMs ``tenant`` has."""

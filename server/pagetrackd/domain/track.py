@@ -30,6 +30,14 @@ COUNTER_MAX = 0xFFFF  #: USHRT_MAX, KVM's bound on a track counter
 #: directory once the chunks in use pass this fraction of the slot's chunks
 SPARSE_MAX_FRACTION = 1 / 64
 
+#: what a sparse directory entry and the dict's growth cost, bytes (nbytes counts 32 an
+#: entry plus the dict's own size, which doubles as it grows)
+_SPARSE_ENTRY_BYTES = 112
+#: a dict's own size once it holds an entry (an empty table is counted as 0)
+_DICT_BYTES = 256
+#: a large-page region count's entry, bytes (as nbytes counts it)
+_REGION_ENTRY_BYTES = 64
+
 I64 = npt.NDArray[np.int64]
 U16 = npt.NDArray[np.uint16]
 
@@ -138,6 +146,25 @@ class ChunkedCounters:
         off = lo - (c0 << CHUNK_SHIFT)
         out: U16 = block[off : off + hi - lo]
         return out
+
+    def growth_bound(self, chunks: I64) -> int:
+        """At most how many bytes :attr:`nbytes` grows by when the distinct ``chunks``
+        get rows: the rows, a directory entry each, and the dense directory if they
+        make the sparse one switch (or the dense one widen)."""
+        missing = int(np.count_nonzero(self._rows_of(chunks) == 0))
+        if not missing:
+            return 0
+        need = self._nrows + missing
+        cap = self._rows.shape[0]
+        grow = CHUNK * 2 * (max(need, cap + cap // 4 + 8) - cap) if need > cap else 0
+        if self._dir is None:
+            if need - 1 > max(self.nchunks * SPARSE_MAX_FRACTION, 64):
+                grow += 4 * self.nchunks
+            else:
+                grow += _SPARSE_ENTRY_BYTES * missing + (0 if self._sparse else _DICT_BYTES)
+        elif need - 1 > np.iinfo(self._dir.dtype).max:
+            grow += 4 * self.nchunks
+        return grow
 
     def _ensure_chunks(self, chunks: I64) -> None:
         """Give each of the distinct ``chunks`` a row of its own."""
@@ -379,6 +406,29 @@ class SlotTracking:
             # the table, plus an entry's key and count (ints past the small-int cache)
             n += sys.getsizeof(regions) + 64 * len(regions) if regions else 0
         return n
+
+    @property
+    def footprint(self) -> int:
+        """Bytes really held (what :attr:`nbytes` counts)."""
+        return self.nbytes
+
+    def growth_bound(self, index: I64, owner: str) -> int:
+        """At most how many bytes :attr:`footprint` grows by when ``owner`` adds a
+        reference to each of the distinct, ascending pages ``index``: checked against a
+        quota before anything changes."""
+        if not index.size:
+            return 0
+        grow = self.counters.growth_bound(np.unique(index >> CHUNK_SHIFT))
+        gfns = index + self.base_gfn
+        regions = np.unique(gfns >> 9).size + np.unique(gfns >> 18).size
+        grow += 2 * _REGION_ENTRY_BYTES * regions  # entries, and the tables' growth
+        grow += _DICT_BYTES * ((not self.lpage_2m) + (not self.lpage_1g))
+        if owner != TENANT_OWNER:
+            # Each break in the pages may split a run of the owner's and of the summed
+            # map in two: three 8-byte arrays, two maps.
+            runs = 1 + int(np.count_nonzero(np.diff(index) != 1))
+            grow += 2 * 3 * 8 * (2 * runs + 1)
+        return grow
 
     def counts(self, index: I64) -> U16:
         """The counters of the distinct, ascending pages ``index``."""

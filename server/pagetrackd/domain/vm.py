@@ -623,6 +623,8 @@ class Vm:
             raise InvalidArgument("the tenant's references are not released as a whole")
         stopped = 0
         for slot in self.slots.slots():
+            if owner not in slot.tracking.owners:
+                continue
             idx, cnt = slot.tracking.owner_arrays(owner)
             if not idx.size:
                 continue
@@ -1326,6 +1328,59 @@ class Vm:
     def counter_bytes(self) -> int:
         """Bytes held by track counters."""
         return sum(s.tracking.nbytes for s in self.slots.slots())
+
+    @property
+    def memory_footprint(self) -> int:
+        """Bytes guest memory really holds: written data and what indexes it."""
+        return sum(s.memory.footprint for s in self.slots.slots())
+
+    @property
+    def tracking_footprint(self) -> int:
+        """Bytes track counters, region counts and owner records really hold."""
+        return sum(s.tracking.footprint for s in self.slots.slots())
+
+    def memory_growth_bound(self, gpa: I64, length: I64) -> int:
+        """At most how many bytes :attr:`memory_footprint` grows by if the guest writes
+        ``length[i]`` bytes at ``gpa[i]`` (any path): checked against a quota first."""
+        if not gpa.size:
+            return 0
+        first = gpa >> PAGE_SHIFT
+        npieces = ((gpa + length - 1) >> PAGE_SHIFT) - first + 1
+        if int(npieces.max()) == 1:
+            pgpa, pend = gpa, gpa + length
+        else:
+            w = np.repeat(np.arange(gpa.size, dtype=np.int64), npieces)
+            starts = np.cumsum(npieces) - npieces
+            k = np.arange(w.size, dtype=np.int64) - np.repeat(starts, npieces)
+            pgpa = np.where(k == 0, gpa[w], (first[w] + k) << PAGE_SHIFT)
+            pend = np.minimum(gpa[w] + length[w], (first[w] + k + 1) << PAGE_SHIFT)
+        gfn = pgpa >> PAGE_SHIFT
+        pos = self.slots.find_many(gfn)
+        slots = self.slots.slots()
+        grow = 0
+        for p in np.unique(pos[pos >= 0]).tolist():
+            slot = slots[p]
+            if slot.readonly:
+                continue
+            mask = pos == p
+            start = pgpa[mask]
+            grow += slot.memory.growth_bound(
+                gfn[mask] - slot.base_gfn, start & PAGE_MASK,
+                (start & PAGE_MASK) + pend[mask] - start,
+            )
+        return grow
+
+    def tracking_growth_bound(self, gfns: I64, owner: str = TENANT_OWNER) -> int:
+        """At most how many bytes :attr:`tracking_footprint` grows by if ``owner`` tracks
+        ``gfns``: checked against a quota first."""
+        gfns = np.unique(gfns)
+        pos = self.slots.find_many(gfns)
+        slots = self.slots.slots()
+        grow = 0
+        for p in np.unique(pos[pos >= 0]).tolist():
+            slot = slots[p]
+            grow += slot.tracking.growth_bound(gfns[pos == p] - slot.base_gfn, owner)
+        return grow
 
     def set_policy(
         self,

@@ -23,6 +23,8 @@ class ServerLimits:
     default_watch_batch_delay_ms: int = 2
     max_queue_limit: int = 1 << 22
     default_queue_limit: int = 65536
+    max_queue_bytes: int = 256 << 20
+    default_queue_bytes: int = 4 << 20
     max_block_timeout_ms: int = 60000
     default_block_timeout_ms: int = 1000
     min_heartbeat_interval_ms: int = 50

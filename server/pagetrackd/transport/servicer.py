@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -21,8 +23,11 @@ from pagetrackd.auth import current_caller
 from pagetrackd.domain import (
     CostModel,
     InvalidArgument,
+    PageTrackError,
+    QuotaExceeded,
     SlotFlags,
     TenantId,
+    Unavailable,
     Vm,
     VmLimits,
     WritePath,
@@ -32,7 +37,15 @@ from pagetrackd.domain.vm import gfns_from
 from pagetrackd.engine import Engine, VmEntry, WorkloadRun
 from pagetrackd.leases import Lease, LeaseKind
 from pagetrackd.plugins import Plugin
-from pagetrackd.state import FORMAT_VERSION, read_snapshot, restore_snapshot, snapshot_entry
+from pagetrackd.state import (
+    FORMAT_VERSION,
+    SnapshotError,
+    prepare_vm,
+    read_snapshot,
+    restore_snapshot,
+    snapshot_entry,
+    snapshot_length,
+)
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.status import streaming, unary
@@ -127,7 +140,6 @@ class VmService(pbg.VmServiceServicer):
         caller = current_caller.get()
         if request.all_tenants:
             caller.require_admin("listing every tenant's VMs")
-        entries = self.engine.list_vms(None if request.all_tenants else caller.tenant)
         size = request.page_size or 1000
         if size > 1000:
             raise InvalidArgument(f"page_size {size}: at most 1000")
@@ -137,10 +149,12 @@ class VmService(pbg.VmServiceServicer):
                 start = int(request.page_token)
             except ValueError:
                 raise InvalidArgument("page_token is not one this server gave out") from None
-            if not 0 <= start <= len(entries):
-                raise InvalidArgument("page_token is out of date; list again from the start")
-        page = entries[start : start + size]
-        token = str(start + size) if start + size < len(entries) else ""
+        page, total = self.engine.list_vms_page(
+            None if request.all_tenants else caller.tenant, max(start, 0), size
+        )
+        if not 0 <= start <= total:
+            raise InvalidArgument("page_token is out of date; list again from the start")
+        token = str(start + size) if start + size < total else ""
         return pb.ListVmsResponse(
             vms=[_vm_pb(self.engine, e) for e in page], next_page_token=token
         )
@@ -240,11 +254,16 @@ class MemoryService(pbg.MemoryServiceServicer):
             dirty_count=count,
         )
 
-    async def _guest_access(self, vm_name: str, access: Callable[[Vm], A]) -> tuple[A, int]:
-        """One guest access to ``vm_name``: charged to the tenant's write rate (given back
-        if refused), after block-policy streams have room. Returns its result and the
-        simulated cycles it cost."""
+    async def _guest_access(
+        self, vm_name: str, access: Callable[[Vm], A], gpa: int, length: int
+    ) -> tuple[A, int]:
+        """One guest access to ``vm_name`` that may store ``length`` bytes at ``gpa``:
+        checked against the guest memory quota, charged to the tenant's write rate
+        (given back if refused), after block-policy streams have room. Returns its
+        result and the simulated cycles it cost."""
         entry = self.engine.vm(_tenant(), vm_name)
+        if 0 < length <= self.limits.max_write_bytes and 0 <= gpa < 1 << 63:
+            self.engine.check_memory(entry, [gpa], [length])
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
@@ -257,7 +276,8 @@ class MemoryService(pbg.MemoryServiceServicer):
         self, request: pb.WriteGuestRequest, context: Ctx
     ) -> pb.WriteGuestResponse:
         result, cycles = await self._guest_access(
-            request.vm, lambda vm: vm.write(request.vcpu, request.gpa, request.data)
+            request.vm, lambda vm: vm.write(request.vcpu, request.gpa, request.data),
+            request.gpa, len(request.data),
         )
         reply = pb.WriteGuestResponse(cycles=cycles)
         _add_pieces(reply.pieces, result.pieces)
@@ -270,6 +290,7 @@ class MemoryService(pbg.MemoryServiceServicer):
         result, cycles = await self._guest_access(
             request.vm,
             lambda vm: vm.cmpxchg(request.vcpu, request.gpa, request.expected, request.desired),
+            request.gpa, len(request.desired),
         )
         reply = pb.CompareExchangeGuestResponse(
             exchanged=result.exchanged, current=result.current, as_write=result.as_write,
@@ -310,6 +331,9 @@ class MemoryService(pbg.MemoryServiceServicer):
             raise InvalidArgument(
                 f"vcpu has {len(request.vcpu)} entries; give one per write ({n}) or exactly one"
             )
+        length = np.array(request.length, dtype=np.int64)
+        if int(length.min()) > 0 and int(length.max()) <= self.limits.max_write_bytes:
+            self.engine.check_memory(entry, gpa.astype(np.int64), length)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
@@ -317,7 +341,7 @@ class MemoryService(pbg.MemoryServiceServicer):
         result = vm.write_batch(  # the VM's quota guard charges the write rate
             gpa.astype(np.int64),
             vcpu,
-            np.array(request.length, dtype=np.int64),
+            length,
             request.data,
         )
         reply = pb.WriteGuestBatchResponse(writes=n, cycles=sum(vm.stats.cycles) - before)
@@ -369,6 +393,8 @@ class MemoryService(pbg.MemoryServiceServicer):
     async def DmaWrite(self, request: pb.DmaWriteRequest, context: Ctx) -> pb.DmaWriteResponse:
         entry = self.engine.vm(_tenant(), request.vm)
         vm = entry.vm
+        if 0 < len(request.data) <= self.limits.max_write_bytes and request.gpa < 1 << 62:
+            self.engine.check_memory(entry, [request.gpa], [len(request.data)])
         before = vm.stats.dma_cycles
         result = vm.dma_write(request.gpa, request.data)
         bypass = vm.dma_policy.value == "bypass"
@@ -441,6 +467,7 @@ class TrackingService(pbg.TrackingServiceServicer):
         owner = self.engine.lease_owner(tenant, request.lease_id)
         gfns = self._gfns(request, entry.vm)
         self.engine.check_tracked(tenant, _distinct(gfns))
+        self.engine.check_tracking_memory(entry, gfns, owner)
         started = entry.vm.track_add(gfns, owner)
         return pb.TrackingChangeResponse(
             references=len(gfns), transitions=started, tracked_gfns=entry.vm.tracked_count
@@ -463,34 +490,73 @@ class TrackingService(pbg.TrackingServiceServicer):
     async def QueryTracking(
         self, request: pb.QueryTrackingRequest, context: Ctx
     ) -> pb.QueryTrackingResponse:
-        entry = self.engine.vm(_tenant(), request.vm)
+        tenant = _tenant()
+        entry = self.engine.vm(tenant, request.vm)
         vm = entry.vm
         cv.enum_value({pb.TRACK_MODE_WRITE: 1}, request.mode, "mode")
+        only_tracked = request.only_tracked
         if not request.ranges and not request.gfns:
-            if not request.only_tracked:
+            if not only_tracked:
                 raise InvalidArgument("name gfns or ranges, or set only_tracked to list all")
             gfns = vm.tracked_gfns()
+            only_tracked = False  # tracked_gfns() lists only tracked ones
         else:
             total = sum(r.count for r in request.ranges) + len(request.gfns)
-            if total > 1 << 20:
-                raise InvalidArgument(f"{total} gfns in one query; at most {1 << 20}")
+            if total > QUERY_MAX_GFNS:
+                raise InvalidArgument(
+                    f"{total} gfns in one query; at most {QUERY_MAX_GFNS} (query a range at"
+                    " a time)"
+                )
             _check_gfn_space(vm, request)
             gfns = gfns_from(
                 cv.gfn_ranges(request.ranges), np.array(request.gfns, dtype=np.uint64)
             )
-            if request.only_tracked:
-                gfns = np.array([g for g in gfns.tolist() if vm.is_tracked(g)], dtype=np.int64)
-        if len(gfns) > 1 << 20:
-            raise InvalidArgument(f"{len(gfns)} gfns to report; query at most {1 << 20} at once")
-        out = []
-        for info in vm.track_query(gfns.tolist()):
-            slot = vm.slots.find(info.gfn)
-            out.append(
-                cv.track_state_pb(
-                    info, None if slot is None else slot.info.slot_id, request.include_owners
-                )
+        if len(gfns) > QUERY_MAX_GFNS:
+            raise InvalidArgument(
+                f"{len(gfns)} gfns to report; at most {QUERY_MAX_GFNS} at once: query the"
+                " tracked gfns a range at a time"
             )
-        return pb.QueryTrackingResponse(gfns=out)
+        wanted = gfns.tolist()
+        # Answered QUERY_CHUNK gfns per turn of the event loop, so a large query does not
+        # stall other calls; if tracking or memslots change in between, it starts over,
+        # so the answer is one consistent view.
+        for _ in range(QUERY_ATTEMPTS):
+            gen = vm.generation
+            reply = pb.QueryTrackingResponse()
+            out = reply.gfns  # appended to part by part (one large copy would stall)
+            for k in range(0, len(wanted), QUERY_CHUNK):
+                if k:
+                    await asyncio.sleep(0)
+                    if vm.closed or vm.generation != gen:
+                        break
+                part = wanted[k : k + QUERY_CHUNK]
+                if only_tracked:
+                    part = [g for g in part if vm.is_tracked(g)]
+                for info in vm.track_query(part):
+                    slot = vm.slots.find(info.gfn)
+                    out.append(
+                        cv.track_state_pb(
+                            info, None if slot is None else slot.info.slot_id,
+                            request.include_owners,
+                        )
+                    )
+            else:
+                return reply
+            entry = self.engine.vm(tenant, request.vm)  # NotFound once deleted
+            vm = entry.vm
+        raise Unavailable(
+            f"tracking of VM {request.vm!r} kept changing while {len(wanted)} gfns were"
+            " queried; retry, or query fewer gfns at once"
+        )
+
+
+#: the most gfns one QueryTracking reports: the answer (~35 bytes a gfn with owners) is
+#: encoded on the event loop in some 40 ms, and stays well within grpc's default 4 MiB
+QUERY_MAX_GFNS = 1 << 14
+#: gfns QueryTracking answers per turn of the event loop (a few ms of work)
+QUERY_CHUNK = 512
+#: times a large query starts over when tracking changes under it
+QUERY_ATTEMPTS = 3
 
 
 def _lease_pb(engine: Engine, lease: Lease) -> pb.Lease:
@@ -875,8 +941,8 @@ def vm_stats_pb(engine: Engine, entry: VmEntry) -> pb.VmStats:
         events_coalesced=sum(x.counters.coalesced for x in subs),
         tracked_gfns=vm.tracked_count,
         write_protected_gfns=vm.tracked_count,
-        memory_bytes=vm.memory_bytes,
-        track_pool_bytes=vm.counter_bytes,
+        memory_bytes=vm.memory_footprint,
+        track_pool_bytes=vm.tracking_footprint,
         cycles=pb.CycleCounts(
             mmio_exit=s.cycles[WritePath.MMIO_EXIT],
             fast=s.cycles[WritePath.FAST],
@@ -914,10 +980,6 @@ def _process_info(engine: Engine) -> pb.ProcessInfo:
         leases=len(engine.leases),
         vms=len(entries),
     )
-
-
-#: the largest snapshot RestoreVm takes, bytes
-MAX_RESTORE_BYTES = 1 << 34
 
 
 class AdminService(pbg.AdminServiceServicer):
@@ -961,11 +1023,10 @@ class AdminService(pbg.AdminServiceServicer):
                 min_lease_ttl_ms=100,
                 max_lease_ttl_ms=24 * 3600 * 1000,
                 max_audit_mismatches=lim.max_audit_mismatches,
+                max_queue_bytes=lim.max_queue_bytes,
+                default_queue_bytes=lim.default_queue_bytes,
             ),
-            quotas=pb.TenantQuotas(
-                vms=q.vms, guest_pages=q.guest_pages, tracked_gfns=q.tracked_gfns,
-                watchers=q.watchers, workloads=q.workloads, write_rate=q.write_rate,
-            ),
+            quotas=pb.TenantQuotas(**dataclasses.asdict(q)),
             started_at_ns=self.engine.started_ns,
             incarnation=self.engine.incarnation,
             problems=[
@@ -1020,23 +1081,48 @@ class AdminService(pbg.AdminServiceServicer):
         self, request_iterator: AsyncIterator[pb.RestoreVmRequest], context: Ctx
     ) -> pb.RestoreVmResponse:
         tenant = _tenant()
+        limit = self.engine.quotas(tenant).upload_bytes
         name, replace, first = "", False, True
-        parts: list[bytes] = []
-        total = 0
+        data = bytearray()
+        declared: int | None = None
         async for req in request_iterator:
             if first:
                 name, replace, first = req.vm, req.replace, False
-            total += len(req.data)
-            if total > MAX_RESTORE_BYTES:
-                raise InvalidArgument(f"snapshot is larger than {MAX_RESTORE_BYTES} bytes")
-            parts.append(req.data)
+            data += req.data
+            if declared is None:
+                # The header is checked on the first bytes: a stream that is not a
+                # snapshot, or declares more than the quota, is refused at once.
+                declared = snapshot_length(bytes(data[:1 << 20]))
+                if declared is not None and declared > limit:
+                    raise QuotaExceeded(
+                        f"the snapshot declares {declared} bytes; the tenant's upload_bytes"
+                        f" quota is {limit}",
+                        quota="upload_bytes", limit=limit,
+                    )
+            if len(data) > (declared or limit):
+                raise SnapshotError(
+                    f"snapshot upload passed the {declared or limit} bytes its header declares"
+                    if declared is not None and declared <= limit
+                    else f"snapshot upload passed the tenant's upload_bytes quota of {limit}"
+                )
         if first:
             raise InvalidArgument("RestoreVm needs at least one message with snapshot data")
-        data = b"".join(parts)
-        snap = read_snapshot(data)
+        # Decoding and loading run in worker threads (they touch nothing shared): the
+        # event loop keeps serving other calls meanwhile.
+        raw = bytes(data)
+        del data
+        snap = await asyncio.to_thread(read_snapshot, raw)
+        name = name or snap.state.name
+        existing = None
+        with contextlib.suppress(PageTrackError):
+            existing = self.engine.vm(tenant, name)
+        self.engine.check_restore_size(tenant, snap.state, existing)
+        prepared = await asyncio.to_thread(prepare_vm, snap, name)
         with self.engine.unjournaled():
-            entry = restore_snapshot(self.engine, tenant, snap, name=name, replace=replace)
-        self.engine.journal_restored(entry, data)
+            entry = restore_snapshot(
+                self.engine, tenant, snap, name=name, replace=replace, prepared=prepared
+            )
+        self.engine.journal_restored(entry, raw)
         return pb.RestoreVmResponse(vm=_vm_pb(self.engine, entry))
 
     @streaming
@@ -1055,6 +1141,7 @@ class AdminService(pbg.AdminServiceServicer):
         self, request_iterator: AsyncIterator[pb.ReplayVmRequest], context: Ctx
     ) -> pb.ReplayVmResponse:
         tenant = _tenant()
+        limit = self.engine.quotas(tenant).upload_bytes
         name, total = "", 0
         with tempfile.TemporaryDirectory(prefix="pagetrack-replay-") as tmp:
             path = Path(tmp) / "recording.jsonl"
@@ -1063,9 +1150,11 @@ class AdminService(pbg.AdminServiceServicer):
                     if not name:
                         name = req.vm
                     total += len(req.data)
-                    if total > MAX_REPLAY_BYTES:
-                        raise InvalidArgument(
-                            f"recording is larger than {MAX_REPLAY_BYTES} bytes"
+                    if total > limit:
+                        raise QuotaExceeded(
+                            f"recording upload passed the tenant's upload_bytes quota of"
+                            f" {limit}",
+                            quota="upload_bytes", limit=limit,
                         )
                     out.write(req.data)
             if not name:
@@ -1074,10 +1163,6 @@ class AdminService(pbg.AdminServiceServicer):
                 raise InvalidArgument("ReplayVm got no recording data")
             entry, records = self.engine.replay_vm(tenant, name, path)
         return pb.ReplayVmResponse(vm=_vm_pb(self.engine, entry), records=records)
-
-
-#: the largest recording ReplayVm takes, bytes
-MAX_REPLAY_BYTES = 1 << 30
 
 
 def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[tuple[bytes, bool]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 
 # ----------------------------------------------------------------- field violations
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: a quoted value ('x' or "x"; the apostrophe of "the VM's" opens none)
+_QUOTED = re.compile(r"(?<!\w)'[^']*'|(?<!\w)\"[^\"]*\"")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -233,7 +235,8 @@ def rich_status(
         retry = getattr(exc, "retry_after_s", None)
         if retry is not None:
             delay = duration_pb2.Duration()
-            delay.FromNanoseconds(max(1_000_000, int(retry * 1e9)))  # at least 1 ms
+            # Rounded up (at least 1 ms): after this long the request fits.
+            delay.FromNanoseconds(max(1_000_000, math.ceil(retry * 1e9)))
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     elif isinstance(exc, e.FailedPrecondition):
         details.append(error_details_pb2.PreconditionFailure(violations=[

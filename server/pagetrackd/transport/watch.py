@@ -153,6 +153,9 @@ class WatchService(pbg.WatchServiceServicer):
         queue_limit = _bounded(
             request, "queue_limit", lim.default_queue_limit, 1, lim.max_queue_limit, "events"
         )
+        queue_bytes = _bounded(
+            request, "queue_bytes", lim.default_queue_bytes, 4096, lim.max_queue_bytes, "bytes"
+        )
         heartbeat_ms = _bounded(
             request, "heartbeat_interval_ms", lim.default_heartbeat_interval_ms,
             lim.min_heartbeat_interval_ms, lim.max_heartbeat_interval_ms, "ms",
@@ -211,7 +214,7 @@ class WatchService(pbg.WatchServiceServicer):
             waker = _Waker(wake)
             sub = Subscriber(
                 name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
-                wake=waker, block_timeout_s=block_ms / 1000,
+                wake=waker, block_timeout_s=block_ms / 1000, queue_bytes=queue_bytes,
             )
             waker.sub = sub
         except BaseException:
@@ -251,6 +254,7 @@ class WatchService(pbg.WatchServiceServicer):
                     max_batch_bytes=max_bytes,
                     max_batch_delay_ms=delay_ms,
                     queue_limit=queue_limit,
+                    queue_bytes=queue_bytes,
                     policy=cv.POLICY_PB[policy],
                     block_timeout_ms=block_ms,
                     heartbeat_interval_ms=heartbeat_ms,
