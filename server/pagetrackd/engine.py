@@ -350,6 +350,7 @@ class Engine:
         vm.register_notifier(history)
         self._vm_tenant[vm] = tenant
         vm.on_change = self._changed.add
+        self._changed.add(vm)  # a VM loaded apart (a restore) holds pages already
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
         entry.quota = guard(self, tenant, vm)
         if record:
