@@ -1,15 +1,13 @@
 """Fixtures for robustness tests: real ``pagetrackd`` processes, started with a given
 config and state directory, killed and restarted at will. Every daemon a test starts
-dies with it: stopped at teardown, and sent SIGKILL by the kernel if pytest itself dies
-(PR_SET_PDEATHSIG)."""
+dies with it: killed at teardown, and stopped by its stdin pipe closing if pytest
+itself dies (tests.daemon_process.popen_pagetrackd)."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,13 +19,7 @@ import pytest
 
 from pagetrack import Client
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-
-BIN = Path(sys.executable).parent
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+from tests.daemon_process import let_go, popen_pagetrackd
 
 
 @dataclass
@@ -68,6 +60,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        let_go(self.proc)
         self.close_channels()
 
     def stop(self, timeout: float = 30) -> int:
@@ -75,7 +68,10 @@ class Daemon:
         self.close_channels()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            let_go(self.proc)
 
 
 class _Token(
@@ -121,8 +117,8 @@ class Daemons:
         n = len(self.started)
         log = self.tmp / f"pagetrackd-{n}.log"
         ready = self.tmp / f"ready-{n}.json"
-        cmd = [str(BIN / "pagetrackd"), "--listen", "127.0.0.1:0", "--ready-file",
-               str(ready), "--log-format", "json", *args]
+        cmd = ["--listen", "127.0.0.1:0", "--ready-file", str(ready), "--log-format", "json",
+               *args]
         if state_dir is not None:
             cmd += ["--state-dir", str(state_dir)]
         if config is not None:
@@ -138,13 +134,15 @@ class Daemons:
             ))
             cmd += ["--tokens-file", str(path)]
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out,
-                                    preexec_fn=_die_with_parent)
+            # No preexec_fn: forking with other threads running (a writer, grpc's) could
+            # hang the child before its exec.
+            proc = popen_pagetrackd(cmd, stdout=subprocess.DEVNULL, stderr=out)
         d = Daemon(proc, "", log, tokens)
         self.started.append(d)
         deadline = time.monotonic() + 30
         while not ready.exists():
             if proc.poll() is not None:
+                let_go(proc)
                 if expect_exit:
                     return d
                 raise RuntimeError(f"pagetrackd exited {proc.returncode}:\n{log.read_text()}")
