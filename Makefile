@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit proto bench clean tools
+.PHONY: run test lint typecheck unit proto bench clean tools mutate kvm-rules
 
 # npm packages the tests run, each pinned by its committed lockfile.
 NPM_DIRS := tools/buf examples/node examples/export/node
@@ -42,6 +42,13 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/core_memory.py
+
+# Not part of `make test`: every deliberate breakage of a KVM rule must fail a test.
+mutate: $(STAMP)
+	$(BIN)/python tools/mutate.py
+
+kvm-rules: $(STAMP)
+	$(BIN)/python tools/gen_kvm_rules.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache $(NPM_DIRS:%=%/node_modules)

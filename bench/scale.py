@@ -471,7 +471,7 @@ def _daemon_rss_by_info(info: Any) -> int:
 
 
 def section_tracking(sizes: list[int], quick: bool, tmp: Path) -> None:
-    calls = 2_000 if quick else 20_000
+    calls = 2_000 if quick else 70_000
     inproc: list[tuple[int, dict[str, Any]]] = []
     for n in sizes:
         # one child at a time: each holds up to a few hundred MiB at 16.8M

@@ -766,13 +766,15 @@ def _event_json(e: Event) -> dict[str, Any]:
         "gpa_hex": f"{e.gpa:#x}", "gfn": e.gfn, "length": e.length, "data": e.data.hex(),
         "source": e.source.value, "ts_ns": e.timestamp_ns,
         **({"coalesced": True} if e.coalesced else {}),
+        **({"untracked": True} if e.untracked else {}),
     }
 
 
 def _event_text(e: Event) -> str:
     data = e.data[:32].hex() + (f"...(+{len(e.data) - 32})" if len(e.data) > 32 else "")
     who = "dma   " if e.vcpu is None else f"vcpu {e.vcpu:<2}"
-    return f"#{e.seq:<8} {who} gpa {e.gpa:#014x} len {e.length:<4} {data}"
+    mark = " (untracked page)" if e.untracked else ""
+    return f"#{e.seq:<8} {who} gpa {e.gpa:#014x} len {e.length:<4} {data}{mark}"
 
 
 def _record_json(msg: WatchMessage) -> dict[str, Any] | None:

@@ -210,7 +210,8 @@ class View:
 TOUR: tuple[tuple[str, int, bytes], ...] = (
     ("RAM, gfn 0x1: not write-tracked", 0x1000, bytes.fromhex("1122334455667788")),
     ("RAM, gfn 0x8: write-tracked", 0x8000, bytes.fromhex("1122334455667788")),
-    ("RAM, across gfns 0x7 and 0x8 (a page boundary)", 0x7FFC, bytes.fromhex("aabbccddeeff0011")),
+    ("RAM, across gfns 0x7 and 0x8: it traps on 0x8, so both pieces are emulated", 0x7FFC,
+     bytes.fromhex("aabbccddeeff0011")),
     ("ROM, slot 1: a read-only memslot", 0x1_0000_0000, bytes.fromhex("1122334455667788")),
     ("no memslot: MMIO (the local APIC's page)", 0xFEE0_0000, bytes.fromhex("01000000")),
 )

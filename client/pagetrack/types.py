@@ -571,6 +571,8 @@ class Notifier:
 FLAG_SOURCE_DMA = 1
 FLAG_COALESCED = 2
 FLAG_DATA_OMITTED = 4
+#: the event's page was not write-tracked (a piece of a write that crossed pages)
+FLAG_UNTRACKED = 8
 FLAG_MODE_MASK = 0xFF00
 
 
@@ -614,6 +616,9 @@ class Event:
     coalesced: bool = False
     data_omitted: bool = False
     mode: int = 1
+    #: the written page was not write-tracked: a piece of an emulated write that crossed
+    #: from a tracked (or MMIO) page into an untracked one; KVM notifies it all the same
+    untracked: bool = False
 
     @property
     def gfn(self) -> int:
@@ -699,6 +704,7 @@ class EventBatch:
                 coalesced=bool(flags & FLAG_COALESCED),
                 data_omitted=bool(flags & FLAG_DATA_OMITTED),
                 mode=(flags & FLAG_MODE_MASK) >> 8 or 1,
+                untracked=bool(flags & FLAG_UNTRACKED),
             )
 
 

@@ -72,6 +72,11 @@ MAX_RESTORE_REFERENCES = 1 << 22
 WORKLOAD_SLICE_S = 0.010
 
 
+#: a VM's share of its tenant's totals before it is counted: memslot pages, tracked
+#: gfns, guest memory bytes, track pool bytes
+_NOTHING = (0, 0, 0, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Quotas:
     """Per-tenant limits. The defaults suit a daemon that several tenants share: each
@@ -220,7 +225,7 @@ class Engine:
         #: accounting; VMs changed since wait in _changed (quota checks then cost the
         #: VMs that changed, not every VM)
         self._usage: dict[TenantId, list[int]] = {}
-        self._counted: dict[Vm, tuple[int, int]] = {}
+        self._counted: dict[Vm, tuple[int, int, int, int]] = {}
         self._changed: set[Vm] = set()
         self._vm_tenant: dict[Vm, TenantId] = {}
         #: list_vms answers, each beside the registry listing it was built from
@@ -510,10 +515,10 @@ class Engine:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
         self._account()
-        pages, tracked = self._counted.pop(entry.vm, (0, 0))
-        usage = self._usage.setdefault(tenant, [0, 0])
-        usage[0] -= pages
-        usage[1] -= tracked
+        counted = self._counted.pop(entry.vm, _NOTHING)
+        usage = self._usage.setdefault(tenant, [0, 0, 0, 0])
+        for k, v in enumerate(counted):
+            usage[k] -= v
         self.registry.delete_vm(tenant, name)
         self._changed.discard(entry.vm)
         self._vm_tenant.pop(entry.vm, None)
@@ -539,18 +544,21 @@ class Engine:
             tenant = self._vm_tenant.get(vm)
             if tenant is None or vm.closed:
                 continue
-            now = (sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count)
-            was = self._counted.get(vm, (0, 0))
+            now = (
+                sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count,
+                vm.memory_footprint, vm.tracking_footprint,
+            )
+            was = self._counted.get(vm, _NOTHING)
             self._counted[vm] = now
-            usage = self._usage.setdefault(tenant, [0, 0])
-            usage[0] += now[0] - was[0]
-            usage[1] += now[1] - was[1]
+            usage = self._usage.setdefault(tenant, [0, 0, 0, 0])
+            for k in range(4):
+                usage[k] += now[k] - was[k]
 
     def usage(self, tenant: TenantId) -> tuple[int, int]:
         """(memslot pages, tracked gfns) summed over the tenant's VMs."""
         self._account()
-        pages, tracked = self._usage.get(tenant, (0, 0))
-        return pages, tracked
+        usage = self._usage.get(tenant, _NOTHING)
+        return usage[0], usage[1]
 
     def check_guest_pages(self, tenant: TenantId, extra: int) -> None:
         """Raise QuotaExceeded if ``extra`` more memslot pages pass the tenant's quota."""
@@ -566,12 +574,15 @@ class Engine:
         return [self.entries[(tenant, vm.name)] for vm in self.registry.vms_of(tenant)]
 
     def memory_used(self, tenant: TenantId) -> int:
-        """Bytes the tenant's guest memory really holds, over its VMs."""
-        return sum(vm.memory_footprint for vm in self.registry.vms_of(tenant))
+        """Bytes the tenant's guest memory really holds, over its VMs (kept up to date
+        with the VMs written since the last count, not summed over every VM)."""
+        self._account()
+        return self._usage.get(tenant, _NOTHING)[2]
 
     def tracking_used(self, tenant: TenantId) -> int:
         """Bytes the tenant's track counters really hold, over its VMs."""
-        return sum(vm.tracking_footprint for vm in self.registry.vms_of(tenant))
+        self._account()
+        return self._usage.get(tenant, _NOTHING)[3]
 
     def check_memory(self, entry: VmEntry, gpa: Any, length: Any) -> None:
         """Raise QuotaExceeded, before anything is written, if guest writes of

@@ -448,7 +448,8 @@ def _history_arrays(dump: HistoryDump) -> dict[str, np.ndarray[Any, Any]]:
     e = dump.events
     return {
         "h_seq": e.seq, "h_gpa": e.gpa, "h_length": e.length, "h_vcpu": e.vcpu,
-        "h_source": e.source, "h_data": np.frombuffer(e.data, dtype=np.uint8),
+        "h_source": e.source, "h_flags": e.flags,
+        "h_data": np.frombuffer(e.data, dtype=np.uint8),
         "h_batch_events": dump.batch_events, "h_batch_ts": dump.batch_ts_ns,
         "h_is_region": dump.is_region.astype(np.uint8),
     }
@@ -477,10 +478,14 @@ def _read_history(hist: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> History
         _array(arrays, "h_length").astype(np.uint32), _array(arrays, "h_vcpu").astype(np.uint32),
         _array(arrays, "h_source").astype(np.uint8),
         _array(arrays, "h_data").astype(np.uint8).tobytes(),
+        # Saved before events had flags: none set.
+        _array(arrays, "h_flags").astype(np.uint8) if "h_flags" in arrays
+        else np.zeros(arrays["h_seq"].size, dtype=np.uint8),
     )
     n = len(events)
     if events.gpa.size != n or events.length.size != n or events.vcpu.size != n or (
-        events.source.size != n or int(events.length.sum(dtype=np.int64)) != len(events.data)
+        events.source.size != n or events.flags.size != n
+        or int(events.length.sum(dtype=np.int64)) != len(events.data)
     ):
         raise SnapshotError("snapshot history columns differ in length")
     lost = hist.get("lost", [])

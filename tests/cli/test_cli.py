@@ -335,3 +335,26 @@ def test_record_and_replay_commands(daemon: DaemonProcess, tmp_path: Path) -> No
     assert "hello" in ok(t, "read", "tape2", "0x10008", "5")
     bad = run(t, "replay", str(tmp_path / "missing.jsonl"), "--as", "tape3")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "missing.jsonl" in bad.stderr
+
+
+def test_r4_3_watch_jsonl_marks_the_untracked_piece_and_track_show_names_owners(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """R4.3: a write crossing from tracked gfn 1 into untracked gfn 2 gives two events;
+    jsonl marks the second "untracked": true (arch/x86/kvm/x86.c emulator_write_phys
+    notifies every piece). track show --owners names the tenant."""
+    t = daemon.tcp
+    cli(capsys, t, "vm", "create", "cross")
+    cli(capsys, t, "slot", "set", "cross", "0", "0", "16", "--pages")
+    cli(capsys, t, "track", "add", "cross", "1")
+    assert cli(capsys, t, "write", "cross", "0x1ffc", "0x0102030405060708")[0] == 0
+    code, out, err = cli(capsys, t, "watch", "cross", "--from-seq", "1", "-n", "2",
+                         "--format", "jsonl")
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines() if '"event"' in line]
+    assert [(e["seq"], e["gpa"], e.get("untracked", False)) for e in events] == [
+        (1, 0x1FFC, False), (2, 0x2000, True)
+    ]
+    code, out, _ = cli(capsys, t, "track", "show", "cross", "--owners")
+    assert code == 0 and "tenant:-x1" not in out and "tenant:" in out
+    cli(capsys, t, "vm", "delete", "cross")

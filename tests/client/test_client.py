@@ -117,24 +117,25 @@ async def test_write_read_and_dma(client: AsyncClient, vm_name: str) -> None:
     await _vm_with_ram(client, vm_name, dma_policy="notify")
     await client.add_tracking(vm_name, [1])
     res = await client.write(vm_name, PAGE - 2, b"abcd", vcpu=1)
+    # The write traps on tracked gfn 1, so both pieces are emulated and notified (R4.3).
     assert [(p.gpa, p.length, p.path) for p in res.pieces] == [
-        (PAGE - 2, 2, pt.WritePath.FAST),
+        (PAGE - 2, 2, pt.WritePath.EMULATED),
         (PAGE, 2, pt.WritePath.EMULATED),
     ]
-    assert res.seqs == (1,)
+    assert res.seqs == (1, 2)
     mmio = await client.write(vm_name, 1 << 30, b"zz")
     assert mmio.pieces[0].path is pt.WritePath.MMIO_EXIT
     assert await client.read(vm_name, PAGE - 2, 4) == b"abcd"
     assert await client.read(vm_name, 1 << 30, 2) == b"\0\0"
     dma = await client.dma_write(vm_name, PAGE + 8, b"dm")
-    assert dma.pieces[0].path is pt.DmaPath.NOTIFIED and dma.pieces[0].seq == 2
+    assert dma.pieces[0].path is pt.DmaPath.NOTIFIED and dma.pieces[0].seq == 3
     await client.set_policy(vm_name, dma_policy="reject")
     with pytest.raises(pt.FailedPrecondition):
         await client.dma_write(vm_name, PAGE, b"no")
     missed = await client.cmpxchg(vm_name, PAGE + 16, b"\x01" * 4, b"\x02" * 4, vcpu=2)
     assert not missed.exchanged and missed.current == bytes(4) and missed.seqs == ()
     hit = await client.cmpxchg(vm_name, PAGE + 16, bytes(4), b"\x02" * 4, vcpu=2)
-    assert hit.exchanged and hit.seqs == (3,) and not hit.as_write
+    assert hit.exchanged and hit.seqs == (4,) and not hit.as_write
     assert await client.read(vm_name, PAGE + 16, 4) == b"\x02" * 4
     with pytest.raises(pt.InvalidArgument, match="same number of bytes"):
         await client.cmpxchg(vm_name, PAGE, b"a", b"bc")

@@ -56,7 +56,9 @@ class Snooper:
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         page = vm.read(event.gpa & ~(PAGE - 1), PAGE)
-        self.seen.append((event.seq, event.vcpu, event.gpa, event.data, event.source, page))
+        self.seen.append(
+            (event.seq, event.vcpu, event.gpa, event.data, event.source, event.untracked, page)
+        )
 
     def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
         self.regions.append((base_gfn, npages))
@@ -73,7 +75,9 @@ class BatchSnooper:
     batches: int = 0
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
-        self.seen.append((event.seq, event.vcpu, event.gpa, event.data, event.source))
+        self.seen.append(
+            (event.seq, event.vcpu, event.gpa, event.data, event.source, event.untracked)
+        )
 
     def track_write_batch(self, vm: Vm, batch: EventBatch) -> None:
         self.batches += 1

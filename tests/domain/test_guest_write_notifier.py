@@ -140,7 +140,7 @@ def test_the_only_fast_node_is_called_per_piece_and_counted() -> None:
     node = vm.register_notifier(snooper)
     res = vm.write_batch([PAGE, 3 * PAGE, 2 * PAGE + 8], [0, 1, 2], [8, 8, 4], bytes(20))
     assert res.seq.tolist() == [1, 0, 2]
-    assert [(s, v, g, d) for s, v, g, d, _, _ in snooper.seen] == [
+    assert [(s, v, g, d) for s, v, g, d, _, _, _ in snooper.seen] == [
         (1, 0, PAGE, bytes(8)), (2, 2, 2 * PAGE + 8, bytes(4))
     ]
     assert node.calls == 2 and vm.stats.notifications == 2

@@ -1,9 +1,9 @@
-"""One test per rule of KVM_SEMANTICS.md that the core implements, named after the rule.
+"""One test per KVM rule the core implements, named after the rule (docs/kvm-rules.md).
 
-Kernel paths are in torvalds/linux. Rules the core does not model: R1.2's modes (there is
-only write tracking, as since 6.6), R1.6/R1.7 (tracking is always enabled), R4.5
-(CMPXCHG), R4.10 (unprotect and retry), R7 and R8 (the shadow MMU and vGPU plugins,
-tested with the plugins).
+Kernel paths are in torvalds/linux. docs/kvm-rules.md is generated from these tests
+(and the plugins'): a test named ``test_rX_Y_...`` checks rule RX.Y, its docstring says
+how and cites the kernel function. R7 and R8 (the shadow MMU and vGPU plugins) are
+tested with the plugins.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from pagetrackd.domain import (
     WritePiece,
 )
 from pagetrackd.domain.types import NO_VCPU
+from pagetrackd.plugins.shadow_mmu import ShadowMmu
+from pagetrackd.workloads.guest_os import AddressSpace, GuestOs
 
 MMIO, FAST, EMUL = WritePath.MMIO_EXIT, WritePath.FAST, WritePath.EMULATED
 V2016, V66 = Semantics.V2016, Semantics.LINUX_6_6
@@ -107,6 +109,20 @@ def make_vm(semantics: Semantics = V2016, **kw: Any) -> Vm:
     return vm
 
 
+def aligned_vm() -> Vm:
+    """A VM whose one slot covers a whole 1 GiB region (gfns 0..0x3ffff), so no huge
+    page is disallowed at its edges (R3.5)."""
+    vm = Vm("aligned")
+    vm.set_memslot(0, 0, 1 << 18)
+    return vm
+
+
+def untracked(info: TrackInfo) -> bool:
+    """No counter, no owner, not write-protected (huge pages may still be disallowed at
+    a slot's edges, R3.5)."""
+    return (info.count, info.owners, info.write_protected) == (0, {}, False)
+
+
 def count(vm: Vm, gfn: int) -> int:
     return vm.track_query([gfn])[0].count
 
@@ -126,6 +142,9 @@ def test_r1_1_one_uint16_counter_per_gfn_indexed_from_slot_base() -> None:
     assert slot.tracking.counters.get(idx).dtype == np.uint16
     assert not slot.tracking.counters.get(idx).any()
     vm.track_add([0x1005, 0x1005, 0x101F])
+    assert slot.tracking.counters.get(idx).dtype == np.uint16
+    vm.track_add(np.full(300, 0x1006))
+    assert slot.tracking.counters.get1(6) == 300  # past 8 bits
     assert slot.tracking.counters.get1(5) == 2
     assert slot.tracking.counters.get1(0x1F) == 1
     assert vm.slots.by_id[0].tracking.counters.nonzero == 0
@@ -154,7 +173,7 @@ def test_r1_4_refused_overflow_leaves_lpage_state_consistent() -> None:
     lpage count disagree afterwards (page_track.c: __kvm_write_track_add_gfn). pagetrack
     deliberately does not copy that quirk: a refused add touches nothing, and after the
     last remove large pages are allowed again."""
-    vm = make_vm()
+    vm = aligned_vm()
     vm.track_add(np.full(0xFFFF, 0x120))
     with pytest.raises(CounterOverflow):
         vm.track_add([0x120])
@@ -260,7 +279,7 @@ def test_r3_2_last_remove_allows_lpages_again() -> None:
     """remove: counter -= 1 and lpage disallow -= 1 (page_track.c:
     __kvm_write_track_remove_gfn). KVM leaves SPTEs read-only until the next fault;
     pagetrack reports write_protected as "counter > 0", i.e. as the next fault sees it."""
-    vm = make_vm()
+    vm = aligned_vm()
     vm.track_add([0x101, 0x102])
     vm.track_remove([0x101])
     info = vm.track_query([0x101])[0]
@@ -291,20 +310,60 @@ def test_r3_4_internal_and_external_users_share_one_counter() -> None:
     assert info.tracked and info.owners == {"plugin:shadow-mmu": 1}
 
 
+def test_r3_5_slot_edges_disallow_huge_pages_from_creation_tracked_or_not() -> None:
+    """R3.5: when a slot is created, the first 2M/1G region gets disallow_lpage = 1 if
+    base_gfn is not aligned to it, the last if base_gfn + npages is not; independent of
+    tracking, so removing the last reference there does not re-allow huge pages
+    (arch/x86/kvm/x86.c kvm_alloc_memslot_metadata)."""
+    vm = Vm("edges")
+    vm.set_memslot(0, 0x100, 0x100)  # half of 2M region 0
+    vm.set_memslot(1, 0x200, 0x400)  # 2M regions 1 and 2 whole; 1G region 0 in part
+    vm.set_memslot(2, 0x600, 0x100)  # starts aligned, ends inside 2M region 3
+    vm.set_memslot(3, 1 << 18, 1 << 18)  # exactly 1G region 1
+    def flags(gfn: int) -> tuple[int, bool, bool]:
+        i = vm.track_query([gfn])[0]
+        return i.count, i.lpage_disallowed_2m, i.lpage_disallowed_1g
+    assert flags(0x100) == flags(0x1FF) == (0, True, True)
+    assert flags(0x200) == flags(0x5FF) == (0, False, True)
+    assert flags(0x600) == flags(0x6FF) == (0, True, True)
+    assert flags((1 << 18) + 5) == flags((2 << 18) - 1) == (0, False, False)
+    vm.track_add([0x150, 0x300])
+    assert flags(0x150) == (1, True, True) and flags(0x3FF) == (0, True, True)
+    vm.track_remove([0x150, 0x300])
+    assert flags(0x150) == (0, True, True)  # the edge stays disallowed
+    assert flags(0x300) == (0, False, True)  # a whole region is allowed again
+
+
 # ---------------------------------------------------------------- 4. write path
 
 
-def test_r4_1_reads_of_a_tracked_gfn_do_not_trap() -> None:
-    """Only a present write fault on a tracked gfn goes to emulation; reads map the page
-    normally (mmu.c: page_fault_handle_page_track)."""
-    vm = make_vm()
-    vm.write(0, 0x101 << 12, b"hello")
-    vm.track_add([0x101])
-    rec = Rec("r")
-    vm.register_notifier(rec)
-    pieces = list(vm.stats.pieces)
-    assert vm.read(0x101 << 12, 5) == b"hello"
-    assert vm.stats.pieces == pieces and rec.events == [] and vm.seq == 0
+def test_r4_1_only_a_write_fault_on_a_tracked_gfn_is_emulated() -> None:
+    """R4.1: a fault goes to emulation iff it is a write to a tracked gfn; a read fault
+    on a tracked gfn maps the page read-only and the guest reads natively, and host
+    reads never trap (arch/x86/kvm/mmu/mmu.c page_fault_handle_page_track). Checked
+    through the shadow MMU's fault path."""
+    vm = Vm("r41", vcpus=2)
+    vm.set_memslot(0, 0x1000, 4096)
+    guest = GuestOs(vm, 0x1000, 4096)
+    mm = AddressSpace(guest)
+    data = guest.get_frame()
+    assert data is not None
+    gva = 0x5555_5540_0000
+    mm.map(gva, data)
+    vm.write(0, (data << 12) + 8, b"hello")
+    vm.track_add([data])
+    mmu = ShadowMmu()
+    mmu.attach(vm, root=mm.cr3)
+    read = mmu.fault(gva + 8)
+    assert read["present"] and not read["emulated"] and not read["writable"]
+    assert not mmu.translate(gva + 8)["faulted"]  # the read-only SPTE serves reads
+    for _ in range(2):
+        write = mmu.fault(gva + 8, write=True)
+        assert write["present"] and write["emulated"] and not write["writable"]
+    vm.register_notifier(Rec("r"))
+    seq, pieces = vm.seq, list(vm.stats.pieces)
+    assert vm.read((data << 12) + 8, 5) == b"hello"  # a host read: no trap, no event
+    assert (vm.seq, vm.stats.pieces) == (seq, pieces)
 
 
 def test_r4_2_first_write_to_a_tracked_gfn_is_emulated_too() -> None:
@@ -318,8 +377,10 @@ def test_r4_2_first_write_to_a_tracked_gfn_is_emulated_too() -> None:
 
 
 def test_r4_3_crossing_write_is_split_into_page_pieces() -> None:
-    """The emulator splits an access that crosses a page into one-page accesses, so
-    each notification covers one page (arch/x86/kvm/x86.c: emulator_read_write)."""
+    """R4.3: the emulator splits an access that crosses a page into one-page accesses,
+    so each notification covers one page; once the write traps, every piece that
+    reaches RAM is notified, tracked or not (arch/x86/kvm/x86.c emulator_read_write,
+    emulator_read_write_onepage)."""
     vm = make_vm()
     vm.track_add([0x101, 0x103])
     rec = Rec("r")
@@ -328,13 +389,69 @@ def test_r4_3_crossing_write_is_split_into_page_pieces() -> None:
     result = vm.write(1, 0x101FF0, data)
     assert [(p.gpa, p.length, p.path, p.seq) for p in result.pieces] == [
         (0x101FF0, 0x10, EMUL, 1),
-        (0x102000, 0x1000, FAST, None),
-        (0x103000, 0x1000, EMUL, 2),
-        (0x104000, 8448 - 0x2010, FAST, None),
+        (0x102000, 0x1000, EMUL, 2),
+        (0x103000, 0x1000, EMUL, 3),
+        (0x104000, 8448 - 0x2010, EMUL, 4),
     ]
-    assert [(e.gpa, e.length) for e in rec.events] == [(0x101FF0, 0x10), (0x103000, 0x1000)]
+    assert [(e.gpa, e.length, e.untracked) for e in rec.events] == [
+        (0x101FF0, 0x10, False), (0x102000, 0x1000, True),
+        (0x103000, 0x1000, False), (0x104000, 8448 - 0x2010, True),
+    ]
     assert all((e.gpa >> 12) == ((e.gpa + e.length - 1) >> 12) for e in rec.events)
     assert vm.read(0x101FF0, len(data)) == data
+    # A write that touches no tracked page and only RAM never traps: natively, no event.
+    assert [p.path for p in vm.write(0, 0x104FFC, b"12345678").pieces] == [FAST, FAST]
+    assert len(rec.events) == 4
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_r4_3_r4_6_write_crossing_into_an_untracked_page_notifies_every_piece(
+    batched: bool,
+) -> None:
+    """R4.3/R4.6: a write crossing from a tracked page into an untracked one faults on
+    the tracked page and is emulated whole; after writing each piece the emulator calls
+    kvm_page_track_write, tracked or not (arch/x86/kvm/x86.c emulator_write_phys). Two
+    EMULATED pieces, two events in order, the second flagged untracked. A piece with
+    no memslot or on a read-only slot is an MMIO exit, and a write that only crosses
+    from untracked RAM into MMIO is emulated too (the MMIO page faults)."""
+    vm = make_vm()
+    vm.set_memslot(1, 0x140, 0x10, SlotFlags.READONLY)
+    vm.track_add([0x101, 0x13F])
+    rec, brec = Rec("r"), BatchRec("b")
+    vm.register_notifier(rec)
+    vm.register_notifier(brec)
+    writes = [
+        (0x101FFC, b"ABCDEFGH"),  # tracked 0x101 -> untracked 0x102
+        (0x13FFFC, b"12345678"),  # tracked 0x13f -> read-only slot 0x140
+        (0x14FFFC, b"abcdefgh"),  # read-only 0x14f -> no slot 0x150
+        (0x120FFE, b"wxyz"),  # untracked 0x120 -> untracked 0x121: native
+        (0x0FFFFC, b"mmio+ram"),  # no slot 0x0ff -> untracked RAM 0x100
+    ]
+    if batched:
+        res = vm.write_batch(
+            [g for g, _ in writes], [0] * len(writes), [len(d) for _, d in writes],
+            b"".join(d for _, d in writes),
+        )
+        pieces = list(zip(res.gpa.tolist(), res.path.tolist(), res.seq.tolist(), strict=True))
+    else:
+        pieces = [
+            (p.gpa, int(p.path), p.seq or 0) for g, d in writes for p in vm.write(0, g, d).pieces
+        ]
+    assert pieces == [
+        (0x101FFC, EMUL, 1), (0x102000, EMUL, 2),
+        (0x13FFFC, EMUL, 3), (0x140000, MMIO, 0),
+        (0x14FFFC, MMIO, 0), (0x150000, MMIO, 0),
+        (0x120FFE, FAST, 0), (0x121000, FAST, 0),
+        (0x0FFFFC, MMIO, 0), (0x100000, EMUL, 4),
+    ]
+    want = [
+        (1, 0x101FFC, b"ABCD", False), (2, 0x102000, b"EFGH", True),
+        (3, 0x13FFFC, b"1234", False), (4, 0x100000, b"+ram", True),
+    ]
+    for events in (rec.events, brec.events + [e for b in brec.batches for e in b]):
+        assert [(e.seq, e.gpa, e.data, e.untracked) for e in events] == want
+    assert vm.read(0x101FFC, 8) == b"ABCDEFGH" and vm.read(0x100000, 4) == b"+ram"
+    assert vm.stats.emulations == 4 and vm.stats.mmio_exits == 4
 
 
 def test_r4_4_write_lands_before_notification() -> None:
@@ -415,19 +532,23 @@ def test_r4_5_cmpxchg_that_cannot_be_atomic_is_emulated_as_a_write() -> None:
         vm.cmpxchg(0, 0x101000, bytes(4), bytes(8))
 
 
-def test_r4_6_notification_is_not_filtered_by_who_tracks() -> None:
-    """Every emulated write notifies every notifier; each must decide whether it cares
-    (page_track.c: __kvm_page_track_write, "the node should figure out ... by itself")."""
+def test_r4_6_notification_is_not_filtered_by_tracked_state() -> None:
+    """R4.6: kvm_page_track_write calls every notifier for every emulated write, whether
+    or not the written gfn is tracked, and whoever tracks it; each notifier must decide
+    whether it cares (arch/x86/kvm/mmu/page_track.c __kvm_page_track_write: "the node
+    should figure out ... by itself"). Here a notifier that tracks nothing hears the
+    untracked half of a crossing write and a write to a gfn only a lease tracks."""
     vm = make_vm()
     a, b = Rec("a"), Rec("b")
     vm.register_notifier(a)
     vm.register_notifier(b)
     vm.track_add([0x101], "lease:a")
-    vm.track_add([0x102])  # tracked by nobody's lease
     vm.write(0, 0x101000, b"1")
-    vm.write(0, 0x102000, b"2")
-    assert [e.gpa for e in a.events] == [e.gpa for e in b.events] == [0x101000, 0x102000]
-    assert vm.stats.notifications == 4
+    vm.write(0, 0x101FFF, b"23")  # the second byte lands on untracked 0x102
+    want = [(1, 0x101000, False), (2, 0x101FFF, False), (3, 0x102000, True)]
+    assert [(e.seq, e.gpa, e.untracked) for e in a.events] == want
+    assert [(e.seq, e.gpa, e.untracked) for e in b.events] == want
+    assert not vm.is_tracked(0x102) and vm.stats.notifications == 6
 
 
 def test_r4_7_dma_bypass_never_notifies() -> None:
@@ -683,7 +804,7 @@ def test_r6_3_move_linux_6_6_zeroes_counters_without() -> None:
     vm.register_notifier(mmu)
     assert vm.set_memslot(0, 0x800, 0x40) is SlotChange.MOVE
     assert vm.tracked_count == 0 and vm.tracked_gfns("lease:1").tolist() == []
-    assert vm.track_query([0x801])[0] == TrackInfo(0x801, 0)
+    assert untracked(vm.track_query([0x801])[0])
     assert vm.read(0x801000, 4) == b"data"
     assert mmu.regions == [(0x100, 0x40)]
     assert vm.write(0, 0x801000, b"x").pieces[0].path is FAST
@@ -707,13 +828,17 @@ def test_r6_3_move_2016_keeps_counters_and_notifies() -> None:
     moved, last, old = vm.track_query([0x1F1, 0x22F, 0x101])
     assert (moved.count, moved.owners) == (2, {"tenant": 2})
     assert last.owners == {"lease:1": 1}
-    assert old == TrackInfo(0x101, 0)
+    assert untracked(old)
     assert not vm.is_tracked(0x1F0 + 0x20)  # was held only by the plugin
     assert vm.write(0, 0x1F1000, b"x").pieces[0].path is EMUL
     # Large-page regions are recomputed for the new base.
-    assert [i.lpage_disallowed_2m for i in vm.track_query([0x1F0, 0x200])] == [True, True]
+    # Large-page regions are recomputed for the new base: the tracking counts per
+    # region (both regions are also slot edges now, R3.5, so track_query says True).
+    regions = vm.slots.by_id[0].tracking
+    assert regions.lpage_2m == {0: 1, 1: 1}
     vm.release_owner("lease:1")
-    assert [i.lpage_disallowed_2m for i in vm.track_query([0x1F0, 0x200])] == [True, False]
+    assert regions.lpage_2m == {0: 1}
+    assert [i.lpage_disallowed_2m for i in vm.track_query([0x1F0, 0x200])] == [True, True]
 
 
 @pytest.mark.parametrize("semantics", [V2016, V66])
@@ -747,7 +872,7 @@ def test_r6_5_recreated_slot_starts_at_zero() -> None:
     vm.write(0, 0x101000, b"data")
     vm.set_memslot(0, 0, 0)
     vm.set_memslot(0, 0x100, 0x40)
-    assert vm.track_query([0x101])[0] == TrackInfo(0x101, 0)
+    assert untracked(vm.track_query([0x101])[0])
     assert vm.read(0x101000, 4) == bytes(4)
     with pytest.raises(NotTracked):
         vm.track_remove([0x101], "lease:1")
@@ -1005,14 +1130,14 @@ def test_cost_model_sums_per_path_and_per_vcpu() -> None:
     vm = make_vm(cost=cost)
     vm.set_memslot(1, 0x200, 1, SlotFlags.READONLY)
     vm.track_add([0x101])
-    vm.write(0, 0x101FFF, b"ab")  # emulated + fast
+    vm.write(0, 0x101FFF, b"ab")  # emulated + emulated (the write traps on 0x101, R4.3)
     vm.write(1, 0x200000, b"ro")  # mmio
     vm.write_batch([0x101000, 0x9000000, 0x103000], [1, 2, 2], [1, 1, 1], b"xyz")
     vm.dma_write(0x104000, b"dma")
     s = vm.stats
-    assert s.pieces == [2, 2, 2]
-    assert s.cycles == [10000, 20, 3000]
-    assert s.vcpu_cycles == {0: 1510, 1: 6500, 2: 5010}
+    assert s.pieces == [2, 1, 3]
+    assert s.cycles == [10000, 10, 4500]
+    assert s.vcpu_cycles == {0: 3000, 1: 6500, 2: 5010}
     assert s.dma_cycles == 3
     assert cost.cpu_fraction(5000, 100_000) == pytest.approx(0.1515, abs=1e-3)
     with pytest.raises(InvalidArgument, match="emulate_cycles"):

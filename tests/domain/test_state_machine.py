@@ -110,7 +110,10 @@ class Recorder:
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         self.log.append(
-            ("write", self.name, event.seq, event.vcpu, event.gpa, event.data, int(event.source))
+            (
+                "write", self.name, event.seq, event.vcpu, event.gpa, event.data,
+                int(event.source), event.untracked,
+            )
         )
         if self.fail:
             raise RuntimeError(f"{self.name} fails on purpose")
@@ -127,7 +130,7 @@ class BatchRecorder(Recorder):
 
     def track_write_batch(self, vm: Vm, batch: EventBatch) -> None:
         events = tuple(
-            (e.seq, e.vcpu, e.gpa, e.data, int(e.source)) for e in batch.events()
+            (e.seq, e.vcpu, e.gpa, e.data, int(e.source), e.untracked) for e in batch.events()
         )
         self.log.append(("batch", self.name, events))
         if self.fail:
@@ -184,7 +187,16 @@ class Reference:
 
     def infos(self, gfns: Sequence[int]) -> list[TrackInfo]:
         """TrackInfo per gfn. Large pages are disallowed over a 2 MiB (1 GiB) region of
-        a slot while any gfn of that slot inside the region is tracked."""
+        a slot while any gfn of that slot inside the region is tracked, and always over
+        a region the slot covers only in part (R3.5)."""
+
+        def edge(sid: int, gfn: int, shift: int) -> bool:
+            base, npages, _ = self.slots[sid]
+            size = 1 << shift
+            first = gfn >> shift == base >> shift and base % size != 0
+            last = gfn >> shift == (base + npages - 1) >> shift and (base + npages) % size != 0
+            return first or last
+
         regions_2m = {(sid, (self.slots[sid][0] + page) >> 9) for sid, page in self.counters}
         regions_1g = {(sid, (self.slots[sid][0] + page) >> 18) for sid, page in self.counters}
         out = []
@@ -200,8 +212,9 @@ class Reference:
                     n,
                     dict(self.owners[key]) if n else {},
                     write_protected=n > 0,
-                    lpage_disallowed_2m=(key[0], gfn >> 9) in regions_2m,
-                    lpage_disallowed_1g=(key[0], gfn >> 18) in regions_1g,
+                    lpage_disallowed_2m=(key[0], gfn >> 9) in regions_2m or edge(key[0], gfn, 9),
+                    lpage_disallowed_1g=(key[0], gfn >> 18) in regions_1g
+                    or edge(key[0], gfn, 18),
                 )
             )
         return out
@@ -217,11 +230,13 @@ class Reference:
 
     def told_order(self) -> list[Recorder]:
         """Who is told of one event, in order: batch-capable nodes (streams) first,
-        then the per-event ones, each newest first (domain/notifiers.py)."""
+        then the per-event ones, external before internal (the shadow MMU's place,
+        R4.8), each newest first (domain/notifiers.py)."""
         nodes = list(self.nodes)
+        sync = [n for n in nodes if not isinstance(n, BatchRecorder)]
         return [n for n in nodes if isinstance(n, BatchRecorder)] + [
-            n for n in nodes if not isinstance(n, BatchRecorder)
-        ]
+            n for n in sync if n.external
+        ] + [n for n in sync if not n.external]
 
     def notify(self, node: Recorder, entry: Entry, deliveries: int = 1) -> None:
         self.log.append(entry)
@@ -404,19 +419,34 @@ class Reference:
         if n <= 0 or n > LIMITS.max_write_bytes or gpa < 0 or gpa + n > GFN_LIMIT * PAGE:
             raise InvalidArgument
 
-    def guest_piece(self, vcpu: int, gpa: int, data: bytes, batched: list[Entry] | None) -> Piece:
+    def traps(self, gpa: int, data: bytes) -> bool:
+        """Whether a guest write faults on any of its pages: tracked RAM, or not
+        writable RAM. Then the whole write is emulated (R4.3, x86.c)."""
+        for g, _ in pieces_of(gpa, data):
+            key = self.find(g // PAGE)
+            if key is None or self.slots[key[0]][2] & SlotFlags.READONLY:
+                return True
+            if self.counters.get(key, 0):
+                return True
+        return False
+
+    def guest_piece(
+        self, vcpu: int, gpa: int, data: bytes, batched: list[Entry] | None,
+        trapped: bool = False,
+    ) -> Piece:
         key = self.find(gpa // PAGE)
         if key is None or self.slots[key[0]][2] & SlotFlags.READONLY:
             self.charge(vcpu, MMIO, COST.mmio_exit_cycles)
             return gpa, len(data), MMIO, None
         self.store(key, gpa, data)
         self.stats["bytes_written"] += len(data)
-        if self.counters.get(key, 0) == 0:
+        untracked = self.counters.get(key, 0) == 0
+        if untracked and not trapped:
             self.charge(vcpu, FAST, COST.fast_cycles)
             return gpa, len(data), FAST, None
         self.charge(vcpu, EMUL, COST.emulate_cycles)
         self.seq += 1
-        event = (self.seq, vcpu, gpa, data, 0)
+        event = (self.seq, vcpu, gpa, data, 0, untracked)
         for node in self.told_order():
             if batched is not None and isinstance(node, BatchRecorder):
                 continue  # told once, after the whole batch
@@ -430,7 +460,8 @@ class Reference:
             raise InvalidArgument
         self.check_access(gpa, len(data))
         self.stats["writes"] += 1
-        return [self.guest_piece(vcpu, g, d, None) for g, d in pieces_of(gpa, data)]
+        trapped = self.traps(gpa, data)
+        return [self.guest_piece(vcpu, g, d, None, trapped) for g, d in pieces_of(gpa, data)]
 
     def cmpxchg(
         self, vcpu: int, gpa: int, expected: bytes, desired: bytes
@@ -469,8 +500,9 @@ class Reference:
         batched: list[Entry] = []
         out = []
         for i, (vcpu, gpa, data) in enumerate(writes):
+            trapped = self.traps(gpa, data)
             for g, d in pieces_of(gpa, data):
-                out.append((i, self.guest_piece(vcpu, g, d, batched)))
+                out.append((i, self.guest_piece(vcpu, g, d, batched, trapped)))
         if batched:
             for node in list(self.nodes):
                 if isinstance(node, BatchRecorder):
@@ -498,7 +530,7 @@ class Reference:
                 self.seq += 1
                 self.stats["dma_notified"] += 1
                 for node in self.told_order():
-                    self.notify(node, ("write", node.name, self.seq, NO_VCPU, g, d, 1))
+                    self.notify(node, ("write", node.name, self.seq, NO_VCPU, g, d, 1, False))
                 out.append((g, len(d), EMUL, self.seq))
             else:
                 out.append((g, len(d), FAST, None))

@@ -180,9 +180,18 @@ class SlotTrackingMachine(RuleBasedStateMachine):
         first2, first1 = self.base >> 9, self.base >> 18
         assert {i + first2: v for i, v in self.t.lpage_2m.items()} == dict(r2)
         assert {i + first1: v for i, v in self.t.lpage_1g.items()} == dict(r1)
+        end = self.base + NPAGES
+
+        def edge(g: int, shift: int) -> bool:
+            """R3.5: a region the slot covers only in part is always disallowed."""
+            lo, hi = (g >> shift) << shift, ((g >> shift) + 1) << shift
+            return lo < self.base or hi > end
+
         for p in (0, NPAGES // 2, NPAGES - 1):
             g = p + self.base
-            assert self.t.lpage_disallowed(g) == (g >> 9 in r2, g >> 18 in r1)
+            assert self.t.lpage_disallowed(g) == (
+                g >> 9 in r2 or edge(g, 9), g >> 18 in r1 or edge(g, 18)
+            )
 
 SlotTrackingMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=25, deadline=None
@@ -200,3 +209,17 @@ def test_a_whole_slot_range_costs_under_three_bytes_a_page_and_one_run_per_owner
     assert t.nbytes <= 2.5 * n
     _, stopped = t.apply(every, -1, "lease:a")
     assert stopped.size == n and t.counters.nonzero == 0 and not t.owners
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(page_sets(), st.integers(1, 3)), max_size=8), pages_st, pages_st)
+def test_runmap_span_reads_match_page_reads(
+    ops: list[tuple[list[int], int]], a: int, b: int
+) -> None:
+    rm = RunMap()
+    for pages, n in ops:
+        rm.add(np.array(pages, dtype=np.int64), n)
+    lo, hi = min(a, b), max(a, b) + 1
+    every = np.arange(lo, hi, dtype=np.int64)
+    assert rm.get_span(lo, hi).tolist() == rm.get(every).tolist()
+    assert rm.counts_of(every).tolist() == rm.get(every).tolist()

@@ -22,16 +22,19 @@ class Recorder:
         self.regions.append((base_gfn, npages))
 
 
-def test_split_write_emulates_only_the_tracked_page() -> None:
-    """A write across a page boundary is split; only the tracked half is notified."""
+def test_split_write_from_a_tracked_page_emulates_and_notifies_both_pieces() -> None:
+    """A write across a page boundary is split; it traps on the tracked page, so both
+    pieces are emulated and notified, the untracked one flagged (R4.3)."""
     vm = Registry().create_vm(TenantId("t"), "vm1")
     vm.set_memslot(0, 0x100, 16)
     vm.track_add([0x101])
     rec = Recorder()
     vm.register_notifier(rec)
     result = vm.write(0, 0x101FFC, b"ABCDEFGH")
-    assert [p.path for p in result.pieces] == [WritePath.EMULATED, WritePath.FAST]
-    assert [(e.gpa, e.data, e.seq) for e in rec.events] == [(0x101FFC, b"ABCD", 1)]
+    assert [p.path for p in result.pieces] == [WritePath.EMULATED, WritePath.EMULATED]
+    assert [(e.gpa, e.data, e.seq, e.untracked) for e in rec.events] == [
+        (0x101FFC, b"ABCD", 1, False), (0x102000, b"EFGH", 2, True)
+    ]
     assert vm.read(0x101FFC, 8) == b"ABCDEFGH"
 
 

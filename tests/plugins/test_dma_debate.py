@@ -2,10 +2,11 @@
 
 Paolo Bonzini's point: device DMA into guest memory does not go through the write
 path, so KVM never tells page-track users (R4.7) and a shadow of a page written by DMA
-goes stale. GVT-g's answer is to refuse it ("DMA to PPGTT is not supported",
-drivers/gpu/drm/i915/gvt/gtt.c / kvmgt.c do not follow DMA). pagetrack offers all three:
-``bypass`` (KVM), ``notify`` (an extension: deliver DMA as events with source DMA) and
-``reject``. See docs/dma-debate.md.
+goes stale. GVT-g's answer is a rule for the guest driver ("DMA to PPGTT is not
+supported"); drivers/gpu/drm/i915/gvt/gtt.c and kvmgt.c neither follow nor refuse such a
+DMA, so under GVT-g it bypasses the vGPU. pagetrack offers three policies: ``bypass``
+(KVM and GVT-g), ``notify`` (an extension: deliver DMA as events with source DMA) and
+``reject`` (an extension that enforces the guest-side rule). See docs/dma-debate.md.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def test_notify_dma_completes_a_pending_partial_entry() -> None:
 
 
 def test_reject_dma_fails_and_guest_memory_is_unchanged() -> None:
-    """dma_policy=reject: "DMA to PPGTT is not supported" -- the transfer is refused
+    """dma_policy=reject (pagetrack's, enforcing what GVT-g only asks of the guest
+    driver: "DMA to PPGTT is not supported") -- the transfer is refused
     (FAILED_PRECONDITION on the wire), nothing is written, the shadow stays right."""
     vm = make_vm(leaves=8, dma_policy=DmaPolicy.REJECT)
     vgpu = attach(vm)

@@ -98,7 +98,7 @@ def test_only_outermost_calls_are_recorded() -> None:
     assert lines[0]["format"] == "pagetrack-recording" and lines[0]["vm"]["vcpus"] == 4
     ops = [r["op"] for r in lines[1:]]
     assert ops[:3] == ["set_memslot", "set_memslot", "plugin_attach"]
-    assert lines[3]["options"] == {"map": {"partial": "halves"}}
+    assert lines[3]["options"] == {"map": {"partial": "halves", "missing_table": "fail"}}
     assert {"write_batch", "plugin_call", "track_add", "dma_write", "get_dirty_log",
             "cmpxchg"} <= set(ops)
     owners_seen = {r["args"].get("owner") for r in lines[1:] if r["op"] == "track_add"}

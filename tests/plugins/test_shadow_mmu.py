@@ -1,4 +1,4 @@
-"""The shadow MMU plugin against KVM's shadow paging (KVM_SEMANTICS.md §3, §4, §7).
+"""The shadow MMU plugin against KVM's shadow paging (rules R3, R4, R7 of docs/kvm-rules.md).
 
 Sources: torvalds/linux arch/x86/kvm/mmu/mmu.c (account_shadowed, kvm_mmu_track_write,
 mmu_pte_write_fetch_gpte, detect_write_misaligned, detect_write_flooding,
@@ -17,6 +17,7 @@ from pagetrackd.domain import (
     FailedPrecondition,
     InvalidArgument,
     Vm,
+    WriteEvent,
     WritePath,
 )
 from pagetrackd.domain.types import TENANT_OWNER
@@ -94,7 +95,7 @@ def test_registered_under_its_name_as_an_internal_user() -> None:
 
 def test_r7_1_fault_shadows_each_table_on_the_path_and_write_tracks_it() -> None:
     """A translation walks PML4, PDPT, PD and PT; each gets a shadow page holding one
-    track reference owned by plugin:shadow_mmu (mmu.c account_shadowed; leaf tables
+    track reference owned by plugin:shadow-mmu (mmu.c account_shadowed; leaf tables
     too, the documented difference from KVM's unsync leaves)."""
     vm, os, mm = make_guest()
     data = os.get_frame()
@@ -201,6 +202,12 @@ def test_r7_2_four_byte_write_is_widened_to_the_gpte_in_long_mode() -> None:
     assert mmu.status()["misaligned"] == 0
     assert vm.is_tracked(pt)
     assert mmu.audit().clean
+    # The widened gpte is re-read: a 4-byte write to a present PD entry re-reads its
+    # 8 bytes (gentry != 0), which KVM counts as a pde_zapped (mmu.c kvm_mmu_track_write).
+    pd = mm.entry_gpa(GVA, 2)
+    before = int(mmu.status()["pde_zapped"])
+    vm.write(0, pd + 4, vm.read(pd + 4, 4))
+    assert mmu.status()["pde_zapped"] == before + 1
 
 
 def test_r7_2_four_byte_write_straddling_two_gptes_zaps_the_page() -> None:
@@ -588,3 +595,128 @@ def test_audit_stays_clean_when_guest_tables_hold_random_garbage(seed: int) -> N
             checked += report.checked
     assert mmu.audit().clean
     assert checked > 100 and int(mmu.status()["faults"]) > 50
+
+
+@pytest.mark.parametrize("owner", [TENANT_OWNER, "lease:tool", "plugin:vgpu"])
+def test_r3_1_r3_3_another_users_add_write_protects_the_sptes_mapping_the_gfn(
+    owner: str,
+) -> None:
+    """R3.1/R3.3: when any user's add takes a gfn's counter 0 -> 1, KVM write-protects
+    every SPTE mapping it (arch/x86/kvm/mmu/page_track.c __kvm_write_track_add_gfn ->
+    mmu.c kvm_mmu_slot_gfn_write_protect), so the next guest write faults and takes the
+    tracked-write path (page_fault_handle_page_track), and the fault path installs no
+    writable SPTE while the counter is above 0 (mmu_try_to_unsync_pages: -EPERM)."""
+    vm, os, mm, mmu, data = shadowed()
+    before = mmu.translate(GVA, write=True)
+    assert before["writable"] and not before["emulated"]
+    vm.track_add([data], owner=owner)
+    assert mmu.audit().clean
+    out = mmu.translate(GVA, write=True)
+    assert out["faulted"] and out["emulated"] and not out["writable"]
+    assert mmu.status()["write_protected"] == 1
+    again = mmu.translate(GVA, write=True)  # still read-only: faults and emulates again
+    assert again["faulted"] and again["emulated"]
+    vm.track_remove([data], owner=owner)
+    after = mmu.translate(GVA, write=True)  # write access comes back lazily (R3.2)
+    assert after["writable"] and not after["emulated"]
+
+
+def test_r3_3_audit_checks_every_spte_against_the_current_counters() -> None:
+    """R3.3: no writable SPTE may map a gfn whose counter is above 0, whoever holds the
+    reference (arch/x86/kvm/mmu/mmu.c mmu_try_to_unsync_pages). The audit reads the
+    counters, not only the plugin's own tables: with the VM's add hook cut (the MMU
+    never hears of the tenant's add), the stale writable SPTE is reported."""
+    vm, os, mm, mmu, data = shadowed()
+    assert mmu.translate(GVA, write=True)["writable"]
+    vm.track_start_hooks.clear()
+    vm.track_add([data])
+    report = mmu.audit()
+    assert [m.address for m in report.mismatches] == [GVA]
+    assert "write-tracked gfn" in report.mismatches[0].reason
+
+
+@pytest.mark.parametrize("mmu_first", [True, False])
+def test_r4_8_shadow_mmu_runs_after_every_external_notifier(mmu_first: bool) -> None:
+    """R4.8: KVM calls kvm_mmu_track_write after walking the external notifier list
+    (arch/x86/kvm/mmu/page_track.h kvm_page_track_write, 6.6+; before, the MMU's node
+    was registered at VM creation and so ran last), whatever the attach order."""
+    calls: list[str] = []
+
+    class SpyMmu(ShadowMmu):
+        def track_write(self, vm: Vm, event: WriteEvent) -> None:
+            calls.append("mmu")
+            super().track_write(vm, event)
+
+    class External:
+        name = "kvmgt"
+        external = True
+
+        def track_write(self, vm: Vm, event: WriteEvent) -> None:
+            calls.append("external")
+
+        def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
+            pass
+
+    vm, os, mm = make_guest()
+    data = os.get_frame()
+    assert data is not None
+    mm.map(GVA, data)
+    mmu = SpyMmu()
+    if mmu_first:
+        mmu.attach(vm, root=mm.cr3)
+        vm.register_notifier(External())
+    else:
+        vm.register_notifier(External())
+        mmu.attach(vm, root=mm.cr3)
+    mmu.translate(GVA)
+    calls.clear()
+    vm.write(0, mm.entry_gpa(GVA, 1), make_leaf_entry(data).to_bytes(8, "little"))
+    assert calls == ["external", "mmu"]
+
+
+def test_owner_ids_are_the_tenant_name_and_shadow_mmu_as_the_api_says() -> None:
+    """OwnerCount.id is the tenant's name for tenant references and "shadow-mmu" for the
+    shadow MMU's (pagetrack.proto OwnerCount)."""
+    from pagetrack.v1 import pagetrack_pb2 as pb
+    from pagetrackd.transport.convert import owner_pb
+
+    vm, os, mm, mmu, data = shadowed()
+    vm.track_add([mm.cr3 >> PAGE_SHIFT])
+    owners = vm.track_query([mm.cr3 >> PAGE_SHIFT])[0].owners
+    got = sorted((o.kind, o.id, o.count) for o in (
+        owner_pb(k, c, "acme") for k, c in owners.items()
+    ))
+    assert got == [(pb.OWNER_KIND_TENANT, "acme", 1), (pb.OWNER_KIND_PLUGIN, "shadow-mmu", 1)]
+
+
+def test_r3_1_a_multi_gfn_add_write_protects_every_gfn() -> None:
+    """R3.1: an add of many gfns at once (a range, a list) write-protects the SPTEs of
+    each gfn that becomes tracked, as one add per gfn would (arch/x86/kvm/mmu/mmu.c
+    kvm_mmu_slot_gfn_write_protect)."""
+    vm, os, mm, mmu, data = shadowed()
+    other = os.get_frame()
+    assert other is not None
+    mm.map(GVA + 0x1000, other)
+    for gva in (GVA, GVA + 0x1000):
+        assert mmu.translate(gva, write=True)["writable"]
+    vm.track_add([data, other], owner="lease:tool")
+    for gva in (GVA, GVA + 0x1000):
+        out = mmu.translate(gva, write=True)
+        assert out["faulted"] and out["emulated"] and not out["writable"]
+    assert mmu.audit().clean
+
+
+def test_r7_4_finding_a_shadow_page_by_lookup_resets_its_flood_count() -> None:
+    """R7.4: the flood count is reset when the shadow-page lookup finds the page
+    (arch/x86/kvm/mmu/mmu.c kvm_mmu_find_shadow_page -> clear_sp_write_flooding_count),
+    not only on a fault's walk: two writes to the PML4, another vCPU loading the same
+    root, then a third write does not flood it."""
+    vm, os, mm, mmu, data = shadowed()
+    root = mm.cr3 >> PAGE_SHIFT
+    for _ in range(2):
+        write_entry(vm, root, 300, 0)
+    assert [p["flood"] for p in mmu.shadow_pages() if p["gfn"] == root] == [2]
+    mmu.call("set_root", cr3=mm.cr3, vcpu=1)  # found by the lookup: a use
+    assert [p["flood"] for p in mmu.shadow_pages() if p["gfn"] == root] == [0]
+    write_entry(vm, root, 300, 0)
+    assert mmu.status()["flooded"] == 0 and vm.is_tracked(root)

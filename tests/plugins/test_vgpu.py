@@ -1,4 +1,4 @@
-"""The vGPU plugin against KVMGT / GVT-g (KVM_SEMANTICS.md §8).
+"""The vGPU plugin against KVMGT / GVT-g (rules R8 of docs/kvm-rules.md).
 
 Sources: torvalds/linux drivers/gpu/drm/i915/gvt/kvmgt.c (open_device, protect table,
 kvmgt_page_track_write, kvmgt_page_track_remove_region), gvt/page_track.c (the page-track
@@ -14,6 +14,7 @@ import pytest
 from pagetrackd.domain import (
     PAGE_SHIFT,
     AlreadyExists,
+    FailedPrecondition,
     GfnNotInSlot,
     InvalidArgument,
     NotFound,
@@ -115,6 +116,20 @@ def test_r8_2_every_shadowed_table_is_tracked_once_by_the_vgpu() -> None:
     for gfn in TABLES:
         assert owner_refs(vm, gfn) == 1
     assert vgpu.status()["shadowed_tables"] == 4
+
+
+def test_r8_2_protect_table_adds_once_per_gfn() -> None:
+    """R8.2: intel_gvt_page_track_add returns 0 without calling KVM when the gfn is
+    already in the protect table, so the vGPU holds at most one reference per gfn
+    (drivers/gpu/drm/i915/gvt/kvmgt.c); removing it twice drops it once."""
+    vm = make_vm()
+    vgpu = attach(vm)
+    vgpu._protect_add(PT)
+    vgpu._protect_add(PT)
+    assert owner_refs(vm, PT) == 1
+    vgpu._protect_remove(PT)
+    vgpu._protect_remove(PT)
+    assert owner_refs(vm, PT) == 0 and vgpu.status()["handler_errors"] == 0
 
 
 def test_r8_2_vgpu_reference_adds_to_the_tenants_counter() -> None:
@@ -251,10 +266,10 @@ def test_a_table_named_at_two_levels_is_a_type_conflict() -> None:
 
 def test_r8_7_partial_write_points_at_scratch_until_complete() -> None:
     """gtt.c ppgtt_handle_guest_write_page_table_bytes: a 4-byte write removes the old
-    shadow entry and points it at the scratch page, pending in post_shadow_bitmap. In the
-    default "halves" mode the second half completes it (DESIGN §2)."""
+    shadow entry and points it at the scratch page, pending in post_shadow_bitmap. With
+    the partial="halves" option (a deliberate difference) the second half completes it."""
     vm = make_vm()
-    vgpu = attach(vm)
+    vgpu = attach(vm, partial="halves")
     new = pte(DATA_BASE + 700)
     put_half(vm, PT, 4, new, high=False)
     out = vgpu.call("translate", va=va_of(4), ppgtt=0)
@@ -313,16 +328,60 @@ def test_r8_9_leaf_outside_memslots_maps_scratch_and_counts_a_violation() -> Non
     assert vgpu.audit().clean
 
 
-def test_r8_9_table_outside_memslots_is_not_shadowed_or_tracked() -> None:
-    """gtt.c: shadowing a child table whose gfn has no memslot fails (add_gfn -EINVAL);
-    here the entry maps the scratch table instead."""
+def test_r8_9_table_outside_memslots_maps_scratch_with_the_scratch_option() -> None:
+    """With missing_table="scratch" (a deliberate difference from gtt.c) a child table
+    whose gfn has no memslot is not shadowed or tracked; the entry maps the scratch table."""
     vm = make_vm()
-    vgpu = attach(vm)
+    vgpu = attach(vm, missing_table="scratch")
     put(vm, PD, 2, pte(0x90000))
     assert vgpu.status()["violations"] == 1
     assert 0x90000 not in vgpu.protect_table
     assert frame_is_scratch(vgpu, 2 << 21)
     assert vgpu.audit().clean
+
+
+def test_r8_9_shadowing_a_child_table_outside_memslots_fails_by_default() -> None:
+    """R8.9: shadowing a child table whose gfn has no memslot fails, because add_gfn
+    returns -EINVAL (drivers/gpu/drm/i915/gvt/gtt.c ppgtt_populate_spt_by_guest_entry ->
+    intel_vgpu_enable_page_track; ppgtt_handle_guest_write_page_table "goto fail"): the
+    write keeps the old shadow entry, nothing is tracked, a violation is counted and the
+    audit names the failure; a PPGTT that links such a table cannot be shadowed."""
+    vm = make_vm()
+    vgpu = attach(vm)
+    before = vgpu.call("translate", va=va_of(3), ppgtt=0)
+    put(vm, PD, 0, pte(0x90000))  # PD[0] pointed at PT; now at a gfn in no memslot
+    assert vgpu.status()["violations"] == 1
+    assert 0x90000 not in vgpu.protect_table and not vm.is_tracked(0x90000)
+    assert vgpu.call("translate", va=va_of(3), ppgtt=0) == before  # old entry kept
+    report = vgpu.audit()
+    assert [m.index for m in report.mismatches] == [0]
+    assert "shadowing failed" in report.mismatches[0].reason
+    other = Vgpu()
+    vm2 = make_vm()
+    put(vm2, PD, 5, pte(0x90000))
+    other.attach(vm2)
+    with pytest.raises(FailedPrecondition, match="no memslot"):
+        other.call("build_ppgtt", root_gpa=PML4 << PAGE_SHIFT)
+    assert other.status()["ppgtts"] == 0 and vm2.tracked_count == 0
+
+
+def test_r8_7_default_waits_for_the_flush_before_submission() -> None:
+    """R8.7: by default two 4-byte halves leave the entry pending on the scratch page
+    until the post-shadow list is flushed before a workload is submitted
+    (drivers/gpu/drm/i915/gvt/gtt.c intel_vgpu_flush_post_shadow), not when the second
+    half arrives; the status counts it under the API's names."""
+    vm = make_vm()
+    vgpu = attach(vm)
+    new = pte(DATA_BASE + 702)
+    put_half(vm, PT, 4, new, high=False)
+    put_half(vm, PT, 4, new, high=True)
+    assert frame_is_scratch(vgpu, va_of(4))
+    s = vgpu.status()
+    assert (s["pending_partial"], s["scratch_entries"], s["shadow_tables"]) == (1, 1, 4)
+    assert s["violations"] == 0 and s["completed_partials"] == 0
+    assert vgpu.call("submit", ppgtt=0)["flushed"] == 1
+    assert gfn_of(vgpu, va_of(4)) == DATA_BASE + 702
+    assert (vgpu.status()["pending_partial"], vgpu.status()["scratch_entries"]) == (0, 0)
 
 
 def test_r8_9_root_outside_memslots_is_refused() -> None:
@@ -355,9 +414,21 @@ def test_r8_10_remove_region_forgets_gfns_without_untracking() -> None:
 
 
 def test_r8_10_after_delete_writes_to_the_range_are_not_handled() -> None:
+    """R8.10 (6.6+): kvmgt_page_track_remove_region deletes the range's gfns from the
+    protect table only and does not call kvm_write_track_remove_gfn for them
+    (drivers/gpu/drm/i915/gvt/kvmgt.c)."""
     vm = make_vm(semantics=Semantics.LINUX_6_6)
     vgpu = attach(vm)
+    removes: list[tuple[list[int], str]] = []
+    real_remove = vm.track_remove
+
+    def spy(gfns: list[int], owner: str = TENANT_OWNER) -> int:
+        removes.append((list(gfns), owner))
+        return real_remove(gfns, owner)
+
+    vm.track_remove = spy  # type: ignore[method-assign,assignment]
     vm.set_memslot(0, 0, 0)
+    assert removes == [] and vgpu.status()["handler_errors"] == 0
     assert vgpu.protect_table == frozenset()
     assert vgpu.status()["regions_removed"] == 1
     audit = vgpu.audit()

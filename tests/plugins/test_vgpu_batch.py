@@ -64,7 +64,7 @@ def run(batched: bool, seed: int, options: dict[str, Any], frames: int) -> tuple
     vm.register_notifier(history)
     workload = GpuPpgttWorkload(seed, options)
     if not batched:
-        ReferenceVgpu().attach(vm, partial=options.get("partial", "halves"))
+        ReferenceVgpu().attach(vm, partial=options.get("partial", "flush"))
     workload.setup(vm)
     driver = workload.driver
     assert driver is not None
@@ -109,7 +109,7 @@ def run(batched: bool, seed: int, options: dict[str, Any], frames: int) -> tuple
     ("seed", "extra"),
     [
         (1, {}),
-        (2, {"split_fraction": 0.4, "partial": "flush"}),
+        (2, {"split_fraction": 0.4, "partial": "halves"}),
         (3, {"split_fraction": 0.3, "violation_fraction": 0.1}),
     ],
 )

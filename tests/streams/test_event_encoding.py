@@ -37,6 +37,7 @@ def batches(draw: st.DrawFn) -> EventBatch:
         np.array(col(st.sampled_from([0, 1, 7, 127, 128, 4095, 2**32 - 1])), dtype=np.uint32),
         np.array(col(st.sampled_from([0, 1])), dtype=np.uint8),
         draw(st.binary(min_size=sum(length), max_size=sum(length))),
+        np.array(col(st.sampled_from([0, 8])), dtype=np.uint8),
     )
 
 
@@ -49,7 +50,9 @@ def reference(parts: list[tuple[EventBatch, int]], head_seq: int, omit: bool) ->
         msg.gpa.extend(b.gpa.tolist())
         msg.length.extend(b.length.tolist())
         msg.vcpu.extend(b.vcpu.tolist())
-        msg.flags.extend([base | s for s in b.source.tolist()])
+        msg.flags.extend(
+            [base | s | f for s, f in zip(b.source.tolist(), b.flags.tolist(), strict=True)]
+        )
         msg.timestamp_ns.extend([ts] * len(b))
         if not omit:
             msg.data += b.data

@@ -10,18 +10,27 @@ import numpy.typing as npt
 
 from pagetrackd.domain.types import PAGE_SHIFT, Source
 
+#: Bit of :attr:`EventBatch.flags`: the event's page was not write-tracked when it was
+#: written. KVM's emulator notifies every piece of an emulated write, tracked or not
+#: (arch/x86/kvm/x86.c emulator_write_phys -> kvm_page_track_write); notifiers decide
+#: whether they care. The same bit as the API's EVENT_FLAG_UNTRACKED.
+FLAG_UNTRACKED = 8
+
 
 @dataclass(frozen=True, slots=True)
 class WriteEvent:
     """One notified write: what KVM passes to ``track_write(gpa, new, bytes)``, plus
     the seq, the vCPU and the source. ``data`` is the new bytes, already in guest
-    memory when the event is delivered; it never crosses a page boundary."""
+    memory when the event is delivered; it never crosses a page boundary. ``untracked``:
+    the page was not write-tracked (a piece of an emulated write that crossed into an
+    untracked page)."""
 
     seq: int
     vcpu: int
     gpa: int
     data: bytes
     source: Source = Source.GUEST
+    untracked: bool = False
 
     @property
     def gfn(self) -> int:
@@ -43,7 +52,8 @@ U8 = npt.NDArray[np.uint8]
 class EventBatch:
     """Events in seq order, stored as columns: the i-th event is ``seq[i]``,
     ``gpa[i]``, ``length[i]`` bytes of ``data`` starting at ``sum(length[:i])``,
-    ``vcpu[i]`` and ``source[i]``. Seqs need not be contiguous (filters drop some)."""
+    ``vcpu[i]``, ``source[i]`` and ``flags[i]`` (:data:`FLAG_UNTRACKED`). Seqs need not
+    be contiguous (filters drop some)."""
 
     seq: U64
     gpa: U64
@@ -51,6 +61,7 @@ class EventBatch:
     vcpu: U32
     source: U8
     data: bytes
+    flags: U8
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -67,15 +78,19 @@ class EventBatch:
         """The batch as :class:`WriteEvent` objects, in order."""
         pos = 0
         data = self.data
-        for seq, gpa, length, vcpu, source in zip(
+        for seq, gpa, length, vcpu, source, flags in zip(
             self.seq.tolist(),
             self.gpa.tolist(),
             self.length.tolist(),
             self.vcpu.tolist(),
             self.source.tolist(),
+            self.flags.tolist(),
             strict=True,
         ):
-            yield WriteEvent(seq, vcpu, gpa, data[pos : pos + length], Source(source))
+            yield WriteEvent(
+                seq, vcpu, gpa, data[pos : pos + length], Source(source),
+                bool(flags & FLAG_UNTRACKED),
+            )
             pos += length
 
     def select(self, mask: npt.NDArray[np.bool_]) -> EventBatch:
@@ -91,7 +106,7 @@ class EventBatch:
         )
         return EventBatch(
             self.seq[keep], self.gpa[keep], self.length[keep], self.vcpu[keep],
-            self.source[keep], data,
+            self.source[keep], data, self.flags[keep],
         )
 
     @classmethod
@@ -104,6 +119,9 @@ class EventBatch:
             np.fromiter((e.vcpu for e in events), np.uint32, len(events)),
             np.fromiter((int(e.source) for e in events), np.uint8, len(events)),
             b"".join(e.data for e in events),
+            np.fromiter(
+                (FLAG_UNTRACKED if e.untracked else 0 for e in events), np.uint8, len(events)
+            ),
         )
 
     @classmethod
@@ -118,6 +136,7 @@ class EventBatch:
             np.concatenate([b.vcpu for b in batches]),
             np.concatenate([b.source for b in batches]),
             b"".join(b.data for b in batches),
+            np.concatenate([b.flags for b in batches]),
         )
 
     def slice(self, lo: int, hi: int) -> EventBatch:
@@ -126,7 +145,7 @@ class EventBatch:
         end = start + int(self.length[lo:hi].sum(dtype=np.int64))
         return EventBatch(
             self.seq[lo:hi], self.gpa[lo:hi], self.length[lo:hi], self.vcpu[lo:hi],
-            self.source[lo:hi], self.data[start:end],
+            self.source[lo:hi], self.data[start:end], self.flags[lo:hi],
         )
 
     @classmethod

@@ -1,7 +1,11 @@
 """Notifiers: who is told of every emulated write, as ``kvm_page_track_notifier_node``.
 
 KVM calls a VM's notifiers synchronously on the vCPU's write path, newest registered
-first (registration inserts at the list head; ``arch/x86/kvm/mmu/page_track.c``).
+first (registration inserts at the list head; ``arch/x86/kvm/mmu/page_track.c``), and
+the shadow MMU after all of them, whenever it was attached (R4.8: since 6.6
+``kvm_page_track_write`` calls ``kvm_mmu_track_write`` directly after walking the list;
+before, the MMU's node was registered at VM creation and so came last). Here the
+internal nodes (``external = False``: the shadow MMU) are called after the external ones.
 
 pagetrack adds batch notifiers (the event history and Watch streams), which only queue
 what they are told. Each event reaches them before the per-event notifiers (the plugins)
@@ -139,7 +143,11 @@ class NotifierList:
         return True
 
     def _refresh(self) -> None:
-        self.sync = tuple(n for n in self._nodes if not n.batch)
+        # External per-event nodes newest first, then the internal ones (the shadow MMU,
+        # R4.8, arch/x86/kvm/mmu/page_track.h kvm_page_track_write).
+        self.sync = tuple(n for n in self._nodes if not n.batch and n.notifier.external) + tuple(
+            n for n in self._nodes if not n.batch and not n.notifier.external
+        )
         self.batch = tuple(n for n in self._nodes if n.batch)
 
     def _failed(self, node: NotifierNode, vm: Vm, hook: str) -> None:
@@ -167,7 +175,8 @@ class NotifierList:
 
     def dispatch_write(self, vm: Vm, event: WriteEvent) -> int:
         """Tell every node of one event, the batch nodes first (see the module
-        docstring), each kind newest first; returns the calls made."""
+        docstring), then the per-event ones: external newest first, then internal
+        (the shadow MMU); returns the calls made."""
         if self.flush is not None:
             self.flush()
         return self._tell(self.batch, vm, event) + self._tell(self.sync, vm, event)

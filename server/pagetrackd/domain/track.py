@@ -317,6 +317,22 @@ class RunMap:
         """The counts of many pages (any order, repeats allowed)."""
         return _eval(self.starts, self.ends, self.values, index)
 
+    def get_span(self, lo: int, hi: int) -> I64:
+        """The counts of pages ``lo .. hi - 1``: one slice assignment per run inside."""
+        out = np.zeros(hi - lo, dtype=np.int64)
+        first = int(np.searchsorted(self.ends, lo, side="right"))
+        last = int(np.searchsorted(self.starts, hi, side="left"))
+        for s, e, v in zip(self.starts[first:last].tolist(), self.ends[first:last].tolist(),
+                           self.values[first:last].tolist(), strict=True):
+            out[max(s, lo) - lo : min(e, hi) - lo] = v
+        return out
+
+    def counts_of(self, index: I64) -> I64:
+        """:meth:`get` for distinct, ascending pages, by span when they are one."""
+        if is_span(index):
+            return self.get_span(int(index[0]), int(index[-1]) + 1)
+        return self.get(index)
+
     def pages(self) -> tuple[I64, I64]:
         """(ascending pages, their counts) of every page with a non-zero count."""
         lens = self.ends - self.starts
@@ -342,7 +358,7 @@ class RunMap:
         if isinstance(delta, int) and is_span(index):
             self.add_span(int(index[0]), int(index[-1]) + 1, delta)
             return
-        new = self.get(index) + delta
+        new = self.counts_of(index) + delta
         # The updates as runs: a new run wherever the pages or the new count break.
         brk = np.flatnonzero((np.diff(index) != 1) | (np.diff(new) != 0)) + 1
         first = np.concatenate([[0], brk])
@@ -368,6 +384,17 @@ class RunMap:
         self.starts, self.ends, self.values = s, e, v
 
 
+def _distinct_ascending(values: I64) -> I64:
+    """The distinct values of the ascending ``values`` (no sort)."""
+    if values.size < 2:
+        return values
+    keep = np.empty(values.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    out: I64 = values[keep]
+    return out
+
+
 def _eval(starts: I64, ends: I64, values: I64, at: I64) -> I64:
     """The value of the runs at each page of ``at`` (0 outside every run)."""
     if starts.size == 0:
@@ -381,7 +408,9 @@ def _eval(starts: I64, ends: I64, values: I64, at: I64) -> I64:
 class SlotTracking:
     """Track counters, owner records and large-page disallow counts of one slot."""
 
-    __slots__ = ("counters", "attributed", "owners", "lpage_2m", "lpage_1g", "base_gfn")
+    __slots__ = (
+        "counters", "attributed", "owners", "lpage_2m", "lpage_1g", "base_gfn", "edges"
+    )
 
     def __init__(self, npages: int, base_gfn: int) -> None:
         self.base_gfn = base_gfn
@@ -396,6 +425,8 @@ class SlotTracking:
         #: few entries, not a 4 KiB array; a whole 64 GiB guest 32,768 of them)
         self.lpage_2m: dict[int, int] = {}
         self.lpage_1g: dict[int, int] = {}
+        #: region indexes (2M, 1G) the slot covers only in part: never huge-mapped
+        self.edges: tuple[frozenset[int], frozenset[int]] = _edges(base_gfn, npages)
 
     @property
     def nbytes(self) -> int:
@@ -418,15 +449,23 @@ class SlotTracking:
         quota before anything changes."""
         if not index.size:
             return 0
-        grow = self.counters.growth_bound(np.unique(index >> CHUNK_SHIFT))
-        gfns = index + self.base_gfn
-        regions = np.unique(gfns >> 9).size + np.unique(gfns >> 18).size
+        if is_span(index):
+            # a range: its chunks and regions follow from its ends
+            lo, hi = int(index[0]), int(index[-1])
+            chunks = np.arange(lo >> CHUNK_SHIFT, (hi >> CHUNK_SHIFT) + 1, dtype=np.int64)
+            g0, g1 = lo + self.base_gfn, hi + self.base_gfn
+            regions = (g1 >> 9) - (g0 >> 9) + 1 + (g1 >> 18) - (g0 >> 18) + 1
+        else:
+            chunks = _distinct_ascending(index >> CHUNK_SHIFT)
+            gfns = index + self.base_gfn
+            regions = _distinct_ascending(gfns >> 9).size + _distinct_ascending(gfns >> 18).size
+        grow = self.counters.growth_bound(chunks)
         grow += 2 * _REGION_ENTRY_BYTES * regions  # entries, and the tables' growth
         grow += _DICT_BYTES * ((not self.lpage_2m) + (not self.lpage_1g))
         if owner != TENANT_OWNER:
             # Each break in the pages may split a run of the owner's and of the summed
             # map in two: three 8-byte arrays, two maps.
-            runs = 1 + int(np.count_nonzero(np.diff(index) != 1))
+            runs = 1 if is_span(index) else 1 + int(np.count_nonzero(np.diff(index) != 1))
             grow += 2 * 3 * 8 * (2 * runs + 1)
         return grow
 
@@ -447,12 +486,12 @@ class SlotTracking:
         if owner == TENANT_OWNER:
             out: I64 = self.counts(index).astype(np.int64)
             if len(self.attributed):
-                out -= self.attributed.get(index)
+                out -= self.attributed.counts_of(index)
             return out
         refs = self.owners.get(owner)
         if refs is None:
             return np.zeros(index.shape, dtype=np.int64)
-        return refs.get(index)
+        return refs.counts_of(index)
 
     def held1(self, index: int, owner: str) -> int:
         """References ``owner`` holds on one page."""
@@ -538,12 +577,15 @@ class SlotTracking:
         return started, stopped
 
     def lpage_disallowed(self, gfn: int) -> tuple[bool, bool]:
-        """Whether tracked gfns disallow the 2 MiB and the 1 GiB mapping that hold
-        ``gfn`` (a gfn of this slot)."""
+        """Whether the 2 MiB and the 1 GiB mapping that hold ``gfn`` (a gfn of this slot)
+        are disallowed: a tracked gfn in the region (R3.1), or the slot covers only part
+        of the region (R3.5), which holds from creation whatever is tracked."""
         base = self.base_gfn
+        i2, i1 = (gfn >> 9) - (base >> 9), (gfn >> 18) - (base >> 18)
+        edge_2m, edge_1g = self.edges
         return (
-            (gfn >> 9) - (base >> 9) in self.lpage_2m,
-            (gfn >> 18) - (base >> 18) in self.lpage_1g,
+            i2 in self.lpage_2m or i2 in edge_2m,
+            i1 in self.lpage_1g or i1 in edge_1g,
         )
 
     def _count_lpages(self, index: I64, step: int) -> None:
@@ -569,6 +611,7 @@ class SlotTracking:
     def rebase(self, base_gfn: int) -> None:
         """The slot moved: recompute the region counts for its new base."""
         self.base_gfn = base_gfn
+        self.edges = _edges(base_gfn, self.counters.npages)
         self.lpage_2m = {}
         self.lpage_1g = {}
         self._count_lpages(self.counters.nonzero_indices(), +1)
@@ -598,3 +641,20 @@ class SlotTracking:
         """(page index, references) pairs held by a non-tenant owner."""
         idx, cnt = self.owner_arrays(owner)
         return list(zip(idx.tolist(), cnt.tolist(), strict=True))
+
+
+def _edges(base_gfn: int, npages: int) -> tuple[frozenset[int], frozenset[int]]:
+    """R3.5, arch/x86/kvm/x86.c kvm_alloc_memslot_metadata: at each huge level the first
+    region gets disallow_lpage = 1 when base_gfn is not aligned to it, the last when
+    base_gfn + npages is not. The indexes are relative to the slot's first region."""
+    out = []
+    for shift in (9, 18):
+        size = 1 << shift
+        last = ((base_gfn + npages - 1) >> shift) - (base_gfn >> shift)
+        edge = set()
+        if base_gfn & (size - 1):
+            edge.add(0)
+        if (base_gfn + npages) & (size - 1):
+            edge.add(last)
+        out.append(frozenset(edge))
+    return out[0], out[1]

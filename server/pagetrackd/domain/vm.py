@@ -1,7 +1,8 @@
 """A simulated VM: memslots, guest memory, the track pool, the write path and notifiers.
 
 Every method either completes or raises a :class:`PageTrackError` having changed
-nothing. The rules follow KVM x86 (see ``KVM_SEMANTICS.md``; rule ids like R4.4 below).
+nothing. The rules follow KVM x86; rule ids like R4.4 below are those of
+docs/kvm-rules.md, which names the kernel source of each.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pagetrackd.domain.errors import (
     SlotNotFound,
     SlotOverlap,
 )
-from pagetrackd.domain.events import EventBatch, WriteEvent
+from pagetrackd.domain.events import FLAG_UNTRACKED, EventBatch, WriteEvent
 from pagetrackd.domain.memslots import MemslotTable, Slot
 from pagetrackd.domain.notifiers import ClosingNotifier, Notifier, NotifierList, NotifierNode
 from pagetrackd.domain.track import COUNTER_MAX
@@ -51,6 +52,7 @@ from pagetrackd.domain.types import (
 )
 
 I64 = npt.NDArray[np.int64]
+U8 = npt.NDArray[np.uint8]
 
 _OWNER_RE = re.compile(r"^[a-z][a-z0-9_.:/-]{0,127}$")
 #: gfns one tracking call may name, counting every gfn of every range
@@ -69,10 +71,12 @@ _GUEST = Source.GUEST
 # about half the time. The field lists are checked here so a change to a class fails
 # loudly at import instead of leaving a field unset.
 _new = object.__new__
-assert [f.name for f in fields(WriteEvent)] == ["seq", "vcpu", "gpa", "data", "source"]
+assert [f.name for f in fields(WriteEvent)] == [
+    "seq", "vcpu", "gpa", "data", "source", "untracked"
+]
 assert [f.name for f in fields(WritePiece)] == ["gpa", "length", "path", "seq"]
 assert [f.name for f in fields(WriteResult)] == ["pieces"]
-_ev_seq, _ev_vcpu, _ev_gpa, _ev_data, _ev_source = (
+_ev_seq, _ev_vcpu, _ev_gpa, _ev_data, _ev_source, _ev_untracked = (
     WriteEvent.__dict__[f.name].__set__ for f in fields(WriteEvent)
 )
 _wp_gpa, _wp_length, _wp_path, _wp_seq = (
@@ -81,14 +85,17 @@ _wp_gpa, _wp_length, _wp_path, _wp_seq = (
 _wr_pieces = WriteResult.__dict__["pieces"].__set__
 
 
-def _guest_event(seq: int, vcpu: int, gpa: int, data: bytes) -> WriteEvent:
-    """``WriteEvent(seq, vcpu, gpa, data)``, built faster."""
+def _guest_event(
+    seq: int, vcpu: int, gpa: int, data: bytes, untracked: bool = False
+) -> WriteEvent:
+    """``WriteEvent(seq, vcpu, gpa, data, untracked=untracked)``, built faster."""
     e: WriteEvent = _new(WriteEvent)
     _ev_seq(e, seq)
     _ev_vcpu(e, vcpu)
     _ev_gpa(e, gpa)
     _ev_data(e, data)
     _ev_source(e, _GUEST)
+    _ev_untracked(e, untracked)
     return e
 
 
@@ -171,10 +178,10 @@ class _HeldEvents:
     registrations change (a per-event notifier's callback may do either)."""
 
     def __init__(
-        self, vm: Vm, pgpa: I64, plen: I64, poff: I64, pvcpu: I64, data: bytes
+        self, vm: Vm, pgpa: I64, plen: I64, poff: I64, pvcpu: I64, pflags: U8, data: bytes
     ) -> None:
         self.vm = vm
-        self.columns = (pgpa, plen, poff, pvcpu)
+        self.columns = (pgpa, plen, poff, pvcpu, pflags)
         self.data = data
         #: seq of each emulated piece, in order (a notifier's DMA with
         #: dma_policy=notify may take seqs in between), and its piece index
@@ -191,7 +198,7 @@ class _HeldEvents:
         self.sent = len(self.seqs)
         vm = self.vm
         if vm.notifiers.batch:
-            pgpa, plen, poff, pvcpu = self.columns
+            pgpa, plen, poff, pvcpu, pflags = self.columns
             batch = EventBatch(
                 np.array(seqs, dtype=np.uint64),
                 pgpa[js].astype(np.uint64),
@@ -199,6 +206,7 @@ class _HeldEvents:
                 pvcpu[js].astype(np.uint32),
                 np.zeros(js.size, dtype=np.uint8),
                 _gather(self.data, poff[js], plen[js]),
+                pflags[js],
             )
             told = vm.notifiers.dispatch_batch(vm, batch)
             vm.stats.notifications += told
@@ -293,12 +301,18 @@ class Vm:
         #: seq of the last event; the next event gets seq + 1 (gap-free, R-stream)
         self.seq = 0
         self._generation = 0
-        #: called (with the VM) whenever :attr:`generation` moves: the daemon keeps
-        #: per-tenant totals of memslot pages and tracked gfns without scanning its VMs
+        #: called (with the VM) whenever :attr:`generation` moves and on every call that
+        #: may write guest memory: the daemon keeps per-tenant totals (memslot pages,
+        #: tracked gfns, bytes held) without scanning its VMs
         self.on_change: Callable[[Vm], None] | None = None
         self.closed = False
         #: set only while notifiers hear of a removed region: which slot and change
         self.region_change: RegionChange | None = None
+        #: called with the gfns whose counter just went 0 -> 1, inside track_add: the
+        #: shadow MMU write-protects every SPTE mapping them, as KVM's add does by a
+        #: direct call (R3.1, arch/x86/kvm/mmu/page_track.c __kvm_write_track_add_gfn ->
+        #: kvm_mmu_slot_gfn_write_protect)
+        self.track_start_hooks: list[Callable[[list[int]], None]] = []
 
     # ------------------------------------------------------------------ memslots
 
@@ -503,7 +517,7 @@ class Vm:
         ):
             # Ascending and distinct within one slot (a range, or a sorted list): no
             # sort, no per-gfn counts, however many gfns.
-            return [(slot, gfns - slot.base_gfn, 1)]
+            return [(slot, gfns - slot.base_gfn if slot.base_gfn else gfns, 1)]
         pos = self.slots.find_many(gfns)
         outside = np.flatnonzero(pos < 0)
         if outside.size:
@@ -553,6 +567,8 @@ class Vm:
                 )
             started1, _ = tracking.apply1(i1, 1, owner)
             self.generation += 1
+            if started1 and self.track_start_hooks:
+                self._tracking_started([one[0].base_gfn + i1])
             return int(started1)
         arr = np.asarray(gfns, dtype=np.int64)
         groups = self._group(arr)
@@ -569,12 +585,21 @@ class Vm:
                     " (KVM would WARN and skip; pagetrack refuses)"
                 )
         started = 0
+        new: list[int] = []
         for slot, idx, cnt in groups:
             s, _ = slot.tracking.apply(idx, cnt, owner)
             started += int(s.size)
+            if s.size and self.track_start_hooks:
+                new += (s + slot.base_gfn).tolist()
         if groups:
             self.generation += 1
+        if new:
+            self._tracking_started(new)
         return started
+
+    def _tracking_started(self, gfns: list[int]) -> None:
+        for hook in list(self.track_start_hooks):
+            hook(gfns)
 
     def track_remove(self, gfns: I64 | Sequence[int], owner: str = TENANT_OWNER) -> int:
         """Drop one of ``owner``'s references per listed gfn, all or none.
@@ -725,6 +750,8 @@ class Vm:
     def write(self, vcpu: int, gpa: int, data: bytes) -> WriteResult:
         """One guest write: split at page boundaries (R4.3); each piece exits as MMIO,
         lands natively, or is emulated: applied first, then notified (R4.4)."""
+        if self.on_change is not None:
+            self.on_change(self)
         # The checks inline; the _check_* methods run (and raise) only when one fails.
         if not 0 <= vcpu < self.vcpus:
             self._check_vcpu(vcpu)
@@ -741,14 +768,28 @@ class Vm:
         if (gpa & PAGE_MASK) + n <= PAGE_SIZE:
             return _result((self._write_piece(vcpu, gpa, data),))
         view = memoryview(data)
-        pieces = []
+        spans = []
+        trapped = False
         off = 0
         while off < n:
             g = gpa + off
             plen = min(PAGE_SIZE - (g & PAGE_MASK), n - off)
-            pieces.append(self._write_piece(vcpu, g, view[off : off + plen]))
+            spans.append((g, off, plen))
+            if not trapped:
+                slot = self.slots.find(g >> PAGE_SHIFT)
+                trapped = (
+                    slot is None
+                    or slot.readonly
+                    or slot.tracking.counters.get1((g >> PAGE_SHIFT) - slot.base_gfn) > 0
+                )
             off += plen
-        return WriteResult(tuple(pieces))
+        # A write that faults on any of its pages (tracked, or not writable RAM) is
+        # emulated whole: the emulator writes each one-page piece and notifies every piece
+        # that reached RAM, tracked or not (R4.3, R4.6: arch/x86/kvm/x86.c
+        # emulator_read_write_onepage -> emulator_write_phys -> kvm_page_track_write).
+        return WriteResult(
+            tuple(self._write_piece(vcpu, g, view[o : o + ln], trapped) for g, o, ln in spans)
+        )
 
     def cmpxchg(self, vcpu: int, gpa: int, expected: bytes, desired: bytes) -> CmpxchgResult:
         """An emulated guest ``LOCK CMPXCHG`` of ``len(desired)`` bytes, as KVM's
@@ -764,6 +805,8 @@ class Vm:
         writable RAM is emulated as a plain write of ``desired`` ("emulating exchange as
         write"): see :meth:`write`.
         """
+        if self.on_change is not None:
+            self.on_change(self)
         if len(expected) != len(desired):
             raise InvalidArgument(
                 f"expected has {len(expected)} bytes and desired {len(desired)}: a compare-"
@@ -819,7 +862,12 @@ class Vm:
             stats.cycles[path] += cycles
             stats.vcpu_cycles[vcpu] = stats.vcpu_cycles.get(vcpu, 0) + cycles
 
-    def _write_piece(self, vcpu: int, gpa: int, data: bytes | memoryview) -> WritePiece:
+    def _write_piece(
+        self, vcpu: int, gpa: int, data: bytes | memoryview, trapped: bool = False
+    ) -> WritePiece:
+        """One page's piece of a guest write. ``trapped``: the write is being emulated
+        (another of its pieces faulted), so this piece is emulated and notified even if
+        its page is not tracked; its event is then flagged ``untracked``."""
         gfn = gpa >> PAGE_SHIFT
         slot = self.slots.find(gfn)
         n = len(data)
@@ -832,14 +880,15 @@ class Vm:
         stats.bytes_written += n
         if slot.dirty is not None:
             slot.dirty.add(index)
-        if not slot.tracking.counters.get1(index):
+        untracked = not slot.tracking.counters.get1(index)
+        if untracked and not trapped:
             self._charge(vcpu, _FAST, self.cost.fast_cycles)
             return _piece(gpa, n, _FAST)
         self._charge(vcpu, _EMULATED, self.cost.emulate_cycles)
         self.seq = seq = self.seq + 1
         notifiers = self.notifiers
         if notifiers.sync or notifiers.batch:  # any node registered
-            event = _guest_event(seq, vcpu, gpa, bytes(data))
+            event = _guest_event(seq, vcpu, gpa, bytes(data), untracked)
             told = notifiers.dispatch_write(self, event)  # a notifier may write: count after
             stats.notifications += told
             stats.notifier_errors = notifiers.errors
@@ -868,6 +917,8 @@ class Vm:
         as events with source DMA; ``reject`` refuses a DMA that touches a tracked gfn.
         Every byte must be in a writable memslot; nothing is written otherwise.
         """
+        if self.on_change is not None:
+            self.on_change(self)
         n = len(data)
         self._check_access(gpa, n)
         plan: list[tuple[Slot, int, int, int]] = []  # slot, gpa, offset in data, length
@@ -937,6 +988,8 @@ class Vm:
         If a notifier changes tracking or memslots, the rest of the batch is classified
         again, so the equivalence holds.
         """
+        if self.on_change is not None:
+            self.on_change(self)
         g = np.asarray(gpa, dtype=np.int64).ravel()
         v = np.asarray(vcpu, dtype=np.int64).ravel()
         n = np.asarray(length, dtype=np.int64).ravel()
@@ -991,9 +1044,31 @@ class Vm:
         return self._apply_pieces(widx, pgpa, plen, poff, pvcpu, data, packed=pgpa is g)
 
     def _classify(
+        self, pgpa: I64, widx: I64 | None = None, carry: int = -1
+    ) -> tuple[npt.NDArray[np.int8], I64, I64, U8]:
+        """Path, slot position, page index and event flags of each piece, from current
+        state. ``widx`` (given when writes cross pages): the write of each piece. A write
+        that faults on any of its pieces is emulated whole (see :meth:`write`), so its
+        pieces on untracked RAM are EMULATED with FLAG_UNTRACKED; ``carry`` is a write
+        whose earlier pieces were emulated already."""
+        path, pos, index = self._classify_pages(pgpa)
+        flags = np.zeros(path.size, dtype=np.uint8)
+        if widx is not None and path.size:
+            fast = path == _FAST
+            if carry >= 0 or not fast.all():
+                trapped = np.zeros(int(widx[-1]) + 1, dtype=np.bool_)
+                trapped[widx[~fast]] = True
+                if carry >= 0:
+                    trapped[carry] = True
+                promote = fast & trapped[widx]
+                path[promote] = _EMULATED
+                flags[promote] = FLAG_UNTRACKED
+        return path, pos, index, flags
+
+    def _classify_pages(
         self, pgpa: I64
     ) -> tuple[npt.NDArray[np.int8], I64, I64]:
-        """Path, slot position and page index of each piece, from current state."""
+        """Path, slot position and page index of each piece by its own page alone."""
         gfn = pgpa >> PAGE_SHIFT
         pos = self.slots.find_many(gfn)
         if not gfn.size:
@@ -1033,7 +1108,8 @@ class Vm:
     ) -> BatchResult:
         """Classify, store, notify and account pieces. ``packed``: the pieces are the
         writes themselves, their bytes back to back from the start of ``data``."""
-        path, pos, index = self._classify(pgpa)
+        multi = None if packed else widx  # writes that cross pages: classified whole
+        path, pos, index, pflags = self._classify(pgpa, multi)
         slots = self.slots.slots()
         view = memoryview(data)
         sync = self.notifiers.sync
@@ -1057,7 +1133,7 @@ class Vm:
             self.seq += n_emul
         else:
             seq = np.zeros(every, dtype=np.int64)
-            self._apply_sync(path, pos, index, pgpa, plen, poff, pvcpu, data, seq)
+            self._apply_sync(path, pos, index, pgpa, plen, poff, pvcpu, pflags, multi, data, seq)
             # Notifiers may change tracking mid-batch: count the paths taken. A
             # notifier's DMA may take seqs in between the batch's.
             counts = np.bincount(path, minlength=3).tolist()
@@ -1098,6 +1174,7 @@ class Vm:
                     pvcpu.astype(np.uint32),
                     np.zeros(every, dtype=np.uint8),
                     bytes(data) if packed else _gather(data, poff, plen),
+                    pflags,
                 )
             else:
                 emulated = np.flatnonzero(path == _EMULATED)
@@ -1108,6 +1185,7 @@ class Vm:
                     pvcpu[emulated].astype(np.uint32),
                     np.zeros(emulated.size, dtype=np.uint8),
                     _gather(data, poff[emulated], plen[emulated]),
+                    pflags[emulated],
                 )
             told = self.notifiers.dispatch_batch(self, batch)
             stats.notifications += told
@@ -1125,6 +1203,8 @@ class Vm:
         plen: I64,
         poff: I64,
         pvcpu: I64,
+        pflags: U8,
+        multi: I64 | None,
         data: bytes,
         seq: I64,
     ) -> None:
@@ -1136,7 +1216,7 @@ class Vm:
         (see NotifierList.flush)."""
         if not isinstance(data, bytes):
             data = bytes(data)
-        with _HeldEvents(self, pgpa, plen, poff, pvcpu, data) as held:
+        with _HeldEvents(self, pgpa, plen, poff, pvcpu, pflags, data) as held:
             done_s = held.seqs
             done_j = held.pieces
             view = memoryview(data)
@@ -1158,9 +1238,10 @@ class Vm:
                 if not todo.size:
                     break
                 again = False
-                for j, p, ix, gp, o, ln, vc in zip(
+                for j, p, ix, gp, o, ln, vc, fl in zip(
                     todo.tolist(), pos[todo].tolist(), index[todo].tolist(), pgpa[todo].tolist(),
-                    poff[todo].tolist(), plen[todo].tolist(), pvcpu[todo].tolist(), strict=True,
+                    poff[todo].tolist(), plen[todo].tolist(), pvcpu[todo].tolist(),
+                    pflags[todo].tolist(), strict=True,
                 ):
                     if j > i:
                         self._apply_range(i, j, path, pos, index, pgpa, plen, poff, slots, view)
@@ -1187,7 +1268,20 @@ class Vm:
                             (n, fn) for n, fn in zip(nodes, fns, strict=True) if fn is not None
                         ]
                         one = fast[0][1] if len(fast) == 1 else None
-                    if one is not None:
+                    if fl:
+                        # A piece on an untracked page: its event carries the flag, so
+                        # no shortcut (track_guest_write has no flag).
+                        flagged = _guest_event(s, vc, gp, piece, True)
+                        for node in nodes:
+                            if not node.active:
+                                continue
+                            calls += 1
+                            node.calls += 1
+                            try:
+                                node.notifier.track_write(self, flagged)
+                            except Exception:
+                                notifiers._failed(node, self, "track_write")
+                    elif one is not None:
                         # The only node (the usual case, a plugin): it is active, or `sync`
                         # would have changed; its calls are counted when the list changes.
                         one_calls += 1
@@ -1212,6 +1306,7 @@ class Vm:
                         _ev_gpa(event, gp)
                         _ev_data(event, piece)
                         _ev_source(event, _GUEST)
+                        _ev_untracked(event, False)
                         for node in nodes:
                             if not node.active:
                                 continue
@@ -1226,7 +1321,14 @@ class Vm:
                         gen = self.generation
                         if i < total:
                             # A notifier changed tracking or memslots: classify the rest again.
-                            path[i:], pos[i:], index[i:] = self._classify(pgpa[i:])
+                            rest, carry = None, -1
+                            if multi is not None:
+                                rest = multi[i:]
+                                if multi[i] == multi[j]:
+                                    carry = int(multi[j])  # this write goes on emulated
+                            path[i:], pos[i:], index[i:], pflags[i:] = self._classify(
+                                pgpa[i:], rest, carry
+                            )
                             slots = self.slots.slots()
                             again = True
                             break
@@ -1373,7 +1475,14 @@ class Vm:
     def tracking_growth_bound(self, gfns: I64, owner: str = TENANT_OWNER) -> int:
         """At most how many bytes :attr:`tracking_footprint` grows by if ``owner`` tracks
         ``gfns``: checked against a quota first."""
-        gfns = np.unique(gfns)
+        if gfns.size > 1 and not bool((gfns[1:] > gfns[:-1]).all()):
+            gfns = np.unique(gfns)  # a range or a sorted list needs no sort
+        if not gfns.size:
+            return 0
+        one = self.slots.find(int(gfns[0]))
+        if one is not None and int(gfns[-1]) < one.info.end_gfn:
+            base = one.base_gfn
+            return one.tracking.growth_bound(gfns - base if base else gfns, owner)
         pos = self.slots.find_many(gfns)
         slots = self.slots.slots()
         grow = 0

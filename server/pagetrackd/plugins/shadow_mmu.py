@@ -7,7 +7,15 @@ when a translation or a simulated fault walks the tables (``FNAME(page_fault)`` 
 write-tracks the guest table page so every guest write to it is emulated and reaches
 :meth:`ShadowMmu.track_write` (``kvm_mmu_track_write``, ``arch/x86/kvm/mmu/mmu.c``).
 
-Rules followed from ``arch/x86/kvm/mmu/mmu.c`` (ids from KVM_SEMANTICS.md):
+Rules followed from ``arch/x86/kvm/mmu/mmu.c`` (ids as in docs/kvm-rules.md):
+
+* R3.1/R3.3 every user's tracking: the VM tells the plugin of each gfn whose counter
+  goes 0 -> 1, whoever added it (tenant, lease, vGPU), inside the add, as KVM's
+  ``__kvm_write_track_add_gfn`` calls ``kvm_mmu_slot_gfn_write_protect``; every SPTE
+  mapping the gfn is made read-only, so the next guest write faults and is emulated.
+  The fault path never installs a writable SPTE on a tracked gfn, and the audit checks
+  every SPTE against the current counters.
+* R4.8 the VM calls the plugin after every external notifier, whatever the attach order.
 
 * R7.1 ``account_shadowed``: a new shadow page for guest table gfn G takes a track
   reference on G and write-protects existing SPTEs that map G. **Difference:** KVM
@@ -41,6 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import structlog
 
 from pagetrackd.domain import (
@@ -82,7 +91,8 @@ from pagetrackd.plugins.x86_paging import (
 log = structlog.get_logger("pagetrackd.plugins.shadow_mmu")
 
 NAME = "shadow_mmu"
-OWNER = f"plugin:{NAME}"
+#: the owner id of the plugin's references, as the API names it (OwnerCount.id)
+OWNER = "plugin:shadow-mmu"
 #: detect_write_flooding: zapped at the 3rd write without an intervening use
 FLOOD_THRESHOLD = 3
 #: KVM_MMU_NUM_PREV_ROOTS: roots a vCPU keeps for a fast CR3 switch
@@ -234,7 +244,7 @@ class ShadowMmu:
                 "faults", "guest_faults", "hits", "emulated_faults", "shadow_pages_created",
                 "emulations", "pte_writes", "pde_zapped", "sptes_zapped", "zapped",
                 "unprotect_calls", "retries", "retries_refused", "untrack_errors",
-                "audits", "audit_checked", "audit_mismatches",
+                "audits", "audit_checked", "audit_mismatches", "write_protected",
                 *_ZAP_REASONS,
             ),
             0,
@@ -288,6 +298,7 @@ class ShadowMmu:
             self._reset_state()
             raise
         self._node = vm.register_notifier(self)
+        vm.track_start_hooks.append(self._tracking_started)
         log.info("plugin.attached", plugin=NAME, vm=vm.name, root=root)
 
     def detach(self) -> None:
@@ -298,6 +309,7 @@ class ShadowMmu:
         if self._node is not None:
             vm.unregister_notifier(self._node)
             self._node = None
+        self._unhook(vm)
         self.released_gfns = vm.release_owner(OWNER) if not vm.closed else 0
         self._vm = None
         self._reset_state()
@@ -305,6 +317,7 @@ class ShadowMmu:
 
     def vm_closed(self, vm: Vm) -> None:
         """The VM is deleted (its regions are already gone): forget everything."""
+        self._unhook(vm)
         self._node = None
         self._vm = None
         self._reset_state()
@@ -335,11 +348,24 @@ class ShadowMmu:
             self._write_protect(gfn)
         return sp
 
+    def _unhook(self, vm: Vm) -> None:
+        if self._tracking_started in vm.track_start_hooks:
+            vm.track_start_hooks.remove(self._tracking_started)
+
+    def _tracking_started(self, gfns: list[int]) -> None:
+        """Some user's add took these gfns' counters 0 -> 1 (R3.1): write-protect every
+        SPTE mapping them (kvm_mmu_slot_gfn_write_protect, mmu.c)."""
+        for gfn in gfns:
+            self._write_protect(gfn)
+
     def _write_protect(self, gfn: int) -> None:
+        """Clear W in every leaf SPTE that maps ``gfn``, at every level."""
         for level in (1, 2, 3):
             base = gfn & ~(pages_per(level) - 1)
             for sp, idx in self._rmap.get((level, base), ()):
-                sp.sptes[idx] &= ~PTE_RW
+                if sp.sptes[idx] & PTE_RW:
+                    sp.sptes[idx] &= ~PTE_RW
+                    self.counters["write_protected"] += 1
 
     def _link(self, sp: ShadowPage, idx: int, child: ShadowPage) -> None:
         sp.sptes[idx] = _link_spte(child)
@@ -779,7 +805,6 @@ class ShadowMmu:
     def _audit(self) -> tuple[int, list[dict[str, Any]]]:
         checked = 0
         found: list[dict[str, Any]] = []
-        shadowed = self._by_gfn
         for sp in list(self._sps.values()):
             for idx, spte in sp.sptes.items():
                 checked += 1
@@ -794,7 +819,7 @@ class ShadowMmu:
                         if not (child.direct and child.gfn == gfn and child.access == access):
                             reason = "split page links the wrong direct page"
                     else:
-                        expected, reason = self._check_leaf(spte, gfn, level, access, shadowed)
+                        expected, reason = self._check_leaf(spte, gfn, level, access)
                 elif kind == "link":
                     expected = (gfn << PAGE_SHIFT) | PTE_P | PTE_RW | PTE_US
                     if (
@@ -812,7 +837,7 @@ class ShadowMmu:
                         if not (child.direct and child.gfn == gfn and child.access == access):
                             reason = "stale split of a guest large page"
                     else:
-                        expected, reason = self._check_leaf(spte, gfn, level, access, shadowed)
+                        expected, reason = self._check_leaf(spte, gfn, level, access)
                 else:
                     reason = kind
                 if reason:
@@ -840,10 +865,10 @@ class ShadowMmu:
         gfn: int,
         level: int,
         access: int,
-        shadowed: dict[int, list[ShadowPage]],
     ) -> tuple[int, str]:
         """Compare a leaf SPTE with what the guest maps now; the W bit may be stricter
-        than the guest's (write protection), never looser."""
+        than the guest's (write protection), never looser, and never set over a gfn
+        whose track counter is above 0, whoever holds it (R3.3)."""
         slot = self.vm.slots.find(gfn)
         allowed = bool(access & ACC_WRITE) and slot is not None and not slot.readonly
         expected = _leaf_spte(gfn, level, access, allowed, slot is None)
@@ -856,9 +881,22 @@ class ShadowMmu:
             if not allowed:
                 return expected, "shadow writable where the guest is not"
             span = pages_per(level)
-            if any(gfn <= g < gfn + span for g in shadowed) if span > 1 else gfn in shadowed:
-                return expected, "writable SPTE maps a shadowed guest table"
+            if self._any_tracked(gfn, span):
+                return expected, "writable SPTE maps a write-tracked gfn"
         return expected, ""
+
+    def _any_tracked(self, gfn: int, span: int) -> bool:
+        """Whether any gfn of ``[gfn, gfn + span)`` has a track counter above 0."""
+        if span == 1:
+            return self.vm.is_tracked(gfn)
+        end = gfn + span
+        for slot in self.vm.slots.slots():
+            lo, hi = max(gfn, slot.info.base_gfn), min(end, slot.info.end_gfn)
+            if lo < hi:
+                idx = np.arange(lo - slot.base_gfn, hi - slot.base_gfn, dtype=np.int64)
+                if bool((slot.tracking.counters.get(idx) > 0).any()):
+                    return True
+        return False
 
     def audit(self) -> AuditReport:
         """Compare every SPTE of every shadow page with the guest entry it shadows, read

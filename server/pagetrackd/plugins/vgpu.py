@@ -1,6 +1,6 @@
 """A KVMGT / GVT-g-like vGPU: shadows the guest's PPGTTs and follows their writes.
 
-Model (``drivers/gpu/drm/i915/gvt/`` in Linux; rule ids from ``KVM_SEMANTICS.md`` §8):
+Model (``drivers/gpu/drm/i915/gvt/`` in Linux; rule ids R8.x as in docs/kvm-rules.md):
 
 * **PPGTT** -- gen8 48-bit, 4 levels of tables in guest memory, each 512 entries of 8 bytes:
   level 4 (PML4) -> 3 (PDP) -> 2 (PD) -> 1 (PT) -> 4 KiB page. An entry is present when
@@ -21,10 +21,16 @@ Model (``drivers/gpu/drm/i915/gvt/`` in Linux; rule ids from ``KVM_SEMANTICS.md`
 Writes: only gfns in the protect table are handled (R8.4); only 4- or 8-byte writes
 (R8.5); the entry is re-read from guest memory; 8 bytes re-shadow at once (R8.6); a
 4-byte half points the entry at the scratch page and leaves it pending (R8.7) until
-both halves are written (``partial="halves"``, the default, as DESIGN §2 says and as
-``emulate_ggtt_mmio_write`` does for the GGTT) or, with ``partial="flush"`` (the PPGTT
-code's own behaviour), until :meth:`Vgpu.flush` runs before a submission. Entries
-naming gfns outside every memslot map the scratch page and count a violation (R8.9).
+:meth:`Vgpu.flush` runs before a submission (``partial="flush"``, the default:
+``gtt.c`` ``intel_vgpu_flush_post_shadow``) or, with ``partial="halves"`` (a
+difference, kept as an option: ``emulate_ggtt_mmio_write``'s GGTT logic applied to the
+PPGTT), as soon as both halves are written. A leaf entry naming a gfn outside every
+memslot maps the scratch page and counts a violation. Shadowing a child *table* whose
+gfn has no memslot fails (``missing_table="fail"``, the default, R8.9: ``add_gfn``
+returns -EINVAL): a write keeps the old shadow entry, and a table being shadowed fails
+with it (``ppgtt_populate_spt_by_guest_entry``, ``err_free_spt``); with
+``missing_table="scratch"`` (a difference, kept as an option) the entry maps the
+scratch table instead. Both failures count a violation.
 
 DMA events (``dma_policy=notify``, a pagetrack extension: GVT-g refuses DMA to PPGTT)
 re-shadow every entry they touch, whatever their length.
@@ -71,8 +77,16 @@ FLAGS_MASK = ~ADDR_MASK & ((1 << 64) - 1)
 VA_BITS = 48
 #: first simulated host frame; spts, scratch pages and DMA-mapped pages are numbered from here
 FIRST_FRAME = 0x100000
-#: when a partial (4-byte) write is resolved: both halves seen, or only at flush
-PARTIAL_MODES = ("halves", "flush")
+#: when a partial (4-byte) write is resolved: only at flush (gtt.c), or once both halves
+#: are seen; the first is the default
+PARTIAL_MODES = ("flush", "halves")
+#: what shadowing a child table outside every memslot does: fail (gtt.c), or map scratch
+MISSING_TABLE_MODES = ("fail", "scratch")
+
+
+class _ShadowFailed(Exception):
+    """Shadowing a guest entry failed: a child table's gfn is in no memslot (gtt.c
+    returns an error up the call chain; the caller keeps or frees what it had)."""
 _DMA = Source.DMA  # an Enum member as a module constant: the class lookup costs ~70 ns
 
 
@@ -153,7 +167,8 @@ class Vgpu:
         #: the VM's memslot table (the same object for the VM's life; replaced on close)
         self._slots = MemslotTable()
         self._node: NotifierNode | None = None
-        self.partial = "halves"
+        self.partial = PARTIAL_MODES[0]
+        self.missing_table = MISSING_TABLE_MODES[0]
         self._reset()
 
     def _reset(self) -> None:
@@ -191,18 +206,25 @@ class Vgpu:
 
     def attach(self, vm: Vm, **options: Any) -> None:
         """Register on ``vm`` (``intel_vgpu_open_device``). Options: ``partial``
-        ("halves" or "flush"), ``root_gpa`` (adopt a PPGTT at once, via ``build_ppgtt``).
+        ("flush", the default, or "halves"), ``missing_table`` ("fail", the default, or
+        "scratch"), ``root_gpa`` (adopt a PPGTT at once, via ``build_ppgtt``).
 
         Raises AlreadyExists if the VM already has a vGPU (KVMGT: -EEXIST, R8.1).
         """
-        unknown = set(options) - {"partial", "root_gpa"}
+        unknown = set(options) - {"partial", "missing_table", "root_gpa"}
         if unknown:
             raise InvalidArgument(
-                f"unknown vgpu options {sorted(unknown)}; known: partial, root_gpa"
+                f"unknown vgpu options {sorted(unknown)};"
+                " known: partial, missing_table, root_gpa"
             )
-        partial = options.get("partial", "halves")
+        partial = options.get("partial", PARTIAL_MODES[0])
         if partial not in PARTIAL_MODES:
             raise InvalidArgument(f"partial must be one of {PARTIAL_MODES}, got {partial!r}")
+        missing = options.get("missing_table", MISSING_TABLE_MODES[0])
+        if missing not in MISSING_TABLE_MODES:
+            raise InvalidArgument(
+                f"missing_table must be one of {MISSING_TABLE_MODES}, got {missing!r}"
+            )
         if self.vm is not None:
             raise AlreadyExists(f"this vgpu is already attached to VM {self.vm.name!r}")
         if vm.closed:
@@ -214,16 +236,17 @@ class Vgpu:
                 )
         self._reset()
         self.partial = partial
+        self.missing_table = missing
         self.vm = vm
         self._slots = vm.slots
         self._node = vm.register_notifier(self)
-        log.info("vgpu.attached", vm=vm.name, partial=partial)
+        log.info("vgpu.attached", vm=vm.name, partial=partial, missing_table=missing)
         if options.get("root_gpa") is not None:
             self.call("build_ppgtt", root_gpa=options["root_gpa"])
 
     def attach_options(self) -> dict[str, Any]:
         """The options that re-create this attachment (used by the recorder)."""
-        return {"partial": self.partial}
+        return {"partial": self.partial, "missing_table": self.missing_table}
 
     def detach(self) -> None:
         """Unregister (no callback runs after), then drop every tracking reference and
@@ -349,6 +372,8 @@ class Vgpu:
             return spt
         if not self._valid_gfn(gfn):
             self.stats.violations += 1
+            if self.missing_table == "fail":
+                raise _ShadowFailed(gfn)
             return None
         spt = Spt(gfn, level, self._alloc_frame(), [self._scratch_entry(level)] * ENTRIES)
         self._spt_by_mfn[spt.mfn] = spt
@@ -366,9 +391,18 @@ class Vgpu:
         self.stats.spts_created += 1
         table = self._read_table(gfn)
         assert table is not None  # checked by _valid_gfn
-        for index, ge in enumerate(table):
-            if ge & PTE_PRESENT:
-                self._add_entry(spt, index, ge)
+        try:
+            for index, ge in enumerate(table):
+                if ge & PTE_PRESENT:
+                    self._add_entry(spt, index, ge)
+        except _ShadowFailed:
+            # gtt.c err_free_spt: this table fails with its child; release what it
+            # shadowed so far and untrack it.
+            for se in spt.entries:
+                if se & PTE_PRESENT:
+                    self._remove_shadow_entry(spt, se)
+            self._free_spt(spt)
+            raise
         return spt
 
     def _add_entry(self, spt: Spt, index: int, ge: int) -> None:
@@ -449,7 +483,10 @@ class Vgpu:
         old = entries[index]
         present = ge & PTE_PRESENT
         if present:
-            self._add_entry(spt, index, ge)
+            try:
+                self._add_entry(spt, index, ge)
+            except _ShadowFailed:
+                return  # gtt.c "goto fail": the old shadow entry stays, the error is logged
         self._remove_shadow_entry(spt, old)
         if not present:
             entries[index] = self._scratch_entry(spt.level)
@@ -657,7 +694,15 @@ class Vgpu:
             raise GfnNotInSlot(
                 f"PPGTT root gpa {root_gfn << PAGE_SHIFT:#x} is not in any memslot"
             )
-        mm = _Mm(self._next_ppgtt, root_gfn, self._populate_spt(root_gfn, LEVELS))
+        try:
+            root = self._populate_spt(root_gfn, LEVELS)
+        except _ShadowFailed as e:
+            raise FailedPrecondition(
+                f"shadowing the PPGTT at {root_gfn << PAGE_SHIFT:#x} failed: it links a table"
+                f" at gfn {e.args[0]:#x}, which is in no memslot (as gtt.c; attach with"
+                " missing_table=scratch to map the scratch table instead)"
+            ) from None
+        mm = _Mm(self._next_ppgtt, root_gfn, root)
         self._next_ppgtt += 1
         self._mms[mm.ppgtt] = mm
         return mm
@@ -807,26 +852,40 @@ class Vgpu:
         )
 
     def status(self) -> dict[str, int | str]:
-        """Counters and sizes of the shadow, flat."""
+        """Counters and sizes of the shadow, flat. The names the API documents:
+        ``shadow_tables`` (guest tables shadowed, each write-tracked), ``pending_partial``
+        (entries whose 4-byte write waits for the flush, R8.7), ``scratch_entries``
+        (present shadow entries pointing at a scratch page: pending partials and entries
+        naming gfns outside the memslots) and ``violations``."""
         s = self.stats
         entries = 0
         pending = 0
+        on_scratch = 0
         for spt in self._spt_by_mfn.values():
             scratch = self.scratch[spt.level]
-            entries += sum(
-                1 for se in spt.entries
-                if se & PTE_PRESENT and (se & ADDR_MASK) >> PAGE_SHIFT != scratch
-            )
+            for se in spt.entries:
+                if se & PTE_PRESENT:
+                    if (se & ADDR_MASK) >> PAGE_SHIFT != scratch:
+                        entries += 1
+                    else:
+                        on_scratch += 1
+            on_scratch += sum(
+                1 for i in spt.post if not spt.entries[i] & PTE_PRESENT
+            )  # a pending entry whose guest flags are not present still sits on scratch
             pending += len(spt.post)
         return {
             "vm": "" if self.vm is None else self.vm.name,
             "attached": int(self.vm is not None),
             "partial_mode": self.partial,
+            "missing_table": self.missing_table,
             "ppgtts": len(self._mms),
+            "shadow_tables": len(self._spt_by_mfn),
             "shadowed_tables": len(self._spt_by_mfn),
             "shadow_entries": entries,
+            "scratch_entries": on_scratch,
             "dma_mapped_pages": len(self._dma),
             "protected_gfns": len(self._protect),
+            "pending_partial": pending,
             "pending": pending,
             "writes": s.writes,
             "foreign_writes": s.foreign_writes,
@@ -895,8 +954,15 @@ class Vgpu:
                         continue
                     expected = self._expected(spt.level, ge)
                     if expected != se:
+                        reason = "stale shadow entry"
+                        if (
+                            spt.level > 1 and ge & PTE_PRESENT and self.missing_table == "fail"
+                            and not self._valid_gfn((ge & ADDR_MASK) >> PAGE_SHIFT)
+                        ):
+                            reason = ("shadowing failed: the guest entry names a table in no"
+                                      " memslot, the shadow keeps its old entry (gtt.c)")
                         mismatches.append(
-                            Mismatch(va, spt.level, se, ge, "stale shadow entry", table="ppgtt",
+                            Mismatch(va, spt.level, se, ge, reason, table="ppgtt",
                                      table_gfn=spt.gfn, index=index, expected=expected)
                         )
                     # Descend along the shadow (what the GPU walks), stale or not: each spt

@@ -127,10 +127,10 @@ def path_pb(path: WritePath) -> pb.WritePath.ValueType:
     return pb.WritePath.ValueType(int(path) + 1)
 
 
-def owner_pb(owner: str, count: int) -> pb.OwnerCount:
-    """One owner's references on a gfn."""
+def owner_pb(owner: str, count: int, tenant: str) -> pb.OwnerCount:
+    """One owner's references on a gfn; the tenant's own are named by ``tenant``."""
     if owner == TENANT_OWNER:
-        return pb.OwnerCount(kind=pb.OWNER_KIND_TENANT, id="", count=count)
+        return pb.OwnerCount(kind=pb.OWNER_KIND_TENANT, id=tenant, count=count)
     kind, _, ident = owner.partition(":")
     k = {"lease": pb.OWNER_KIND_LEASE, "plugin": pb.OWNER_KIND_PLUGIN}.get(
         kind, pb.OWNER_KIND_UNSPECIFIED
@@ -138,14 +138,19 @@ def owner_pb(owner: str, count: int) -> pb.OwnerCount:
     return pb.OwnerCount(kind=k, id=ident, count=count)
 
 
-def track_state_pb(info: TrackInfo, slot: int | None, owners: bool) -> pb.GfnTrackState:
-    """What the track pool knows of one gfn."""
+def track_state_pb(
+    info: TrackInfo, slot: int | None, owners: bool, tenant: str
+) -> pb.GfnTrackState:
+    """What the track pool knows of one gfn (``tenant``: the VM's tenant, who owns the
+    tenant references)."""
     return pb.GfnTrackState(
         gfn=info.gfn,
         in_memslot=slot is not None,
         slot=slot or 0,
         counter=info.count,
-        owners=[owner_pb(o, c) for o, c in sorted(info.owners.items())] if owners else [],
+        owners=(
+            [owner_pb(o, c, tenant) for o, c in sorted(info.owners.items())] if owners else []
+        ),
         write_protected=info.write_protected,
         lpage_2m_disallowed=info.lpage_disallowed_2m,
         lpage_1g_disallowed=info.lpage_disallowed_1g,
@@ -209,8 +214,8 @@ def events_wire(
     base = _WRITE_MODE_FLAGS | (pb.EVENT_FLAG_DATA_OMITTED if omit_data else 0)
     if len(parts) == 1:
         only = parts[0][0]
-        seq, gpa, length, vcpu, source = (
-            only.seq, only.gpa, only.length, only.vcpu, only.source
+        seq, gpa, length, vcpu, source, eflags = (
+            only.seq, only.gpa, only.length, only.vcpu, only.source, only.flags
         )
     else:
         batches = [b for b, _ in parts]
@@ -219,7 +224,9 @@ def events_wire(
         length = np.concatenate([b.length for b in batches])
         vcpu = np.concatenate([b.vcpu for b in batches])
         source = np.concatenate([b.source for b in batches])
-    flags = source.astype(np.uint32) | np.uint32(base)
+        eflags = np.concatenate([b.flags for b in batches])
+    # The domain's flag bits (FLAG_UNTRACKED) are the proto's EventFlag bits.
+    flags = (source.astype(np.uint32) | eflags) | np.uint32(base)
     wire = [
         _packed(1, seq.astype("<u8", copy=False).tobytes()),
         _packed(2, gpa.astype("<u8", copy=False).tobytes()),

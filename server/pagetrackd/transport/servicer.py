@@ -537,7 +537,7 @@ class TrackingService(pbg.TrackingServiceServicer):
                     out.append(
                         cv.track_state_pb(
                             info, None if slot is None else slot.info.slot_id,
-                            request.include_owners,
+                            request.include_owners, str(entry.tenant),
                         )
                     )
             else:

@@ -44,7 +44,7 @@ _DEFAULTS: dict[str, Any] = {
     "data_pages": 65536,
     "count": 0,  # total guest writes, 0 = until stopped
     "vcpus": 0,  # vCPUs used, 0 = all of the VM's
-    "partial": "halves",  # the vGPU's partial-write mode when this workload attaches it
+    "partial": "flush",  # the vGPU's partial-write mode when this workload attaches it
 }
 
 
