@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="bytes of event data kept per VM for resume (default 16 MiB)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on this port (default off)")
-    p.add_argument("--metrics-host", metavar="HOST", help="address for metrics (127.0.0.1)")
+    p.add_argument("--metrics-host", metavar="HOST",
+                   help="address for metrics (127.0.0.1); another address needs --tokens-file"
+                   " (scrapes then send a token of role metrics) or --insecure")
     p.add_argument("--metrics-max-vms", type=int, metavar="N",
                    help="VMs that get their own metric labels; later ones are added up"
                    " under vm=\"_other\" (default 100)")
@@ -81,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--durability", choices=["interval", "journal"],
                    help="interval (default): a crash loses what changed since the last save;"
                    " journal: every acknowledged change is on disk before its reply")
+    p.add_argument("--health-watchers", type=int, metavar="N",
+                   help="most open grpc.health.v1 Health.Watch streams (default 256)")
     p.add_argument("--ready-file", metavar="FILE",
                    help="write the bound addresses (JSON) here once serving")
     p.add_argument("--demo", action="store_true", default=None,

@@ -84,6 +84,29 @@ def _write_ready(path: str, addresses: list[str], metrics: str = "") -> None:
     tmp.replace(path)
 
 
+class BoundedHealth(health.aio.HealthServicer):
+    """grpc.health.v1 with a bound on open Watch streams: they need no token, so without
+    one anyone could hold any number of them (and the memory each costs)."""
+
+    def __init__(self, max_watchers: int) -> None:
+        super().__init__()
+        self.max_watchers = max_watchers
+        self.watching = 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        if self.watching >= self.max_watchers:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_watchers} Health.Watch streams are open, the daemon's"
+                " health_watchers limit; use Health.Check, or retry later",
+            )
+        self.watching += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watching -= 1
+
+
 class Daemon:
     """One pagetrackd: start() binds and serves, stop() drains and ends streams."""
 
@@ -106,7 +129,7 @@ class Daemon:
             if config.tokens_file
             else Authenticator()
         )
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealth(config.health_watchers)
         self.server: grpc.aio.Server | None = None
         self.addresses: list[str] = []
         self.watch = WatchService(self.engine, self.limits)
@@ -125,7 +148,9 @@ class Daemon:
             registry, self.rpc_metrics = build_registry(
                 self.engine, max_vms=config.metrics_max_vms, state=self.state
             )
-            self.metrics = MetricsServer(registry, config.metrics_host, config.metrics_port)
+            self.metrics = MetricsServer(
+                registry, config.metrics_host, config.metrics_port, self.auth.may_scrape
+            )
 
     async def start(self) -> list[str]:
         """Bind every listen address and start serving; returns the bound addresses

@@ -2,7 +2,8 @@
 
 The tokens file is TOML with one ``[[token]]`` table per token: ``sha256`` (hex digest
 of the token), ``tenant`` and ``role`` (``tenant`` or ``admin``). Only hashes are
-stored, and tokens never appear in logs. Without a tokens file every caller is the
+stored, and tokens never appear in logs. A ``metrics`` token only scrapes /metrics.
+Without a tokens file every caller is the
 ``default`` tenant with the admin role (the daemon then binds only loopback and unix
 sockets unless told ``--insecure``).
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from pagetrackd.domain import InvalidArgument, PermissionDenied, TenantId, Unauthenticated
 
-ROLES = ("tenant", "admin")
+#: ``metrics`` tokens may only scrape /metrics (a Prometheus bearer token), not call the API
+ROLES = ("tenant", "admin", "metrics")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +93,28 @@ class Authenticator:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization must be 'Bearer <token>'")
-        digest = hash_token(token.strip())
+        caller = self._lookup(token.strip())
+        if caller is None:
+            raise Unauthenticated("unknown bearer token")
+        if caller.role == "metrics":
+            raise PermissionDenied("this token may only scrape /metrics")
+        return caller
+
+    def _lookup(self, token: str) -> Caller | None:
+        assert self._tokens is not None
+        digest = hash_token(token)
         for known, caller in self._tokens.items():
             if hmac.compare_digest(known, digest):
                 return caller
-        raise Unauthenticated("unknown bearer token")
+        return None
+
+    def may_scrape(self, authorization: str | None) -> bool:
+        """Whether an HTTP ``Authorization`` header may read /metrics: any caller without
+        a tokens file, else a bearer token of role metrics or admin."""
+        if self._tokens is None:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        caller = self._lookup(token.strip())
+        return caller is not None and caller.role in ("metrics", "admin")

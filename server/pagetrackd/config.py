@@ -33,6 +33,8 @@ class Config:
     history_events: int = 65536  #: per-VM resume history, in events
     history_bytes: int = 16 << 20  #: per-VM resume history, in bytes of event data
     metrics_port: int = 0  #: Prometheus metrics on this TCP port; 0 = off
+    #: where metrics are served; anything but loopback needs a tokens file (scrapes then
+    #: need a token of role metrics or admin) or --insecure
     metrics_host: str = "127.0.0.1"
     metrics_max_vms: int = 100  #: VMs with their own metric labels; the rest are vm="_other"
     state_dir: str = ""  #: where VM state is saved and loaded; empty = nothing saved
@@ -41,6 +43,8 @@ class Config:
     #: acknowledged change is journaled (fsynced) before its reply
     durability: str = "interval"
     ready_file: str = ""  #: once serving, write the bound addresses here (JSON)
+    #: open grpc.health.v1 Health.Watch streams (they need no token), over all callers
+    health_watchers: int = 256
     demo: bool = False  #: create a demo VM with slots, tracking and a workload at start
     #: quotas for every tenant (TOML table ``[quotas]``: vms, guest_pages, tracked_gfns,
     #: watchers, workloads, write_rate); unset keys keep their defaults
@@ -80,6 +84,18 @@ class Config:
                 raise InvalidArgument(f"{name} {getattr(self, name)} must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidArgument("tls_cert and tls_key go together")
+        if self.health_watchers < 0:
+            raise InvalidArgument("health_watchers must be >= 0")
+        if (
+            self.metrics_port and not self.tokens_file and not self.insecure
+            and not is_local(f"{self.metrics_host}:0")
+        ):
+            raise InvalidArgument(
+                f"refusing to serve metrics on {self.metrics_host} without a tokens file:"
+                " anyone who can reach it would see every tenant's VMs. Give --tokens-file"
+                " (scrapes then need a token of role metrics), or --insecure if the network"
+                " is trusted"
+            )
         if not self.tokens_file and not self.insecure:
             for addr in self.listen:
                 if not is_local(addr):

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import secrets
 import shutil
 import tempfile
 import time
@@ -65,6 +66,9 @@ WORKLOAD_FAST_CHUNK = 2048
 #: the most one written page piece can add to guest memory: a whole page, its objects
 #: and directory nodes (an exact bound is computed only near the quota)
 _PIECE_WORST_BYTES = PAGE_SIZE + 1024
+#: ended workloads are forgotten this long after they ended (and beyond each tenant's
+#: finished_workloads quota, the oldest first)
+FINISHED_WORKLOAD_TTL_S = 3600.0
 #: the most tracking references one restore adds (as many as one AddTracking may)
 MAX_RESTORE_REFERENCES = 1 << 22
 #: a workload at rate 0 steps for this long before yielding to the event loop (streams
@@ -201,7 +205,6 @@ class Engine:
         self.entries: dict[tuple[TenantId, str], VmEntry] = {}
         self.leases = LeaseTable(self._release_lease)
         self.workloads: dict[str, WorkloadRun] = {}
-        self._next_workload = 1
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
         #: this run of the daemon (Watch's Registered.incarnation)
@@ -297,12 +300,29 @@ class Engine:
             raise Unavailable("pagetrackd is shutting down; retry against a running daemon")
 
     async def _expire_leases(self) -> None:
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(self.config.lease_check_interval_s)
             try:
                 self.leases.expire()
+                if time.monotonic() - last_prune > 1.0:
+                    last_prune = time.monotonic()
+                    self.prune_workloads()
             except Exception:
                 log.exception("lease.expiry_failed")
+
+    def check_leases(self, tenant: TenantId) -> None:
+        """Raise QuotaExceeded if the tenant may not hold one more TTL lease."""
+        q = self.quotas(tenant).leases
+        held = sum(
+            1 for lease in self.leases.live()
+            if lease.tenant == tenant and lease.kind is LeaseKind.TTL
+        )
+        if held >= q:
+            raise QuotaExceeded(
+                f"tenant already holds {q} leases, its leases quota; revoke some or let"
+                " them expire", quota="leases", limit=q,
+            )
 
     # ------------------------------------------------------------------ VMs
 
@@ -500,10 +520,14 @@ class Engine:
         Returns the VM's last seq."""
         entry = self.vm(tenant, name)
         for run in list(self.workloads.values()):
-            if run.entry is entry and run.task is not None and not run.task.done():
+            if run.entry is not entry:
+                continue
+            if run.task is not None and not run.task.done():
                 run.task.cancel()
                 run.state = "stopped"
                 run.ended = time.monotonic()
+            # Its figures go with the VM: a kept run would keep the deleted VM alive.
+            del self.workloads[run.run_id]
         for plugin in list(entry.plugins.values()):
             plugin.detach()
         entry.plugins.clear()
@@ -851,6 +875,7 @@ class Engine:
             raise InvalidArgument(f"rate {rate} must be 0 (as fast as possible) .. 1e8 writes/s")
         if count < 0 or duration_s < 0:
             raise InvalidArgument("count and duration must be >= 0")
+        self.prune_workloads()
         q = self.quotas(entry.tenant).workloads
         running = sum(
             1 for r in self.workloads.values() if r.tenant == entry.tenant and r.state == "running"
@@ -867,8 +892,8 @@ class Engine:
             # this finds nothing then; adopting in `finally` keeps the API's view right
             # whatever a setup leaves behind).
             self._adopt_plugins(entry)
-        run_id = f"w{self._next_workload}"
-        self._next_workload += 1
+        # Unguessable, not a count: a tenant learns nothing of the others' workloads.
+        run_id = f"w{secrets.token_hex(6)}"
         run = WorkloadRun(
             run_id, entry.tenant, entry, kind, workload, rate, count, duration_s,
             {"seed": seed, **dict(options)},
@@ -945,6 +970,27 @@ class Engine:
             log.exception("workload.failed", id=run.run_id)
         finally:
             run.ended = time.monotonic()
+            asyncio.get_running_loop().call_soon(self.prune_workloads)  # once its task is done
+
+    def prune_workloads(self) -> int:
+        """Forget ended workloads older than FINISHED_WORKLOAD_TTL_S, and beyond each
+        tenant's finished_workloads quota the oldest ended ones; returns how many went.
+        (An ended workload keeps its figures for GetWorkload, and its VM: unbounded,
+        they would hold memory forever.)"""
+        now = time.monotonic()
+        ended: dict[TenantId, list[WorkloadRun]] = {}
+        for run in self.workloads.values():
+            if run.ended is not None and (run.task is None or run.task.done()):
+                ended.setdefault(run.tenant, []).append(run)
+        gone = 0
+        for tenant, runs in ended.items():
+            runs.sort(key=lambda r: r.ended or 0.0, reverse=True)
+            keep = self.quotas(tenant).finished_workloads
+            for i, run in enumerate(runs):
+                if i >= keep or now - (run.ended or now) > FINISHED_WORKLOAD_TTL_S:
+                    del self.workloads[run.run_id]
+                    gone += 1
+        return gone
 
     def _check_workload_memory(self, entry: VmEntry) -> None:
         """A workload's writes are made inside the daemon, so they are checked step by

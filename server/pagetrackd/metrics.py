@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import structlog
@@ -299,10 +299,18 @@ def build_registry(
 class MetricsServer:
     """A minimal HTTP/1.0 server for ``GET /metrics``, on the daemon's event loop."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        may_scrape: Callable[[str | None], bool] = lambda authorization: True,
+    ) -> None:
         self.registry = registry
         self.host = host
         self.port = port
+        #: whether a request's Authorization header may read /metrics
+        self.may_scrape = may_scrape
         self._server: asyncio.Server | None = None
 
     async def start(self) -> str:
@@ -323,11 +331,27 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            parts = head.split(b"\r\n", 1)[0].split()
+            lines = head.split(b"\r\n")
+            parts = lines[0].split()
+            authorization = next(
+                (
+                    line.split(b":", 1)[1].strip().decode("latin-1")
+                    for line in lines[1:]
+                    if line.lower().startswith(b"authorization:")
+                ),
+                None,
+            )
+            extra = ""
             method = parts[0] if parts else b""
             path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
             if method not in (b"GET", b"HEAD"):
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path in (b"/metrics", b"/") and not self.may_scrape(authorization):
+                status, ctype, body = (
+                    "401 Unauthorized", "text/plain",
+                    b"send 'Authorization: Bearer <token>' with a token of role metrics\n",
+                )
+                extra = 'WWW-Authenticate: Bearer realm="pagetrackd"\r\n'
             elif path in (b"/metrics", b"/"):
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(
                     self.registry
@@ -337,7 +361,7 @@ class MetricsServer:
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
             writer.write(
-                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n{extra}"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             )
             if method != b"HEAD":

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from pagetrack.cli import app as cli_app
 from pagetrackd.auth import Authenticator
 from pagetrackd.config import load
+from pagetrackd.domain import PermissionDenied
 from tests.deploy.conftest import (
     DEPLOY,
     ROOT,
@@ -158,6 +159,13 @@ def test_example_tokens_match(tmp_path: Path) -> None:
     assert (demo.tenant, demo.role) == ("demo", "tenant")
     assert admin.admin
     assert hashlib.sha256(b"x").hexdigest() not in (compose_dir / "tokens.toml").read_text()
+    # Prometheus' token scrapes /metrics and nothing else; a tenant's does not scrape
+    metrics = "Bearer " + (compose_dir / "metrics.token").read_text().strip()
+    assert auth.may_scrape(metrics) and auth.may_scrape("Bearer " + (
+        compose_dir / "admin.token").read_text().strip())
+    assert not auth.may_scrape("Bearer " + (compose_dir / "demo.token").read_text().strip())
+    with pytest.raises(PermissionDenied):
+        auth.authenticate(metrics)
 
 
 # ------------------------------------------------------------------- prometheus
@@ -180,6 +188,23 @@ def test_prometheus_scrapes_the_daemons_metrics_port(
     source = mounted[config_flag.partition("=")[2]]
     assert (ROOT / source).resolve() == (DEPLOY / "prometheus.yml").resolve()
     assert {_container_port(p) for p in prom["ports"]} == {9090}  # Prometheus' own port
+
+
+def test_prometheus_sends_the_metrics_token(
+    compose: dict[str, Any],
+    services: dict[str, dict[str, Any]],
+    prometheus_config: dict[str, Any],
+) -> None:
+    """The daemon has a tokens file, so /metrics wants a bearer token: Prometheus reads
+    one from the secret the stack mounts, and the tokens file gives it role metrics."""
+    jobs = {j["job_name"]: j for j in prometheus_config["scrape_configs"]}
+    auth = jobs["pagetrackd"]["authorization"]
+    assert auth.get("type", "Bearer") == "Bearer"
+    (secret,) = services["prometheus"]["secrets"]
+    assert auth["credentials_file"] == f"/run/secrets/{secret}"
+    token = (ROOT / _default(compose["secrets"][secret]["file"])).read_text().strip()
+    tokens = Authenticator.from_file(DEPLOY / "compose" / "tokens.toml")
+    assert tokens.may_scrape(f"Bearer {token}")
 
 
 # ------------------------------------------------------------------- the CLI's commands

@@ -29,16 +29,20 @@ from tests.integration.support import Api, connect, new_name
 ROOT = Path(__file__).resolve().parents[2]
 ATTACKER = "attacker-token"
 VICTIM = "victim-token"
+SCRAPER = "scraper-token"  #: role metrics: may only scrape /metrics
 MiB = 1 << 20
 
 
 def write_tokens(tmp: Path) -> Path:
-    """A tokens file: tenant ``attacker`` and tenant ``victim``, both plain tenants."""
+    """A tokens file: tenants ``attacker`` and ``victim``, and a Prometheus scraper."""
     path = tmp / "tokens.toml"
     path.write_text(
         "".join(
-            f'[[token]]\nsha256 = "{hash_token(t)}"\ntenant = "{n}"\nrole = "tenant"\n\n'
-            for t, n in ((ATTACKER, "attacker"), (VICTIM, "victim"))
+            f'[[token]]\nsha256 = "{hash_token(t)}"\ntenant = "{n}"\nrole = "{r}"\n\n'
+            for t, n, r in (
+                (ATTACKER, "attacker", "tenant"), (VICTIM, "victim", "tenant"),
+                (SCRAPER, "prometheus", "metrics"),
+            )
         )
     )
     return path

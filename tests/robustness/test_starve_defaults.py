@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pagetrack.v1 import pagetrack_pb2 as pb
+from pagetrackd.config import Config
 from tests.daemon_process import start_daemon
 from tests.integration.support import connect
 from tests.robustness.starve_support import MiB, refused
@@ -25,6 +26,7 @@ async def test_default_quotas_exist_and_hold(tmp_path: Path) -> None:
             assert 0 < getattr(q, name) <= GiB, (name, getattr(q, name))
         assert 0 < q.leases <= 4096 and 0 < q.finished_workloads <= 1024
         assert 0 < info.limits.default_queue_bytes <= info.limits.max_queue_bytes <= 256 * MiB
+        assert 0 < Config().health_watchers <= 1024
         await refused(
             api.vm.CreateVm(pb.CreateVmRequest(
                 name="big-history",

@@ -17,11 +17,11 @@ from tests.robustness.starve_support import ATTACKER, Tenant, daemon, victim_mea
 
 #: the victim's p99 while the expensive call runs. Generous for a shared, loaded machine;
 #: the stalls this guards against held the loop for seconds.
-VICTIM_P99_S = 0.3
+VICTIM_P99_S = 0.5
 #: the victim's slowest request: one stall of a second or more is what is guarded against
 VICTIM_WORST_S = 1.0
 #: the most gfns one QueryTracking reports
-QUERY_MAX = 1 << 14
+QUERY_MAX = 1 << 13
 
 
 async def test_a_small_expensive_restore_does_not_stall_other_tenants(tmp_path: Path) -> None:

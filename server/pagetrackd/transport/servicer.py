@@ -551,8 +551,8 @@ class TrackingService(pbg.TrackingServiceServicer):
 
 
 #: the most gfns one QueryTracking reports: the answer (~35 bytes a gfn with owners) is
-#: encoded on the event loop in some 40 ms, and stays well within grpc's default 4 MiB
-QUERY_MAX_GFNS = 1 << 14
+#: encoded on the event loop in some 20 ms, and stays well within grpc's default 4 MiB
+QUERY_MAX_GFNS = 1 << 13
 #: gfns QueryTracking answers per turn of the event loop (a few ms of work)
 QUERY_CHUNK = 512
 #: times a large query starts over when tracking changes under it
@@ -582,6 +582,7 @@ class LeaseService(pbg.LeaseServiceServicer):
         self, request: pb.CreateLeaseRequest, context: Ctx
     ) -> pb.CreateLeaseResponse:
         self.engine.check_serving()
+        self.engine.check_leases(_tenant())
         lease = self.engine.leases.create(_tenant(), request.ttl_ms, request.label)
         return pb.CreateLeaseResponse(lease=_lease_pb(self.engine, lease))
 
