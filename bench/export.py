@@ -11,7 +11,7 @@ Per round, back to back: a writer pushes WriteGuestBatch calls (4096 tracked wri
 * ``watch_events_per_s``: the reader Watches the VM directly;
 * ``export_events_per_s``: ``pagetrack export nats`` (running all along, default block
   policy) Watches another VM and publishes to JetStream, and the reader is a JetStream
-  consumer of that VM's events subject, decoding each EventBatch.
+  pull consumer of that VM's events subject, decoding each EventBatch.
 
 Both are events / (time from the writer's start to the reader's last event). After the
 rounds the whole exported subject is read back and checked:
@@ -41,7 +41,7 @@ import numpy as np
 BATCH = 4096
 IN_FLIGHT = 4
 EVENTS = 250 * BATCH  #: events per run, in whole WriteGuestBatch calls
-ROUNDS = 3
+ROUNDS = 5
 BIN = Path(sys.executable).parent
 STREAM = "PAGETRACK"
 
@@ -139,26 +139,35 @@ def _jetstream_reader(url: str, subject: str, last_seq: int, ready: Any, out: An
 
     async def run() -> None:
         import nats
-        from nats.js.api import DeliverPolicy
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         from pagetrack.v1 import pagetrack_pb2 as pb
 
         nc = await nats.connect(url)
-        js = nc.jetstream()
-        sub = await js.subscribe(subject, ordered_consumer=True,
-                                 deliver_policy=DeliverPolicy.NEW)
+        js = nc.jetstream(timeout=30)
+        # A pull consumer of the new messages, as a reader that keeps no position would be.
+        sub = await js.pull_subscribe(subject, stream=STREAM, config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE))
         ready.set()
         got = 0
-        while True:
-            msg = await sub.next_msg(timeout=120)
-            seqs = pb.EventBatch.FromString(msg.data).seq
-            got += len(seqs)
-            if seqs[-1] >= last_seq:
-                break
+        done = False
+        while not done:
+            try:
+                msgs = await sub.fetch(64, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                seqs = pb.EventBatch.FromString(msg.data).seq
+                got += len(seqs)
+                done = done or seqs[-1] >= last_seq
         out.put((time.time(), got))
         await nc.close()
 
-    uvloop.run(run())
+    try:
+        uvloop.run(run())
+    except Exception as exc:  # tell the bench at once rather than let it wait
+        out.put(exc)
+        raise
 
 
 def _one_run(reader: Any, reader_args: tuple[Any, ...], target: str, vm: str) -> float:
@@ -171,7 +180,10 @@ def _one_run(reader: Any, reader_args: tuple[Any, ...], target: str, vm: str) ->
     w = ctx.Process(target=_writer, args=(target, vm, EVENTS, wout))
     w.start()
     t_start = wout.get(timeout=60)
-    t_end, got = out.get(timeout=600)
+    result = out.get(timeout=600)
+    if isinstance(result, Exception):
+        raise RuntimeError(f"the reader failed: {result!r}")
+    t_end, got = result
     w.join(60)
     r.join(60)
     return float(got / (t_end - t_start))
@@ -187,7 +199,7 @@ async def _head(target: str, vm: str) -> int:
 async def _check_export(url: str, subject_filter: str, head: int) -> tuple[int, int]:
     """(lost, duplicated) seqs of 1..head in what JetStream holds for the VM."""
     import nats
-    from nats.js.api import ConsumerConfig, DeliverPolicy
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     from pagetrack.v1 import pagetrack_pb2 as pb
 
@@ -195,12 +207,13 @@ async def _check_export(url: str, subject_filter: str, head: int) -> tuple[int, 
     js = nc.jetstream()
     info = await js.stream_info(STREAM, subjects_filter=subject_filter)
     total = sum((info.state.subjects or {}).values())
+    # No acks (nothing is redelivered while the check reads), batches of a few MB.
     sub = await js.pull_subscribe(subject_filter, stream=STREAM, config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL))
+        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE))
     seen = np.zeros(head + 1, dtype=np.int64)
     n = 0
     while n < total:
-        for msg in await sub.fetch(min(500, total - n), timeout=30):
+        for msg in await sub.fetch(min(16, total - n), timeout=30):
             n += 1
             h = msg.headers or {}
             if h["Pagetrack-Kind"] == "events":

@@ -231,6 +231,8 @@ class Engine:
         self._counted: dict[Vm, tuple[int, int, int, int]] = {}
         self._changed: set[Vm] = set()
         self._vm_tenant: dict[Vm, TenantId] = {}
+        #: tenant -> its VMs' event history bounds, summed (the history_bytes quota)
+        self._history_held: dict[TenantId, int] = {}
         #: list_vms answers, each beside the registry listing it was built from
         self._listed: dict[TenantId | None, tuple[list[Any], list[VmEntry]]] = {}
 
@@ -359,7 +361,7 @@ class Engine:
                 "history_events must be 0..16777216 and history_bytes 0..4294967296"
             )
         q = self.quotas(tenant)
-        held = sum(e.hub.history.max_bytes for e in self._tenant_entries(tenant))
+        held = self._history_held.get(tenant, 0)
         if check_quota and held + h_bytes > q.history_bytes:
             raise QuotaExceeded(
                 f"an event history of {h_bytes} bytes would take the tenant's VMs to"
@@ -373,6 +375,7 @@ class Engine:
         )
         history = History(h_events, h_bytes)
         vm.register_notifier(history)
+        self._history_held[tenant] = held + h_bytes
         self._vm_tenant[vm] = tenant
         vm.on_change = self._changed.add
         self._changed.add(vm)  # a VM loaded apart (a restore) holds pages already
@@ -544,6 +547,7 @@ class Engine:
         for k, v in enumerate(counted):
             usage[k] -= v
         self.registry.delete_vm(tenant, name)
+        self._history_held[tenant] -= entry.hub.history.max_bytes
         self._changed.discard(entry.vm)
         self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]

@@ -74,6 +74,9 @@ def test_usage_totals_follow_every_change(steps: list[tuple[str, TenantId, str, 
             pass
         for t in TENANTS:
             assert counted(engine, t) == brute(engine, t)
+            assert engine._history_held.get(t, 0) == sum(
+                e.hub.history.max_bytes for e in engine.list_vms(t)
+            )
     for t in TENANTS:
         engine.leases.end(lease[t])
         assert counted(engine, t) == brute(engine, t)

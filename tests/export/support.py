@@ -19,7 +19,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from pagetrack.export.subjects import subject
 from pagetrack.v1 import pagetrack_pb2 as pb
@@ -171,12 +171,13 @@ async def read_vm(js: JetStreamContext, tenant: str, vm: str,
         return []
     sub = await js.pull_subscribe(
         filt, stream=STREAM,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
+                              inactive_threshold=30.0),
     )
     out: list[Record] = []
     try:
         while len(out) < total:
-            for msg in await sub.fetch(min(1000, total - len(out)), timeout=10):
+            for msg in await sub.fetch(min(100, total - len(out)), timeout=10):
                 h = dict(msg.headers or {})
                 out.append(Record(
                     h["Pagetrack-Kind"], int(h["Pagetrack-First-Seq"]),

@@ -10,6 +10,7 @@ import pytest
 
 from pagetrack import errors
 from pagetrack.export import ExportConfig, load_config
+from pagetrack.export.pump import batch_limits
 from pagetrack.export.subjects import Position, position, subject, token
 
 
@@ -97,3 +98,18 @@ def test_cli_refuses_a_bad_config_with_exit_2_or_1(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stderr.startswith("pagetrack: policy 'coalesce'")
+
+
+@pytest.mark.parametrize("fmt", ["protobuf", "jsonl"])
+@pytest.mark.parametrize("max_message", [1 << 20, 64 << 10, 8 << 20])
+def test_batches_fit_one_nats_message(fmt: str, max_message: int) -> None:
+    events, data = batch_limits(max_message, fmt, None, None)
+    per_event = 48 if fmt == "protobuf" else 200
+    factor = 4 / 3 if fmt == "jsonl" else 1
+    assert 1 <= events <= 8192 and data >= 4096
+    assert events * per_event + data * factor + 4096 <= max_message
+    # a configured batch larger than a message is cut down to fit
+    events, data = batch_limits(max_message, fmt, 65536, 1 << 30)
+    assert events * per_event + data * factor + 4096 <= max_message and data >= 4096
+    with pytest.raises(errors.InvalidArgument, match="cannot hold one 4096-byte write"):
+        batch_limits(4096, fmt, None, None)

@@ -4,14 +4,21 @@ records once, several consumers, new VMs, JSON lines, and tenants kept apart."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagetrack.client import AsyncClient
-from pagetrack.export import ExportConfig, Exporter
+from pagetrack.export import ExportConfig, Exporter, Position
+from pagetrack.export.sink import JetStreamSink, PublishRefused
+from pagetrack.export.subjects import Encoder
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrackd.auth import hash_token
 from tests.daemon_process import DaemonProcess, start_daemon
@@ -73,6 +80,30 @@ async def test_gap_when_the_exporter_was_away_longer_than_the_ring(
     assert int(gap.headers["Pagetrack-Count"]) == last - first + 1
     decoded = pb.Gap.FromString(gap.data)
     assert (decoded.first_seq, decoded.last_seq) == (first, last)
+
+
+async def test_batches_of_large_writes_fit_the_nats_message_limit(
+    client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    """600 page-sized writes are 2.4 MB of data, more than one 1 MB NATS message: the
+    exporter asks the daemon for batches that fit."""
+    vm = await tracked_vm(client, "exp-big")
+    gpas = [(0x100 + i % 64) << 12 for i in range(600)]
+    result = await client.write_batch(vm, gpas, bytes(4096 * 600))
+    head = int(result.last_seq or 0)
+    assert head == 600
+    config = ExportConfig(target=daemon.tcp, nats_servers=(nats_server.url,))
+    async with running(config) as exporter:
+        await exported(exporter, vm, head)
+        [pump] = exporter.pumps.values()
+        assert pump.attempts == 1  # no publish was refused
+    nc, js = await connect(nats_server.url)
+    try:
+        records = await read_vm(js, "default", vm)
+    finally:
+        await nc.close()
+    assert tiling(records).events == head and len(records) >= 3
+    assert all(len(r.data) <= 1 << 20 for r in records)
 
 
 async def test_region_records_are_exported_once_across_restarts(
@@ -221,3 +252,101 @@ async def test_a_tenants_exporter_sees_only_its_own_vms(
         assert bob.stop() == 0
         assert daemon.stop() == 0
     assert "alice" not in bob.log.read_text()
+
+
+async def test_metrics_show_progress_and_published_counts(
+    client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    vm = await tracked_vm(client, "exp-metrics")
+    config = ExportConfig(target=daemon.tcp, nats_servers=(nats_server.url,),
+                          max_batch_events=100)
+    async with running(config) as exporter:
+        port = exporter.metrics.serve("127.0.0.1", 0)
+        head = await write_events(client, vm, 450)
+        await exported(exporter, vm, head)
+
+        def scrape() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            return {
+                s.name + str(sorted(s.labels.items())): s.value
+                for f in text_string_to_metric_families(text.decode()) for s in f.samples
+            }
+
+        samples = await asyncio.to_thread(scrape)
+    labels = str(sorted({"tenant": "default", "vm": vm}.items()))
+    assert samples["pagetrack_export_events_total" + labels] == head
+    assert samples["pagetrack_export_exported_seq" + labels] == head
+    kinds = sorted({"kind": "events", "tenant": "default", "vm": vm}.items())
+    assert samples["pagetrack_export_messages_total" + str(kinds)] >= 5
+    assert samples["pagetrack_export_vms[]"] == 1
+
+
+async def test_a_full_stream_holds_the_export_back_until_there_is_room(
+    client: AsyncClient, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    """JetStream refuses publishes into a full discard-new stream: the export stops and
+    retries from JetStream's position, and completes once the stream has room."""
+    nc, js = await connect(nats_server.url)
+    try:
+        await js.add_stream(StreamConfig(name=STREAM, subjects=["pagetrack.>"], max_msgs=3,
+                                         discard=DiscardPolicy.NEW))
+        vm = await tracked_vm(client, "exp-full")
+        config = ExportConfig(target=daemon.tcp, nats_servers=(nats_server.url,),
+                              max_batch_events=50, retry_max_s=0.3)
+        stop = asyncio.Event()
+        exporter = Exporter(config)  # the stream exists: no --create-stream
+        task = asyncio.create_task(exporter.run(stop))
+        try:
+            head = await write_events(client, vm, 500)
+
+            async def refused() -> bool:
+                pumps = list(exporter.pumps.values())
+                return bool(pumps) and pumps[0].attempts >= 3
+
+            await eventually(refused, "publishes refused by the full stream")
+            assert len(await read_vm(js, "default", vm)) == 3
+            await js.update_stream(StreamConfig(name=STREAM, subjects=["pagetrack.>"],
+                                                max_msgs=-1, discard=DiscardPolicy.NEW))
+            await exported(exporter, vm, head)
+        finally:
+            stop.set()
+            await task
+        t = tiling(await read_vm(js, "default", vm))
+        assert t.events == head and not t.gaps
+    finally:
+        await nc.close()
+
+
+async def test_a_repeated_publish_is_stored_once(nats_server: NatsServer) -> None:
+    """The same batch published twice (a retry after a lost ack) has the same Nats-Msg-Id:
+    JetStream stores it once and acks the repeat as a duplicate."""
+    sink = JetStreamSink(ExportConfig(nats_servers=(nats_server.url,)).with_overrides(
+        stream_create=True))
+    await sink.connect()
+    try:
+        await sink.ensure_stream()
+        batch = pb.EventBatch(seq=[1, 2], gpa=[0, 8], length=[8, 8], vcpu=[0, 0],
+                              flags=[0, 0], timestamp_ns=[5, 6], data=bytes(16))
+        headers, payload = Encoder("t", "vm.1", "protobuf").events(batch)
+        subject = "pagetrack.t.vm%2E1.events"
+        first = await (await sink.publish(subject, payload, dict(headers)))
+        again = await (await sink.publish(subject, payload, dict(headers)))
+        assert (first.duplicate, again.duplicate, again.seq) == (False, True, first.seq)
+        assert await sink.position("t", "vm.1") == Position(last_seq=2)
+        refused = await sink.publish("elsewhere.events", payload, dict(headers))
+        with pytest.raises(PublishRefused, match="no stream takes this subject"):
+            await refused
+    finally:
+        await sink.close()
+
+
+def test_cli_says_when_the_stream_is_missing(
+    tmp_path: Path, daemon: DaemonProcess, nats_server: NatsServer
+) -> None:
+    exe = Path(sys.executable).parent / "pagetrack"
+    out = subprocess.run(
+        [str(exe), "--target", daemon.tcp, "export", "nats", "--nats", nats_server.url,
+         "--stream", "MISSING"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        "pagetrack: JetStream has no stream 'MISSING'; create it, or give --create-stream")

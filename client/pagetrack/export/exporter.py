@@ -12,7 +12,7 @@ from pagetrack.client import AsyncClient, Backoff
 from pagetrack.errors import PageTrackError
 from pagetrack.export.config import ExportConfig
 from pagetrack.export.metrics import ExportMetrics
-from pagetrack.export.pump import VmPump
+from pagetrack.export.pump import VmPump, batch_limits
 from pagetrack.export.sink import JetStreamSink
 
 log = logging.getLogger("pagetrack.export")
@@ -40,8 +40,10 @@ class Exporter:
                 try:
                     await sink.connect()
                     await sink.ensure_stream()
-                except LookupError:
-                    await sink.close()
+                    batch_limits(sink.max_message, c.format, c.max_batch_events,
+                                 c.max_batch_bytes)
+                except PageTrackError:
+                    await sink.close()  # a configuration that cannot work: say so, stop
                     raise
                 except Exception as exc:  # NATS down or refusing: try again
                     log.warning("nats %s: %r; retrying", ",".join(c.nats_servers), exc)

@@ -19,6 +19,10 @@ class ExportMetrics:
         self.bytes = Counter(
             "pagetrack_export_payload_bytes", "Payload bytes stored in JetStream.", labels,
             registry=r)
+        self.duplicates = Counter(
+            "pagetrack_export_duplicates",
+            "Publishes JetStream dropped as repeats (same Nats-Msg-Id in its window).",
+            labels, registry=r)
         self.gap_events = Counter(
             "pagetrack_export_gap_events", "Events reported lost in gap messages, by reason.",
             [*labels, "reason"], registry=r)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -22,12 +22,9 @@ from pagetrack import errors
 from pagetrack.client import AsyncClient
 from pagetrack.export.config import ExportConfig
 from pagetrack.export.metrics import ExportMetrics
-from pagetrack.export.sink import JetStreamSink
+from pagetrack.export.sink import Ack, JetStreamSink
 from pagetrack.export.subjects import H_GAP_REASON, Encoder, Position, subject
 from pagetrack.v1 import pagetrack_pb2 as pb
-
-if TYPE_CHECKING:
-    from nats.js.api import PubAck
 
 log = logging.getLogger("pagetrack.export")
 
@@ -36,6 +33,32 @@ _POLICY = {
     "drop": pb.SLOW_CONSUMER_POLICY_DROP,
     "disconnect": pb.SLOW_CONSUMER_POLICY_DISCONNECT,
 }
+
+
+#: bytes a batch's event costs besides its data: protobuf columns (seq, gpa and timestamp
+#: fixed64, length, vcpu and flags varints), or a JSON line's keys and numbers
+_EVENT_BYTES = {"protobuf": 48, "jsonl": 200}
+_HEADROOM = 4096  #: headers and framing of one message
+_MAX_WRITE = 4096  #: the largest single write's data: every batch must take one
+
+
+def batch_limits(
+    max_message: int, fmt: str, events: int | None, data_bytes: int | None
+) -> tuple[int, int]:
+    """max_batch_events and max_batch_bytes for the Watch such that every batch, encoded,
+    fits one NATS message of ``max_message`` bytes (8192 events by default)."""
+    per_event = _EVENT_BYTES[fmt]
+    factor = 4 / 3 if fmt == "jsonl" else 1.0  # base64
+    room = max_message - _HEADROOM
+    most_events = int((room - _MAX_WRITE * factor) // per_event)
+    if most_events < 1:
+        raise errors.InvalidArgument(
+            f"NATS messages of {max_message} bytes cannot hold one {_MAX_WRITE}-byte write;"
+            " raise max_payload / max_msg_size"
+        )
+    n = max(1, min(events or 8192, most_events))
+    data = int((room - n * per_event) / factor)
+    return n, max(_MAX_WRITE, min(data_bytes or data, data))
 
 
 class Retry(Exception):
@@ -50,7 +73,7 @@ class Retry(Exception):
 class _Sent:
     """A publish awaiting its ack, and what it stores."""
 
-    ack: asyncio.Future[PubAck]
+    ack: asyncio.Future[Ack]
     kind: str
     last_seq: int  #: newest seq it covers (events, gaps), else 0
     events: int
@@ -116,10 +139,12 @@ class VmPump:
 
     def _request(self, start_seq: int) -> pb.WatchRequest:
         c = self.config
+        events, data = batch_limits(self.sink.max_message, c.format, c.max_batch_events,
+                                    c.max_batch_bytes)
         req = pb.WatchRequest(vm=self.vm, start_seq=start_seq, allow_compacted=True,
-                              policy=_POLICY[c.policy])
-        for key in ("queue_limit", "block_timeout_ms", "max_batch_events", "max_batch_bytes",
-                    "max_batch_delay_ms"):
+                              policy=_POLICY[c.policy], max_batch_events=events,
+                              max_batch_bytes=data)
+        for key in ("queue_limit", "block_timeout_ms", "max_batch_delay_ms"):
             value = getattr(c, key)
             if value is not None:
                 setattr(req, key, value)
@@ -259,12 +284,15 @@ class VmPump:
         if exc is not None:
             raise Retry("nats", f"JetStream refused a publish: {exc!r}")
         labels = self._labels
-        self.metrics.messages.labels(*labels, sent.kind).inc()
-        self.metrics.bytes.labels(*labels).inc(sent.size)
-        if sent.kind == "events":
-            self.metrics.events.labels(*labels).inc(sent.events)
-        elif sent.kind == "gaps":
-            self.metrics.gap_events.labels(*labels, sent.gap_reason).inc(sent.events)
+        if sent.ack.result().duplicate:  # stored before: counted then
+            self.metrics.duplicates.labels(*labels).inc()
+        else:
+            self.metrics.messages.labels(*labels, sent.kind).inc()
+            self.metrics.bytes.labels(*labels).inc(sent.size)
+            if sent.kind == "events":
+                self.metrics.events.labels(*labels).inc(sent.events)
+            elif sent.kind == "gaps":
+                self.metrics.gap_events.labels(*labels, sent.gap_reason).inc(sent.events)
         if sent.last_seq > self.exported_seq:
             self.exported_seq = sent.last_seq
             self.metrics.exported_seq.labels(*labels).set(sent.last_seq)
