@@ -586,6 +586,8 @@ def section_vms(sizes: list[int], quick: bool, tmp: Path) -> None:
     cfg = (
         f"[quotas]\nvms = {sizes[-1] + 10}\nguest_pages = {(sizes[-1] + 10) * SLOT_4G}\n"
         f"history_bytes = {(sizes[-1] + 10) * HISTORY_BYTES}\n"
+        f"tracking_bytes = {(sizes[-1] + 10) * (64 << 10)}\n"
+        f"guest_memory_bytes = {(sizes[-1] + 10) * (64 << 10)}\n"
     )
     points: list[tuple[int, float, float, float, float]] = []
     with daemon(tmp, config=cfg, name="vms") as d:
@@ -945,7 +947,11 @@ def section_restart(sizes: list[int], quick: bool, tmp: Path) -> None:
     n = sizes[-1]
     events = 1_000 if quick else HISTORY_EVENTS_RESTART
     state = tmp / "state"
-    cfg = f"[quotas]\nvms = {n + 10}\nhistory_bytes = {(n + 10) * HISTORY_BYTES}\n"
+    cfg = (
+        f"[quotas]\nvms = {n + 10}\nhistory_bytes = {(n + 10) * HISTORY_BYTES}\n"
+        f"guest_memory_bytes = {(n + 10) << 20}\ntracking_bytes = {(n + 10) << 20}\n"
+        f"leases = {n + 10}\n"
+    )
     d = Daemon(tmp, "--state-dir", str(state), "--save-interval", "86400", config=cfg,
                name="restart1")
     try:

@@ -357,11 +357,12 @@ def run(args: argparse.Namespace) -> int:
         if driver is not None:
             driver.stop_event.set()
             driver.join(timeout=5)
+        # The daemon first: Ctrl-C must stop it even if closing the client were slow.
+        status = _stop_daemon(proc)
+        _say(f"pagetrackd stopped (exit status {status}).")
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
-        status = _stop_daemon(proc)
-        _say(f"pagetrackd stopped (exit status {status}).")
 
 
 def main(argv: list[str] | None = None) -> int:

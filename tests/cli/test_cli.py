@@ -21,6 +21,7 @@ from pagetrack import _cliparse as cp
 from pagetrack.cli import app, main
 from pagetrack.types import GfnRange
 from tests.daemon_process import DaemonProcess, start_daemon, with_parent
+from tests.waiting import HANG_S
 
 PAGETRACK = Path(sys.executable).with_name("pagetrack")
 
@@ -86,7 +87,7 @@ def test_end_to_end_session(daemon: DaemonProcess) -> None:
             c.write("e2e", 0x20000, b"\xde\xad")
             c.dma_write("e2e", 0x11000, b"\x01\x02")
             c.write("e2e", 0x12008, b"third")
-        rest, err = watcher.communicate(timeout=20)
+        rest, err = watcher.communicate(timeout=HANG_S)
     finally:
         if watcher.poll() is None:
             watcher.kill()
@@ -163,7 +164,7 @@ def test_ctrl_c_ends_watch_quietly(daemon: DaemonProcess) -> None:
         assert watcher.stdout is not None
         assert json.loads(watcher.stdout.readline())["type"] == "registered"
         watcher.send_signal(signal.SIGINT)
-        _, err = watcher.communicate(timeout=20)
+        _, err = watcher.communicate(timeout=HANG_S)
     finally:
         if watcher.poll() is None:
             watcher.kill()

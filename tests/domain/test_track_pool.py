@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from pagetrackd.domain.track import CHUNK, ChunkedCounters, RunMap, SlotTracking
+from pagetrackd.domain.track import CHUNK, ChunkedCounters, RegionCounts, RunMap, SlotTracking
 from pagetrackd.domain.types import TENANT_OWNER
 
 #: pages in the modelled slot: 160 chunks, so touching more than 64 of them switches
@@ -223,3 +223,25 @@ def test_runmap_span_reads_match_page_reads(
     every = np.arange(lo, hi, dtype=np.int64)
     assert rm.get_span(lo, hi).tolist() == rm.get(every).tolist()
     assert rm.counts_of(every).tolist() == rm.get(every).tolist()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 63), min_size=1, max_size=20, unique=True),
+                          st.integers(1, 3), st.booleans()), max_size=12))
+def test_region_counts_match_a_dict(ops: list[tuple[list[int], int, bool]]) -> None:
+    rc = RegionCounts(64)  # dense past 8 regions
+    model: Counter[int] = Counter()
+    for regions, n, one_by_one in ops:
+        regions = sorted(regions)
+        step = -n if all(model[r] >= n for r in regions) else n
+        if one_by_one:
+            for r in regions:
+                rc[r] = rc.get(r, 0) + step
+        else:
+            rc.add_many(np.array(regions, dtype=np.int64), np.full(len(regions), step))
+        for r in regions:
+            model[r] += step
+        model = +model
+        assert rc == dict(model) and len(rc) == len(model)
+        assert all((r in rc) == (r in model) for r in range(64))
+        assert rc.nbytes > 0 or not model

@@ -16,7 +16,7 @@ owner counts``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 
 import numpy as np
 import numpy.typing as npt
@@ -384,6 +384,15 @@ class RunMap:
         self.starts, self.ends, self.values = s, e, v
 
 
+def _region_counts(base_gfn: int, npages: int) -> tuple[RegionCounts, RegionCounts]:
+    """Empty 2 MiB and 1 GiB region counts for a slot."""
+    last = base_gfn + npages - 1
+    return (
+        RegionCounts((last >> 9) - (base_gfn >> 9) + 1),
+        RegionCounts((last >> 18) - (base_gfn >> 18) + 1),
+    )
+
+
 def _distinct_ascending(values: I64) -> I64:
     """The distinct values of the ascending ``values`` (no sort)."""
     if values.size < 2:
@@ -405,6 +414,109 @@ def _eval(starts: I64, ends: I64, values: I64, at: I64) -> I64:
     return out
 
 
+class RegionCounts(MutableMapping[int, int]):
+    """Tracked gfns per large-page region: region index -> count, only counts > 0.
+
+    A dict while few regions are in use (a VM tracking 16 pages of a 4 GiB slot holds 16
+    entries, not a 4 KiB array); past 1/16 of the regions a dense ``uint32`` array
+    (scattered tracking over a whole slot, or a fully tracked guest: 4 bytes a region
+    instead of some 70 for a dict entry and its ints)."""
+
+    __slots__ = ("nregions", "_sparse", "_dense", "_mv", "_len")
+
+    def __init__(self, nregions: int) -> None:
+        self.nregions = nregions
+        self._sparse: dict[int, int] | None = {}
+        self._dense: npt.NDArray[np.uint32] | None = None
+        self._mv: memoryview | None = None
+        self._len = 0  #: regions with a count, once dense
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the array, or the dict with an entry's key and count."""
+        if self._dense is not None:
+            return self._dense.nbytes
+        assert self._sparse is not None
+        return sys.getsizeof(self._sparse) + _REGION_ENTRY_BYTES * len(self._sparse) if (
+            self._sparse) else 0
+
+    def _densify(self) -> None:
+        assert self._sparse is not None
+        dense = np.zeros(self.nregions, dtype=np.uint32)
+        if self._sparse:
+            keys = np.fromiter(self._sparse.keys(), np.int64, len(self._sparse))
+            dense[keys] = np.fromiter(self._sparse.values(), np.int64, len(self._sparse))
+        self._len = len(self._sparse)
+        self._dense, self._mv, self._sparse = dense, dense.data, None
+
+    def __getitem__(self, region: int) -> int:
+        if self._mv is not None:
+            n: int = self._mv[region]
+            if n:
+                return n
+            raise KeyError(region)
+        assert self._sparse is not None
+        return self._sparse[region]
+
+    def __contains__(self, region: object) -> bool:
+        if self._mv is not None:
+            return isinstance(region, int) and 0 <= region < self.nregions and bool(
+                self._mv[region])
+        assert self._sparse is not None
+        return region in self._sparse
+
+    def __setitem__(self, region: int, count: int) -> None:
+        if count == 0:
+            self.pop(region, None)
+            return
+        if self._mv is not None:
+            self._len += not self._mv[region]
+            self._mv[region] = count
+            return
+        assert self._sparse is not None
+        self._sparse[region] = count
+        if len(self._sparse) > max(self.nregions // 16, 8):
+            self._densify()
+
+    def __delitem__(self, region: int) -> None:
+        if self._mv is not None:
+            if not self._mv[region]:
+                raise KeyError(region)
+            self._mv[region] = 0
+            self._len -= 1
+            return
+        assert self._sparse is not None
+        del self._sparse[region]
+
+    def __iter__(self) -> Iterator[int]:
+        if self._dense is not None:
+            return iter(np.flatnonzero(self._dense).tolist())
+        assert self._sparse is not None
+        return iter(list(self._sparse))
+
+    def __len__(self) -> int:
+        if self._dense is not None:
+            return self._len
+        assert self._sparse is not None
+        return len(self._sparse)
+
+    def add_many(self, regions: I64, counts: I64) -> None:
+        """Add ``counts[i]`` (may be negative; no count goes below 0) to the distinct
+        ``regions[i]``."""
+        if self._sparse is not None and len(self._sparse) + regions.size > max(
+            self.nregions // 16, 8
+        ):
+            self._densify()
+        if self._dense is not None:
+            before = self._dense[regions]
+            after = before.astype(np.int64) + counts
+            self._dense[regions] = after.astype(np.uint32)
+            self._len += int(np.count_nonzero(after)) - int(np.count_nonzero(before))
+            return
+        for r, c in zip(regions.tolist(), counts.tolist(), strict=True):
+            self[r] = self.get(r, 0) + c
+
+
 class SlotTracking:
     """Track counters, owner records and large-page disallow counts of one slot."""
 
@@ -421,10 +533,8 @@ class SlotTracking:
         self.owners: dict[str, RunMap] = {}
         #: tracked gfns in each 2 MiB / 1 GiB region the slot overlaps, keyed by
         #: ``(gfn >> 9) - (base_gfn >> 9)`` / ``(gfn >> 18) - (base_gfn >> 18)``; only
-        #: regions with tracked gfns (a VM tracking a few pages of a 4 GiB slot holds a
-        #: few entries, not a 4 KiB array; a whole 64 GiB guest 32,768 of them)
-        self.lpage_2m: dict[int, int] = {}
-        self.lpage_1g: dict[int, int] = {}
+        #: regions with tracked gfns
+        self.lpage_2m, self.lpage_1g = _region_counts(base_gfn, npages)
         #: region indexes (2M, 1G) the slot covers only in part: never huge-mapped
         self.edges: tuple[frozenset[int], frozenset[int]] = _edges(base_gfn, npages)
 
@@ -433,10 +543,7 @@ class SlotTracking:
         """Bytes held by the counters, the owner records and the region counts."""
         n = self.counters.nbytes + self.attributed.nbytes
         n += sum(r.nbytes for r in self.owners.values())
-        for regions in (self.lpage_2m, self.lpage_1g):
-            # the table, plus an entry's key and count (ints past the small-int cache)
-            n += sys.getsizeof(regions) + 64 * len(regions) if regions else 0
-        return n
+        return n + self.lpage_2m.nbytes + self.lpage_1g.nbytes
 
     @property
     def footprint(self) -> int:
@@ -601,19 +708,13 @@ class SlotTracking:
             edges = first - self.base_gfn + (np.arange(r0, r1 + 1, dtype=np.int64) << shift)
             per = np.diff(np.searchsorted(index, edges))
             touched = np.flatnonzero(per)
-            for r, c in zip((touched + r0).tolist(), per[touched].tolist(), strict=True):
-                n = regions.get(r, 0) + step * c
-                if n:
-                    regions[r] = n
-                else:
-                    del regions[r]
+            regions.add_many(touched + r0, per[touched] * step)
 
     def rebase(self, base_gfn: int) -> None:
         """The slot moved: recompute the region counts for its new base."""
         self.base_gfn = base_gfn
         self.edges = _edges(base_gfn, self.counters.npages)
-        self.lpage_2m = {}
-        self.lpage_1g = {}
+        self.lpage_2m, self.lpage_1g = _region_counts(base_gfn, self.counters.npages)
         self._count_lpages(self.counters.nonzero_indices(), +1)
 
     def owners_of(self, index: int) -> dict[str, int]:
