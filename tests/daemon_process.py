@@ -26,7 +26,9 @@ _LIFELINES: dict[int, int] = {}
 
 
 #: Runs argv[1:] with PR_SET_PDEATHSIG(SIGKILL) set (Linux; it survives exec): the
-#: command is killed when the test process that started it dies, however that dies.
+#: command is killed when the test process that started it dies, however that dies. SIGINT
+#: is put back to its default, as in a terminal: a test run started in the background
+#: (nohup ... &) ignores it, and Python then never raises KeyboardInterrupt.
 _WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "parent = int(sys.argv[1])\n"
@@ -34,6 +36,7 @@ _WITH_PARENT = (
     "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
     "if os.getppid() != parent:\n"
     "    sys.exit(137)  # the parent died before the signal was armed\n"
+    "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
     "os.execvp(sys.argv[2], sys.argv[2:])\n"
 )
 

@@ -416,6 +416,7 @@ def registered(vm_name: str, msg: pb.Registered, reconnects: int) -> t.Registere
         block_timeout_ms=msg.block_timeout_ms,
         heartbeat_interval_ms=msg.heartbeat_interval_ms,
         reconnects=reconnects,
+        incarnation=msg.incarnation,
     )
 
 

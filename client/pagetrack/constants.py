@@ -115,6 +115,8 @@ class GapReason(enum.StrEnum):
     BLOCK_TIMEOUT = "block_timeout"
     COMPACTED = "compacted"
     COALESCED = "coalesced"
+    #: the daemon crashed; these seqs were reserved by its previous run
+    RESTART = "restart"
 
 
 class CloseReason(enum.StrEnum):

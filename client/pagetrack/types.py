@@ -597,6 +597,8 @@ class Registered:
     block_timeout_ms: int
     heartbeat_interval_ms: int
     reconnects: int = 0
+    #: this run of the daemon; it changes when the daemon restarts
+    incarnation: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="save VM state here periodically and on SIGTERM; load it at start")
     p.add_argument("--save-interval", dest="save_interval_s", type=float, metavar="SECONDS",
                    help="how often state is saved (default 30)")
+    p.add_argument("--durability", choices=["interval", "journal"],
+                   help="interval (default): a crash loses what changed since the last save;"
+                   " journal: every acknowledged change is on disk before its reply")
     p.add_argument("--health-watchers", type=int, metavar="N",
                    help="most open grpc.health.v1 Health.Watch streams (default 256)")
     p.add_argument("--ready-file", metavar="FILE",
@@ -143,7 +146,10 @@ async def _serve(config: Config, stop_on_stdin_eof: bool) -> int:
     await stop.wait()
     structlog.get_logger("pagetrackd").info("daemon.stopping")
     await daemon.stop()
-    return 0
+    if daemon.exit_code:
+        print("pagetrackd: the final save did not complete; see state.vm_save_failed in the"
+              " log", file=sys.stderr)
+    return daemon.exit_code
 
 
 def _configure(args: argparse.Namespace) -> Config:

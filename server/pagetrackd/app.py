@@ -17,6 +17,7 @@ from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 from pagetrackd.auth import Authenticator
 from pagetrackd.config import Config, parse_listen
 from pagetrackd.engine import Engine, EngineConfig, make_quotas
+from pagetrackd.journal import Journal
 from pagetrackd.metrics import MetricsServer, RpcMetrics, build_registry
 from pagetrackd.state import StateDir
 from pagetrackd.transport.interceptors import RequestContextInterceptor
@@ -134,10 +135,15 @@ class Daemon:
         self.watch = WatchService(self.engine, self.limits)
         #: saved VM state (--state-dir); None when nothing is saved
         self.state = StateDir(Path(config.state_dir)) if config.state_dir else None
+        if self.state is not None and config.durability == "journal":
+            self.state.journal = Journal(Path(config.state_dir) / "journal")
         self._saver: asyncio.Task[None] | None = None
+        self._journal_task: asyncio.Task[None] | None = None
         self.rpc_metrics: RpcMetrics | None = None
         self.metrics: MetricsServer | None = None
         self.metrics_address = ""
+        #: what the process exits with after stop(): 1 when the final save failed
+        self.exit_code = 0
         if config.metrics_port:
             registry, self.rpc_metrics = build_registry(
                 self.engine, max_vms=config.metrics_max_vms, state=self.state
@@ -153,7 +159,8 @@ class Daemon:
         server = grpc.aio.server(
             interceptors=[
                 RequestContextInterceptor(
-                    self.auth, self.rpc_metrics.observe if self.rpc_metrics else None
+                    self.auth, self.rpc_metrics.observe if self.rpc_metrics else None,
+                    self.state.journal if self.state is not None else None,
                 )
             ],
             options=[
@@ -204,6 +211,10 @@ class Daemon:
             self._saver = asyncio.create_task(
                 self.state.run(engine, self.config.save_interval_s), name="state-saver"
             )
+            if self.state.journal is not None:
+                self._journal_task = asyncio.create_task(
+                    self.state.journal.run(), name="journal-flusher"
+                )
         if self.metrics is not None:
             self.metrics_address = await self.metrics.start()
             log.info("metrics.listening", address=self.metrics_address)
@@ -229,15 +240,24 @@ class Daemon:
             stream.wake.set()
         if self.server is not None:
             await self.server.stop(grace)
-        if self._saver is not None:
-            self._saver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._saver
+        for task in (self._saver, self._journal_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.state is not None:
             # Streams have ended, so their leases' references are gone: what is saved is
             # what a restart should bring back.
             written = await self.state.save(self.engine)
-            log.info("state.saved", path=str(self.state.path), written=written)
+            self.state.release_unused(self.engine)
+            if self.state.journal is not None:
+                await self.state.journal.close()
+            if self.state.last_save_complete:
+                log.info("state.saved", path=str(self.state.path), written=written)
+            else:
+                self.exit_code = 1
+                log.error("state.final_save_incomplete", path=str(self.state.path),
+                          written=written, unsaved=self.state.failing)
         if self.metrics is not None:
             await self.metrics.stop()
         log.info("daemon.stopped")

@@ -4,6 +4,7 @@ command-line flags, each overriding the one before."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -38,6 +39,9 @@ class Config:
     metrics_max_vms: int = 100  #: VMs with their own metric labels; the rest are vm="_other"
     state_dir: str = ""  #: where VM state is saved and loaded; empty = nothing saved
     save_interval_s: float = 30.0  #: how often state is saved (and on shutdown)
+    #: "interval": a crash loses what changed since the last save; "journal": every
+    #: acknowledged change is journaled (fsynced) before its reply
+    durability: str = "interval"
     ready_file: str = ""  #: once serving, write the bound addresses here (JSON)
     #: open grpc.health.v1 Health.Watch streams (they need no token), over all callers
     health_watchers: int = 256
@@ -58,6 +62,26 @@ class Config:
             raise InvalidArgument("log_format must be auto, json or console")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise InvalidArgument("log_level must be debug, info, warning or error")
+        if not (math.isfinite(self.save_interval_s) and 0 < self.save_interval_s <= 86400):
+            raise InvalidArgument(
+                f"save_interval_s {self.save_interval_s} must be more than 0 and at most"
+                " 86400 seconds"
+            )
+        if self.durability not in ("interval", "journal"):
+            raise InvalidArgument(
+                f"durability {self.durability!r} must be \"interval\" or \"journal\""
+            )
+        if self.durability == "journal" and not self.state_dir:
+            raise InvalidArgument("durability = \"journal\" needs a state_dir")
+        if not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgument(
+                f"metrics_port {self.metrics_port} must be 0 (off) or a TCP port 1..65535"
+            )
+        if not (math.isfinite(self.grace_s) and 0 <= self.grace_s <= 3600):
+            raise InvalidArgument(f"grace_s {self.grace_s} must be 0..3600 seconds")
+        for name in ("history_events", "history_bytes", "metrics_max_vms"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} {getattr(self, name)} must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidArgument("tls_cert and tls_key go together")
         if self.health_watchers < 0:

@@ -8,15 +8,19 @@ into calls here and results back; tests can drive it directly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import secrets
+import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -45,6 +49,10 @@ from pagetrackd.domain.track import SlotTracking
 from pagetrackd.domain.types import PAGE_SIZE
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
+from pagetrackd.quota_guard import QuotaGuard, guard
+
+if TYPE_CHECKING:
+    from pagetrackd.journal import Journal
 from pagetrackd.replay import Recorder, read_header, replay
 from pagetrackd.workloads import WORKLOADS, Workload
 
@@ -140,6 +148,10 @@ class VmEntry:
     #: records every operation when the VM was created with ``record``
     recorder: Recorder | None = None
     recording: Path | None = None
+    #: the open recording file
+    recording_file: IO[str] | None = None
+    #: charges the VM's own methods to the tenant's quotas (every path, not only RPCs)
+    quota: QuotaGuard | None = None
 
     @property
     def name(self) -> str:
@@ -195,8 +207,21 @@ class Engine:
         self.workloads: dict[str, WorkloadRun] = {}
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
+        #: this run of the daemon (Watch's Registered.incarnation)
+        self.incarnation = uuid.uuid4().hex
+        #: called with every VM created, before anything is written to it
+        self.on_vm_created: list[Callable[[VmEntry], None]] = []
+        #: what is wrong right now (GetServerInfo.problems): key -> (tenant the problem
+        #: belongs to, None for the whole daemon; one-line description)
+        self.problems: dict[str, tuple[TenantId | None, str]] = {}
+        #: with durability = "journal": where every change is appended (see journal.py)
+        self.journal: Journal | None = None
+        #: called with (tenant, name) of every VM deleted
+        self.on_vm_deleted: list[Callable[[TenantId, str], None]] = []
         self._lease_task: asyncio.Task[None] | None = None
         self._record_dir: Path | None = None  #: made on the first recorded VM
+        #: where recordings are kept: the state directory's, else a temporary one
+        self.recordings_dir: Path | None = None
         #: tenant -> (tokens left, monotonic time of the last refill) for write_rate
         self._buckets: dict[TenantId, tuple[float, float]] = {}
         #: tenant -> [memslot pages, tracked gfns] over its VMs, as of each VM's last
@@ -227,6 +252,9 @@ class Engine:
             self._lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_task
+        if self._record_dir is not None:
+            # Without a state directory recordings do not outlive the daemon.
+            shutil.rmtree(self._record_dir, ignore_errors=True)
 
     def quotas(self, tenant: TenantId) -> Quotas:
         """The quotas that apply to ``tenant``."""
@@ -251,6 +279,16 @@ class Engine:
                 retry_after_s=(writes - tokens) / rate if writes <= rate else None,
             )
         self._buckets[tenant] = (tokens - writes, now)
+
+    def writes_available(self, tenant: TenantId) -> int:
+        """Writes the tenant's write-rate bucket holds now (a large number without a
+        write_rate quota)."""
+        rate = self.quotas(tenant).write_rate
+        if not rate:
+            return 1 << 62
+        now = time.monotonic()
+        tokens, last = self._buckets.get(tenant, (float(rate), now))
+        return int(min(float(rate), tokens + (now - last) * rate))
 
     def refund_writes(self, tenant: TenantId, writes: int) -> None:
         """Give back writes charged for a call that was refused (it changed nothing)."""
@@ -303,25 +341,28 @@ class Engine:
         history_events: int | None = None,
         history_bytes: int | None = None,
         record: bool = False,
+        check_quota: bool = True,
+        record_from: tuple[int, bool] | None = None,
         vm: Vm | None = None,
     ) -> VmEntry:
         """Create a VM for ``tenant`` with its event history; with ``record``, every
         operation on it is recorded (see :mod:`pagetrackd.replay`). Given ``vm`` (made
-        and loaded apart, with the options given here), that VM is registered."""
+        and loaded apart, with the options given here), that VM is registered.
+        ``check_quota`` false is for VMs the daemon accepted before (its state
+        directory); ``record_from`` continues a recording on disk (see
+        :meth:`_start_recording`)."""
         self.check_serving()
-        q = self.quotas(tenant)
-        if self.registry.count_vms(tenant) >= q.vms:
-            raise QuotaExceeded(
-                f"tenant already has {q.vms} VMs, its quota", quota="vms", limit=q.vms
-            )
+        if check_quota:
+            self.check_vm_count(tenant)
         h_events = self.config.history_events if history_events is None else history_events
         h_bytes = self.config.history_bytes if history_bytes is None else history_bytes
         if not 0 <= h_events <= 1 << 24 or not 0 <= h_bytes <= 1 << 32:
             raise InvalidArgument(
                 "history_events must be 0..16777216 and history_bytes 0..4294967296"
             )
+        q = self.quotas(tenant)
         held = self._history_held.get(tenant, 0)
-        if held + h_bytes > q.history_bytes:
+        if check_quota and held + h_bytes > q.history_bytes:
             raise QuotaExceeded(
                 f"an event history of {h_bytes} bytes would take the tenant's VMs to"
                 f" {held + h_bytes} bytes of history; its history_bytes quota is"
@@ -337,15 +378,69 @@ class Engine:
         self._history_held[tenant] = held + h_bytes
         self._vm_tenant[vm] = tenant
         vm.on_change = self._changed.add
+        self._changed.add(vm)  # a VM loaded apart (a restore) holds pages already
         entry = VmEntry(tenant, vm, VmHub(history), time.time_ns())
+        entry.quota = guard(self, tenant, vm)
         if record:
-            if self._record_dir is None:
-                self._record_dir = Path(tempfile.mkdtemp(prefix="pagetrack-recordings-"))
-            entry.recording = self._record_dir / f"{time.time_ns()}-{tenant}-{name}.jsonl"
-            entry.recorder = Recorder(vm, entry.recording, max_bytes=q.recording_bytes)
+            self._start_recording(entry, record_from)
         self.entries[(tenant, name)] = entry
+        for hook in self.on_vm_created:
+            hook(entry)
         log.info("vm.created", tenant=tenant, vm=name, record=record)
         return entry
+
+    def recording_path(self, tenant: TenantId, name: str) -> Path:
+        """Where the recording of a VM is kept."""
+        base = self.recordings_dir
+        if base is None:
+            if self._record_dir is None:
+                self._record_dir = Path(tempfile.mkdtemp(prefix="pagetrack-recordings-"))
+            base = self._record_dir
+        return base / urllib.parse.quote(tenant, safe="") / f"{name}.jsonl"
+
+    def _start_recording(self, entry: VmEntry, record_from: tuple[int, bool] | None) -> None:
+        """Record the VM's operations, up to the tenant's recording_bytes quota.
+        ``record_from`` (bytes, overflowed) continues the recording already on disk
+        after a restart: it is cut to the bytes that go with the loaded state (what
+        followed is replayed from the journal, or was lost with the crash)."""
+        path = self.recording_path(entry.tenant, entry.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = 0
+        if record_from is not None and path.is_file():
+            kept = min(record_from[0], path.stat().st_size)
+            with open(path, "r+b") as old:
+                old.truncate(kept)
+        out = open(path, "a" if record_from is not None else "w", encoding="utf-8")
+        entry.recording = path
+        entry.recording_file = out
+        entry.recorder = Recorder(
+            entry.vm, out, max_bytes=self.quotas(entry.tenant).recording_bytes,
+            fresh=record_from is None, header=record_from is None,
+        )
+        entry.recorder.nbytes = kept
+        if record_from is not None and (record_from[1] or kept < record_from[0]):
+            entry.recorder.overflowed = True  # stopped before, or cut short: incomplete
+
+    @contextlib.contextmanager
+    def unjournaled(self) -> Iterator[None]:
+        """Nothing is journaled inside (a restore journals the snapshot instead)."""
+        journal = self.journal
+        if journal is None or journal.paused:
+            yield
+            return
+        journal.paused = True
+        try:
+            yield
+        finally:
+            journal.paused = False
+
+    def journal_restored(self, entry: VmEntry, data: bytes) -> None:
+        """Journal a VM restored from snapshot bytes (replayed by restoring them)."""
+        if self.journal is not None:
+            self.journal.append({
+                "t": entry.tenant, "vm": entry.name, "op": "restore",
+                "data": base64.b64encode(data).decode("ascii"),
+            })
 
     def recording(self, entry: VmEntry) -> Path:
         """The VM's recording so far, flushed to its file."""
@@ -375,7 +470,7 @@ class Engine:
                 "cost": CostModel(**h["cost"]),
                 "limits": VmLimits(**h["limits"]),
             }
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise InvalidArgument(
                 f"not a usable recording header: {exc}", field="data"
             ) from None
@@ -385,9 +480,17 @@ class Engine:
         except PageTrackError:
             self.delete_vm(tenant, name)
             raise
-        except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or arguments
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # malformed JSON
             self.delete_vm(tenant, name)
             raise InvalidArgument(f"recording is malformed: {exc}", field="data") from None
+        if entry.vm.closed:
+            # A recording of a VM that was deleted ends with its close: nothing is left
+            # to serve (a closed VM must not stay registered).
+            self.delete_vm(tenant, name)
+            raise InvalidArgument(
+                "the recording closes its VM (op \"close\"); replay it without that record",
+                field="data",
+            )
         self._adopt_plugins(entry)
         return entry, result.records
 
@@ -433,6 +536,8 @@ class Engine:
         entry.plugins.clear()
         if entry.recorder is not None:
             entry.recorder.stop()
+            if entry.recording_file is not None:
+                entry.recording_file.close()
             if entry.recording is not None:
                 entry.recording.unlink(missing_ok=True)
         last = entry.vm.seq
@@ -446,9 +551,19 @@ class Engine:
         self._changed.discard(entry.vm)
         self._vm_tenant.pop(entry.vm, None)
         del self.entries[(tenant, name)]
+        for gone in self.on_vm_deleted:
+            gone(tenant, name)
         entry.room.set()
         log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
         return last
+
+    def check_vm_count(self, tenant: TenantId) -> None:
+        """Raise QuotaExceeded if the tenant may not have one more VM."""
+        q = self.quotas(tenant)
+        if self.registry.count_vms(tenant) >= q.vms:
+            raise QuotaExceeded(
+                f"tenant already has {q.vms} VMs, its quota", quota="vms", limit=q.vms
+            )
 
     def _account(self) -> None:
         """Bring the per-tenant totals up to date with the VMs that changed."""
@@ -813,6 +928,15 @@ class Engine:
                     n = min(n, due)
                 if run.count:
                     n = min(n, run.count - run.writes)
+                room = self.writes_available(run.tenant)
+                if room < n:
+                    # The tenant's write_rate quota holds workloads too: wait for the
+                    # bucket to refill instead of writing past it.
+                    if room <= 0:
+                        rate = self.quotas(run.tenant).write_rate
+                        await asyncio.sleep(min(0.05, max(0.001, 1 / rate)))
+                        continue
+                    n = room
                 await self.admit(entry)
                 if vm.closed:
                     break
@@ -832,6 +956,9 @@ class Engine:
                         if run.duration_s and run.elapsed_s >= run.duration_s:
                             break
                         n = chunk if not run.count else min(chunk, run.count - run.writes)
+                        n = min(n, self.writes_available(run.tenant))
+                        if n <= 0:
+                            break
                         made = step(vm, n)
                         run.writes += made
                     if made == 0:

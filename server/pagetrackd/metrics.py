@@ -246,6 +246,17 @@ class EngineCollector(Collector):
                                   value=st.saves)
         yield CounterMetricFamily("pagetrack_state_save_errors", "State saves that failed.",
                                   value=st.save_errors)
+        yield CounterMetricFamily(
+            "pagetrack_state_vm_save_errors",
+            "VM state files that could not be saved (each VM on its own; the others are"
+            " still saved).", value=st.vm_save_errors)
+        yield GaugeMetricFamily(
+            "pagetrack_state_vms_unsaved", "VMs whose last save failed.",
+            value=len([k for k in st.failing if k != "leases"]))
+        yield CounterMetricFamily(
+            "pagetrack_state_seq_reservation_errors",
+            "Seq reservations that could not be written to the state directory.",
+            value=st.seqs.errors)
         yield CounterMetricFamily("pagetrack_state_files_written",
                                   "VM state files written.", value=st.files_written)
         yield GaugeMetricFamily(

@@ -17,13 +17,14 @@ recorded without knowing it:
 
 Only outermost calls are recorded: what a plugin does to the VM while handling a write
 or a call is not, because replay makes the plugin do it again. Calls that raise change
-nothing (the core's rule) and are not recorded. Each record carries the VM's ``seq``
-after the call (and plugin calls their result), and :func:`replay` checks them, so a
-replay that diverges fails at the first differing record.
+nothing (the core's rule) and are not recorded. Each record carries the VM's seq before
+(``seq0``) and after (``seq``) the call (and plugin calls their result), and
+:func:`replay` checks them, so a replay that diverges fails at the first differing
+record.
 
 File format: JSON lines. The first line is a header ``{"format": "pagetrack-recording",
 "version": 1, "vm": {...}}`` with the VM's name, vCPUs, policies, cost model and limits;
-then one object per call: ``{"op": name, "args": {...}, "seq": n}``. Bytes and numpy
+then one object per call: ``{"op": name, "args": {...}, "seq0": m, "seq": n}``. Bytes and numpy
 arrays are base64 (``{"b": ...}``, ``{"nd": dtype, "b": ...}``), enums ``{"enum": ...}``.
 """
 
@@ -145,12 +146,22 @@ class Recorder:
     replays from nothing. Use as a context manager or call :meth:`stop`.
     """
 
-    def __init__(self, vm: Vm, out: str | Path | IO[str], max_bytes: int = 0) -> None:
-        if vm.closed or vm.memslots() or vm.seq or vm.stats.writes:
+    def __init__(
+        self,
+        vm: Vm,
+        out: str | Path | IO[str],
+        max_bytes: int = 0,
+        *,
+        fresh: bool = True,
+        header: bool = True,
+    ) -> None:
+        # fresh=False: the daemon's journal, which records from a VM's current state on,
+        # and a recording continued after a restart (header=False: it has its header)
+        if fresh and (vm.closed or vm.memslots() or vm.seq or vm.stats.writes):
             raise FailedPrecondition(
                 f"VM {vm.name!r} is not fresh: record from creation (no memslots, no writes)"
             )
-        for node in vm.notifiers.nodes():
+        for node in vm.notifiers.nodes() if fresh else ():
             if _plugin_name(node.notifier) is not None:
                 raise FailedPrecondition(
                     f"VM {vm.name!r} already has plugin {node.notifier.name!r}; start"
@@ -171,7 +182,8 @@ class Recorder:
         self._depth = 0  #: > 0 while a recorded call runs; nested calls are not recorded
         self.records = 0
         self._plugins: list[Any] = []
-        self._emit({"format": FORMAT, "version": VERSION, "vm": _vm_header(vm)})
+        if header:
+            self._emit({"format": FORMAT, "version": VERSION, "vm": _vm_header(vm)})
         for name in VM_OPS:
             self._wrap_vm(name)
         self._wrap_register()
@@ -198,12 +210,13 @@ class Recorder:
                 return orig(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)
             encoded = {k: _encode(v) for k, v in bound.arguments.items()}
+            seq0 = vm.seq
             self._depth += 1
             try:
                 result = orig(*args, **kwargs)
             finally:
                 self._depth -= 1
-            self._emit({"op": name, "args": encoded, "seq": vm.seq})
+            self._emit({"op": name, "args": encoded, "seq0": seq0, "seq": vm.seq})
             self.records += 1
             return result
 
@@ -240,13 +253,14 @@ class Recorder:
                 result: dict[str, Any] = call(op, **args)
                 return result
             encoded = _encode(dict(args))
+            seq0 = vm.seq
             self._depth += 1
             try:
                 result = call(op, **args)
             finally:
                 self._depth -= 1
             self._emit({"op": "plugin_call", "name": name, "call": op, "args": encoded,
-                        "result": _plain(result), "seq": vm.seq})
+                        "result": _plain(result), "seq0": seq0, "seq": vm.seq})
             self.records += 1
             return result
 

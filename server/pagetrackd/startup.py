@@ -19,7 +19,7 @@ class ExitStatus(enum.IntEnum):
     """pagetrackd's exit statuses (listed in ``pagetrackd --help``)."""
 
     OK = 0  #: stopped by SIGTERM or SIGINT (or stdin closed, with --stop-on-stdin-eof)
-    FAILED = 1  #: failed while serving
+    FAILED = 1  #: failed while serving, or the final save did not complete
     USAGE = 2  #: a flag is unknown or lacks its value (argparse)
     CONFIG_FILE = 3  #: the --config file cannot be read or is not valid TOML
     SETTING = 4  #: a setting (file, PAGETRACK_* variable or flag) has a wrong value
@@ -31,7 +31,7 @@ class ExitStatus(enum.IntEnum):
 #: The table for ``pagetrackd --help`` and docs/operations.md.
 EXIT_STATUS_HELP = """exit status:
   0  stopped cleanly (SIGTERM, SIGINT, or stdin closed with --stop-on-stdin-eof)
-  1  failed while serving
+  1  failed while serving, or the final save did not complete (see state.vm_save_failed)
   2  bad flags: unknown flag, or a flag without its value
   3  the --config file cannot be read or is not valid TOML
   4  a setting has a wrong value (config file, PAGETRACK_* variable or flag)

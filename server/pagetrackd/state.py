@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import stat
 import struct
 import time
 import urllib.parse
@@ -53,8 +55,12 @@ from pagetrackd.domain.snapshot import (
 )
 from pagetrackd.domain.types import TENANT_OWNER, RegionChange, SlotChange
 from pagetrackd.engine import Engine, VmEntry
+from pagetrackd.files import fsync_dir, tmp_name, write_atomic
+from pagetrackd.journal import Journal, JournalRecorder, replay_journal
 from pagetrackd.leases import LeaseKind
 from pagetrackd.plugins import Plugin
+from pagetrackd.replay import _encode as _encode_value
+from pagetrackd.seqs import SEQS_FILE, SeqReservations
 
 log = structlog.get_logger("pagetrackd.state")
 
@@ -178,6 +184,8 @@ def decode(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]
         header = json.loads(data[_PREFIX.size : at])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SnapshotError(f"snapshot header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise SnapshotError("snapshot header nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise SnapshotError("snapshot header is not a JSON object")
     payload = data[at + _U64.size : want - _DIGEST]
@@ -259,6 +267,60 @@ def _plugin_record(kind: str, plugin: Plugin, options: dict[str, Any]) -> dict[s
     elif kind in _REBUILD:
         rec["rebuild"] = _jsonable(_REBUILD[kind].save(plugin))
     return rec
+
+
+#: JSON nesting a plugin record may have (its options, state and rebuild records)
+_MAX_RECORD_DEPTH = 32
+#: how often one saved PPGTT may be built again at restore (its reference count)
+_MAX_PPGTT_REFS = 4096
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests, counting no further than ``limit`` + 1."""
+    if limit < 0 or not isinstance(value, dict | list):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+
+
+def _int_field(rec: Any, key: str, where: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+    value = rec.get(key) if isinstance(rec, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise SnapshotError(f"snapshot header: {where}.{key} must be an integer {lo}..{hi}")
+    return value
+
+
+def _check_plugin_records(records: Any) -> None:
+    """Raise SnapshotError for a plugin record the restore could not act on."""
+    if records is None:
+        return
+    if not isinstance(records, list):
+        raise SnapshotError("snapshot header: plugins is not a list")
+    for i, rec in enumerate(records):
+        where = f"plugins[{i}]"
+        if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str):
+            raise SnapshotError(f"snapshot header: {where} has no plugin kind")
+        if not isinstance(rec.get("options", {}), dict):
+            raise SnapshotError(f"snapshot header: {where}.options is not an object")
+        if _depth(rec, _MAX_RECORD_DEPTH) > _MAX_RECORD_DEPTH:
+            raise SnapshotError(f"snapshot header: {where} nests too deeply")
+        if "state" in rec and not isinstance(rec["state"], dict):
+            raise SnapshotError(f"snapshot header: {where}.state is not an object")
+        rebuild = rec.get("rebuild")
+        if rebuild is None or "state" in rec:
+            continue
+        if not isinstance(rebuild, list):
+            raise SnapshotError(f"snapshot header: {where}.rebuild is not a list")
+        for j, r in enumerate(rebuild):
+            at = f"{where}.rebuild[{j}]"
+            if rec["kind"] == "vgpu":
+                _int_field(r, "root_gpa", at)
+                _int_field(r, "ppgtt", at)
+                if "refs" in r:
+                    _int_field(r, "refs", at, 1, _MAX_PPGTT_REFS)
+            elif rec["kind"] == "shadow_mmu":
+                _int_field(r, "cr3", at)
+                _int_field(r, "vcpu", at, 0, 4095)
 
 
 def _reattach(engine: Engine, entry: VmEntry, rec: dict[str, Any]) -> None:
@@ -360,7 +422,16 @@ def _vm_header(
             for kind, plugin in entry.plugins.items()
         ],
         "leases": leases,
+        # the bytes of the VM's recording this state goes with (the file goes on after)
+        "recording": _recording_bytes(entry),
     }
+
+
+def _recording_bytes(entry: VmEntry) -> dict[str, Any] | None:
+    if entry.recorder is None or entry.recording_file is None:
+        return None
+    entry.recorder.flush()
+    return {"bytes": entry.recording_file.tell(), "overflowed": entry.recorder.overflowed}
 
 
 def _history_record(region: RegionRemoved) -> dict[str, Any]:
@@ -417,7 +488,15 @@ def _read_history(hist: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> History
         or int(events.length.sum(dtype=np.int64)) != len(events.data)
     ):
         raise SnapshotError("snapshot history columns differ in length")
+    lost = hist.get("lost", [])
+    if not isinstance(lost, list) or not all(
+        isinstance(r, list) and len(r) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 1 << 64 for v in r
+        ) and r[0] <= r[1] for r in lost
+    ):
+        raise SnapshotError("snapshot header: history.lost is malformed")
     return HistoryDump(
+        lost=[(a, b) for a, b in lost],
         events=events,
         batch_events=_array(arrays, "h_batch_events").astype(np.int64),
         batch_ts_ns=_array(arrays, "h_batch_ts").astype(np.int64),
@@ -438,6 +517,22 @@ def snapshot_entry(
     """One VM as snapshot bytes (``engine`` lets lease records be added). With
     ``include_history`` the event history goes too, so that streams can resume across a
     daemon restart (state-dir files)."""
+    return encode(*capture_entry(
+        entry, include_memory=include_memory, engine=engine, keep_owner=keep_owner,
+        include_history=include_history,
+    ))
+
+
+def capture_entry(
+    entry: VmEntry,
+    *,
+    include_memory: bool,
+    engine: Engine | None = None,
+    keep_owner: Callable[[str], bool] = lambda owner: True,
+    include_history: bool = False,
+) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
+    """One VM's snapshot header and arrays, copied out of the live VM (on the event
+    loop); :func:`encode` makes the file of them anywhere (a thread)."""
     state = export_vm(entry.vm, include_memory=include_memory, keep_owner=keep_owner)
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     for i, s in enumerate(state.slots):
@@ -457,7 +552,8 @@ def snapshot_entry(
         arrays.update(_history_arrays(dump))
         header["history"]["oldest_seq"] = dump.oldest_seq
         header["history"]["regions"] = [_history_record(r) for r in dump.regions]
-    return encode(header, arrays)
+        header["history"]["lost"] = [[a, b] for a, b in dump.lost]
+    return header, arrays
 
 
 def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -525,6 +621,7 @@ def read_snapshot(data: bytes) -> Snapshot:
         vm_options(state)
     except InvalidArgument as exc:
         raise SnapshotError(str(exc)) from None
+    _check_plugin_records(header.get("plugins"))
     history = _read_history(header.get("history"), arrays)
     return Snapshot(header, state, hashlib.sha256(data).digest(), history)
 
@@ -542,7 +639,14 @@ def prepare_vm(snap: Snapshot, name: str, leases: Iterable[str] = ()) -> Vm:
         )
 
     vm = Vm(name, **vm_options(snap.state))
-    import_vm(snap.state, vm, keep_owner=keep)
+    try:
+        import_vm(snap.state, vm, keep_owner=keep)
+    except (ValueError, TypeError, OverflowError, KeyError) as exc:
+        vm.close()
+        raise SnapshotError(f"snapshot cannot be restored: {type(exc).__name__}: {exc}") from None
+    except BaseException:
+        vm.close()
+        raise
     return vm
 
 
@@ -555,6 +659,7 @@ def restore_snapshot(
     replace: bool = False,
     leases: Iterable[str] = (),
     prepared: Vm | None = None,
+    saved: bool = False,
 ) -> VmEntry:
     """Create the VM of ``snap`` for ``tenant`` (as ``name`` if given): ``prepared``
     if given (from :func:`prepare_vm`, which a caller may run in a worker thread), else
@@ -567,7 +672,8 @@ def restore_snapshot(
     Plugins are attached again and rebuild their shadows from guest memory, taking
     their tracking references anew. Raises AlreadyExists if the VM exists and
     ``replace`` is false, InvalidArgument if the snapshot cannot be loaded; nothing is
-    changed then.
+    changed then. ``saved`` is for the daemon's own state files: a VM it accepted is
+    not refused at load by a quota (those are checked when it grows, as before).
     """
     state = snap.state
     name = name or state.name
@@ -583,19 +689,62 @@ def restore_snapshot(
         # Loaded into a VM outside the registry: every check passes before anything
         # changes, and that VM is the one registered.
         prepared = prepare_vm(snap, name, leases)
-    old_pages = sum(s.npages for s in existing.vm.memslots()) if existing else 0
-    old_tracked = existing.vm.tracked_count if existing else 0
-    engine.check_guest_pages(tenant, sum(s.npages for s in state.slots) - old_pages)
-    engine.check_tracked(tenant, sum(s.counters()[0].size for s in state.slots) - old_tracked)
+    if not saved:
+        old_pages = sum(s.npages for s in existing.vm.memslots()) if existing else 0
+        old_tracked = existing.vm.tracked_count if existing else 0
+        engine.check_guest_pages(tenant, sum(s.npages for s in state.slots) - old_pages)
+        engine.check_tracked(
+            tenant, sum(s.counters()[0].size for s in state.slots) - old_tracked
+        )
+        if existing is None:
+            engine.check_vm_count(tenant)
+    hist = snap.header.get("history") or {}
+    h_events = hist.get("events", engine.config.history_events)
+    h_bytes = hist.get("bytes", engine.config.history_bytes)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h_events, h_bytes)):
+        raise SnapshotError("snapshot header: history.events and history.bytes must be integers")
+    recording = _saved_recording(snap.header) if saved else None
     if existing is not None:
         engine.delete_vm(tenant, name)
-    hist = snap.header.get("history") or {}
     entry = engine.create_vm(
-        tenant, name, **opts,
-        history_events=int(hist.get("events", engine.config.history_events)),
-        history_bytes=int(hist.get("bytes", engine.config.history_bytes)),
-        vm=prepared,
+        tenant, name, **opts, history_events=h_events, history_bytes=h_bytes,
+        vm=prepared, check_quota=not saved, record=recording is not None,
+        record_from=recording,
     )
+    if entry.quota is not None:
+        entry.quota.exempt = saved  # a VM the daemon accepted is never refused at load
+    if entry.recorder is not None:
+        entry.recorder._depth += 1  # loading is not an operation of the recording
+    try:
+        _fill(engine, entry, snap)
+    except BaseException as exc:
+        engine.delete_vm(tenant, name)  # never a half-made VM
+        if isinstance(exc, PageTrackError) or not isinstance(exc, Exception):
+            raise
+        raise SnapshotError(f"snapshot cannot be restored: {type(exc).__name__}: {exc}") from None
+    finally:
+        if entry.quota is not None:
+            entry.quota.exempt = False
+        if entry.recorder is not None:
+            entry.recorder._depth -= 1
+    return entry
+
+
+def _saved_recording(header: dict[str, Any]) -> tuple[int, bool] | None:
+    """(bytes, overflowed) of the recording a state file's VM had, if it had one."""
+    rec = header.get("recording")
+    if not isinstance(rec, dict):
+        return None
+    size, over = rec.get("bytes"), rec.get("overflowed")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
+    return size, bool(over)
+
+
+def _fill(engine: Engine, entry: VmEntry, snap: Snapshot) -> None:
+    """The rest of a restore once the loaded VM is registered: history, plugins."""
+    state = snap.state
+    name = entry.name
     # Without a saved history nothing before the restored seq can be replayed: resumes
     # from there are compacted.
     entry.hub.history.oldest_seq = state.seq + 1
@@ -615,7 +764,6 @@ def restore_snapshot(
             log.warning("state.plugin_not_restored", vm=name, plugin=kind, reason=str(exc))
             continue
         _compare_plugin_refs(entry, state, str(kind))
-    return entry
 
 
 def _compare_plugin_refs(entry: VmEntry, state: VmState, kind: str) -> None:
@@ -636,27 +784,6 @@ def _compare_plugin_refs(entry: VmEntry, state: VmState, kind: str) -> None:
 
 
 # ---------------------------------------------------------------------- the directory
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file,
-    never a mix: write a temporary file, fsync it, rename it over, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _seal(body: dict[str, Any]) -> bytes:
@@ -683,20 +810,59 @@ def _unseal(data: bytes) -> dict[str, Any]:
     return body
 
 
+def _regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; a FIFO, device or directory named
+    like a state file is refused at once instead of blocking the start."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotError("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _vm_key(tenant: str, name: str) -> str:
+    return f"{tenant}/{name}"
+
+
 @dataclass
 class StateDir:
-    """The daemon's saved state: load at start, save on a timer and at shutdown."""
+    """The daemon's saved state: load at start, save on a timer and at shutdown.
+
+    Each VM is saved on its own: a VM whose file cannot be made or written (a full
+    disk, a bug) is reported (``failing``, the save-error metric, a log line) and the
+    other VMs are still saved. Only VMs that changed since their last save are
+    written; the copy of a VM is taken on the event loop, the file is encoded and
+    written in a thread.
+    """
 
     path: Path
     include_memory: bool = True
-    saves: int = 0  #: completed saves
+    saves: int = 0  #: completed saves (every VM and the leases written)
     files_written: int = 0  #: VM files written (unchanged VMs are not rewritten)
     last_save_ns: int = 0  #: wall time of the last completed save
     last_save_s: float = 0.0  #: how long it took
-    save_errors: int = 0
+    save_errors: int = 0  #: saves that left something unsaved
+    vm_save_errors: int = 0  #: VM files that could not be saved, over all saves
+    #: VMs whose last save failed ("tenant/vm" -> why); empty when all are saved
+    failing: dict[str, str] = field(default_factory=dict)
+    #: whether the last save wrote everything it had to
+    last_save_complete: bool = True
     refused: list[str] = field(default_factory=list)  #: files moved aside at load
+    #: with durability = "journal": every change between saves (see journal.py)
+    journal: Journal | None = None
+    #: journal records applied again at start
+    journal_replayed: int = 0
+    seqs: SeqReservations = field(init=False)
+    #: VM file -> the journal index it holds
+    _journaled: dict[Path, int] = field(default_factory=dict)
     _sigs: dict[Path, str] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.seqs = SeqReservations(self.path / SEQS_FILE)
 
     def vm_path(self, tenant: str, name: str) -> Path:
         """Where a VM's snapshot lives."""
@@ -718,9 +884,62 @@ class StateDir:
         """Load every saved VM (and TTL lease) into ``engine``; returns VMs loaded.
 
         A file that cannot be loaded is logged, renamed to ``<file>.bad`` and skipped;
-        the rest still load.
+        the rest still load. Each VM continues after the seqs the last run reserved
+        (see :mod:`pagetrackd.seqs`). Raises InvalidArgument, naming the file, when the
+        directory or its seq reservations cannot be used.
         """
-        (self.path / "vms").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.path / "vms").mkdir(parents=True, exist_ok=True)
+            self.seqs.load()
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"state directory {self.path}: {exc}") from None
+        engine.on_vm_created.append(self.seqs.attach)
+        engine.on_vm_deleted.append(self.seqs.forget)
+        engine.recordings_dir = self.path / "recordings"
+        journal = self.journal
+        if journal is not None:
+            engine.journal = journal
+            engine.on_vm_created.append(self._journal_vm)
+            engine.on_vm_deleted.append(self._journal_deleted)
+            journal.paused = True  # loading is not a change
+        saved: dict[tuple[str, str], int] = {}
+        try:
+            loaded = self._load_files(engine, saved)
+            if journal is not None:
+                self.journal_replayed = replay_journal(engine, journal, saved)
+                log.info("state.journal_replayed", records=self.journal_replayed)
+        finally:
+            if journal is not None:
+                journal.paused = False
+        for entry in engine.list_vms(None):
+            self._continue_seqs(entry)
+        kept = {e.recording for e in engine.list_vms(None)}
+        for path in engine.recordings_dir.glob("*/*.jsonl"):
+            if path not in kept:
+                path.unlink(missing_ok=True)  # of a VM that did not come back
+        log.info("state.loaded", path=str(self.path), vms=loaded, refused=len(self.refused))
+        return loaded
+
+    def _journal_vm(self, entry: VmEntry) -> None:
+        assert self.journal is not None
+        JournalRecorder(self.journal, entry)
+        h = entry.hub.history
+        self.journal.append({
+            "t": entry.tenant, "vm": entry.name, "op": "create",
+            "options": _encode_value({
+                "vcpus": entry.vm.vcpus, "dma_policy": entry.vm.dma_policy,
+                "semantics": entry.vm.semantics, "cost": entry.vm.cost,
+                "limits": dataclasses.asdict(entry.vm.limits),
+                "history_events": h.max_events, "history_bytes": h.max_bytes,
+                "record": entry.recorder is not None,
+            }),
+        })
+
+    def _journal_deleted(self, tenant: TenantId, name: str) -> None:
+        assert self.journal is not None
+        self.journal.append({"t": tenant, "vm": name, "op": "delete"})
+
+    def _load_files(self, engine: Engine, saved: dict[tuple[str, str], int]) -> int:
         leases = self._load_leases(engine)
         loaded = 0
         for tdir in sorted(p for p in (self.path / "vms").iterdir() if p.is_dir()):
@@ -729,25 +948,43 @@ class StateDir:
                 stale.unlink(missing_ok=True)  # a save interrupted by a crash
             for path in sorted(tdir.glob(f"*{SUFFIX}")):
                 try:
-                    snap = read_snapshot(path.read_bytes())
+                    snap = read_snapshot(_regular_file(path))
                     if snap.tenant != tenant or snap.name != path.name[: -len(SUFFIX)]:
                         raise SnapshotError(
                             f"the file holds VM {snap.name!r} of tenant {snap.tenant!r};"
                             " its place says otherwise"
                         )
-                    entry = restore_snapshot(engine, tenant, snap, leases=leases.get(tenant, ()))
+                    entry = restore_snapshot(
+                        engine, tenant, snap, leases=leases.get(tenant, ()), saved=True
+                    )
                 except (OSError, PageTrackError) as exc:
                     self._refuse(path, str(exc))
                     continue
                 self._sigs[path] = _signature(entry, leases.get(tenant, set()))
+                index = snap.header.get("journal_index", 0)
+                if isinstance(index, int) and not isinstance(index, bool):
+                    saved[(tenant, entry.name)] = self._journaled[path] = index
                 loaded += 1
                 log.info(
                     "state.vm_loaded", tenant=tenant, vm=entry.name, seq=entry.vm.seq,
                     memslots=len(entry.vm.slots), tracked=entry.vm.tracked_count,
                     plugins=sorted(entry.plugins),
                 )
-        log.info("state.loaded", path=str(self.path), vms=loaded, refused=len(self.refused))
         return loaded
+
+    def _continue_seqs(self, entry: VmEntry) -> None:
+        """Start the VM after the seqs the last run reserved: those past its saved seq
+        were lost with the crash (or never used), and a resume across them says so."""
+        mark = self.seqs.mark(entry.tenant, entry.name)
+        vm = entry.vm
+        if mark > vm.seq:
+            entry.hub.history.add_lost(vm.seq + 1, mark)
+            log.warning(
+                "state.seqs_lost", tenant=entry.tenant, vm=entry.name,
+                first_seq=vm.seq + 1, last_seq=mark,
+            )
+            vm.seq = mark
+        entry.hub.history.seq_limit = vm.seq
 
     def _load_leases(self, engine: Engine) -> dict[str, set[str]]:
         path = self.path / LEASES_FILE
@@ -755,7 +992,7 @@ class StateDir:
         if not path.exists():
             return out
         try:
-            body = _unseal(path.read_bytes())
+            body = _unseal(_regular_file(path))
             records = body.get("leases")
             if not isinstance(records, list):
                 raise SnapshotError("no lease list")
@@ -777,9 +1014,13 @@ class StateDir:
 
     async def save(self, engine: Engine) -> int:
         """Save every VM that changed since its last save, the leases, and remove the
-        files of VMs that are gone. Returns the VM files written."""
+        files of VMs that are gone. Returns the VM files written; ``last_save_complete``
+        says whether everything was saved."""
         async with self._lock:
             started = time.perf_counter()
+            # The leases file says when this save began (before any VM was copied): a
+            # saved_at_ns after a change means every VM file holds that change.
+            began_ns = time.time_ns()
             ttl = {
                 lease.lease_id: lease
                 for lease in engine.leases.live()
@@ -790,21 +1031,43 @@ class StateDir:
             def keep(owner: str) -> bool:
                 return not owner.startswith("lease:") or owner in owners
 
-            files: dict[Path, bytes] = {}
-            sigs: dict[Path, str] = {}
+            failures: dict[str, str] = {}
+            live: set[Path] = set()
+            written = 0
+            journal = self.journal
+            boundary = journal.rotate() if journal is not None else 0
+            held: dict[Path, int] = {}  #: the journal index each VM file holds now
             for entry in engine.list_vms(None):
-                path = self.vm_path(entry.tenant, entry.name)
-                sig = _signature(entry, set(ttl))
-                sigs[path] = sig
-                if self._sigs.get(path) == sig:
+                if entry.vm.closed:
                     continue
-                files[path] = snapshot_entry(
-                    entry, include_memory=self.include_memory, engine=engine,
-                    keep_owner=keep, include_history=True,
-                )
+                path = self.vm_path(entry.tenant, entry.name)
+                live.add(path)
+                sig = _signature(entry, set(ttl))
+                if self._sigs.get(path) == sig:
+                    held[path] = boundary  # unchanged: its file holds all of it
+                    continue
+                held[path] = self._journaled.get(path, 0)
+                try:
+                    header, arrays = capture_entry(
+                        entry, include_memory=self.include_memory, engine=engine,
+                        keep_owner=keep, include_history=True,
+                    )
+                    index = journal.last_index if journal is not None else 0
+                    header["journal_index"] = index
+                    await asyncio.to_thread(_encode_to, path, header, arrays)
+                except Exception as exc:  # this VM's failure is this VM's alone
+                    key = _vm_key(entry.tenant, entry.name)
+                    failures[key] = f"{type(exc).__name__}: {exc}"
+                    self._sigs.pop(path, None)
+                    log.error("state.vm_save_failed", tenant=entry.tenant, vm=entry.name,
+                              path=str(path), reason=failures[key])
+                    continue
+                self._sigs[path] = sig
+                held[path] = self._journaled[path] = index
+                written += 1
             leases_blob = _seal(
                 {
-                    "saved_at_ns": time.time_ns(),
+                    "saved_at_ns": began_ns,
                     "leases": [
                         {
                             "lease_id": lease.lease_id,
@@ -818,28 +1081,70 @@ class StateDir:
                 }
             )
             try:
-                await asyncio.to_thread(self._write, files, leases_blob, set(sigs))
+                await asyncio.to_thread(self._write_rest, leases_blob, live)
             except OSError as exc:
-                self.save_errors += 1
+                failures["leases"] = f"{type(exc).__name__}: {exc}"
                 log.error("state.save_failed", path=str(self.path), reason=str(exc))
-                return 0
-            self._sigs = {p: s for p, s in sigs.items()}
-            self.saves += 1
-            self.files_written += len(files)
-            self.last_save_ns = time.time_ns()
-            self.last_save_s = time.perf_counter() - started
-            log.debug("state.saved", vms=len(sigs), written=len(files), s=self.last_save_s)
-            return len(files)
+            self._sigs = {p: s for p, s in self._sigs.items() if p in live}
+            self._journaled = {p: i for p, i in self._journaled.items() if p in live}
+            if journal is not None and "leases" not in failures:
+                # Records up to the lowest index some VM file holds are in every file.
+                await journal.compact(min(held.values(), default=boundary))
+            self.seqs.keep({(e.tenant, e.name) for e in engine.list_vms(None)})
+            self.files_written += written
+            self.failing = failures
+            self._report(engine)
+            self.last_save_complete = not failures
+            if failures:
+                self.save_errors += 1
+                self.vm_save_errors += len(failures) - ("leases" in failures)
+            else:
+                self.saves += 1
+                self.last_save_ns = time.time_ns()
+                self.last_save_s = time.perf_counter() - started
+            log.debug("state.saved", vms=len(live), written=written, failed=len(failures),
+                      s=time.perf_counter() - started)
+            return written
 
-    def _write(self, files: dict[Path, bytes], leases: bytes, keep: set[Path]) -> None:
-        for path, data in files.items():
-            write_atomic(path, data)
+    def release_unused(self, engine: Engine) -> None:
+        """After the final save, with nothing running any more: give back the seqs
+        reserved beyond each saved VM's seq, so a clean restart continues at the very
+        next seq. VMs that were not saved keep their reservations."""
+        for entry in engine.list_vms(None):
+            if _vm_key(entry.tenant, entry.name) not in self.failing:
+                self.seqs.set_mark(entry.tenant, entry.name, entry.vm.seq)
+        try:
+            self.seqs.write()
+        except OSError as exc:
+            log.error("state.seqs_not_written", path=str(self.seqs.path), reason=str(exc))
+
+    def _report(self, engine: Engine) -> None:
+        """Put what is unsaved into the engine's problems (GetServerInfo)."""
+        for key in [k for k in engine.problems if k.startswith("state:")]:
+            del engine.problems[key]
+        for key, reason in self.failing.items():
+            tenant, _, vm = key.partition("/")
+            if key == "leases":
+                engine.problems["state:leases"] = (None, f"leases not saved: {reason}")
+            else:
+                engine.problems[f"state:{key}"] = (
+                    TenantId(tenant), f"VM {vm!r} not saved: {reason}"
+                )
+        if self.seqs.errors and self.seqs.last_error:
+            engine.problems["state:seqs"] = (
+                None, f"seq reservations not written: {self.seqs.last_error}"
+            )
+
+    def _write_rest(self, leases: bytes, keep: set[Path]) -> None:
         write_atomic(self.path / LEASES_FILE, leases)
         vms = self.path / "vms"
         for path in vms.glob(f"*/*{SUFFIX}"):
             if path not in keep:
                 path.unlink(missing_ok=True)  # the VM was deleted
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
+        for tmp in vms.glob(f"*/.*{SUFFIX}.tmp"):
+            if tmp.with_name(tmp.name[1 : -len(".tmp")]) not in keep:
+                tmp.unlink(missing_ok=True)  # left by a VM deleted mid-save
 
     async def run(self, engine: Engine, interval_s: float) -> None:
         """Save every ``interval_s`` seconds until cancelled."""
@@ -850,6 +1155,38 @@ class StateDir:
             except Exception:  # a save bug must not stop the next save
                 self.save_errors += 1
                 log.exception("state.save_failed", path=str(self.path))
+
+
+def _encode_to(path: Path, header: dict[str, Any], arrays: dict[str, Any]) -> None:
+    """Write the snapshot file of ``header`` and ``arrays`` as :func:`encode` makes it,
+    streaming: the arrays go to the file as they are encoded and the checksum is taken
+    reading it back, so a large VM is not held in memory a second and third time."""
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "w+b") as f:
+            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)))
+            f.write(head)
+            at = f.tell()
+            f.write(_U64.pack(0))
+            np.savez(f, allow_pickle=False, **arrays)
+            end = f.tell()
+            f.seek(at)
+            f.write(_U64.pack(end - at - _U64.size))
+            f.seek(0)
+            digest = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
 
 
 def _signature(entry: VmEntry, ttl_leases: set[str]) -> str:

@@ -413,6 +413,11 @@ class _GapReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GapReason.V
     """COALESCE policy: these events were superseded by a later write to the same gfn,
     which is delivered; count is how many were folded away.
     """
+    GAP_REASON_RESTART: _GapReason.ValueType  # 5
+    """The daemon stopped without saving these seqs (a crash): they were reserved by the
+    previous run, and any events among them are lost. count is the size of the range,
+    the most that can have been lost.
+    """
 
 class GapReason(_GapReason, metaclass=_GapReasonEnumTypeWrapper):
     """Why a Gap was reported."""
@@ -427,6 +432,11 @@ GAP_REASON_COMPACTED: GapReason.ValueType  # 3
 GAP_REASON_COALESCED: GapReason.ValueType  # 4
 """COALESCE policy: these events were superseded by a later write to the same gfn,
 which is delivered; count is how many were folded away.
+"""
+GAP_REASON_RESTART: GapReason.ValueType  # 5
+"""The daemon stopped without saving these seqs (a crash): they were reserved by the
+previous run, and any events among them are lost. count is the size of the range,
+the most that can have been lost.
 """
 Global___GapReason: _TypeAlias = GapReason  # noqa: Y015
 
@@ -2408,6 +2418,7 @@ class Registered(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     BLOCK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     notifier_id: _builtins.int
     """Notifier id, unique in the VM; pass to Unwatch."""
@@ -2433,6 +2444,11 @@ class Registered(_message.Message):
     """Effective block_timeout_ms (BLOCK), else 0."""
     heartbeat_interval_ms: _builtins.int
     """Effective heartbeat_interval_ms."""
+    incarnation: _builtins.str
+    """Identifies this run of the daemon (a new value after every start, crash or not). A
+    client that sees it change knows the daemon restarted: seqs are never handed out
+    twice, and what a crash lost is a Gap(RESTART) on resume.
+    """
     queue_bytes: _builtins.int
     """Effective queue_bytes."""
     def __init__(
@@ -2450,11 +2466,12 @@ class Registered(_message.Message):
         policy: Global___SlowConsumerPolicy.ValueType = ...,
         block_timeout_ms: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        incarnation: _builtins.str = ...,
         queue_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_timeout_ms", b"block_timeout_ms", "head_seq", b"head_seq", "heartbeat_interval_ms", b"heartbeat_interval_ms", "lease_id", b"lease_id", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "notifier_id", b"notifier_id", "oldest_seq", b"oldest_seq", "policy", b"policy", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "start_seq", b"start_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_timeout_ms", b"block_timeout_ms", "head_seq", b"head_seq", "heartbeat_interval_ms", b"heartbeat_interval_ms", "incarnation", b"incarnation", "lease_id", b"lease_id", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "notifier_id", b"notifier_id", "oldest_seq", b"oldest_seq", "policy", b"policy", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "start_seq", b"start_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4078,6 +4095,8 @@ class GetServerInfoResponse(_message.Message):
     DEFAULT_VM_OPTIONS_FIELD_NUMBER: _builtins.int
     STARTED_AT_NS_FIELD_NUMBER: _builtins.int
     PROCESS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """pagetrackd version."""
     tenant: _builtins.str
@@ -4086,6 +4105,8 @@ class GetServerInfoResponse(_message.Message):
     """Caller's role: "tenant" or "admin"."""
     started_at_ns: _builtins.int
     """Server start time, unix ns."""
+    incarnation: _builtins.str
+    """This run of the daemon, as in Watch's Registered.incarnation."""
     @_builtins.property
     def limits(self) -> Global___ServerLimits:
         """Server-wide request and stream caps."""
@@ -4102,6 +4123,13 @@ class GetServerInfoResponse(_message.Message):
     def process(self) -> Global___ProcessInfo:
         """Process figures, for churn and leak checks (admin callers only; 0 otherwise)."""
 
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What is wrong right now, one line each: VMs of the caller's tenant whose state
+        could not be saved, and daemon-wide problems (seq reservations not written). Admin
+        callers see every tenant's. Empty when all is well.
+        """
+
     def __init__(
         self,
         *,
@@ -4113,10 +4141,12 @@ class GetServerInfoResponse(_message.Message):
         default_vm_options: Global___VmOptions | None = ...,
         started_at_ns: _builtins.int = ...,
         process: Global___ProcessInfo | None = ...,
+        incarnation: _builtins.str = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["default_vm_options", b"default_vm_options", "limits", b"limits", "process", b"process", "quotas", b"quotas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_vm_options", b"default_vm_options", "limits", b"limits", "process", b"process", "quotas", b"quotas", "role", b"role", "started_at_ns", b"started_at_ns", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_vm_options", b"default_vm_options", "incarnation", b"incarnation", "limits", b"limits", "problems", b"problems", "process", b"process", "quotas", b"quotas", "role", b"role", "started_at_ns", b"started_at_ns", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,6 +54,8 @@ class GapReason(enum.Enum):
 
     DROPPED = "dropped"  #: the queue was full (drop policy, or block that timed out)
     COALESCED = "coalesced"  #: superseded by a later write to the same gfn
+    #: seqs a crashed daemon run had reserved: whatever events they held are lost
+    RESTART = "restart"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +193,12 @@ class History:
         self.events = 0
         self.nbytes = 0
         self._oldest_seq = 1
+        #: seq ranges lost in a crash (first, last), reported as RESTART gaps on resume
+        self.lost: list[tuple[int, int]] = []
+        #: the highest seq handed out may be ``seq_limit``; an event past it calls
+        #: ``on_seq_limit`` first (the daemon reserves more seqs on disk there)
+        self.seq_limit: int | None = None
+        self.on_seq_limit: Callable[[int], None] = lambda seq: None
 
     @property
     def oldest_seq(self) -> int:
@@ -242,6 +250,8 @@ class History:
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Keep one event."""
+        if self.seq_limit is not None and event.seq > self.seq_limit:
+            self.on_seq_limit(event.seq)
         if not self._pending:
             self._pending_ts = time.time_ns()
         self._pending.append(event)
@@ -250,6 +260,8 @@ class History:
 
     def track_write_batch(self, vm: Vm, batch: EventBatch) -> None:
         """Keep a batch of events."""
+        if self.seq_limit is not None and len(batch) and int(batch.seq[-1]) > self.seq_limit:
+            self.on_seq_limit(int(batch.seq[-1]))
         self._flush()
         self._append(_stamp(batch))
 
@@ -257,6 +269,13 @@ class History:
         """Keep a region record in order with the events."""
         self._flush()
         self._append(_region_record(vm, base_gfn, npages))
+
+    def add_lost(self, first: int, last: int) -> None:
+        """Seqs ``first..last`` were reserved by a daemon run that crashed: a resume
+        across them gets a RESTART gap with that exact range."""
+        if first <= last:
+            self.lost.append((first, last))
+            self.lost.sort()
 
     def dump(self) -> HistoryDump:
         """What the history holds, as columns (for a state file)."""
@@ -271,6 +290,7 @@ class History:
             is_region=np.array([isinstance(i, RegionRemoved) for i in self._items], dtype=bool),
             regions=[i for i in self._items if isinstance(i, RegionRemoved)],
             oldest_seq=self.oldest_seq,
+            lost=[(a, b) for a, b in self.lost if b >= self._oldest_seq],
         )
 
     def restore(self, dump: HistoryDump, head_seq: int) -> None:
@@ -290,12 +310,14 @@ class History:
                 or int(seqs[0]) < dump.oldest_seq or int(seqs[-1]) > head_seq
             ))
             or not 1 <= dump.oldest_seq <= head_seq + 1
+            or any(not 1 <= a <= b <= head_seq for a, b in dump.lost)
         ):
             raise InvalidArgument("saved event history does not fit together; not restored")
         ends = np.cumsum(dump.batch_events).tolist()
         regions = iter(dump.regions)
         k = lo = 0
         self._oldest_seq = dump.oldest_seq
+        self.lost = sorted(dump.lost)
         for is_region in dump.is_region.tolist():
             if is_region:
                 self._append(next(regions))
@@ -327,7 +349,13 @@ class History:
                 oldest_seq=self.oldest_seq,
             )
         out: list[Item] = []
+        lost = [
+            Gap(max(a, start_seq), b, b - max(a, start_seq) + 1, GapReason.RESTART)
+            for a, b in self.lost if b >= start_seq
+        ]
         for item in self._items:
+            while lost and isinstance(item, Stamped) and int(item.batch.seq[0]) > lost[0].last_seq:
+                out.append(lost.pop(0))
             if isinstance(item, Stamped):
                 b = item.batch
                 if int(b.seq[-1]) < start_seq:
@@ -337,7 +365,7 @@ class History:
                 out.append(item)
             elif isinstance(item, RegionRemoved) and item.at_seq >= start_seq - 1:
                 out.append(item)
-        return out
+        return out + lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +380,8 @@ class HistoryDump:
     is_region: npt.NDArray[np.bool_]
     regions: list[RegionRemoved]
     oldest_seq: int
+    #: seq ranges lost in a crash (see :meth:`History.add_lost`)
+    lost: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -413,8 +443,9 @@ class Subscriber:
         self.counters = StreamCounters()
         self._gap: list[int] | None = None  # [first, last, count] of dropped events
         self._coalesce: dict[int, WriteEvent] = {}
-        self._coalesce_first = 0
-        self._coalesce_last = 0
+        #: lowest and highest seq of the events superseded while coalescing, and how many
+        self._superseded_first = 0
+        self._superseded_last = 0
         self._superseded = 0
         #: set when the disconnect policy fired: the lag that made it fire
         self.overflowed_lag: int | None = None
@@ -485,48 +516,62 @@ class Subscriber:
             if batch is not None:
                 self._coalesce_batch(batch)
             for e in events or ():
-                self._coalesce_one(e, e.seq, 1)
+                self._coalesce_one(e, None)
             return
         if batch is not None:
             self._note_gap(int(batch.seq[0]), int(batch.seq[-1]), len(batch))
         elif events:
             self._note_gap(events[0].seq, events[-1].seq, len(events))
 
-    def _coalesce_one(self, event: WriteEvent, first_seq: int, count: int) -> None:
-        """Keep ``event`` as the latest write to its gfn; ``count`` events of that gfn
-        (from ``first_seq`` on, ``event`` last) are folded into it."""
+    def _supersede(self, first: int, last: int, count: int) -> None:
+        """``count`` events with seqs from ``first`` to ``last`` are folded away."""
+        if not self._superseded:
+            self._superseded_first, self._superseded_last = first, last
+        else:
+            self._superseded_first = min(self._superseded_first, first)
+            self._superseded_last = max(self._superseded_last, last)
+        self._superseded += count
+
+    def _coalesce_one(self, event: WriteEvent, earlier: tuple[int, int, int] | None) -> None:
+        """Keep ``event`` as the latest write to its gfn. ``earlier`` is (lowest seq,
+        highest seq, count) of the earlier writes to that gfn folded into it, if any."""
         if event.gfn not in self._coalesce and (
             len(self._coalesce) >= self.queue_limit or self.nbytes >= self.queue_bytes
         ):
-            self._note_gap(first_seq, event.seq, count)  # no room even to coalesce
+            # no room even to coalesce: the event and the writes folded into it are lost
+            first, _, n = earlier if earlier is not None else (event.seq, 0, 0)
+            self._note_gap(first, event.seq, n + 1)
             return
-        if not self._coalesce:
-            self._coalesce_first = first_seq
         self.nbytes += len(event.data) + _SINGLE_BYTES
         old = self._coalesce.pop(event.gfn, None)
         if old is not None:
             self.nbytes -= len(old.data) + _SINGLE_BYTES
-            self._superseded += 1
-        self._superseded += count - 1
+            self._supersede(old.seq, old.seq, 1)
+        if earlier is not None:
+            self._supersede(*earlier)
         self._coalesce[event.gfn] = event
-        self._coalesce_last = event.seq
 
     def _coalesce_batch(self, batch: EventBatch) -> None:
         """Coalesce a batch in bulk: only the last write per gfn is looked at one by one."""
         gfn = (batch.gpa >> np.uint64(PAGE_SHIFT)).astype(np.int64)
         n = gfn.size
-        _, first_idx, counts = np.unique(gfn, return_index=True, return_counts=True)
-        _, rev_idx = np.unique(gfn[::-1], return_index=True)
-        last_idx = n - 1 - rev_idx
-        order = np.argsort(last_idx)
+        # Writes in gfn order, each gfn's in seq order: a group's last write is kept,
+        # the ones before it (from the group's first to its second-to-last) are folded.
+        order = np.lexsort((np.arange(n), gfn))
+        _, starts, counts = np.unique(gfn[order], return_index=True, return_counts=True)
+        lasts = starts + counts - 1
+        seq = batch.seq[order]
+        keep_at = order[lasts]
+        by_position = np.argsort(keep_at)
         keep = np.zeros(n, dtype=np.bool_)
-        keep[last_idx] = True
-        kept = batch.select(keep)
-        firsts = batch.seq[first_idx[order]].tolist()
-        for event, first, count in zip(
-            kept.events(), firsts, counts[order].tolist(), strict=True
-        ):
-            self._coalesce_one(event, first, count)
+        keep[keep_at] = True
+        kept = batch.select(keep)  # in batch order, i.e. by_position
+        for event, k in zip(kept.events(), by_position.tolist(), strict=True):
+            c = int(counts[k])
+            earlier = (
+                (int(seq[starts[k]]), int(seq[lasts[k] - 1]), c - 1) if c > 1 else None
+            )
+            self._coalesce_one(event, earlier)
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Queue one event (if the filter wants it)."""
@@ -668,7 +713,7 @@ class Subscriber:
         if self._superseded:
             self.counters.coalesced += self._superseded
             self._items.append(
-                Gap(self._coalesce_first, self._coalesce_last, self._superseded,
+                Gap(self._superseded_first, self._superseded_last, self._superseded,
                     GapReason.COALESCED)
             )
             self._superseded = 0

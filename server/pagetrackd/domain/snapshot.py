@@ -94,8 +94,10 @@ def vm_options(state: VmState) -> dict[str, Any]:
     try:
         cost = CostModel(**state.cost)
         limits = VmLimits(**state.limits)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"snapshot: bad cost model or limits: {exc}") from None
+    if not isinstance(state.vcpus, int) or isinstance(state.vcpus, bool):
+        raise InvalidArgument(f"snapshot: vcpus {state.vcpus!r} is not an integer")
     return {
         "vcpus": state.vcpus,
         "dma_policy": dma,
@@ -162,10 +164,37 @@ def export_vm(
     )
 
 
+#: the highest seq a restored VM may have: far beyond any real VM's, and it leaves 2^62
+#: seqs of room, so a restored VM can never run its seqs past what the event arrays hold
+MAX_RESTORED_SEQ = 1 << 62
+_MAX_STAT = (1 << 63) - 1
+
+
+def _check_stats(stats: dict[str, Any]) -> None:
+    for name, value in stats.items():
+        values = (
+            list(value.values()) + [int(k) for k in value if str(k).isdigit()]
+            if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        )
+        if isinstance(value, dict) and not all(str(k).isdigit() for k in value):
+            raise InvalidArgument(f"snapshot: stats.{name} has a key that is not a vCPU id")
+        for v in values:
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _MAX_STAT:
+                raise InvalidArgument(
+                    f"snapshot: stats.{name} holds {v!r}; counters are integers 0..2^63-1"
+                )
+
+
 def check_state(state: VmState) -> None:
     """Raise InvalidArgument naming the first inconsistency in ``state``."""
-    if not isinstance(state.seq, int) or state.seq < 0:
-        raise InvalidArgument(f"snapshot: seq {state.seq!r} must be an integer >= 0")
+    if not isinstance(state.seq, int) or not 0 <= state.seq <= MAX_RESTORED_SEQ:
+        raise InvalidArgument(
+            f"snapshot: seq {state.seq!r} must be an integer 0..2^62 ({MAX_RESTORED_SEQ})"
+        )
+    _check_stats(state.stats)
+    ids = [s.slot_id for s in state.slots]
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("snapshot: a memslot id is listed twice")
     for s in state.slots:
         where = f"snapshot: slot {s.slot_id}"
         if s.npages <= 0 or s.base_gfn < 0:

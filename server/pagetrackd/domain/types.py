@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import NewType
 
+from pagetrackd.domain.errors import InvalidArgument
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
@@ -80,6 +82,15 @@ class VmLimits:
     max_slots: int = 509
     gfn_bits: int = 40
     max_write_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        # The ranges CreateVm allows; a restored or replayed VM is held to them too.
+        for name, lo, hi in (
+            ("max_slots", 1, 32768), ("gfn_bits", 12, 40), ("max_write_bytes", 1, 1 << 20)
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidArgument(f"limits.{name} {value!r} must be {lo}..{hi}")
 
     @property
     def gfn_limit(self) -> int:

@@ -12,6 +12,7 @@ import structlog
 
 from pagetrackd.auth import Authenticator, current_caller
 from pagetrackd.domain import PageTrackError
+from pagetrackd.journal import Journal
 from pagetrackd.transport.status import abort_with
 
 log = structlog.get_logger("pagetrackd.rpc")
@@ -54,9 +55,15 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates each call, binds tenant/rpc/peer for logging, logs the outcome."""
 
     def __init__(
-        self, auth: Authenticator, observe: Callable[[str, str, float], None] | None = None
+        self,
+        auth: Authenticator,
+        observe: Callable[[str, str, float], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._auth = auth
+        #: with durability = "journal": a call that appended to it replies only once
+        #: what it appended is on disk (group commit)
+        self._journal = journal
         #: method path -> (its handler, the wrapped handler)
         self._wrapped: dict[
             str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
@@ -89,6 +96,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         rpc = method.rsplit("/", 1)[-1]
         auth = self._auth
+        journal = self._journal
         observe = self._observe
         bind = structlog.contextvars.bind_contextvars
         reset_log = structlog.contextvars.reset_contextvars
@@ -132,8 +140,15 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     await refuse(context, exc)
                     return None
                 error: BaseException | None = None
+                mark = journal.last_index if journal is not None else 0
                 try:
-                    return await inner(request, context)
+                    reply = await inner(request, context)
+                    if journal is not None and journal.last_index > mark:
+                        try:
+                            await journal.commit()
+                        except PageTrackError as exc:
+                            await abort_with(context, exc)
+                    return reply
                 except BaseException as exc:
                     error = exc
                     raise

@@ -264,16 +264,11 @@ class MemoryService(pbg.MemoryServiceServicer):
         entry = self.engine.vm(_tenant(), vm_name)
         if 0 < length <= self.limits.max_write_bytes and 0 <= gpa < 1 << 63:
             self.engine.check_memory(entry, [gpa], [length])
-        self.engine.charge_writes(entry.tenant, 1)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
-        try:
-            result = access(vm)
-        except PageTrackError:
-            self.engine.refund_writes(entry.tenant, 1)
-            raise
+        result = access(vm)  # the VM's quota guard charges the write rate
         return result, sum(vm.stats.cycles) - before
 
     @unary
@@ -339,21 +334,16 @@ class MemoryService(pbg.MemoryServiceServicer):
         length = np.array(request.length, dtype=np.int64)
         if int(length.min()) > 0 and int(length.max()) <= self.limits.max_write_bytes:
             self.engine.check_memory(entry, gpa.astype(np.int64), length)
-        self.engine.charge_writes(entry.tenant, n)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
-        try:
-            result = vm.write_batch(
-                gpa.astype(np.int64),
-                vcpu,
-                length,
-                request.data,
-            )
-        except PageTrackError:
-            self.engine.refund_writes(entry.tenant, n)
-            raise
+        result = vm.write_batch(  # the VM's quota guard charges the write rate
+            gpa.astype(np.int64),
+            vcpu,
+            length,
+            request.data,
+        )
         reply = pb.WriteGuestBatchResponse(writes=n, cycles=sum(vm.stats.cycles) - before)
         counts = result.counts
         pieces = reply.pieces
@@ -1039,6 +1029,11 @@ class AdminService(pbg.AdminServiceServicer):
             ),
             quotas=pb.TenantQuotas(**dataclasses.asdict(q)),
             started_at_ns=self.engine.started_ns,
+            incarnation=self.engine.incarnation,
+            problems=[
+                text for owner, text in self.engine.problems.values()
+                if owner is None or owner == caller.tenant or caller.role == "admin"
+            ],
             default_vm_options=pb.VmOptions(
                 dma_policy=pb.DMA_POLICY_BYPASS,
                 semantics=pb.SEMANTICS_2016,
@@ -1115,17 +1110,20 @@ class AdminService(pbg.AdminServiceServicer):
             raise InvalidArgument("RestoreVm needs at least one message with snapshot data")
         # Decoding and loading run in worker threads (they touch nothing shared): the
         # event loop keeps serving other calls meanwhile.
-        snap = await asyncio.to_thread(read_snapshot, bytes(data))
+        raw = bytes(data)
         del data
+        snap = await asyncio.to_thread(read_snapshot, raw)
         name = name or snap.state.name
         existing = None
         with contextlib.suppress(PageTrackError):
             existing = self.engine.vm(tenant, name)
         self.engine.check_restore_size(tenant, snap.state, existing)
         prepared = await asyncio.to_thread(prepare_vm, snap, name)
-        entry = restore_snapshot(
-            self.engine, tenant, snap, name=name, replace=replace, prepared=prepared
-        )
+        with self.engine.unjournaled():
+            entry = restore_snapshot(
+                self.engine, tenant, snap, name=name, replace=replace, prepared=prepared
+            )
+        self.engine.journal_restored(entry, raw)
         return pb.RestoreVmResponse(vm=_vm_pb(self.engine, entry))
 
     @streaming

@@ -258,6 +258,7 @@ class WatchService(pbg.WatchServiceServicer):
                     policy=cv.POLICY_PB[policy],
                     block_timeout_ms=block_ms,
                     heartbeat_interval_ms=heartbeat_ms,
+                    incarnation=engine.incarnation,
                 )
             )
             if compacted_gap is not None:

@@ -1,0 +1,119 @@
+"""Quotas on every path: a VM's own methods are charged to its tenant's quotas.
+
+The gRPC calls are not the only things that grow a VM: workloads make memslots, track
+pages and write; ReplayVm and RestoreVm rebuild VMs; plugins track the tables they
+shadow. So the checks sit on the VM itself. :func:`guard` installs thin wrappers on one
+:class:`~pagetrackd.domain.Vm` *instance* (the class is untouched, as the recorder
+does), so every caller is charged without knowing it:
+
+* ``set_memslot`` -- a new or resized slot's pages against ``guest_pages``;
+* ``track_add`` -- gfns that become tracked against ``tracked_gfns``;
+* ``write``, ``write_batch``, ``cmpxchg`` -- guest writes against ``write_rate`` (given
+  back when the call is refused: it changed nothing).
+
+A call over a quota raises QuotaExceeded and changes nothing. ``exempt`` turns the
+checks off while the daemon loads a VM it accepted before (its state directory): a VM
+that was allowed is never refused at a restart.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pagetrackd.domain import PageTrackError, TenantId, Vm
+from pagetrackd.domain.types import TENANT_OWNER, SlotFlags
+
+if TYPE_CHECKING:
+    from pagetrackd.engine import Engine
+
+__all__ = ["QuotaGuard", "guard"]
+
+#: up to this many gfns a track_add looks each up; more are matched in one array pass
+_LOOKUP_EACH = 64
+
+
+class QuotaGuard:
+    """The wrappers on one VM; ``exempt`` switches their checks off."""
+
+    def __init__(self, engine: Engine, tenant: TenantId, vm: Vm) -> None:
+        self.engine = engine
+        self.tenant = tenant
+        self.vm = vm
+        self.exempt = False
+        self._writing = False  #: a charged call runs (cmpxchg may call write): charge once
+        self._wrap("set_memslot", self._set_memslot)
+        self._wrap("track_add", self._track_add)
+        for name in ("write", "cmpxchg"):
+            self._wrap(name, self._charged(name, lambda *a, **k: 1))
+        self._wrap("write_batch", self._charged("write_batch", _batch_writes))
+
+    def _wrap(self, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        self.vm.__dict__[name] = make(getattr(self.vm, name))
+
+    def _set_memslot(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        vm = self.vm
+
+        @functools.wraps(orig)
+        def set_memslot(
+            slot_id: int, base_gfn: int, npages: int, flags: SlotFlags = SlotFlags.NONE
+        ) -> Any:
+            if not self.exempt and npages > 0:
+                old = vm.slots.by_id.get(slot_id)
+                if old is None or old.info.npages != npages:
+                    self.engine.check_guest_pages(self.tenant, npages)
+            return orig(slot_id, base_gfn, npages, flags)
+
+        return set_memslot
+
+    def _track_add(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        vm = self.vm
+
+        @functools.wraps(orig)
+        def track_add(gfns: Any, owner: str = TENANT_OWNER) -> Any:
+            if not self.exempt:
+                uniq = np.unique(np.asarray(gfns, dtype=np.int64))
+                if uniq.size <= _LOOKUP_EACH:
+                    extra = sum(1 for g in uniq.tolist() if not vm.is_tracked(g))
+                else:
+                    extra = int(uniq.size - np.isin(uniq, vm.tracked_gfns()).sum())
+                if extra:
+                    self.engine.check_tracked(self.tenant, extra)
+            return orig(gfns, owner)
+
+        return track_add
+
+    def _charged(
+        self, name: str, count: Callable[..., int]
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def make(orig: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(orig)
+            def charged(*args: Any, **kwargs: Any) -> Any:
+                if self.exempt or self._writing:
+                    return orig(*args, **kwargs)
+                n = count(*args, **kwargs)
+                self.engine.charge_writes(self.tenant, n)
+                self._writing = True
+                try:
+                    return orig(*args, **kwargs)
+                except PageTrackError:
+                    self.engine.refund_writes(self.tenant, n)
+                    raise
+                finally:
+                    self._writing = False
+
+            return charged
+
+        return make
+
+
+def _batch_writes(gpa: Any, *args: Any, **kwargs: Any) -> int:
+    return int(np.size(gpa))
+
+
+def guard(engine: Engine, tenant: TenantId, vm: Vm) -> QuotaGuard:
+    """Charge every later call on ``vm`` to ``tenant``'s quotas."""
+    return QuotaGuard(engine, tenant, vm)
