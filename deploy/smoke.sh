@@ -65,6 +65,8 @@ export PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}
 export NATS_IMAGE=${NATS_IMAGE:-nats:2.10-alpine}
 export NATS_PORT=${NATS_PORT:-24222}
 export PAGETRACK_DEMO_RATE=${PAGETRACK_DEMO_RATE:-500}
+# /metrics needs a bearer token of role "metrics" once a tokens file is configured
+METRICS_TOKEN=$(cat "${PAGETRACK_METRICS_TOKEN:-deploy/compose/metrics.token}")
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml "$@"; }
 
 started=$(date +%s)
@@ -264,12 +266,21 @@ after=$(head_seq)
 ok "5000 events, seq $(( before + 1 ))-$after, all in the consumer's file"
 
 step "metrics"
-"$ENGINE" exec -i "$(cid pagetrackd)" python3 - <<'PY'
+"$ENGINE" exec -i -e "METRICS_TOKEN=$METRICS_TOKEN" "$(cid pagetrackd)" python3 - <<'PY'
+import os
+import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-text = urllib.request.urlopen("http://127.0.0.1:9090/metrics", timeout=5).read().decode()
+url = "http://127.0.0.1:9090/metrics"
+try:
+    urllib.request.urlopen(url, timeout=5)
+    raise AssertionError("/metrics answered a scrape without a token")
+except urllib.error.HTTPError as e:
+    assert e.code == 401, f"/metrics without a token: HTTP {e.code}, expected 401"
+auth = {"Authorization": "Bearer " + os.environ["METRICS_TOKEN"]}
+text = urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=5).read().decode()
 families = list(text_string_to_metric_families(text))  # raises on anything malformed
 ours = [f for f in families if f.name.startswith("pagetrack_")]
 print(f"ok: {len(text)} bytes of Prometheus text, {len(families)} families"
@@ -283,7 +294,8 @@ for f in ours:
 missing = {w.removesuffix("_total") for w in want} - {f.name for f in ours}
 assert not missing, f"missing metric families: {missing}"
 PY
-ok "from the host: $(curl -sf "http://127.0.0.1:$PAGETRACK_METRICS_PORT/metrics" \
+ok "from the host: $(curl -sf -H "Authorization: Bearer $METRICS_TOKEN" \
+    "http://127.0.0.1:$PAGETRACK_METRICS_PORT/metrics" \
     | grep -c '^pagetrack_') pagetrack_ samples on 127.0.0.1:$PAGETRACK_METRICS_PORT"
 prom_query() {
     curl -sf "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query" --data-urlencode "query=$1"
