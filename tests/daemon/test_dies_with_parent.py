@@ -27,7 +27,7 @@ from tests.daemon_process import start_daemon, with_parent
 d = start_daemon(Path(sys.argv[1]))
 helper = subprocess.Popen(with_parent(["sleep", "3600"]))
 print(json.dumps({"pid": d.proc.pid, "address": d.tcp, "helper": helper.pid}), flush=True)
-time.sleep(3600)
+time.sleep(3600)  # only waits to be killed by the test; no assertion depends on it
 """
 
 
