@@ -22,6 +22,7 @@ import grpc
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.robustness.conftest import Daemon, Daemons
 from tests.robustness.support import PAGE, tracked_vm
+from tests.waiting import wait_until
 
 PAGES = 64
 BATCH = 16
@@ -112,7 +113,11 @@ def test_journal_sigkill_loop_loses_nothing_acknowledged(
     highest_seen = 0
     for _round in range(20):
         w.d = d
+        acked_before = len(w.acked)
         w.start()
+        # The kill must come after this round's first acknowledged write (on a busy
+        # machine the writer may not have had one yet), then at a random moment.
+        wait_until(lambda: len(w.acked) > acked_before or None, "an acknowledged write")
         time.sleep(rng.uniform(0.02, 0.3))  # a random moment while the writer runs
         d.kill()
         assert w.thread is not None
