@@ -117,7 +117,7 @@ def test_journal_sigkill_loop_loses_nothing_acknowledged(
         w.start()
         # The kill must come after this round's first acknowledged write (on a busy
         # machine the writer may not have had one yet), then at a random moment.
-        wait_until(lambda: len(w.acked) > acked_before or None, "an acknowledged write")
+        wait_until(lambda n=acked_before: len(w.acked) > n or None, "an acknowledged write")
         time.sleep(rng.uniform(0.02, 0.3))  # a random moment while the writer runs
         d.kill()
         assert w.thread is not None
