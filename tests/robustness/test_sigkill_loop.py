@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,10 @@ def _expected_memory(w: Writer) -> dict[int, int]:
     return last
 
 
+def _more_acked(w: Writer, before: int) -> bool | None:
+    return len(w.acked) > before or None
+
+
 def test_journal_sigkill_loop_loses_nothing_acknowledged(
     daemons: Daemons, tmp_path: Path
 ) -> None:
@@ -117,7 +122,7 @@ def test_journal_sigkill_loop_loses_nothing_acknowledged(
         w.start()
         # The kill must come after this round's first acknowledged write (on a busy
         # machine the writer may not have had one yet), then at a random moment.
-        wait_until(lambda n=acked_before: len(w.acked) > n or None, "an acknowledged write")
+        wait_until(partial(_more_acked, w, acked_before), "an acknowledged write")
         time.sleep(rng.uniform(0.02, 0.3))  # a random moment while the writer runs
         d.kill()
         assert w.thread is not None
