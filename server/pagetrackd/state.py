@@ -111,13 +111,10 @@ def encode(header: dict[str, Any], arrays: dict[str, np.ndarray[Any, Any]]) -> b
     return body + hashlib.sha256(body).digest()
 
 
-def snapshot_length(prefix: bytes) -> int | None:
-    """The whole file's length as its first bytes declare it, or None while fewer than
-    ``prefix + header + 8`` bytes are there. Raises SnapshotError for bytes that are
-    not a snapshot of this version, so an upload is refused on its first message."""
-    if len(prefix) < _PREFIX.size:
-        return None
-    magic, version, hlen = _PREFIX.unpack_from(prefix)
+def _header_length(buf: bytes) -> int:
+    """The header length that a snapshot's fixed prefix declares (``buf`` holds at least
+    the prefix). Raises SnapshotError for bytes that are not a snapshot of this version."""
+    magic, version, hlen = _PREFIX.unpack_from(buf)
     if magic != MAGIC:
         raise SnapshotError("not a pagetrack VM snapshot (bad magic bytes)")
     if version != FORMAT_VERSION:
@@ -127,6 +124,16 @@ def snapshot_length(prefix: bytes) -> int | None:
         )
     if hlen > MAX_HEADER_BYTES:
         raise SnapshotError(f"snapshot header length {hlen} is implausible; the file is corrupt")
+    return int(hlen)
+
+
+def snapshot_length(prefix: bytes) -> int | None:
+    """The whole file's length as its first bytes declare it, or None while fewer than
+    ``prefix + header + 8`` bytes are there. Raises SnapshotError for bytes that are
+    not a snapshot of this version, so an upload is refused on its first message."""
+    if len(prefix) < _PREFIX.size:
+        return None
+    hlen = _header_length(prefix)
     at = _PREFIX.size + hlen
     if len(prefix) < at + _U64.size:
         return None
@@ -157,16 +164,7 @@ def decode(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]
     n = len(data)
     if n < _PREFIX.size:
         raise SnapshotError(f"snapshot truncated: {n} bytes, not even a header")
-    magic, version, hlen = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise SnapshotError("not a pagetrack VM snapshot (bad magic bytes)")
-    if version != FORMAT_VERSION:
-        raise SnapshotError(
-            f"snapshot format_version {version} is not supported; this daemon reads"
-            f" version {FORMAT_VERSION}"
-        )
-    if hlen > MAX_HEADER_BYTES:
-        raise SnapshotError(f"snapshot header length {hlen} is implausible; the file is corrupt")
+    hlen = _header_length(data)
     at = _PREFIX.size + hlen
     if n < at + _U64.size:
         raise SnapshotError(
