@@ -91,7 +91,8 @@ def test_hooks_get_typed_pieces_and_findings_take_seqs() -> None:
     items = hub.history.since(1, vm.seq)
     finding = items[-1]
     assert isinstance(finding, Finding)
-    assert (finding.seq, finding.plugin, finding.kind, finding.first_gfn) == (2, "rec", "seen", 0x10)
+    got = (finding.seq, finding.plugin, finding.kind, finding.first_gfn)
+    assert got == (2, "rec", "seen", 0x10)
     st = host.status()
     assert st["pieces"] == 1 and st["findings"] == 1 and st["mode"] == "record"
 
