@@ -211,6 +211,12 @@ class EngineCollector(Collector):
             "A plugin's own numeric counters and sizes (its status), by key.", "gauge",
             [*pk, "key"], plugin_status,
         )
+        yield _family(
+            "pagetrack_plugin_failure_detaches",
+            "Third-party plugins detached for failing plugin_failure_limit hooks, by plugin.",
+            "counter", ["plugin"],
+            {(name,): float(n) for name, n in self.engine.plugin_failure_detaches.items()},
+        )
         yield _family("pagetrack_vms", "VMs, by tenant.", "gauge", ["tenant"], vms)
         yield GaugeMetricFamily(
             "pagetrack_metrics_vms_aggregated",

@@ -59,7 +59,8 @@ from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.files import fsync_dir, tmp_name, write_atomic
 from pagetrackd.journal import Journal, JournalRecorder, replay_journal
 from pagetrackd.leases import LeaseKind
-from pagetrackd.plugins import Plugin
+from pagetrackd.plugins import Plugin, ops
+from pagetrackd.plugins.shadow_mmu import ShadowMmu
 from pagetrackd.replay import _encode as _encode_value
 from pagetrackd.seqs import SEQS_FILE, SeqReservations
 
@@ -217,27 +218,25 @@ class _Rebuild:
 def _vgpu_replay(plugin: Plugin, ppgtts: Any) -> None:
     for mm in sorted(ppgtts, key=lambda m: int(m["ppgtt"])):
         for _ in range(max(1, int(mm.get("refs", 1)))):
-            plugin.call("build_ppgtt", root_gpa=int(mm["root_gpa"]))
+            ops.build_ppgtt(plugin, root_gpa=int(mm["root_gpa"]))
+
+
+def _vgpu_ppgtts(plugin: Plugin) -> list[dict[str, int]]:
+    return [dataclasses.asdict(p) for p in ops.ppgtts(plugin)]
 
 
 def _shadow_roots(plugin: Plugin) -> list[dict[str, int]]:
-    out = []
-    for part in str(plugin.status().get("cr3", "")).split():
-        vcpu, _, cr3 = part.partition("=")
-        if vcpu.startswith("vcpu") and cr3:
-            out.append({"vcpu": int(vcpu[4:]), "cr3": int(cr3, 0)})
-    return out
+    roots = plugin.roots() if isinstance(plugin, ShadowMmu) else []
+    return [dataclasses.asdict(r) for r in roots]
 
 
 def _shadow_replay(plugin: Plugin, roots: Any) -> None:
     for r in roots:
-        plugin.call("set_root", cr3=int(r["cr3"]), vcpu=int(r["vcpu"]))
+        ops.set_root(plugin, cr3=int(r["cr3"]), vcpu=int(r["vcpu"]))
 
 
 _REBUILD: dict[str, _Rebuild] = {
-    "vgpu": _Rebuild(
-        lambda p: p.call("ppgtts")["ppgtts"], _vgpu_replay, frozenset({"root_gpa"})
-    ),
+    "vgpu": _Rebuild(_vgpu_ppgtts, _vgpu_replay, frozenset({"root_gpa"})),
     "shadow_mmu": _Rebuild(
         _shadow_roots, _shadow_replay, frozenset({"root", "cr3", "vcpu"}), lazy=True
     ),

@@ -235,3 +235,30 @@ def test_history_dump_and_restore_keep_findings_in_order() -> None:
     assert seqs == list(range(1, 11))
     rec = finding_record(dump.findings[0])
     assert finding_from_record(rec) == dump.findings[0]
+
+
+def test_engine_forgets_a_plugin_detached_for_failures_and_counts_it() -> None:
+    """Through the engine: an allowed entry point attaches by name; after the limit it
+    is gone from the VM's plugins and the failure-detach metric counts it."""
+    from importlib.metadata import EntryPoint
+
+    from prometheus_client import generate_latest
+
+    from pagetrackd.domain import TenantId
+    from pagetrackd.engine import Engine
+    from pagetrackd.metrics import build_registry
+
+    engine = Engine()
+    ep = EntryPoint("bad", f"{__name__}:Raiser", "pagetrackd.plugins")
+    engine.plugin_catalog = Catalog(["bad"], 2, lookup=lambda name: ep)
+    engine.plugin_catalog.on_detached = engine._plugin_detached
+    entry = engine.create_vm(TenantId("t"), "vm")
+    entry.vm.set_memslot(0, 0, 256)
+    engine.attach_plugin(entry, "bad", {})
+    assert list(entry.plugins) == ["bad"]
+    for _ in range(2):
+        entry.vm.write(0, 0x20 << 12, b"x")
+    assert entry.plugins == {} and entry.plugin_options == {}
+    registry, _ = build_registry(engine)
+    text = generate_latest(registry).decode()
+    assert 'pagetrack_plugin_failure_detaches_total{plugin="bad"} 1.0' in text

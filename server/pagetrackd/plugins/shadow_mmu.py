@@ -63,6 +63,7 @@ from pagetrackd.domain import (
 )
 from pagetrackd.domain.notifiers import NotifierNode
 from pagetrackd.plugins.base import AuditReport, Mismatch
+from pagetrackd.plugins.ops import ShadowRoot
 from pagetrackd.plugins.x86_paging import (
     ACC_ALL,
     ACC_EXEC,
@@ -939,12 +940,16 @@ class ShadowMmu:
             "max_shadow_pages": self.max_shadow_pages,
         }
         out.update(self.counters)
-        out["cr3"] = " ".join(
-            f"vcpu{n}={vc.cr3_gfn << PAGE_SHIFT:#x}"
+        out["cr3"] = " ".join(f"vcpu{r.vcpu}={r.cr3:#x}" for r in self.roots())
+        return out
+
+    def roots(self) -> list[ShadowRoot]:
+        """Each vCPU's current root (CR3), by vCPU: what a restore loads again."""
+        return [
+            ShadowRoot(n, vc.cr3_gfn << PAGE_SHIFT)
             for n, vc in sorted(self._vcpus.items())
             if vc.cr3_gfn is not None
-        )
-        return out
+        ]
 
     def shadow_pages(self) -> list[dict[str, Any]]:
         """Every shadow page, oldest first: gfn, level, role, entries, flood count."""

@@ -36,7 +36,7 @@ from pagetrackd.domain import (
 from pagetrackd.domain.vm import gfns_from
 from pagetrackd.engine import Engine, VmEntry, WorkloadRun
 from pagetrackd.leases import Lease, LeaseKind
-from pagetrackd.plugins import Plugin
+from pagetrackd.plugins import Plugin, ops
 from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.state import (
     FORMAT_VERSION,
@@ -746,25 +746,19 @@ class PluginService(pbg.PluginServiceServicer):
         self, request: pb.SetShadowRootRequest, context: Ctx
     ) -> pb.SetShadowRootResponse:
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_SHADOW_MMU)
-        out = plugin.call("set_root", cr3=request.cr3, vcpu=request.vcpu)
-        return pb.SetShadowRootResponse(
-            root_gfn=int(out.get("root_gfn", request.cr3 >> 12)),
-            shadow_pages=int(out.get("shadow_pages", 0)),
-        )
+        out = ops.set_root(plugin, cr3=request.cr3, vcpu=request.vcpu)
+        return pb.SetShadowRootResponse(root_gfn=out.root_gfn, shadow_pages=out.shadow_pages)
 
     @unary
     async def TranslateShadow(
         self, request: pb.TranslateShadowRequest, context: Ctx
     ) -> pb.TranslateShadowResponse:
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_SHADOW_MMU)
-        out = plugin.call("translate", gva=request.gva, write=request.write, vcpu=request.vcpu)
+        out = ops.translate(plugin, gva=request.gva, write=request.write, vcpu=request.vcpu)
         return pb.TranslateShadowResponse(
-            present=bool(out.get("present", False)),
-            gpa=int(out.get("gpa", 0) or 0),
-            page_bytes=int(out.get("page_bytes", 4096) or 0),
-            writable=bool(out.get("writable", False)),
-            fault=str(out.get("fault", "") or ""),
-            shadow_pages_created=int(out.get("shadow_pages_created", 0) or 0),
+            present=out.present, gpa=out.gpa, page_bytes=out.page_bytes,
+            writable=out.writable, fault=out.fault,
+            shadow_pages_created=out.shadow_pages_created,
         )
 
     @unary
@@ -780,11 +774,11 @@ class PluginService(pbg.PluginServiceServicer):
         if request.root_gpa & 0xFFF:
             raise InvalidArgument(f"root_gpa {request.root_gpa:#x} is not page aligned")
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
-        out = plugin.call("build_ppgtt", root_gpa=request.root_gpa or None)
+        built = ops.build_ppgtt(plugin, root_gpa=request.root_gpa or None)
         status = plugin.status()
         return pb.BuildPpgttResponse(
-            ppgtt_id=int(out["ppgtt"]),
-            shadow_tables=int(out["tables"]),
+            ppgtt_id=built.ppgtt,
+            shadow_tables=built.tables,
             scratch_entries=int(status.get("pending", 0)),
             violations=int(status.get("violations", 0)),
         )
@@ -796,14 +790,12 @@ class PluginService(pbg.PluginServiceServicer):
         if len(request.gpu_addrs) > 10000:
             raise InvalidArgument(f"{len(request.gpu_addrs)} gpu_addrs; at most 10000")
         _, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
-        out = plugin.call("submit", ppgtt=request.ppgtt_id)
-        reply = pb.SubmitVgpuResponse(flushed_entries=int(out["flushed"]))
+        done = ops.submit(plugin, ppgtt=request.ppgtt_id)
+        reply = pb.SubmitVgpuResponse(flushed_entries=done.flushed)
         for va in request.gpu_addrs:
-            t = plugin.call("translate", va=va, ppgtt=request.ppgtt_id)
-            scratch = bool(t["scratch"])
-            gpa = int(t["hpa"]) if scratch else (int(t["guest_gfn"]) << 12) | (va & 0xFFF)
-            reply.gpa.append(gpa)
-            reply.scratch.append(scratch)
+            t = ops.gpu_translate(plugin, va=va, ppgtt=request.ppgtt_id)
+            reply.gpa.append(t.gpa(va))
+            reply.scratch.append(t.scratch)
         return reply
 
     @unary
@@ -812,7 +804,7 @@ class PluginService(pbg.PluginServiceServicer):
     ) -> pb.DestroyPpgttResponse:
         entry, plugin = self._plugin(request.vm, pb.PLUGIN_KIND_VGPU)
         before = len(entry.vm.tracked_gfns("plugin:vgpu"))
-        plugin.call("destroy_ppgtt", ppgtt=request.ppgtt_id)
+        ops.destroy_ppgtt(plugin, ppgtt=request.ppgtt_id)
         after = len(entry.vm.tracked_gfns("plugin:vgpu"))
         return pb.DestroyPpgttResponse(released_references=before - after)
 
