@@ -38,7 +38,12 @@ VM = "pagetrackd/domain/vm.py"
 TRACK = "pagetrackd/domain/track.py"
 NOTIFIERS = "pagetrackd/domain/notifiers.py"
 MMU = "pagetrackd/plugins/shadow_mmu.py"
+MMU_TABLE = "pagetrackd/plugins/shadow_table.py"
+MMU_FAULTS = "pagetrackd/plugins/shadow_faults.py"
+MMU_AUDIT = "pagetrackd/plugins/shadow_audit.py"
+MMU_PAGES = "pagetrackd/plugins/shadow_pages.py"
 VGPU = "pagetrackd/plugins/vgpu.py"
+VGPU_SHADOW = "pagetrackd/plugins/vgpu_shadow.py"
 
 RULES_T = "tests/domain/test_kvm_rules.py"
 EQUIV_T = "tests/domain/test_batch_equivalence.py"
@@ -106,15 +111,15 @@ MUTANTS: list[Mutant] = [
       "if started1 and self.track_start_hooks:", "if False:", MMU_T),
     m("R3.1", "the MMU is not told of 0 -> 1 in a multi-gfn add", VM,
       "        if new:\n            self._tracking_started(new)", "        pass", MMU_T, RULES_T),
-    m("R3.1", "write protection leaves W set", MMU,
+    m("R3.1", "write protection leaves W set", MMU_TABLE,
       "                    sp.sptes[idx] &= ~PTE_RW\n", "                    pass\n", MMU_T),
     m("R3.1", "no lpage disallow on the first reference", TRACK,
       "            step = 1 if started else -1\n", "            step = 0 if started else -1\n"),
     m("R3.2", "the last remove keeps huge pages disallowed", TRACK,
       "            step = 1 if started else -1\n", "            step = 1 if started else 0\n"),
-    m("R3.3", "the fault path installs writable SPTEs on tracked gfns", MMU,
+    m("R3.3", "the fault path installs writable SPTEs on tracked gfns", MMU_FAULTS,
       "if writable and level == 1 and self.vm.is_tracked(gfn):", "if False:", MMU_T),
-    m("R3.3", "the audit ignores the counters", MMU,
+    m("R3.3", "the audit ignores the counters", MMU_AUDIT,
       "if self._any_tracked(gfn, span):", "if False:", MMU_T),
     m("R3.3", "a tracked gfn is written natively", VM,
       "untracked = not slot.tracking.counters.get1(index)\n",
@@ -127,7 +132,7 @@ MUTANTS: list[Mutant] = [
     m("R3.5", "no huge-page disallow at an unaligned slot end", TRACK,
       "        if (base_gfn + npages) & (size - 1):", "        if False:"),
     # -- R4: write path
-    m("R4.1", "read faults on tracked gfns marked emulated", MMU,
+    m("R4.1", "read faults on tracked gfns marked emulated", MMU_FAULTS,
       "emulated = write and self.vm.is_tracked(gw.gfn)",
       "emulated = self.vm.is_tracked(gw.gfn)"),
     m("R4.2", "batched writes to a tracked gfn (count 1) go native", VM,
@@ -179,9 +184,9 @@ MUTANTS: list[Mutant] = [
       "self.sync = tuple(n for n in self._nodes if not n.batch)", MMU_T, RULES_T),
     m("R4.9", "the event's gpa loses its page offset", VM,
       "    _ev_gpa(e, gpa)\n", "    _ev_gpa(e, gpa & ~0xFFF)\n"),
-    m("R4.10", "no loop guard on unprotect-and-retry", MMU,
+    m("R4.10", "no loop guard on unprotect-and-retry", MMU_FAULTS,
       "if vc.last_retry == (rip, addr):", "if False:", MMU_T),
-    m("R4.10", "retry although nothing was zapped", MMU,
+    m("R4.10", "retry although nothing was zapped", MMU_FAULTS,
       "retry = zapped > 0", "retry = True", MMU_T),
     # -- R5: notifier lifetime
     m("R5.1", "registration appends at the tail", NOTIFIERS,
@@ -243,24 +248,24 @@ MUTANTS: list[Mutant] = [
       "return any(n.notifier.external for n in self._nodes)",
       "return not any(n.notifier.external for n in self._nodes)"),
     # -- R7: shadow MMU
-    m("R7.1", "account_shadowed takes no reference", MMU,
+    m("R7.1", "account_shadowed takes no reference", MMU_TABLE,
       "            self.vm.track_add([gfn], owner=OWNER)\n", "            pass\n", MMU_T),
     m("R7.2", "a 4-byte write is not widened to its gpte", MMU,
       "if nbytes == 4 and (gpa & 7) <= 4:", "if False:", MMU_T),
-    m("R7.3", "short writes are not misaligned", MMU,
+    m("R7.3", "short writes are not misaligned", MMU_PAGES,
       "or nbytes < 4", "or nbytes < 2", MMU_T),
     m("R7.4", "flooding one write later", MMU,
       "return sp.flood >= self.flood_threshold", "return sp.flood > self.flood_threshold",
       MMU_T),
     m("R7.4", "leaf pages flood too", MMU,
       "if sp.level == 1 and not self.flood_leaf:", "if False:", MMU_T),
-    m("R7.4", "a lookup does not reset the flood count", MMU,
+    m("R7.4", "a lookup does not reset the flood count", MMU_TABLE,
       "        if sp is not None:\n            sp.flood = 0\n            return sp",
       "        if sp is not None:\n            return sp", MMU_T),
     m("R7.5", "the wrong SPTE is zapped", MMU,
       "if self._drop_spte(sp, (gpa & 0xFFF) // ENTRY_BYTES):",
       "if self._drop_spte(sp, (gpa & 0xFFF) // ENTRY_BYTES + 1):", MMU_T),
-    m("R7.6", "unprotect zaps nothing", MMU,
+    m("R7.6", "unprotect zaps nothing", MMU_FAULTS,
       "        for sp in list(self._by_gfn.get(gfn, ())):\n"
       "            self._zap_sp(sp, \"unprotected\")",
       "        for sp in list(self._by_gfn.get(gfn, ()))[:0]:\n"
@@ -272,31 +277,31 @@ MUTANTS: list[Mutant] = [
     m("R8.1", "detach keeps the references", VGPU,
       "        if not vm.closed:\n            vm.release_owner(OWNER)",
       "        if False:\n            vm.release_owner(OWNER)", VGPU_T),
-    m("R8.2", "a protected gfn is added twice", VGPU,
+    m("R8.2", "a protected gfn is added twice", VGPU_SHADOW,
       "        if gfn in self._protect:\n            return\n        self._vm().track_add",
       "        self._vm().track_add", VGPU_T),
-    m("R8.3", "disabling a page track leaves the gfn tracked", VGPU,
+    m("R8.3", "disabling a page track leaves the gfn tracked", VGPU_SHADOW,
       "        if track is not None and track.tracked:\n            self._protect_remove(gfn)",
       "        if False:\n            self._protect_remove(gfn)", VGPU_T),
     m("R8.4", "writes to unprotected gfns are handled", VGPU,
       "        if gfn not in self._protect:\n            stats.foreign_writes += 1\n"
       "            return\n",
       "        if False:\n            stats.foreign_writes += 1\n            return\n", VGPU_T),
-    m("R8.5", "writes of other sizes are handled", VGPU,
+    m("R8.5", "writes of other sizes are handled", VGPU_SHADOW,
       "if nbytes != 4 and nbytes != 8:", "if nbytes == 0:", VGPU_T),
-    m("R8.6", "an 8-byte write keeps the old shadow entry's mapping", VGPU,
+    m("R8.6", "an 8-byte write keeps the old shadow entry's mapping", VGPU_SHADOW,
       "            self._handle_guest_write(spt, index, ge)\n            return\n"
       "        stats.partial_writes",
       "            return\n        stats.partial_writes", VGPU_T),
-    m("R8.7", "partial entries settle at the second half by default", VGPU,
+    m("R8.7", "partial entries settle at the second half by default", VGPU_SHADOW,
       "if self.partial == \"halves\" and spt.post[index] == 3:", "if spt.post[index] == 3:",
       VGPU_T),
-    m("R8.7", "a partial write keeps the old shadow entry", VGPU,
+    m("R8.7", "a partial write keeps the old shadow entry", VGPU_SHADOW,
       "            spt.entries[index] = (old & FLAGS_MASK) | self._scratch_entry(spt.level)\n",
       "            pass\n", VGPU_T),
-    m("R8.9", "a child table outside the memslots maps scratch by default", VGPU,
-      "            if self.missing_table == \"fail\":\n                raise _ShadowFailed(gfn)",
-      "            if False:\n                raise _ShadowFailed(gfn)", VGPU_T),
+    m("R8.9", "a child table outside the memslots maps scratch by default", VGPU_SHADOW,
+      "            if self.missing_table == \"fail\":\n                raise ShadowFailed(gfn)",
+      "            if False:\n                raise ShadowFailed(gfn)", VGPU_T),
     m("R8.10", "remove_region removes KVM tracking", VGPU,
       "        self._protect.difference_update(gone)",
       "        for g in gone:\n            self._protect_remove(g)", VGPU_T),
