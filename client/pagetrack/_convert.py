@@ -289,12 +289,33 @@ def lease(msg: pb.Lease) -> t.Lease:
 
 def plugin_status(msg: pb.PluginStatus) -> t.PluginStatus:
     """A PluginStatus."""
+    kind = _MAPS[t.PluginKind].from_pb.get(msg.kind)
     return t.PluginStatus(
-        kind=from_pb(t.PluginKind, msg.kind, t.PluginKind.SHADOW_MMU),
+        kind=kind,  # type: ignore[arg-type]
         attached_at_ns=msg.attached_at_ns,
         tracked_gfns=msg.tracked_gfns,
         counters=dict(msg.counters),
         info=dict(msg.info),
+        name=msg.name or (kind.value if kind is not None else ""),
+        failures=msg.failures,
+        findings=msg.findings,
+    )
+
+
+def plugin_ref(plugin: t.PluginKind | str) -> dict[str, Any]:
+    """Request fields naming a plugin: a built-in by kind, any other by name."""
+    try:
+        return {"kind": to_pb(t.PluginKind, plugin, "plugin")}
+    except InvalidArgument:
+        return {"name": str(plugin)}
+
+
+def finding(msg: pb.Finding) -> t.Finding:
+    """A plugin's Finding."""
+    return t.Finding(
+        seq=msg.seq, plugin=msg.plugin, kind=msg.kind, first_gfn=msg.first_gfn,
+        npages=msg.npages, message=msg.message, details=dict(msg.details),
+        timestamp_ns=msg.timestamp_ns,
     )
 
 

@@ -66,8 +66,10 @@ slot_app = typer.Typer(help="Set and list memslots (guest RAM and ROM regions)."
 track_app = typer.Typer(help="Add, remove and show write tracking of gfns.", no_args_is_help=True)
 workload_app = typer.Typer(help="Start, stop and inspect simulated write workloads.",
                            no_args_is_help=True)
-plugin_app = typer.Typer(help="Attach, detach and audit the in-process plugins.",
-                         no_args_is_help=True)
+plugin_app = typer.Typer(
+    help="Attach, detach and audit in-process plugins (built-in or installed).",
+    no_args_is_help=True,
+)
 lease_app = typer.Typer(help="Leases: tracking that is released when it is not kept alive.",
                         no_args_is_help=True)
 app.add_typer(vm_app, name="vm")
@@ -778,8 +780,10 @@ def _event_text(e: Event) -> str:
 
 
 def _record_json(msg: WatchMessage) -> dict[str, Any] | None:
-    from pagetrack.types import Closed, Gap, Progress, RegionRemoved, Registered
+    from pagetrack.types import Closed, Finding, Gap, Progress, RegionRemoved, Registered
 
+    if isinstance(msg, Finding):
+        return {"type": "finding", **cp.jsonable(msg)}
     if isinstance(msg, Gap):
         return {"type": "gap", **cp.jsonable(msg)}
     if isinstance(msg, RegionRemoved):
@@ -795,8 +799,15 @@ def _record_json(msg: WatchMessage) -> dict[str, Any] | None:
 
 def _record_text(msg: WatchMessage) -> tuple[str, bool] | None:
     """(line, to_stderr) for a non-event message."""
-    from pagetrack.types import Closed, Gap, Progress, RegionRemoved, Registered
+    from pagetrack.types import Closed, Finding, Gap, Progress, RegionRemoved, Registered
 
+    if isinstance(msg, Finding):
+        where = (
+            f" gfns {msg.first_gfn:#x}+{msg.npages}" if msg.npages else ""
+        )
+        details = " ".join(f"{k}={v}" for k, v in sorted(msg.details.items()))
+        return (f"** finding #{msg.seq} {msg.plugin} {msg.kind}{where}: {msg.message}"
+                + (f" [{details}]" if details else ""), False)
     if isinstance(msg, Gap):
         return (f"!! gap: seqs {msg.first_seq}-{msg.last_seq}, {msg.count} events not"
                 f" delivered ({msg.reason.value})", False)
@@ -828,9 +839,9 @@ def run_watch(
     events_only: bool = False,
 ) -> int:
     """Print a stream's messages until it closes or ``count`` events were printed;
-    returns the events printed. With ``events_only``, stdout gets event lines only and a
-    gap (events lost) is said on stderr."""
-    from pagetrack.types import Closed, EventBatch, Gap, Progress
+    returns the events (and findings) printed. With ``events_only``, stdout gets event
+    lines only and a gap (events lost) is said on stderr."""
+    from pagetrack.types import Closed, EventBatch, Finding, Gap, Progress
 
     printed = 0
     jsonl = fmt is WatchFormat.JSONL
@@ -869,6 +880,10 @@ def run_watch(
                 dest = stderr if line[1] else stdout
                 dest.write(line[0] + "\n")
                 dest.flush()
+        if isinstance(msg, Finding):
+            printed += 1
+            if count is not None and printed >= count:
+                break
         if isinstance(msg, Closed):
             break
     return printed
@@ -883,7 +898,8 @@ def watch_cmd(
         typer.Option("--format", "-f", help="text for people; jsonl for programs: one JSON"
                      " object per line, each with a \"type\": event (one per write event),"
                      " registered (on each connect), progress (heartbeat, every second),"
-                     " gap (events lost, with the seq range), region_removed, closed."),
+                     " gap (events lost, with the seq range), region_removed, finding (a"
+                     " plugin's report, with its own seq), closed."),
     ] = WatchFormat.TEXT,
     events_only: Annotated[
         bool,
@@ -914,7 +930,7 @@ def watch_cmd(
     count: Annotated[
         int | None,
         typer.Option("--count", "-n", min=1, metavar="N", show_default=False,
-                     help="Exit after printing this many events."),
+                     help="Exit after printing this many events (findings count too)."),
     ] = None,
     omit_data: Annotated[
         bool, typer.Option("--omit-data", help="Do not send the written bytes.")
@@ -926,8 +942,18 @@ def watch_cmd(
         bool, typer.Option("--no-resume", help="Exit when the connection drops instead of"
                            " reconnecting and resuming.")
     ] = False,
+    plugins: Annotated[
+        list[str] | None,
+        typer.Option("--plugin", metavar="NAME", show_default=False,
+                     help="Only findings of this plugin; repeatable (default: every"
+                     " plugin's)."),
+    ] = None,
+    findings_only: Annotated[
+        bool, typer.Option("--findings-only", help="Only plugins' findings, no write events.")
+    ] = False,
 ) -> None:
-    """Stream a VM's write events until Ctrl-C (or --count events)."""
+    """Stream a VM's write events and plugins' findings until Ctrl-C (or --count
+    events)."""
     ranges: list[Any] = []
     for spec in filters or []:
         r, g = _parsed(cp.parse_gfn_specs, [spec])
@@ -935,7 +961,8 @@ def watch_cmd(
         ranges.extend((x, 1) for x in g)
     with _client(ctx) as c, c.watch(
         vm, start_seq=from_seq, ranges=ranges, sources=sources or None, policy=policy,
-        omit_data=omit_data, resume=not no_resume,
+        omit_data=omit_data, resume=not no_resume, plugins=plugins or (),
+        only_findings=findings_only,
     ) as stream:
         run_watch(stream, fmt, count, progress, sys.stdout, sys.stderr, events_only)
 
@@ -1084,7 +1111,11 @@ def workload_list(
 def plugin_attach(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="VM name.")],
-    kind: Annotated[PluginKind, typer.Argument(help="Plugin kind.")],
+    kind: Annotated[str, typer.Argument(
+        metavar="PLUGIN",
+        help="shadow-mmu, vgpu, or a third-party plugin's name (installed as an entry"
+        " point in group pagetrackd.plugins and allowed by the daemon's plugins_allow).",
+    )],
     options: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", metavar="KEY=VALUE", show_default=False,
@@ -1096,20 +1127,23 @@ def plugin_attach(
     with _client(ctx) as c:
         st = c.attach_plugin(vm, kind, opts)
     if not _emit_json(ctx, st):
-        out.print(f"attached {st.kind.value} to {vm}")
+        out.print(f"attached {st.name} to {vm}", markup=False)
 
 
 @plugin_app.command("detach")
 def plugin_detach(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="VM name.")],
-    kind: Annotated[PluginKind, typer.Argument(help="Plugin kind.")],
+    kind: Annotated[str, typer.Argument(
+        metavar="PLUGIN", help="shadow-mmu, vgpu, or a third-party plugin's name."
+    )],
 ) -> None:
     """Detach a plugin from a VM (releasing its tracking)."""
     with _client(ctx) as c:
         refs = c.detach_plugin(vm, kind)
-    if not _emit_json(ctx, {"kind": kind.value, "released_references": refs}):
-        out.print(f"detached {kind.value} from {vm}; {refs} tracking references released")
+    if not _emit_json(ctx, {"kind": kind, "released_references": refs}):
+        out.print(f"detached {kind} from {vm}; {refs} tracking references released",
+                  markup=False)
 
 
 @plugin_app.command("status")
@@ -1124,7 +1158,7 @@ def plugin_status(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM
     for p in plugins:
         counters = ", ".join(f"{k} {v}" for k, v in sorted(p.counters.items()))
         info = ", ".join(f"{k}={v}" for k, v in sorted(p.info.items()))
-        out.print(f"{p.kind.value}: tracked gfns {p.tracked_gfns}"
+        out.print(f"{p.name}: tracked gfns {p.tracked_gfns}"
                   + (f"; {counters}" if counters else "") + (f"; {info}" if info else ""),
                   markup=False)
 

@@ -573,12 +573,14 @@ class AsyncClient:
         backoff: Backoff | None = None,
         stall_timeout_s: float | None = None,
         gfn_ranges: GfnRanges = None,
+        plugins: Iterable[str] = (),
+        only_findings: bool = False,
     ) -> WatchStream:
         """Open a stream of a VM's write events: ``async for msg in client.watch(vm)``
         (no ``await``: the stream is an async iterator; ``async with`` closes it).
 
         Messages are Registered (first, and again after each reconnect), EventBatch,
-        Gap, RegionRemoved, Progress and Closed (last). ``start_seq`` replays from the
+        Gap, RegionRemoved, Finding, Progress and Closed (last). ``start_seq`` replays from the
         daemon's history; a start already compacted yields a Gap(COMPACTED) and goes on
         from the oldest held seq (unless ``allow_compacted=False``: then OutOfRange).
         With ``resume``, a lost connection (UNAVAILABLE, daemon shutdown, or no message
@@ -587,6 +589,9 @@ class AsyncClient:
 
         ``ranges`` keeps only events on those gfns, given as for ``add_tracking``.
         ``gfn_ranges`` is its old name: it still works, with a DeprecationWarning.
+        Plugins' findings arrive as Finding records in seq order with the events;
+        ``plugins`` keeps only those plugins' findings, ``only_findings`` drops the
+        write events.
         """
         if gfn_ranges is not None:
             if ranges is not None:
@@ -604,6 +609,8 @@ class AsyncClient:
             owner_leases=list(owner_leases),
             policy=cv.to_pb(t.SlowConsumerPolicy, policy, "policy"),  # type: ignore[arg-type]
             omit_data=omit_data,
+            plugins=list(plugins),
+            only_findings=only_findings,
         )
         for key, value in (
             ("max_batch_events", max_batch_events),
@@ -650,19 +657,19 @@ class AsyncClient:
     async def attach_plugin(
         self, vm: str, kind: t.PluginKind | str, options: Mapping[str, Any] | None = None
     ) -> t.PluginStatus:
-        """Attach the shadow-mmu or vgpu plugin to a VM."""
+        """Attach a plugin to a VM: the built-in shadow-mmu or vgpu, or a third-party
+        plugin by its name (installed on the daemon's side and allowed by its operator:
+        else PermissionDenied)."""
         request = pb.AttachPluginRequest(
-            vm=vm, kind=cv.to_pb(t.PluginKind, kind, "kind"),  # type: ignore[arg-type]
-            options=cv.options_pb(options),
+            vm=vm, options=cv.options_pb(options), **cv.plugin_ref(kind)
         )
         reply = await self._call(self._plugins.AttachPlugin, request)
         return cv.plugin_status(reply.status)
 
     async def detach_plugin(self, vm: str, kind: t.PluginKind | str) -> int:
-        """Detach a plugin; returns the tracking references it released."""
-        request = pb.DetachPluginRequest(
-            vm=vm, kind=cv.to_pb(t.PluginKind, kind, "kind")  # type: ignore[arg-type]
-        )
+        """Detach a plugin (by kind or name); returns the tracking references it
+        released."""
+        request = pb.DetachPluginRequest(vm=vm, **cv.plugin_ref(kind))
         reply = await self._call(self._plugins.DetachPlugin, request)
         return reply.released_references
 
@@ -676,8 +683,7 @@ class AsyncClient:
     ) -> t.AuditReport:
         """Compare every shadow entry with a fresh walk of guest memory."""
         request = pb.AuditPluginRequest(
-            vm=vm, kind=cv.to_pb(t.PluginKind, kind, "kind"),  # type: ignore[arg-type]
-            max_mismatches=max_mismatches,
+            vm=vm, max_mismatches=max_mismatches, **cv.plugin_ref(kind)
         )
         return cv.audit(await self._call(self._plugins.AuditPlugin, request))
 
@@ -1029,6 +1035,7 @@ class WatchStream:
         self._stall_timeout_s = stall_timeout_s
         self._next_seq: int | None = start_seq
         self._last_event_seq = 0
+        self._last_finding_seq = 0  #: newest finding handed out (never twice)
         self._regions_seen: set[tuple[int, int, int, int]] = set()
         self._call: grpc.aio.UnaryStreamCall[pb.WatchRequest, pb.WatchResponse] | None = None
         self.vm = request.vm
@@ -1117,6 +1124,13 @@ class WatchStream:
                 # they do not move the resume point; every other gap is behind us.
                 self._advance(gap.last_seq)
             return gap
+        if kind == "finding":
+            found = cv.finding(resp.finding)
+            if found.seq <= self._last_finding_seq:
+                return None  # replayed from history after a reconnect
+            self._last_finding_seq = found.seq
+            self._advance(found.seq)
+            return found
         if kind == "region_removed":
             rec = cv.region_removed(resp.region_removed)
             key = (rec.slot, rec.base_gfn, rec.npages, rec.at_seq)

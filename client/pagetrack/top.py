@@ -68,6 +68,18 @@ def _kind_name(kind: Any) -> str:
     return str(kind)
 
 
+def _plugin_text(p: Any) -> str:
+    """One plugin in a VM's row: name, tracked gfns, findings and failed hooks."""
+    name = getattr(p, "name", "") or _kind_name(p.kind)
+    text = f"{name} {p.tracked_gfns} gfns"
+    findings, failures = getattr(p, "findings", 0), getattr(p, "failures", 0)
+    if findings:
+        text += f" {findings} findings"
+    if failures:
+        text += f" {failures} failed"
+    return text
+
+
 def _is_watch(kind: Any) -> bool:
     return bool(kind == pb.NOTIFIER_KIND_WATCH or str(kind) == "watch")
 
@@ -131,10 +143,7 @@ def collect(client: Any) -> Sample:
             watchers=len(watches),
             lag=max((n.lag for n in watches), default=0),
             queue_depth=sum(n.queue_depth for n in watches),
-            plugins=tuple(
-                f"{_kind_name(p.kind)} {p.tracked_gfns} gfns"
-                for p in _optional(plugins, s.vm)
-            ),
+            plugins=tuple(_plugin_text(p) for p in _optional(plugins, s.vm)),
         )
     return Sample(at, vms)
 

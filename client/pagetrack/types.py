@@ -340,11 +340,17 @@ class LeaseRevoked:
 class PluginStatus:
     """A plugin's state on one VM."""
 
-    kind: PluginKind
+    kind: PluginKind | None  #: None for a third-party plugin (see ``name``)
     attached_at_ns: int
     tracked_gfns: int
     counters: Mapping[str, int] = field(default_factory=dict)
     info: Mapping[str, str] = field(default_factory=dict)
+    #: the plugin's name ("shadow-mmu", "vgpu" or a third-party plugin's)
+    name: str = ""
+    #: hooks that raised (third-party plugins)
+    failures: int = 0
+    #: findings published
+    findings: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,6 +737,22 @@ class RegionRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class Finding:
+    """What a plugin reported: ``kind`` of thing over the gfns
+    ``[first_gfn, first_gfn + npages)`` (``npages`` 0: no gfn in particular), with its
+    own ``seq`` in the VM's stream (resumable like events)."""
+
+    seq: int
+    plugin: str
+    kind: str
+    first_gfn: int
+    npages: int
+    message: str
+    details: Mapping[str, str] = field(default_factory=dict)
+    timestamp_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Progress:
     """Heartbeat: the VM's head seq, this stream's lag, queue depth and totals."""
 
@@ -752,7 +774,9 @@ class Closed:
     last_seq: int
 
 
-WatchMessage: TypeAlias = Registered | EventBatch | Gap | RegionRemoved | Progress | Closed
+WatchMessage: TypeAlias = (
+    Registered | EventBatch | Gap | RegionRemoved | Finding | Progress | Closed
+)
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -796,6 +820,7 @@ __all__ = [
     "Progress",
     "RegionChange",
     "RegionRemoved",
+    "Finding",
     "Registered",
     "Semantics",
     "ServerInfo",

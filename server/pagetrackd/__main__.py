@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="most open grpc.health.v1 Health.Watch streams (default 256)")
     p.add_argument("--ready-file", metavar="FILE",
                    help="write the bound addresses (JSON) here once serving")
+    p.add_argument("--plugins-allow", metavar="NAME,...",
+                   help="third-party plugins (entry points in group pagetrackd.plugins)"
+                   " tenants may attach, comma-separated; built-ins are always allowed")
+    p.add_argument("--plugin-failure-limit", type=int, metavar="N",
+                   help="failed hooks after which a third-party plugin is detached"
+                   " (default 3)")
     p.add_argument("--demo", action="store_true", default=None,
                    help="create a demo VM with tracked pages and a running workload")
     p.add_argument("--stop-on-stdin-eof", action="store_true",

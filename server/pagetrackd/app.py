@@ -122,6 +122,8 @@ class Daemon:
                     t: make_quotas(q, make_quotas(config.quotas))
                     for t, q in config.tenant_quotas.items()
                 },
+                plugins_allow=config.plugins_allow,
+                plugin_failure_limit=config.plugin_failure_limit,
             )
         )
         self.auth = (

@@ -51,6 +51,11 @@ class Config:
     quotas: Mapping[str, int] = field(default_factory=dict)
     #: per-tenant overrides (TOML tables ``[tenant_quotas.NAME]``)
     tenant_quotas: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: third-party plugins (entry-point names in group ``pagetrackd.plugins``) tenants
+    #: may attach; the built-in plugins are always allowed
+    plugins_allow: tuple[str, ...] = ()
+    #: failed hooks after which a third-party plugin is detached from its VM
+    plugin_failure_limit: int = 3
 
     def check(self) -> None:
         """Raise InvalidArgument for settings that cannot work together."""
@@ -84,6 +89,10 @@ class Config:
                 raise InvalidArgument(f"{name} {getattr(self, name)} must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidArgument("tls_cert and tls_key go together")
+        if not 1 <= self.plugin_failure_limit <= 1_000_000:
+            raise InvalidArgument(
+                f"plugin_failure_limit {self.plugin_failure_limit} must be 1..1000000"
+            )
         if self.health_watchers < 0:
             raise InvalidArgument("health_watchers must be >= 0")
         if (

@@ -49,6 +49,8 @@ from pagetrackd.domain.track import SlotTracking
 from pagetrackd.domain.types import PAGE_SIZE
 from pagetrackd.leases import Lease, LeaseKind, LeaseTable
 from pagetrackd.plugins import PLUGINS, Plugin
+from pagetrackd.plugins.catalog import Catalog, canonical_name
+from pagetrackd.plugins.host import DEFAULT_FAILURE_LIMIT, HostedPlugin
 from pagetrackd.quota_guard import QuotaGuard, guard
 
 if TYPE_CHECKING:
@@ -128,6 +130,10 @@ class EngineConfig:
     #: quotas for named tenants; others get ``quotas``
     tenant_quotas: Mapping[str, Quotas] = field(default_factory=dict)
     lease_check_interval_s: float = 0.05
+    #: third-party plugins (entry-point names) tenants may attach; built-ins always
+    plugins_allow: tuple[str, ...] = ()
+    #: failed hooks after which a third-party plugin is detached
+    plugin_failure_limit: int = DEFAULT_FAILURE_LIMIT
 
 
 @dataclass(eq=False)
@@ -202,6 +208,12 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.registry = Registry()
+        self.plugin_catalog = Catalog(
+            self.config.plugins_allow, self.config.plugin_failure_limit
+        )
+        self.plugin_catalog.on_detached = self._plugin_detached
+        #: plugin name -> times it was detached for failing (metrics)
+        self.plugin_failure_detaches: dict[str, int] = {}
         self.entries: dict[tuple[TenantId, str], VmEntry] = {}
         self.leases = LeaseTable(self._release_lease)
         self.workloads: dict[str, WorkloadRun] = {}
@@ -805,22 +817,29 @@ class Engine:
     def attach_plugin(
         self, entry: VmEntry, kind: str, options: Mapping[str, Any]
     ) -> Plugin:
-        """Attach a plugin by name to a VM."""
+        """Attach a plugin by name to a VM: a built-in, or a third-party plugin the
+        operator allowed (see :class:`~pagetrackd.plugins.catalog.Catalog`)."""
         self.check_serving()
-        factory = PLUGINS.get(kind)
-        if factory is None:
-            raise InvalidArgument(
-                f"unknown plugin {kind!r}; available: {', '.join(sorted(PLUGINS)) or 'none'}"
-            )
+        kind = canonical_name(kind)
         if kind in entry.plugins:
             raise PluginAlreadyAttached(
                 f"plugin {kind!r} is already attached to VM {entry.name!r}"
             )
-        plugin = factory()
+        plugin = self.plugin_catalog.make(kind)
         plugin.attach(entry.vm, **options)
         entry.plugins[kind] = plugin
         entry.plugin_options[kind] = dict(options)
         return plugin
+
+    def _plugin_detached(self, plugin: HostedPlugin) -> None:
+        """A third-party plugin failed too often and detached itself: forget it."""
+        self.plugin_failure_detaches[plugin.name] = (
+            self.plugin_failure_detaches.get(plugin.name, 0) + 1
+        )
+        for entry in self.entries.values():
+            if entry.plugins.get(plugin.name) is plugin:
+                del entry.plugins[plugin.name]
+                entry.plugin_options.pop(plugin.name, None)
 
     def _adopt_plugins(self, entry: VmEntry) -> None:
         """Take plugins that something other than :meth:`attach_plugin` registered on the
@@ -839,6 +858,7 @@ class Engine:
 
     def plugin(self, entry: VmEntry, kind: str) -> Plugin:
         """An attached plugin."""
+        kind = canonical_name(kind)
         plugin = entry.plugins.get(kind)
         if plugin is None:
             raise PluginNotFound(
@@ -848,6 +868,7 @@ class Engine:
 
     def detach_plugin(self, entry: VmEntry, kind: str) -> int:
         """Detach a plugin; returns the tracking references it released."""
+        kind = canonical_name(kind)
         plugin = self.plugin(entry, kind)
         refs = entry.vm.owner_references(f"plugin:{kind}")
         plugin.detach()

@@ -44,6 +44,7 @@ import structlog
 from pagetrackd import __version__
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId, Vm, VmAlreadyExists
 from pagetrackd.domain.events import EventBatch
+from pagetrackd.domain.findings import finding_from_record, finding_record
 from pagetrackd.domain.hub import HistoryDump, RegionRemoved
 from pagetrackd.domain.snapshot import (
     SlotState,
@@ -493,7 +494,12 @@ def _read_history(hist: Any, arrays: dict[str, np.ndarray[Any, Any]]) -> History
         ) and r[0] <= r[1] for r in lost
     ):
         raise SnapshotError("snapshot header: history.lost is malformed")
+    try:
+        findings = [finding_from_record(f) for f in hist.get("findings", [])]
+    except (InvalidArgument, TypeError) as exc:
+        raise SnapshotError(f"snapshot header: history.findings: {exc}") from None
     return HistoryDump(
+        findings=findings,
         lost=[(a, b) for a, b in lost],
         events=events,
         batch_events=_array(arrays, "h_batch_events").astype(np.int64),
@@ -551,6 +557,7 @@ def capture_entry(
         header["history"]["oldest_seq"] = dump.oldest_seq
         header["history"]["regions"] = [_history_record(r) for r in dump.regions]
         header["history"]["lost"] = [[a, b] for a, b in dump.lost]
+        header["history"]["findings"] = [finding_record(f) for f in dump.findings]
     return header, arrays
 
 

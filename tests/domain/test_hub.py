@@ -50,7 +50,7 @@ def _drain(
                 seqs.extend(item.batch.seq.tolist())
             elif isinstance(item, Gap):
                 gaps.append(item)
-            else:
+            elif isinstance(item, RegionRemoved):
                 regions.append(item)
     return seqs, gaps, regions
 

@@ -2284,6 +2284,8 @@ class WatchRequest(_message.Message):
     BLOCK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     OMIT_DATA_FIELD_NUMBER: _builtins.int
+    PLUGINS_FIELD_NUMBER: _builtins.int
+    ONLY_FINDINGS_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     start_seq: _builtins.int
@@ -2320,6 +2322,8 @@ class WatchRequest(_message.Message):
     """
     omit_data: _builtins.bool
     """Leave EventBatch.data empty (flag DATA_OMITTED set) for consumers that re-read memory."""
+    only_findings: _builtins.bool
+    """Deliver findings only, no write events."""
     @_builtins.property
     def gfn_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___GfnRange]:
         """Filter: only events whose gfn is in one of these ranges; empty = every gfn. At most
@@ -2337,6 +2341,13 @@ class WatchRequest(_message.Message):
     @_builtins.property
     def owner_leases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """With only_owned: more lease ids (of this tenant) whose gfns count as owned; at most 64."""
+
+    @_builtins.property
+    def plugins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Filter: only findings published by these plugins (names as in AttachPluginRequest);
+        empty = findings of every plugin. At most 64 names. gfn_ranges apply to findings too
+        (a finding passes when its gfns meet a range).
+        """
 
     def __init__(
         self,
@@ -2358,10 +2369,12 @@ class WatchRequest(_message.Message):
         block_timeout_ms: _builtins.int | None = ...,
         heartbeat_interval_ms: _builtins.int | None = ...,
         omit_data: _builtins.bool = ...,
+        plugins: _abc.Iterable[_builtins.str] | None = ...,
+        only_findings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms", "_heartbeat_interval_ms", b"_heartbeat_interval_ms", "_max_batch_bytes", b"_max_batch_bytes", "_max_batch_delay_ms", b"_max_batch_delay_ms", "_max_batch_events", b"_max_batch_events", "_queue_bytes", b"_queue_bytes", "_queue_limit", b"_queue_limit", "_start_seq", b"_start_seq", "block_timeout_ms", b"block_timeout_ms", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "start_seq", b"start_seq"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms", "_heartbeat_interval_ms", b"_heartbeat_interval_ms", "_max_batch_bytes", b"_max_batch_bytes", "_max_batch_delay_ms", b"_max_batch_delay_ms", "_max_batch_events", b"_max_batch_events", "_queue_bytes", b"_queue_bytes", "_queue_limit", b"_queue_limit", "_start_seq", b"_start_seq", "allow_compacted", b"allow_compacted", "block_timeout_ms", b"block_timeout_ms", "gfn_ranges", b"gfn_ranges", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "modes", b"modes", "omit_data", b"omit_data", "only_owned", b"only_owned", "owner_leases", b"owner_leases", "policy", b"policy", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "sources", b"sources", "start_seq", b"start_seq", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms", "_heartbeat_interval_ms", b"_heartbeat_interval_ms", "_max_batch_bytes", b"_max_batch_bytes", "_max_batch_delay_ms", b"_max_batch_delay_ms", "_max_batch_events", b"_max_batch_events", "_queue_bytes", b"_queue_bytes", "_queue_limit", b"_queue_limit", "_start_seq", b"_start_seq", "allow_compacted", b"allow_compacted", "block_timeout_ms", b"block_timeout_ms", "gfn_ranges", b"gfn_ranges", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch_bytes", b"max_batch_bytes", "max_batch_delay_ms", b"max_batch_delay_ms", "max_batch_events", b"max_batch_events", "modes", b"modes", "omit_data", b"omit_data", "only_findings", b"only_findings", "only_owned", b"only_owned", "owner_leases", b"owner_leases", "plugins", b"plugins", "policy", b"policy", "queue_bytes", b"queue_bytes", "queue_limit", b"queue_limit", "sources", b"sources", "start_seq", b"start_seq", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__block_timeout_ms: _TypeAlias = _typing.Literal["block_timeout_ms"]  # noqa: Y015
     _WhichOneofArgType__block_timeout_ms: _TypeAlias = _typing.Literal["_block_timeout_ms", b"_block_timeout_ms"]  # noqa: Y015
@@ -2709,6 +2722,7 @@ class WatchResponse(_message.Message):
     REGION_REMOVED_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
+    FINDING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered:
         """Always first."""
@@ -2733,6 +2747,10 @@ class WatchResponse(_message.Message):
     def closed(self) -> Global___Closed:
         """The stream ends after this."""
 
+    @_builtins.property
+    def finding(self) -> Global___Finding:
+        """A plugin's finding."""
+
     def __init__(
         self,
         *,
@@ -2742,16 +2760,93 @@ class WatchResponse(_message.Message):
         region_removed: Global___RegionRemoved | None = ...,
         progress: Global___Progress | None = ...,
         closed: Global___Closed | None = ...,
+        finding: Global___Finding | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "events", b"events", "gap", b"gap", "kind", b"kind", "progress", b"progress", "region_removed", b"region_removed", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "events", b"events", "finding", b"finding", "gap", b"gap", "kind", b"kind", "progress", b"progress", "region_removed", b"region_removed", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "events", b"events", "gap", b"gap", "kind", b"kind", "progress", b"progress", "region_removed", b"region_removed", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "events", b"events", "finding", b"finding", "gap", b"gap", "kind", b"kind", "progress", b"progress", "region_removed", b"region_removed", "registered", b"registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["registered", "events", "gap", "region_removed", "progress", "closed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["registered", "events", "gap", "region_removed", "progress", "closed", "finding"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class Finding(_message.Message):
+    """What a plugin reported, as a record of the VM's stream: it has its own seq (taken
+    like an event's), so it is resumable with start_seq, kept in the history and saved
+    with the VM's state. The daemon itself publishes kind "plugin.detached" (with
+    npages 0) under a plugin's name when it detaches that plugin for failing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FIRST_GFN_FIELD_NUMBER: _builtins.int
+    NPAGES_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_NS_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The finding's seq in the VM's stream."""
+    plugin: _builtins.str
+    """The plugin that published it."""
+    kind: _builtins.str
+    """What kind of finding, the plugin's word (e.g. "integrity.write")."""
+    first_gfn: _builtins.int
+    """First gfn the finding is about."""
+    npages: _builtins.int
+    """Pages from first_gfn; 0 = about no gfn in particular."""
+    message: _builtins.str
+    """For humans."""
+    timestamp_ns: _builtins.int
+    """When it was published, unix ns."""
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Facts by name."""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        plugin: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        first_gfn: _builtins.int = ...,
+        npages: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timestamp_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "first_gfn", b"first_gfn", "kind", b"kind", "message", b"message", "npages", b"npages", "plugin", b"plugin", "seq", b"seq", "timestamp_ns", b"timestamp_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Finding: _TypeAlias = Finding  # noqa: Y015
 
 @_typing.final
 class UnwatchRequest(_message.Message):
@@ -2963,12 +3058,23 @@ class PluginStatus(_message.Message):
     TRACKED_GFNS_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
     INFO_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
     kind: Global___PluginKind.ValueType
     """Which plugin."""
     attached_at_ns: _builtins.int
     """Attach time, unix ns."""
     tracked_gfns: _builtins.int
     """Gfns on which the plugin holds tracking references."""
+    name: _builtins.str
+    """The plugin's name: "shadow-mmu", "vgpu", or a third-party plugin's entry-point name
+    (kind is UNSPECIFIED for those).
+    """
+    failures: _builtins.int
+    """Hooks of this plugin that raised (third-party plugins; the write still succeeded)."""
+    findings: _builtins.int
+    """Findings this plugin published."""
     @_builtins.property
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Plugin counters by name, e.g. shadow-mmu: shadow_pages, zapped, flooded, unprotected;
@@ -2987,10 +3093,13 @@ class PluginStatus(_message.Message):
         tracked_gfns: _builtins.int = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         info: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        name: _builtins.str = ...,
+        failures: _builtins.int = ...,
+        findings: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached_at_ns", b"attached_at_ns", "counters", b"counters", "info", b"info", "kind", b"kind", "tracked_gfns", b"tracked_gfns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached_at_ns", b"attached_at_ns", "counters", b"counters", "failures", b"failures", "findings", b"findings", "info", b"info", "kind", b"kind", "name", b"name", "tracked_gfns", b"tracked_gfns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3023,10 +3132,18 @@ class AttachPluginRequest(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     kind: Global___PluginKind.ValueType
     """Plugin to attach; ALREADY_EXISTS if attached (one of each kind per VM)."""
+    name: _builtins.str
+    """Plugin by name instead of kind: a built-in ("shadow-mmu", "vgpu") or a third-party
+    plugin installed as an entry point in group "pagetrackd.plugins". A third-party
+    plugin the operator did not list in plugins_allow is PERMISSION_DENIED; one that is
+    allowed but not installed is NOT_FOUND; one that cannot be loaded is
+    FAILED_PRECONDITION. Give kind or name; both must agree.
+    """
     @_builtins.property
     def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Plugin options by name, values as decimal or text; unknown keys are INVALID_ARGUMENT.
@@ -3040,10 +3157,11 @@ class AttachPluginRequest(_message.Message):
         vm: _builtins.str = ...,
         kind: Global___PluginKind.ValueType = ...,
         options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "options", b"options", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "options", b"options", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3077,19 +3195,23 @@ class DetachPluginRequest(_message.Message):
 
     VM_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     kind: Global___PluginKind.ValueType
     """Plugin to detach; NOT_FOUND if not attached."""
+    name: _builtins.str
+    """Plugin by name instead of kind (as in AttachPluginRequest)."""
     def __init__(
         self,
         *,
         vm: _builtins.str = ...,
         kind: Global___PluginKind.ValueType = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3164,22 +3286,26 @@ class AuditPluginRequest(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     MAX_MISMATCHES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     kind: Global___PluginKind.ValueType
     """Plugin to audit."""
     max_mismatches: _builtins.int
     """Most mismatches returned, 0..ServerLimits.max_audit_mismatches; 0 = that maximum."""
+    name: _builtins.str
+    """Plugin by name instead of kind (as in AttachPluginRequest)."""
     def __init__(
         self,
         *,
         vm: _builtins.str = ...,
         kind: Global___PluginKind.ValueType = ...,
         max_mismatches: _builtins.int = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_mismatches", b"max_mismatches", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_mismatches", b"max_mismatches", "name", b"name", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

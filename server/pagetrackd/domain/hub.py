@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 from pagetrackd.domain.errors import Compacted, InvalidArgument
 from pagetrackd.domain.events import EventBatch, WriteEvent
+from pagetrackd.domain.findings import Finding
 from pagetrackd.domain.types import PAGE_SHIFT, RegionChange, Source
 
 if TYPE_CHECKING:
@@ -91,20 +92,40 @@ class Stamped:
     ts_ns: int
 
 
-Item = Stamped | Gap | RegionRemoved
+Item = Stamped | Gap | RegionRemoved | Finding
 
 
 @dataclass(frozen=True, slots=True)
 class Filter:
     """Which events a stream wants. Empty ``ranges`` means every gfn; ``sources`` None
-    means both; ``owner`` keeps only gfns that owner holds a tracking reference on."""
+    means both; ``owner`` keeps only gfns that owner holds a tracking reference on.
+    Findings pass when their gfns meet a range and, with ``plugins``, when one of those
+    plugins published them; ``only_findings`` lets no write event through."""
 
     ranges: tuple[tuple[int, int], ...] = ()
     sources: frozenset[Source] | None = None
     owner: str | None = None
+    plugins: frozenset[str] | None = None
+    only_findings: bool = False
+
+    @property
+    def filters_events(self) -> bool:
+        """Whether some write event may be filtered out."""
+        return bool(
+            self.ranges or self.sources is not None or self.owner is not None
+            or self.only_findings
+        )
+
+    def passes_finding(self, finding: Finding) -> bool:
+        """Whether a finding passes."""
+        if self.plugins is not None and finding.plugin not in self.plugins:
+            return False
+        return not self.ranges or any(finding.overlaps(s, c) for s, c in self.ranges)
 
     def mask(self, vm: Vm, batch: EventBatch) -> npt.NDArray[np.bool_] | None:
         """Which events of ``batch`` pass, or None when all do."""
+        if self.only_findings:
+            return np.zeros(len(batch), dtype=np.bool_)
         keep: npt.NDArray[np.bool_] | None = None
         if self.ranges:
             gfn = (batch.gpa >> np.uint64(PAGE_SHIFT)).astype(np.int64)
@@ -122,6 +143,8 @@ class Filter:
 
     def passes(self, vm: Vm, event: WriteEvent) -> bool:
         """Whether one event passes."""
+        if self.only_findings:
+            return False
         gfn = event.gpa >> PAGE_SHIFT
         if self.ranges and not any(s <= gfn < s + c for s, c in self.ranges):
             return False
@@ -137,8 +160,14 @@ def make_filter(
     ranges: Sequence[tuple[int, int]] = (),
     sources: Sequence[Source] = (),
     owner: str | None = None,
+    plugins: Sequence[str] = (),
+    only_findings: bool = False,
 ) -> Filter:
     """Validate and build a filter."""
+    if len(plugins) > 64 or any(not p or len(p) > 128 for p in plugins):
+        raise InvalidArgument(
+            "filter plugins: at most 64 plugin names of 1..128 characters", field="plugins"
+        )
     for start, count in ranges:
         if start < 0 or count <= 0:
             raise InvalidArgument(
@@ -147,7 +176,10 @@ def make_filter(
             )
     if len(ranges) > 1024:
         raise InvalidArgument(f"{len(ranges)} filter ranges; at most 1024", field="gfn_ranges")
-    return Filter(tuple(ranges), frozenset(sources) if sources else None, owner or None)
+    return Filter(
+        tuple(ranges), frozenset(sources) if sources else None, owner or None,
+        frozenset(plugins) if plugins else None, only_findings,
+    )
 
 
 #: what holding one stored item costs beyond its event bytes: the batch object, its five
@@ -166,6 +198,11 @@ _SINGLE_BYTES = 200
 def batch_bytes(batch: EventBatch) -> int:
     """Bytes a stored batch holds: its data, its columns and its objects."""
     return len(batch.data) + EVENT_BYTES * len(batch) + ITEM_BYTES
+
+
+def _record_bytes(item: Gap | RegionRemoved | Finding) -> int:
+    """Bytes a stored record holds."""
+    return item.nbytes if isinstance(item, Finding) else ITEM_BYTES
 
 
 def _stamp(batch: EventBatch) -> Stamped:
@@ -225,7 +262,7 @@ class History:
             self.events += len(item.batch)
             self.nbytes += batch_bytes(item.batch)
         else:
-            self.nbytes += ITEM_BYTES
+            self.nbytes += _record_bytes(item)
         while self._items and (self.events > self.max_events or self.nbytes > self.max_bytes):
             old = self._items[0]
             if isinstance(old, Stamped):
@@ -246,7 +283,9 @@ class History:
                 self.nbytes -= batch_bytes(old.batch)
                 self._oldest_seq = int(old.batch.seq[-1]) + 1
             else:
-                self.nbytes -= ITEM_BYTES
+                self.nbytes -= _record_bytes(old)
+                if isinstance(old, Finding):
+                    self._oldest_seq = max(self._oldest_seq, old.seq + 1)
 
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Keep one event."""
@@ -270,6 +309,13 @@ class History:
         self._flush()
         self._append(_region_record(vm, base_gfn, npages))
 
+    def track_finding(self, vm: Vm, finding: Finding) -> None:
+        """Keep a finding in order with the events."""
+        if self.seq_limit is not None and finding.seq > self.seq_limit:
+            self.on_seq_limit(finding.seq)
+        self._flush()
+        self._append(finding)
+
     def add_lost(self, first: int, last: int) -> None:
         """Seqs ``first..last`` were reserved by a daemon run that crashed: a resume
         across them gets a RESTART gap with that exact range."""
@@ -287,10 +333,14 @@ class History:
             batch_ts_ns=np.array(
                 [i.ts_ns for i in self._items if isinstance(i, Stamped)], dtype=np.int64
             ),
-            is_region=np.array([isinstance(i, RegionRemoved) for i in self._items], dtype=bool),
+            is_region=np.array(
+                [isinstance(i, RegionRemoved) for i in self._items if not isinstance(i, Finding)],
+                dtype=bool,
+            ),
             regions=[i for i in self._items if isinstance(i, RegionRemoved)],
             oldest_seq=self.oldest_seq,
             lost=[(a, b) for a, b in self.lost if b >= self._oldest_seq],
+            findings=[i for i in self._items if isinstance(i, Finding)],
         )
 
     def restore(self, dump: HistoryDump, head_seq: int) -> None:
@@ -299,6 +349,7 @@ class History:
         Raises InvalidArgument if the dump does not fit together or runs past ``head_seq``."""
         n_batches = int(np.count_nonzero(~dump.is_region))
         seqs = dump.events.seq
+        fseqs = [f.seq for f in dump.findings]
         if (
             self._items or self._pending
             or dump.batch_events.size != n_batches or dump.batch_ts_ns.size != n_batches
@@ -311,20 +362,33 @@ class History:
             ))
             or not 1 <= dump.oldest_seq <= head_seq + 1
             or any(not 1 <= a <= b <= head_seq for a, b in dump.lost)
+            or fseqs != sorted(set(fseqs))
+            or any(not dump.oldest_seq <= s <= head_seq for s in fseqs)
+            or bool(np.isin(np.array(fseqs, dtype=np.uint64), seqs).any())
         ):
             raise InvalidArgument("saved event history does not fit together; not restored")
         ends = np.cumsum(dump.batch_events).tolist()
         regions = iter(dump.regions)
+        # Findings go back in seq order among the batches (a stored batch never spans a
+        # finding's seq: the pending events are stored before a finding is).
+        findings = list(reversed(dump.findings))
         k = lo = 0
         self._oldest_seq = dump.oldest_seq
         self.lost = sorted(dump.lost)
         for is_region in dump.is_region.tolist():
             if is_region:
-                self._append(next(regions))
+                region = next(regions)
+                while findings and findings[-1].seq <= region.at_seq:
+                    self._append(findings.pop())
+                self._append(region)
                 continue
+            while findings and findings[-1].seq < int(dump.events.seq[lo]):
+                self._append(findings.pop())
             self._append(Stamped(dump.events.slice(lo, ends[k]), int(dump.batch_ts_ns[k])))
             lo = ends[k]
             k += 1
+        while findings:
+            self._append(findings.pop())
 
     def since(self, start_seq: int, head_seq: int) -> list[Item]:
         """Items with events of seq >= ``start_seq`` (region records after it too).
@@ -366,6 +430,8 @@ class History:
                 out.append(item)
             elif isinstance(item, RegionRemoved) and item.at_seq >= start_seq - 1:
                 out.append(item)
+            elif isinstance(item, Finding) and item.seq >= start_seq:
+                out.append(item)
         return out + lost
 
 
@@ -373,7 +439,8 @@ class History:
 class HistoryDump:
     """A history's contents as columns: every held event in seq order, how many of them
     each stored batch held and when it was stamped, and the region records, placed by
-    ``is_region`` (one flag per stored item, in order)."""
+    ``is_region`` (one flag per stored batch or region record, in order); findings
+    are placed by their seqs."""
 
     events: EventBatch
     batch_events: npt.NDArray[np.int64]
@@ -383,6 +450,8 @@ class HistoryDump:
     oldest_seq: int
     #: seq ranges lost in a crash (see :meth:`History.add_lost`)
     lost: list[tuple[int, int]] = field(default_factory=list)
+    #: findings held, in seq order
+    findings: list[Finding] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -577,9 +646,7 @@ class Subscriber:
     def track_write(self, vm: Vm, event: WriteEvent) -> None:
         """Queue one event (if the filter wants it)."""
         f = self.filter
-        if (f.ranges or f.sources is not None or f.owner is not None) and not f.passes(
-            vm, event
-        ):
+        if f.filters_events and not f.passes(vm, event):
             self.counters.filtered += 1
             return
         if self.full or self._coalesce:
@@ -635,6 +702,27 @@ class Subscriber:
         self._items.append(_region_record(vm, base_gfn, npages))
         self.wake()
 
+    def track_finding(self, vm: Vm, finding: Finding) -> None:
+        """Queue a finding (if the filter wants it). A finding counts as one event
+        towards the queue's bounds; when it does not fit it is lost like one, and
+        reported in a gap (DROP and BLOCK: the writer is not made to wait for it)."""
+        if not self.filter.passes_finding(finding):
+            self.counters.filtered += 1
+            return
+        if self.full:
+            if self.policy is SlowPolicy.DISCONNECT and self.overflowed_lag is None:
+                self.overflowed_lag = self.depth + 1
+            self._note_gap(finding.seq, finding.seq, 1)
+            self.wake()
+            return
+        self._pack_singles()
+        self._flush_gap()
+        self._items.append(finding)
+        self.depth += 1
+        self.nbytes += finding.nbytes
+        self.counters.queued += 1
+        self.wake()
+
     def vm_closed(self, vm: Vm) -> None:
         """The VM is gone; the transport ends the stream once the queue is drained."""
         self.node = None
@@ -649,6 +737,10 @@ class Subscriber:
                 self.depth += len(item.batch)
                 self.nbytes += batch_bytes(item.batch)
                 self.counters.queued += len(item.batch)
+            elif isinstance(item, Finding):
+                self.depth += 1
+                self.nbytes += item.nbytes
+                self.counters.queued += 1
         if items:
             self.wake()
 
@@ -681,6 +773,13 @@ class Subscriber:
                 self.counters.sent += n
                 # max: events released after a COALESCED gap are older than its end
                 self.last_seq = max(self.last_seq, int(item.batch.seq[-1]))
+            elif isinstance(item, Finding):
+                self._items.popleft()
+                self.nbytes -= item.nbytes
+                budget -= 1
+                self.depth -= 1
+                self.counters.sent += 1
+                self.last_seq = max(self.last_seq, item.seq)
             else:
                 self._items.popleft()
                 if isinstance(item, Gap):
@@ -728,6 +827,15 @@ class Subscriber:
         return bool(self._items or self._singles or self._gap or self._coalesce)
 
 
+def _wanted(flt: Filter, item: Item) -> bool:
+    """Whether a (filtered) backlog item still goes to the stream."""
+    if isinstance(item, Stamped):
+        return len(item.batch) > 0
+    if isinstance(item, Finding):
+        return flt.passes_finding(item)
+    return True
+
+
 @dataclass(slots=True)
 class VmHub:
     """The streams side of one VM: its history and its subscribers."""
@@ -746,7 +854,9 @@ class VmHub:
                 if mask is not None:
                     sub.counters.filtered += len(item.batch) - int(np.count_nonzero(mask))
                     backlog[i] = Stamped(item.batch.select(mask), item.ts_ns)
-        backlog = [b for b in backlog if not isinstance(b, Stamped) or len(b.batch)]
+            elif isinstance(item, Finding) and not sub.filter.passes_finding(item):
+                sub.counters.filtered += 1
+        backlog = [b for b in backlog if _wanted(sub.filter, b)]
         node = vm.register_notifier(sub)
         sub.node = node
         sub.preload(backlog)

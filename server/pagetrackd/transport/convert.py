@@ -24,6 +24,7 @@ from pagetrackd.domain import (
     WritePath,
 )
 from pagetrackd.domain.events import EventBatch
+from pagetrackd.domain.findings import Finding
 from pagetrackd.domain.hub import Gap, GapReason, RegionRemoved, SlowPolicy
 from pagetrackd.domain.types import TENANT_OWNER
 
@@ -307,6 +308,20 @@ def region_pb(rec: RegionRemoved) -> pb.RegionRemoved:
         msg.change = CHANGE_PB[rec.change.change]
         msg.new_base_gfn = rec.change.new_base_gfn
     return msg
+
+
+def finding_pb(finding: Finding) -> pb.Finding:
+    """A plugin's finding."""
+    return pb.Finding(
+        seq=finding.seq, plugin=plugin_api_name(finding.plugin), kind=finding.kind,
+        first_gfn=finding.first_gfn, npages=finding.npages, message=finding.message,
+        details=dict(finding.details), timestamp_ns=finding.ts_ns,
+    )
+
+
+def plugin_api_name(name: str) -> str:
+    """A plugin's name as the API spells it (built-ins with a dash)."""
+    return name.replace("_", "-") if name in PLUGIN_KIND_PB else name
 
 
 def gfn_ranges(ranges: Iterable[pb.GfnRange]) -> list[tuple[int, int]]:

@@ -37,6 +37,7 @@ from pagetrackd.domain.vm import gfns_from
 from pagetrackd.engine import Engine, VmEntry, WorkloadRun
 from pagetrackd.leases import Lease, LeaseKind
 from pagetrackd.plugins import Plugin
+from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.state import (
     FORMAT_VERSION,
     SnapshotError,
@@ -630,6 +631,9 @@ def _plugin_status_pb(kind: str, plugin: Plugin, vm_entry: VmEntry) -> pb.Plugin
         tracked_gfns=tracked,
         counters=counters,
         info=info,
+        name=cv.plugin_api_name(kind),
+        failures=counters.get("hook_failures", 0),
+        findings=counters.get("findings", 0),
     )
 
 
@@ -659,22 +663,35 @@ class PluginService(pbg.PluginServiceServicer):
         self.engine = engine
         self.limits = limits or ServerLimits()
 
-    def _kind(self, kind: pb.PluginKind.ValueType) -> str:
-        name = cv.PLUGIN_KIND.get(kind)
-        if name is None:
-            raise InvalidArgument(f"kind: unknown plugin kind {kind}; use SHADOW_MMU or VGPU")
-        return name
+    def _kind(self, kind: pb.PluginKind.ValueType, name: str = "") -> str:
+        """The plugin a request names, by kind or by name."""
+        if name:
+            by_name = canonical_name(name)
+            if kind != pb.PLUGIN_KIND_UNSPECIFIED and cv.PLUGIN_KIND.get(kind) != by_name:
+                raise InvalidArgument(
+                    f"kind {kind} and name {name[:80]!r} name different plugins; give one",
+                    field="name",
+                )
+            return by_name
+        found = cv.PLUGIN_KIND.get(kind)
+        if found is None:
+            raise InvalidArgument(
+                f"kind: unknown plugin kind {kind}; use SHADOW_MMU or VGPU, or give a name"
+            )
+        return found
 
-    def _plugin(self, vm: str, kind: pb.PluginKind.ValueType) -> tuple[VmEntry, Plugin]:
+    def _plugin(
+        self, vm: str, kind: pb.PluginKind.ValueType, name: str = ""
+    ) -> tuple[VmEntry, Plugin]:
         entry = self.engine.vm(_tenant(), vm)
-        return entry, self.engine.plugin(entry, self._kind(kind))
+        return entry, self.engine.plugin(entry, self._kind(kind, name))
 
     @unary
     async def AttachPlugin(
         self, request: pb.AttachPluginRequest, context: Ctx
     ) -> pb.AttachPluginResponse:
         entry = self.engine.vm(_tenant(), request.vm)
-        kind = self._kind(request.kind)
+        kind = self._kind(request.kind, request.name)
         plugin = self.engine.attach_plugin(entry, kind, _int_options(request.options))
         return pb.AttachPluginResponse(status=_plugin_status_pb(kind, plugin, entry))
 
@@ -683,7 +700,7 @@ class PluginService(pbg.PluginServiceServicer):
         self, request: pb.DetachPluginRequest, context: Ctx
     ) -> pb.DetachPluginResponse:
         entry = self.engine.vm(_tenant(), request.vm)
-        refs = self.engine.detach_plugin(entry, self._kind(request.kind))
+        refs = self.engine.detach_plugin(entry, self._kind(request.kind, request.name))
         return pb.DetachPluginResponse(released_references=refs)
 
     @unary
@@ -702,7 +719,7 @@ class PluginService(pbg.PluginServiceServicer):
         cap = self.limits.max_audit_mismatches
         if request.max_mismatches > cap:
             raise InvalidArgument(f"max_mismatches {request.max_mismatches}: at most {cap}")
-        _, plugin = self._plugin(request.vm, request.kind)
+        _, plugin = self._plugin(request.vm, request.kind, request.name)
         report = plugin.audit()
         limit = request.max_mismatches or cap
         family = "ppgtt" if request.kind == pb.PLUGIN_KIND_VGPU else "shadow"

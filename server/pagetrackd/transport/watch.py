@@ -23,6 +23,7 @@ from pagetrackd.domain import (
     Unavailable,
 )
 from pagetrackd.domain.events import EventBatch
+from pagetrackd.domain.findings import Finding
 from pagetrackd.domain.hub import (
     Gap,
     RegionRemoved,
@@ -32,6 +33,7 @@ from pagetrackd.domain.hub import (
     make_filter,
 )
 from pagetrackd.engine import Engine, VmEntry
+from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.status import streaming, unary
@@ -208,6 +210,8 @@ class WatchService(pbg.WatchServiceServicer):
                 cv.gfn_ranges(request.gfn_ranges),
                 [cv.SOURCES[s] for s in request.sources],
                 owner,
+                [canonical_name(p) for p in request.plugins],
+                request.only_findings,
             )
             wake = asyncio.Event()
             waker = _Waker(wake)
@@ -353,6 +357,8 @@ class WatchService(pbg.WatchServiceServicer):
                         yield pb.WatchResponse(gap=cv.gap_pb(item))
                     elif isinstance(item, RegionRemoved):
                         yield pb.WatchResponse(region_removed=cv.region_pb(item))
+                    elif isinstance(item, Finding):
+                        yield pb.WatchResponse(finding=cv.finding_pb(item))
                 if run:
                     yield _events_msg(run, vm.seq, omit_data)
                 if sub.policy is SlowPolicy.BLOCK and not sub.full:
