@@ -30,7 +30,9 @@ def _same(batch: EventBatch, want: list[WriteEvent]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(events=_events, data=st.data())
-def test_select_keeps_exactly_the_masked_events(events: list[WriteEvent], data: st.DataObject) -> None:
+def test_select_keeps_exactly_the_masked_events(
+    events: list[WriteEvent], data: st.DataObject
+) -> None:
     batch = EventBatch.from_events(events)
     n = len(events)
     shape = data.draw(st.sampled_from(["any", "run"]))
