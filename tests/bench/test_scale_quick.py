@@ -13,6 +13,7 @@ SCALE = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
 SUMMARY = [
     "track_add_16m_s", "track_add_16m_api_range_s", "tracked_bytes_per_gfn",
     "vms_100k_rss_kib_per_vm", "watchers_1000_cpu_per_event_ratio", "watchers_1000_p99_ms",
+    "watchers_1000_writer_on_time",
     "resume_1m_first_batch_ms", "restart_1000_vms_load_s", "save_max_writer_pause_ms",
 ]
 

@@ -314,3 +314,69 @@ def test_streams_see_events_in_seq_order_when_a_plugin_makes_events(single: bool
     assert held == list(range(1, 41))
     # Each of the 40 events reached the history, the stream and the plugin.
     assert vm.stats.notifications == 40 * 3
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    writes=st.lists(
+        st.tuples(st.integers(1, 90), st.booleans(), st.integers(1, 24)), min_size=1, max_size=6
+    ),
+    budgets=st.lists(st.integers(1, 70), min_size=1, max_size=8),
+    queue_bytes=st.integers(200, 20_000),
+    resume_back=st.integers(0, 300),
+)
+def test_split_batches_deliver_each_event_with_its_own_bytes(
+    writes: list[tuple[int, bool, int]], budgets: list[int], queue_bytes: int, resume_back: int
+) -> None:
+    """Whatever cuts a batch (take budgets smaller than a batch, a queue that has room
+    for part of one, a resume from inside one), every delivered event carries its own
+    gpa and bytes, seqs ascend, and what is not delivered is in a gap."""
+    vm = _vm()
+    hub = VmHub(History(max_events=400))
+    vm.register_notifier(hub.history)
+    written: dict[int, tuple[int, bytes]] = {}
+
+    def write(n: int, single: bool, size: int) -> None:
+        gpa = ((np.arange(n, dtype=np.int64) * 7) % 64 << 12) + vm.seq % 16
+        first = vm.seq + 1
+        chunks = [bytes([(first + i) % 251]) * size for i in range(n)]
+        if single:
+            for g, d in zip(gpa.tolist(), chunks, strict=True):
+                vm.write(0, g, d)
+        else:
+            vm.write_batch(gpa, np.zeros(n, dtype=np.int64), np.full(n, size), b"".join(chunks))
+        for i, (g, d) in enumerate(zip(gpa.tolist(), chunks, strict=True)):
+            written[first + i] = (g, d)
+
+    n0, single0, size0 = writes[0]
+    write(n0, single0, size0)
+    start = max(hub.history.oldest_seq, vm.seq + 1 - resume_back)
+    sub = Subscriber(name="s", queue_limit=1 << 20, queue_bytes=queue_bytes)
+    hub.subscribe(vm, sub, start_seq=start)
+    seen: list[int] = []
+    lost = 0
+    k = 0
+    for n, single, size in writes[1:] + [(0, False, 1)]:
+        while sub.pending:
+            for item in sub.take(budgets[k % len(budgets)]):
+                if isinstance(item, Stamped):
+                    for e in item.batch.events():
+                        assert (e.gpa, e.data) == written[e.seq]
+                        seen.append(e.seq)
+                elif isinstance(item, Gap):
+                    lost += item.count
+            k += 1
+            if k % 3 == 0:
+                break  # let the next write find a part-full queue
+        if n:
+            write(n, single, size)
+    while sub.pending:
+        for item in sub.take(budgets[0]):
+            if isinstance(item, Stamped):
+                for e in item.batch.events():
+                    assert (e.gpa, e.data) == written[e.seq]
+                    seen.append(e.seq)
+            elif isinstance(item, Gap):
+                lost += item.count
+    assert seen == sorted(set(seen))
+    assert len(seen) + lost == vm.seq - start + 1

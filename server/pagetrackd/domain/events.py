@@ -94,19 +94,18 @@ class EventBatch:
             pos += length
 
     def select(self, mask: npt.NDArray[np.bool_]) -> EventBatch:
-        """The events where ``mask`` is true, in order."""
-        if bool(mask.all()):
-            return self
-        offsets = self.offsets
+        """The events where ``mask`` is true, in order. A run of neighbours is a
+        :meth:`slice`; otherwise the data is gathered in one numpy pass, not per event."""
         keep = np.flatnonzero(mask)
-        buf = memoryview(self.data)
-        data = b"".join(
-            buf[o : o + n]
-            for o, n in zip(offsets[keep].tolist(), self.length[keep].tolist(), strict=True)
-        )
+        if keep.size == len(self):
+            return self
+        if keep.size == 0 or int(keep[-1]) - int(keep[0]) + 1 == keep.size:
+            lo = int(keep[0]) if keep.size else 0
+            return self.slice(lo, lo + keep.size)
+        data = np.frombuffer(self.data, dtype=np.uint8)[np.repeat(mask, self.length)]
         return EventBatch(
             self.seq[keep], self.gpa[keep], self.length[keep], self.vcpu[keep],
-            self.source[keep], data, self.flags[keep],
+            self.source[keep], data.tobytes(), self.flags[keep],
         )
 
     @classmethod

@@ -425,7 +425,8 @@ class History:
                 if int(b.seq[-1]) < start_seq:
                     continue
                 if int(b.seq[0]) < start_seq:
-                    item = Stamped(b.select(b.seq >= start_seq), item.ts_ns)
+                    first = int(np.searchsorted(b.seq, start_seq))  # seqs ascend
+                    item = Stamped(b.slice(first, len(b)), item.ts_ns)
                 out.append(item)
             elif isinstance(item, RegionRemoved) and item.at_seq >= start_seq - 1:
                 out.append(item)
@@ -679,10 +680,8 @@ class Subscriber:
         room = self._fits(batch)
         if room < len(batch):
             if room:
-                head = batch.select(np.arange(len(batch)) < room)
-                self._put(head)
-            rest = batch.select(np.arange(len(batch)) >= room)
-            self._overflow(None, rest)
+                self._put(batch.slice(0, room))
+            self._overflow(None, batch.slice(room, len(batch)))
             return
         self._put(batch)
 
@@ -761,9 +760,8 @@ class Subscriber:
             if isinstance(item, Stamped):
                 n = len(item.batch)
                 if n > budget:
-                    idx = np.arange(n)
-                    head = Stamped(item.batch.select(idx < budget), item.ts_ns)
-                    self._items[0] = Stamped(item.batch.select(idx >= budget), item.ts_ns)
+                    head = Stamped(item.batch.slice(0, budget), item.ts_ns)
+                    self._items[0] = Stamped(item.batch.slice(budget, n), item.ts_ns)
                     self.nbytes -= batch_bytes(head.batch) - ITEM_BYTES
                     item = head
                     n = budget

@@ -172,14 +172,26 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _uniform(values: npt.NDArray[Any]) -> int | None:
+    """The value every element of ``values`` holds (None if they differ or there are
+    none). Compared as bytes: on a message's few hundred events that beats numpy's
+    per-call cost."""
+    if not values.size:
+        return None
+    raw = values.tobytes()
+    width = values.itemsize
+    return int(values[0]) if raw == raw[:width] * values.size else None
+
+
 def varints(values: npt.NDArray[Any]) -> bytes:
     """Protobuf's varint encoding of unsigned values, back to back (a packed field's
     payload), computed in bulk: upb's ``extend`` converts one Python int at a time."""
-    v = values.astype(np.uint64, copy=False)
-    if not v.size:
+    if not values.size:
         return b""
-    if bool((v == v[0]).all()):  # vcpu, length and flags usually are
-        return varint(int(v[0])) * v.size
+    same = _uniform(values)
+    if same is not None:  # vcpu, length and flags usually are
+        return varint(same) * values.size
+    v = values.astype(np.uint64, copy=False)
     width = max(1, (int(v.max()).bit_length() + 6) // 7)  # bytes of the longest varint
     if width == 1:
         return v.astype(np.uint8).tobytes()
@@ -227,13 +239,17 @@ def events_wire(
         source = np.concatenate([b.source for b in batches])
         eflags = np.concatenate([b.flags for b in batches])
     # The domain's flag bits (FLAG_UNTRACKED) are the proto's EventFlag bits.
-    flags = (source.astype(np.uint32) | eflags) | np.uint32(base)
+    one_source, one_flag = _uniform(source), _uniform(eflags)
+    if one_source is not None and one_flag is not None:  # the usual case: no numpy
+        flag_wire = varint(one_source | one_flag | base) * len(seq)
+    else:
+        flag_wire = varints((source.astype(np.uint32) | eflags) | np.uint32(base))
     wire = [
         _packed(1, seq.astype("<u8", copy=False).tobytes()),
         _packed(2, gpa.astype("<u8", copy=False).tobytes()),
         _packed(3, varints(length)),
         _packed(4, varints(vcpu)),
-        _packed(5, varints(flags)),
+        _packed(5, flag_wire),
         _packed(6, b"".join(_U64(ts) * len(b) for b, ts in parts)),
     ]
     if not omit_data:

@@ -77,12 +77,11 @@ def _split_by_bytes(batch: EventBatch, max_bytes: int) -> tuple[EventBatch, ...]
     """``batch`` cut into runs of events whose data fits ``max_bytes`` each (an event
     is at most a page and max_bytes at least a page, so every run holds an event)."""
     ends = np.cumsum(batch.length, dtype=np.int64)
-    idx = np.arange(len(batch))
     out = []
     start, base = 0, 0
     while start < len(batch):
         stop = max(int(np.searchsorted(ends, base + max_bytes, side="right")), start + 1)
-        out.append(batch.select((idx >= start) & (idx < stop)))
+        out.append(batch.slice(start, stop))
         base, start = int(ends[stop - 1]), stop
     return tuple(out)
 
