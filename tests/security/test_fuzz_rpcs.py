@@ -265,7 +265,7 @@ def undo(api: Api, m: MethodDescriptor, request: Any, reply: Any) -> None:
             pb.RevokeLeaseRequest(lease_id=reply.lease.id))
     elif m.name == "AttachPlugin":
         pbg.PluginServiceStub(api.channel).DetachPlugin(
-            pb.DetachPluginRequest(vm=request.vm, kind=request.kind))
+            pb.DetachPluginRequest(vm=request.vm, kind=request.kind, name=request.name))
 
 
 def ensure_sandbox(api: Api) -> None:
