@@ -42,6 +42,7 @@ import numpy as np
 import structlog
 
 from pagetrackd import __version__
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId, Vm, VmAlreadyExists
 from pagetrackd.domain.events import EventBatch
 from pagetrackd.domain.findings import finding_from_record, finding_record
@@ -55,7 +56,6 @@ from pagetrackd.domain.snapshot import (
     vm_options,
 )
 from pagetrackd.domain.types import TENANT_OWNER, RegionChange, SlotChange
-from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.files import fsync_dir, tmp_name, write_atomic
 from pagetrackd.journal import Journal, JournalRecorder, replay_journal
 from pagetrackd.leases import LeaseKind
