@@ -90,10 +90,10 @@ MUTANTS: list[Mutant] = [
       "return slot is not None and slot.tracking.counters.get1(gfn - slot.base_gfn) > 0",
       "return slot is not None and slot.tracking.counters.get1(gfn - slot.base_gfn) >= 0"),
     m("R1.6", "tracking enabled only once a notifier exists", TRACKING,
-      "        self._check_owner(owner)\n        one = self._single_gfn(gfns)\n"
+      "        self.check_owner(owner)\n        one = self._single_gfn(gfns)\n"
       "        if one is not None:\n            tracking, i1 = one[0].tracking, one[1]\n"
       "            if tracking.counters.get1(i1) + 1",
-      "        self._check_owner(owner)\n        if not len(self.notifiers):\n"
+      "        self.check_owner(owner)\n        if not len(self.notifiers):\n"
       "            raise FailedPrecondition('write tracking is not enabled')\n"
       "        one = self._single_gfn(gfns)\n"
       "        if one is not None:\n            tracking, i1 = one[0].tracking, one[1]\n"

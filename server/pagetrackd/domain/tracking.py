@@ -65,7 +65,8 @@ def gfns_from(ranges: Iterable[tuple[int, int]] = (), gfns: Iterable[int] = ()) 
 class TrackingOps(VmState):
     """A VM's tracking operations."""
 
-    def _check_owner(self, owner: str) -> None:
+    def check_owner(self, owner: str) -> None:
+        """Raise InvalidArgument unless ``owner`` is a valid owner id."""
         if not _OWNER_RE.match(owner):
             raise InvalidArgument(
                 f"owner {owner!r} is not valid: 1-128 chars, lowercase letters, digits and _.:/-"
@@ -126,7 +127,7 @@ class TrackingOps(VmState):
         Raises GfnNotInSlot (KVM: -EINVAL, R2.3) or CounterOverflow (KVM WARNs and
         skips, R1.3; we refuse and change nothing).
         """
-        self._check_owner(owner)
+        self.check_owner(owner)
         one = self._single_gfn(gfns)
         if one is not None:
             tracking, i1 = one[0].tracking, one[1]
@@ -178,7 +179,7 @@ class TrackingOps(VmState):
         lazily and large pages are allowed again (R3.2). Raises NotTracked when the
         owner holds fewer references than asked (KVM WARNs on 0 and ignores, R2.4).
         """
-        self._check_owner(owner)
+        self.check_owner(owner)
         one = self._single_gfn(gfns)
         if one is not None:
             tracking, i1 = one[0].tracking, one[1]
