@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import structlog
 
-from pagetrackd import __version__
+from pagetrackd import __version__, gc_policy
 from pagetrackd import logging as pt_logging
 from pagetrackd.app import Daemon
 from pagetrackd.config import DEFAULT_LISTEN, Config, load
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.status
     json = {"auto": None, "json": True, "console": False}[config.log_format]
     pt_logging.configure(config.log_level, json)
+    gc_policy.configure()
     try:
         import uvloop
 
