@@ -20,8 +20,8 @@ from pathlib import Path
 
 import structlog
 
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId
-from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.files import fsync_dir, write_atomic
 from pagetrackd.journal import Journal, JournalRecorder, replay_journal
 from pagetrackd.leases import LeaseKind
