@@ -14,15 +14,20 @@ import tracemalloc
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pagetrackd.domain import PAGE_SHIFT, QuotaExceeded, Vm
 from pagetrackd.plugins.budget import StateBudget
 from pagetrackd.plugins.shadow_faults import FAULT_BYTES
+from pagetrackd.plugins.shadow_mmu import ShadowMmu
+from pagetrackd.plugins.shadow_table import SP_BYTES, SPTE_BYTES
 from pagetrackd.plugins.vgpu import OWNER as VGPU_OWNER
 from pagetrackd.plugins.vgpu import Vgpu
+from pagetrackd.plugins.vgpu_shadow import DMA_BYTES, SPT_BYTES
 
 from .test_shadow_mmu import GVA, attach, make_guest
-from .vgpu_helpers import pte, put
+from .vgpu_helpers import pte, put, put_half
 
 PML4, PDP, PD = 0x100, 0x101, 0x102
 DATA = 0x10000
@@ -168,3 +173,88 @@ def test_guest_writes_past_the_budget_keep_the_old_shadow_entry() -> None:
     put(vm, PD + 1, 1, pte(DATA + 500))
     assert vgpu.stats.quota_refusals == refusals + 1
     assert full.used == vgpu.state_meter.bytes
+
+
+def shadow_mmu_held(mmu: ShadowMmu) -> int:
+    """What the shadow MMU holds, by the sizes budget.py charges."""
+    pages = mmu.status()
+    return int(pages["shadow_pages"]) * SP_BYTES + int(pages["sptes"]) * SPTE_BYTES
+
+
+def vgpu_held(vgpu: Vgpu) -> int:
+    status = vgpu.status()
+    return int(status["shadow_tables"]) * SPT_BYTES + int(status["dma_mapped_pages"]) * DMA_BYTES
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("mtuwz"), st.integers(0, 15)), max_size=40),
+       st.integers(0, 40_000))
+def test_shadow_mmu_meter_equals_what_it_holds(ops: list[tuple[str, int]], limit: int) -> None:
+    """Whatever maps, faults, guest table writes and zaps happen, refused or not, the
+    meter holds exactly the shadow pages' and SPTEs' sizes, and never passes the budget."""
+    vm, os, mm = make_guest(pages=4096)
+    budget = StateBudget(lambda: limit + FAULT_BYTES)
+    mmu = attach(vm, mm, max_shadow_pages=64)
+    mmu.state_meter.join(budget)
+    mapped: set[int] = set()
+    for op, k in ops:
+        gva = GVA + k * (1 << 21) + (k % 3) * 4096
+        if op == "m" and gva not in mapped:
+            frame = os.get_frame()
+            if frame is not None:
+                mm.map(gva, frame)
+                mapped.add(gva)
+        elif op == "u" and gva in mapped:
+            mm.unmap(gva)
+            mapped.discard(gva)
+        elif op in "tw":
+            try:
+                mmu.translate(gva, write=op == "w")
+            except QuotaExceeded:
+                pass
+        elif op == "z":
+            mmu.zap_all()
+        assert mmu.state_meter.bytes == shadow_mmu_held(mmu) == budget.used
+        assert budget.used <= budget.limit
+    mmu.detach()
+    assert mmu.state_meter.bytes == budget.used == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("lLpPbdf"), st.integers(0, 7), st.integers(0, 3)),
+                max_size=40),
+       st.integers(0, 60_000))
+def test_vgpu_meter_equals_what_it_holds(
+    ops: list[tuple[str, int, int]], limit: int
+) -> None:
+    """Whatever table links, leaf writes (whole or half), builds, destroys and flushes
+    happen, refused or not, the meter holds exactly the shadow tables' and DMA mappings'
+    sizes, and never passes the budget."""
+    vm = gpu_vm(2, 2)
+    vgpu = Vgpu()
+    vgpu.attach(vm)
+    budget = StateBudget(lambda: limit)
+    vgpu.state_meter.join(budget)
+    for op, i, j in ops:
+        pt = PD + 1 + (i % 4)
+        try:
+            if op == "l":  # link (or relink) a page table into the PD
+                put(vm, PD, i % 4, pte(pt))
+            elif op == "L":
+                put(vm, PD, i % 4, 0)
+            elif op == "p":  # a leaf entry naming a data page
+                put(vm, pt, j, pte(DATA + 8 * j + i))
+            elif op == "P":
+                put_half(vm, pt, j, pte(DATA + 8 * j + i), high=bool(i & 1))
+            elif op == "b":
+                vgpu.call("build_ppgtt", root_gpa=PML4 << PAGE_SHIFT)
+            elif op == "d" and vgpu.status()["ppgtts"]:
+                vgpu.call("destroy_ppgtt", root_gpa=PML4 << PAGE_SHIFT)
+            elif op == "f":
+                vgpu.flush()
+        except QuotaExceeded:
+            pass
+        assert vgpu.state_meter.bytes == vgpu_held(vgpu) == budget.used
+        assert budget.used <= limit
+    vgpu.detach()
+    assert vgpu.state_meter.bytes == budget.used == 0
