@@ -108,6 +108,7 @@ class StateDir:
             self.seqs.load()
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"state directory {self.path}: {exc}") from None
+        self.seqs.deferred = True
         engine.on_vm_created.append(self.seqs.attach)
         engine.on_vm_deleted.append(self.seqs.forget)
         engine.recordings_dir = self.path / "recordings"
@@ -128,6 +129,8 @@ class StateDir:
                 journal.paused = False
         for entry in engine.list_vms(None):
             self._continue_seqs(entry)
+        self.seqs.deferred = False
+        self.seqs.reserve_ahead(engine.list_vms(None))
         kept = {e.recording for e in engine.list_vms(None)}
         for path in engine.recordings_dir.glob("*/*.jsonl"):
             if path not in kept:
@@ -199,7 +202,6 @@ class StateDir:
                 first_seq=vm.seq + 1, last_seq=mark,
             )
             vm.seq = mark
-        entry.hub.history.seq_limit = vm.seq
 
     def _load_leases(self, engine: Engine) -> dict[str, set[str]]:
         path = self.path / LEASES_FILE
