@@ -58,7 +58,7 @@ class SeqReservations:
     _blocks: dict[Key, tuple[int, float]] = field(default_factory=dict)
     _extending: set[Key] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    #: while true (loading), VMs get their first block from reserve_ahead, in one write
+    #: while true (loading), reservations are made in memory; reserve_ahead writes them
     deferred: bool = False
     _version: int = 0  #: copies of marks taken for writing
     _written_version: int = 0
@@ -96,13 +96,10 @@ class SeqReservations:
         return self.marks.get((tenant, name), 0)
 
     def attach(self, entry: VmEntry) -> None:
-        """Reserve the VM's seqs from here on: its first block is written in the
-        background now (unless ``deferred``: :meth:`reserve_ahead` follows), and its
-        next event past what is reserved reserves a block first."""
+        """Reserve the VM's seqs from here on: its next event past what is reserved
+        reserves a block first (a VM that never writes reserves nothing)."""
         key = (entry.tenant, entry.name)
         entry.hub.history.on_seq_limit = lambda seq: self._reserve(entry, key, seq)
-        if not self.deferred and self.durable.get(key, 0) <= entry.vm.seq:
-            self._extend(entry, key, entry.vm.seq)
         self._set_limit(entry, key)
 
     def reserve_ahead(self, entries: list[VmEntry]) -> None:

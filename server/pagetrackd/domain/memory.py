@@ -24,7 +24,8 @@ as Python ints, and copy through a memoryview of the slab: numpy scalars would c
 several times more.
 
 For incremental saves the memory is cut in **chunks** of :data:`CHUNK_PAGES` pages:
-``dirty`` names the chunks written since the last :meth:`SlotMemory.begin_save`. A save
+a byte map (one byte a chunk) marks the chunks written since the last
+:meth:`SlotMemory.begin_save`. A save
 copies its chunks one at a time, over many event-loop turns; a write into a chunk the
 save has not copied yet copies that chunk first (copy on write), so what the save gets
 is the memory as it was when the save began.
@@ -51,8 +52,6 @@ PROMOTE_BYTES = 1024
 #: checks :attr:`SlotMemory.footprint` against it).
 PAGE_OBJECT_BYTES = 296
 _ROW_BYTES = 24  #: ``_lo``, ``_hi`` and ``_base`` entries of one row
-#: a dirty chunk: its int object and its share of the set's table
-_DIRTY_CHUNK_BYTES = 80
 _NODE_BYTES = 4 * (1 << 5)  #: one directory node: 32 four-byte entries
 ALIGN = 8  #: extents start and end on this boundary, so 8-byte stores can use a uint64 view
 FAN_SHIFT = 5  #: each directory node has 32 entries
@@ -83,7 +82,7 @@ class SlotMemory:
 
     __slots__ = (
         "nbytes", "_extent", "_nrows", "_lo", "_hi", "_base", "_slab", "_slab_mv", "_used",
-        "_top", "_mid", "_leaf", "_nmid", "_nleaf", "_indexed", "dirty", "_cow",
+        "_top", "_mid", "_leaf", "_nmid", "_nleaf", "_indexed", "_dirty", "_cow",
     )
 
     def __init__(self) -> None:
@@ -105,8 +104,8 @@ class SlotMemory:
         self._leaf = np.zeros((1, FAN), dtype=np.int32)
         self._nmid = self._nleaf = 1
         self._indexed = False  # the directory is built on the first batch
-        #: chunks written since the last begin_save (all that were ever written before)
-        self.dirty: set[int] = set()
+        # one byte a chunk: 1 = written since the last begin_save (or ever, before one)
+        self._dirty = bytearray()
         #: during a save: its chunks not yet taken -> their copy, None until a write
         #: into the chunk made one (copy on write); None when no save runs
         self._cow: dict[int, ChunkCopy | None] | None = None
@@ -126,7 +125,7 @@ class SlotMemory:
         return (
             self._used + _ROW_BYTES * self._nrows + self._top.nbytes
             + _NODE_BYTES * (self._nmid + self._nleaf) + PAGE_OBJECT_BYTES * len(self._extent)
-            + _DIRTY_CHUNK_BYTES * len(self.dirty)
+            + len(self._dirty)
         )
 
     def growth_bound(self, index: I64, offset: I64, end: I64) -> int:
@@ -146,8 +145,8 @@ class SlotMemory:
             rows = np.array([h[3] for h in held], dtype=np.int64)
             lo = np.array([h[0] for h in held], dtype=np.int64)
             hi = np.array([h[1] for h in held], dtype=np.int64)
-        chunks = np.unique(index >> CHUNK_SHIFT).tolist()
-        dirty = _DIRTY_CHUNK_BYTES * sum(c not in self.dirty for c in chunks)
+        # the dirty map grows to the highest chunk (one byte a chunk)
+        dirty = max(0, (int(index.max()) >> CHUNK_SHIFT) + 1 - len(self._dirty))
         outside = (offset < lo) | (end > hi)
         if not outside.any():
             return dirty
@@ -307,7 +306,11 @@ class SlotMemory:
         chunk = index >> CHUNK_SHIFT
         if self._cow is not None and chunk in self._cow and self._cow[chunk] is None:
             self._cow[chunk] = self.copy_chunk(chunk)
-        self.dirty.add(chunk)
+        try:
+            self._dirty[chunk] = 1
+        except IndexError:
+            self._grow_dirty(chunk)
+            self._dirty[chunk] = 1
         ext = self._extent.get(index)
         if ext is None or offset < ext[0] or end > ext[1]:
             ext = self._cover(index, offset, end)
@@ -377,15 +380,27 @@ class SlotMemory:
     def _touch(self, index: I64) -> None:
         """Mark the chunks of pages ``index`` dirty, copying first those a running save
         has not taken yet."""
-        first = int(index.min()) >> CHUNK_SHIFT
-        last = int(index.max()) >> CHUNK_SHIFT
-        chunks = [first] if first == last else np.unique(index >> CHUNK_SHIFT).tolist()
+        chunks = index >> CHUNK_SHIFT
         cow = self._cow
         if cow is not None:
-            for c in chunks:
+            for c in np.unique(chunks).tolist():
                 if c in cow and cow[c] is None:
                     cow[c] = self.copy_chunk(c)
-        self.dirty.update(chunks)
+        self._grow_dirty(int(chunks.max()))
+        np.frombuffer(self._dirty, dtype=np.uint8)[chunks] = 1
+
+    def _grow_dirty(self, chunk: int) -> None:
+        if chunk >= len(self._dirty):
+            n = len(self._dirty)
+            self._dirty.extend(bytes(max(chunk + 1, n + n // 2) - n))
+
+    def dirty_chunks(self) -> list[int]:
+        """The chunks written since the last :meth:`begin_save`, ascending."""
+        return np.flatnonzero(np.frombuffer(self._dirty, dtype=np.uint8)).tolist()
+
+    def mark_saved(self) -> None:
+        """Every chunk is saved as it is now (a VM just loaded from its files)."""
+        self._dirty[:] = bytes(len(self._dirty))
 
     def copy_chunk(self, chunk: int) -> ChunkCopy:
         """The written pages of ``chunk``, copied: their page numbers, extents and bytes."""
@@ -419,8 +434,8 @@ class SlotMemory:
     def begin_save(self) -> list[int]:
         """Start a save: returns the chunks written since the last one, ascending, and
         from now on keeps their contents as they are now until :meth:`take_chunk`."""
-        chunks = sorted(self.dirty)
-        self.dirty = set()
+        chunks = self.dirty_chunks()
+        self.mark_saved()
         self._cow = dict.fromkeys(chunks)
         return chunks
 
@@ -433,9 +448,12 @@ class SlotMemory:
     def end_save(self, unsaved: Iterable[int] = ()) -> None:
         """End the running save; ``unsaved`` chunks (a failed save's) and those not taken
         are dirty again, so the next save writes them."""
+        again = list(unsaved)
         if self._cow is not None:
-            self.dirty.update(self._cow)
-        self.dirty.update(unsaved)
+            again.extend(self._cow)
+        for chunk in again:
+            self._grow_dirty(chunk)
+            self._dirty[chunk] = 1
         self._cow = None
 
     # ----------------------------------------------------------------- reads
