@@ -34,8 +34,14 @@ PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", 
 EVERYTHING = ("tests/domain", "tests/plugins")
 TIMEOUT_S = 600
 
-VM = "pagetrackd/domain/vm.py"
 TRACK = "pagetrackd/domain/track.py"
+TRACKING = "pagetrackd/domain/tracking.py"
+GUEST = "pagetrackd/domain/guest.py"
+BATCH = "pagetrackd/domain/batch.py"
+MEMSLOT_OPS = "pagetrackd/domain/memslot_ops.py"
+COUNTERS = "pagetrackd/domain/counters.py"
+REGIONS = "pagetrackd/domain/regions.py"
+EVENTS = "pagetrackd/domain/events.py"
 NOTIFIERS = "pagetrackd/domain/notifiers.py"
 MMU = "pagetrackd/plugins/shadow_mmu.py"
 MMU_TABLE = "pagetrackd/plugins/shadow_table.py"
@@ -68,48 +74,48 @@ def m(rule: str, what: str, file: str, old: str, new: str, *tests: str) -> Mutan
 
 MUTANTS: list[Mutant] = [
     # -- R1: counters
-    m("R1.1", "counters are 8-bit", TRACK,
+    m("R1.1", "counters are 8-bit", COUNTERS,
       "grown = np.zeros((cap, CHUNK), dtype=np.uint16)",
       "grown = np.zeros((cap, CHUNK), dtype=np.uint8)"),
-    m("R1.1", "index from the slot base off by one", VM,
+    m("R1.1", "index from the slot base off by one", TRACKING,
       "idx, counts = np.unique(gfns[pos == p] - slot.base_gfn, return_counts=True)",
       "idx, counts = np.unique(gfns[pos == p] - slot.base_gfn + 1, return_counts=True)"),
-    m("R1.3", "overflow past 65535 let through", VM,
+    m("R1.3", "overflow past 65535 let through", TRACKING,
       "            if top <= COUNTER_MAX:\n", "            if top <= COUNTER_MAX + 1:\n"),
-    m("R1.4", "a refused overflow still bumps the lpage count (KVM's quirk)", VM,
+    m("R1.4", "a refused overflow still bumps the lpage count (KVM's quirk)", TRACKING,
       "            if tracking.counters.get1(i1) + 1 > COUNTER_MAX:\n",
       "            if tracking.counters.get1(i1) + 1 > COUNTER_MAX:\n"
       "                tracking._count_lpages(np.array([i1]), +1)\n"),
-    m("R1.5", "a gfn with counter 0 counts as tracked", VM,
+    m("R1.5", "a gfn with counter 0 counts as tracked", TRACKING,
       "return slot is not None and slot.tracking.counters.get1(gfn - slot.base_gfn) > 0",
       "return slot is not None and slot.tracking.counters.get1(gfn - slot.base_gfn) >= 0"),
-    m("R1.6", "tracking enabled only once a notifier exists", VM,
-      "        self._check_owner(owner)\n        one = self._single_gfn(gfns)\n"
+    m("R1.6", "tracking enabled only once a notifier exists", TRACKING,
+      "        self.check_owner(owner)\n        one = self._single_gfn(gfns)\n"
       "        if one is not None:\n            tracking, i1 = one[0].tracking, one[1]\n"
       "            if tracking.counters.get1(i1) + 1",
-      "        self._check_owner(owner)\n        if not len(self.notifiers):\n"
+      "        self.check_owner(owner)\n        if not len(self.notifiers):\n"
       "            raise FailedPrecondition('write tracking is not enabled')\n"
       "        one = self._single_gfn(gfns)\n"
       "        if one is not None:\n            tracking, i1 = one[0].tracking, one[1]\n"
       "            if tracking.counters.get1(i1) + 1"),
-    m("R1.7", "writes to tracked gfns go native without a notifier", VM,
+    m("R1.7", "writes to tracked gfns go native without a notifier", GUEST,
       "if untracked and not trapped:",
       "if (untracked or not len(self.notifiers)) and not trapped:"),
     # -- R2: API
-    m("R2.2", "every gfn goes to the first slot", VM,
+    m("R2.2", "every gfn goes to the first slot", TRACKING,
       "            slot = slots[p]\n            idx, counts = np.unique(",
       "            slot = slots[0]\n            idx, counts = np.unique("),
-    m("R2.3", "a single gfn outside the memslots is not refused", VM,
+    m("R2.3", "a single gfn outside the memslots is not refused", TRACKING,
       "        if outside.size:\n            g = int(gfns[outside[0]])",
       "        if outside.size > 1:\n            g = int(gfns[outside[0]])"),
-    m("R2.4", "a remove at 0 is let through", VM,
+    m("R2.4", "a remove at 0 is let through", TRACKING,
       "            if held1 < 1:", "            if held1 < 0:"),
-    m("R2.4", "a batch may remove more than it holds", VM,
+    m("R2.4", "a batch may remove more than it holds", TRACKING,
       "short = np.flatnonzero(held < cnt)", "short = np.flatnonzero(held < cnt - 1)"),
     # -- R3: MMU effects
-    m("R3.1", "the MMU is not told of another user's 0 -> 1", VM,
+    m("R3.1", "the MMU is not told of another user's 0 -> 1", TRACKING,
       "if started1 and self.track_start_hooks:", "if False:", MMU_T),
-    m("R3.1", "the MMU is not told of 0 -> 1 in a multi-gfn add", VM,
+    m("R3.1", "the MMU is not told of 0 -> 1 in a multi-gfn add", TRACKING,
       "        if new:\n            self._tracking_started(new)", "        pass", MMU_T, RULES_T),
     m("R3.1", "write protection leaves W set", MMU_TABLE,
       "                    sp.sptes[idx] &= ~PTE_RW\n", "                    pass\n", MMU_T),
@@ -121,43 +127,43 @@ MUTANTS: list[Mutant] = [
       "if writable and level == 1 and self.vm.is_tracked(gfn):", "if False:", MMU_T),
     m("R3.3", "the audit ignores the counters", MMU_AUDIT,
       "if self._any_tracked(gfn, span):", "if False:", MMU_T),
-    m("R3.3", "a tracked gfn is written natively", VM,
+    m("R3.3", "a tracked gfn is written natively", GUEST,
       "untracked = not slot.tracking.counters.get1(index)\n",
       "untracked = slot.tracking.counters.get1(index) < 2\n"),
     m("R3.4", "plugin references are not told apart from the tenant's", TRACK,
       "            self.attributed.add(one, delta)\n", "            pass\n"),
-    m("R3.5", "no huge-page disallow at an unaligned slot start", TRACK,
+    m("R3.5", "no huge-page disallow at an unaligned slot start", REGIONS,
       "        if base_gfn & (size - 1):\n            edge.add(0)",
       "        if False:\n            edge.add(0)"),
-    m("R3.5", "no huge-page disallow at an unaligned slot end", TRACK,
+    m("R3.5", "no huge-page disallow at an unaligned slot end", REGIONS,
       "        if (base_gfn + npages) & (size - 1):", "        if False:"),
     # -- R4: write path
     m("R4.1", "read faults on tracked gfns marked emulated", MMU_FAULTS,
       "emulated = write and self.vm.is_tracked(gw.gfn)",
       "emulated = self.vm.is_tracked(gw.gfn)"),
-    m("R4.2", "batched writes to a tracked gfn (count 1) go native", VM,
-      "            path = (slot.tracking.counters.get(index) > 0).astype(np.int8)"
-      " + np.int8(_FAST)\n            return path, pos, index",
-      "            path = (slot.tracking.counters.get(index) > 1).astype(np.int8)"
-      " + np.int8(_FAST)\n            return path, pos, index",
+    m("R4.2", "batched writes to a tracked gfn (count 1) go native", BATCH,
+      "        path = (slot.tracking.counters.get(index) > 0).astype(np.int8)"
+      " + np.int8(_FAST)\n        return path, pos, index",
+      "        path = (slot.tracking.counters.get(index) > 1).astype(np.int8)"
+      " + np.int8(_FAST)\n        return path, pos, index",
       RULES_T, EQUIV_T),
-    m("R4.3", "a crossing write is never emulated whole", VM,
+    m("R4.3", "a crossing write is never emulated whole", GUEST,
       "                trapped = (\n", "                trapped = False and (\n"),
-    m("R4.3", "the batch path does not emulate crossing writes whole", VM,
+    m("R4.3", "the batch path does not emulate crossing writes whole", BATCH,
       "promote = fast & trapped[widx]", "promote = fast & False", RULES_T, EQUIV_T),
-    m("R4.3", "a write is not split at page boundaries", VM,
+    m("R4.3", "a write is not split at page boundaries", GUEST,
       "            plen = min(PAGE_SIZE - (g & PAGE_MASK), n - off)\n            spans.append",
       "            plen = n - off\n            spans.append"),
-    m("R4.3", "a batch forgets the write in progress when it classifies again", VM,
-      " " * 32 + "if multi[i] == multi[j]:", " " * 32 + "if False:",
+    m("R4.3", "a batch forgets the write in progress when it classifies again", BATCH,
+      "if pc.multi[i] == pc.multi[j]:", "if False:",
       EQUIV_T, RULES_T),
-    m("R4.4", "the write lands after the notification", VM,
+    m("R4.4", "the write lands after the notification", GUEST,
       "        index = gfn - slot.info.base_gfn\n        slot.memory.write(index, gpa & PAGE_MASK,"
       " data)\n        stats = self.stats\n",
       "        index = gfn - slot.info.base_gfn\n        stats = self.stats\n"),
-    m("R4.5", "a failed CMPXCHG is notified", VM,
+    m("R4.5", "a failed CMPXCHG is notified", GUEST,
       "exchanged = current == expected", "exchanged = True"),
-    m("R4.5", "a failed CMPXCHG does not dirty the page", VM,
+    m("R4.5", "a failed CMPXCHG does not dirty the page", GUEST,
       "        if slot.dirty is not None:\n            slot.dirty.add(index)\n"
       "        exchanged = current == expected",
       "        exchanged = current == expected"),
@@ -165,24 +171,17 @@ MUTANTS: list[Mutant] = [
       "        calls = 0\n        for node in nodes:",
       "        calls = 0\n        if not vm.is_tracked(event.gpa >> 12):\n            return 0\n"
       "        for node in nodes:"),
-    m("R4.6", "the batch path skips events on untracked pages", VM,
-      "                        for node in nodes:\n"
-      "                            if not node.active:\n"
-      "                                continue\n                            calls += 1\n"
-      "                            node.calls += 1\n                            try:\n"
-      "                                node.notifier.track_write(self, flagged)",
-      "                        for node in ():\n"
-      "                            if not node.active:\n"
-      "                                continue\n                            calls += 1\n"
-      "                            node.calls += 1\n                            try:\n"
-      "                                node.notifier.track_write(self, flagged)"),
-    m("R4.7", "bypassed DMA is notified", VM,
+    m("R4.6", "the batch path skips events on untracked pages", NOTIFIERS,
+      "        if flags:\n            self._calls += self._list._tell(nodes, vm, guest_event(",
+      "        if flags:\n            return\n"
+      "            self._calls += self._list._tell(nodes, vm, guest_event("),
+    m("R4.7", "bypassed DMA is notified", GUEST,
       "if policy is DmaPolicy.NOTIFY and tracked:", "if tracked:"),
     m("R4.8", "the shadow MMU runs in attach order", NOTIFIERS,
       "self.sync = tuple(n for n in self._nodes if not n.batch and n.notifier.external) + tuple(\n"
       "            n for n in self._nodes if not n.batch and not n.notifier.external\n        )",
       "self.sync = tuple(n for n in self._nodes if not n.batch)", MMU_T, RULES_T),
-    m("R4.9", "the event's gpa loses its page offset", VM,
+    m("R4.9", "the event's gpa loses its page offset", EVENTS,
       "    _ev_gpa(e, gpa)\n", "    _ev_gpa(e, gpa & ~0xFFF)\n"),
     m("R4.10", "no loop guard on unprotect-and-retry", MMU_FAULTS,
       "if vc.last_retry == (rip, addr):", "if False:", MMU_T),
@@ -197,7 +196,7 @@ MUTANTS: list[Mutant] = [
       "        return self._tell(self.batch, vm, event) + self._tell(self.sync, vm, event)",
       "        n = self._tell(self.batch, vm, event) + self._tell(self.sync, vm, event)\n"
       "        return n + self._tell([x for x in self.sync if x.calls == 0], vm, event)"),
-    m("R5.3", "no seq for emulated writes without notifiers", VM,
+    m("R5.3", "no seq for emulated writes without notifiers", GUEST,
       "        self.seq = seq = self.seq + 1\n        notifiers = self.notifiers\n"
       "        if notifiers.sync or notifiers.batch:  # any node registered\n",
       "        seq = self.seq + 1\n        notifiers = self.notifiers\n"
@@ -206,43 +205,43 @@ MUTANTS: list[Mutant] = [
     m("R5.4", "track_remove_region gets a short range", NOTIFIERS,
       "node.notifier.track_remove_region(vm, base_gfn, npages)",
       "node.notifier.track_remove_region(vm, base_gfn, npages - 1)"),
-    m("R5.5", "2016: flush_slot after the slot is gone (also R9.2)", VM,
+    m("R5.5", "2016: flush_slot after the slot is gone (also R9.2)", MEMSLOT_OPS,
       "            self._region_gone(info, SlotChange.DELETE)\n"
       "            del self.slots.by_id[info.slot_id]\n            self.slots.reindex()\n",
       "            del self.slots.by_id[info.slot_id]\n            self.slots.reindex()\n"
       "            self._region_gone(info, SlotChange.DELETE)\n"),
-    m("R5.6", "6.6: remove_region before the slot is gone (also R9.2)", VM,
+    m("R5.6", "6.6: remove_region before the slot is gone (also R9.2)", MEMSLOT_OPS,
       "            del self.slots.by_id[info.slot_id]\n            self.slots.reindex()\n"
       "            self._region_gone(info, SlotChange.DELETE)\n        self.stats",
       "            self._region_gone(info, SlotChange.DELETE)\n"
       "            del self.slots.by_id[info.slot_id]\n            self.slots.reindex()\n"
       "        self.stats"),
     # -- R6: memslot changes
-    m("R6.1", "CREATE calls the notifiers", VM,
+    m("R6.1", "CREATE calls the notifiers", MEMSLOT_OPS,
       "            self.slots.by_id[slot_id] = Slot(new)\n            self.slots.reindex()\n",
       "            self.slots.by_id[slot_id] = Slot(new)\n            self.slots.reindex()\n"
       "            self.notifiers.dispatch_remove_region(self, base_gfn, npages)\n"),
-    m("R6.2", "FLAGS_ONLY drops the counters", VM,
+    m("R6.2", "FLAGS_ONLY drops the counters", MEMSLOT_OPS,
       "        old.info = new\n",
       "        old.info = new\n        old.tracking.__init__(new.npages, new.base_gfn)\n"),
-    m("R6.3", "6.6 MOVE allowed with an external notifier (also R9.3)", VM,
+    m("R6.3", "6.6 MOVE allowed with an external notifier (also R9.3)", MEMSLOT_OPS,
       "            if self.notifiers.has_external:", "            if False:"),
-    m("R6.3", "2016 MOVE does not recount huge-page regions (also R9.3)", VM,
+    m("R6.3", "2016 MOVE does not recount huge-page regions (also R9.3)", MEMSLOT_OPS,
       "            slot.tracking.rebase(new.base_gfn)\n", "            pass\n"),
-    m("R6.3", "6.6 MOVE keeps the counters", VM,
+    m("R6.3", "6.6 MOVE keeps the counters", MEMSLOT_OPS,
       "            moved = Slot(new, memory)\n",
       "            moved = Slot(new, memory)\n            moved.tracking = slot.tracking\n"),
-    m("R6.4", "6.6 DELETE tells no notifier", VM,
+    m("R6.4", "6.6 DELETE tells no notifier", MEMSLOT_OPS,
       "            self._region_gone(info, SlotChange.DELETE)\n        self.stats",
       "            pass\n        self.stats"),
-    Mutant("R6.5", "a re-created slot gets its old counters back", VM, (
-        ("        self.region_change: RegionChange | None = None\n",
-         "        self.region_change: RegionChange | None = None\n        self._dead = {}\n"),
+    Mutant("R6.5", "a re-created slot gets its old counters back", MEMSLOT_OPS, (
         ("    def _delete_slot(self, slot: Slot) -> None:\n        info = slot.info\n",
          "    def _delete_slot(self, slot: Slot) -> None:\n        info = slot.info\n"
-         "        self._dead[info.slot_id] = slot\n"),
+         "        self.__dict__.setdefault('_dead', {})[info.slot_id] = slot\n"),
         ("            self.slots.by_id[slot_id] = Slot(new)\n",
-         "            self.slots.by_id[slot_id] = self._dead.pop(slot_id, None) or Slot(new)\n"),
+         "            self.slots.by_id[slot_id] = (\n"
+         "                self.__dict__.get('_dead', {}).pop(slot_id, None) or Slot(new)\n"
+         "            )\n"),
     )),
     m("R6.6", "has_external_user inverted", NOTIFIERS,
       "return any(n.notifier.external for n in self._nodes)",

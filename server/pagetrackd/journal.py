@@ -38,7 +38,7 @@ from pagetrackd.files import fsync_dir
 from pagetrackd.replay import VM_OPS, Recorder, decode_value
 
 if TYPE_CHECKING:
-    from pagetrackd.engine import Engine, VmEntry
+    from pagetrackd.application import Engine, VmEntry
 
 log = structlog.get_logger("pagetrackd.journal")
 

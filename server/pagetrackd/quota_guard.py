@@ -28,7 +28,7 @@ from pagetrackd.domain import PageTrackError, TenantId, Vm
 from pagetrackd.domain.types import TENANT_OWNER, SlotFlags
 
 if TYPE_CHECKING:
-    from pagetrackd.engine import Engine
+    from pagetrackd.application.tenancy import Tenancy
 
 __all__ = ["QuotaGuard", "guard"]
 
@@ -39,7 +39,7 @@ _LOOKUP_EACH = 64
 class QuotaGuard:
     """The wrappers on one VM; ``exempt`` switches their checks off."""
 
-    def __init__(self, engine: Engine, tenant: TenantId, vm: Vm) -> None:
+    def __init__(self, engine: Tenancy, tenant: TenantId, vm: Vm) -> None:
         self.engine = engine
         self.tenant = tenant
         self.vm = vm
@@ -114,6 +114,6 @@ def _batch_writes(gpa: Any, *args: Any, **kwargs: Any) -> int:
     return int(np.size(gpa))
 
 
-def guard(engine: Engine, tenant: TenantId, vm: Vm) -> QuotaGuard:
+def guard(engine: Tenancy, tenant: TenantId, vm: Vm) -> QuotaGuard:
     """Charge every later call on ``vm`` to ``tenant``'s quotas."""
     return QuotaGuard(engine, tenant, vm)

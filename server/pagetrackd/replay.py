@@ -34,7 +34,7 @@ import base64
 import contextlib
 import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -55,7 +55,7 @@ from pagetrackd.plugins import PLUGINS, Plugin
 
 __all__ = [
     "FORMAT", "Recorder", "ReplayDiverged", "ReplayResult", "decode_value", "encode_value",
-    "read_header", "replay",
+    "read_header", "replay", "replay_steps",
 ]
 
 FORMAT = "pagetrack-recording"
@@ -404,6 +404,21 @@ def replay(
     ``verify``, each record's seq (and each plugin call's result) is checked and
     ReplayDiverged is raised at the first difference.
     """
+    steps = replay_steps(source, vm, verify=verify)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: ReplayResult = done.value
+            return result
+
+
+def replay_steps(
+    source: str | Path | IO[str], vm: Vm | None = None, *, verify: bool = True
+) -> Generator[int, None, ReplayResult]:
+    """:func:`replay`, one record at a time: yields the records replayed so far after
+    each, and returns the :class:`ReplayResult`. A caller can do other work between two
+    records (the daemon serves other VMs) as long as nothing else changes ``vm``."""
     it = _lines(source)
     first = next(it, None)
     if first is None:
@@ -412,51 +427,62 @@ def replay(
     if vm is None:
         vm = vm_from_header(header)
     else:
-        if vm.memslots() or vm.seq:
-            raise FailedPrecondition(f"VM {vm.name!r} is not fresh; replay needs a new VM")
-        if vm.vcpus < header["vm"]["vcpus"]:
-            raise FailedPrecondition(
-                f"VM {vm.name!r} has {vm.vcpus} vCPUs; the recording used {header['vm']['vcpus']}"
-            )
-        h = header["vm"]
-        vm.set_policy(
-            dma_policy=DmaPolicy(h["dma_policy"]),
-            semantics=Semantics(h["semantics"]),
-            cost=CostModel(**h["cost"]),
-        )
+        _prepare_fresh(vm, header)
     result = ReplayResult(vm, header)
     for lineno, line in it:
         if not line.strip():
             continue
         rec = json.loads(line)
-        op = rec["op"]
-        try:
-            if op == "plugin_attach":
-                plugin = PLUGINS[rec["name"]]()
-                plugin.attach(vm, **decode_value(rec["options"]))
-                result.plugins[rec["name"]] = plugin
-            elif op == "plugin_call":
-                out = result.plugins[rec["name"]].call(rec["call"], **decode_value(rec["args"]))
-                if verify and rec.get("result") is not None and _plain(out) != rec["result"]:
-                    raise ReplayDiverged(
-                        f"line {lineno}: {rec['name']}.{rec['call']} returned {_plain(out)},"
-                        f" recorded {rec['result']}"
-                    )
-            elif op == "plugin_detach":
-                result.plugins.pop(rec["name"]).detach()
-            elif op in VM_OPS:
-                getattr(vm, op)(**{k: decode_value(v) for k, v in rec["args"].items()})
-            else:
-                raise InvalidArgument(f"line {lineno}: unknown op {op!r}", field="data")
-        except ReplayDiverged:
-            raise
-        except (KeyError, TypeError) as exc:
-            raise InvalidArgument(
-                    f"line {lineno}: malformed record ({exc})", field="data"
-                ) from None
+        _replay_record(result, lineno, rec, verify)
         if verify and rec.get("seq") is not None and vm.seq != rec["seq"]:
             raise ReplayDiverged(
-                f"line {lineno} ({op}): seq is {vm.seq} after replay, {rec['seq']} when recorded"
+                f"line {lineno} ({rec['op']}): seq is {vm.seq} after replay, {rec['seq']}"
+                " when recorded"
             )
         result.records += 1
+        yield result.records
     return result
+
+
+def _prepare_fresh(vm: Vm, header: dict[str, Any]) -> None:
+    """Check that ``vm`` can take the recording and give it the recorded policies."""
+    if vm.memslots() or vm.seq:
+        raise FailedPrecondition(f"VM {vm.name!r} is not fresh; replay needs a new VM")
+    if vm.vcpus < header["vm"]["vcpus"]:
+        raise FailedPrecondition(
+            f"VM {vm.name!r} has {vm.vcpus} vCPUs; the recording used {header['vm']['vcpus']}"
+        )
+    h = header["vm"]
+    vm.set_policy(
+        dma_policy=DmaPolicy(h["dma_policy"]),
+        semantics=Semantics(h["semantics"]),
+        cost=CostModel(**h["cost"]),
+    )
+
+
+def _replay_record(result: ReplayResult, lineno: int, rec: dict[str, Any], verify: bool) -> None:
+    """Apply one record of a recording."""
+    vm = result.vm
+    try:
+        op = rec["op"]
+        if op == "plugin_attach":
+            plugin = PLUGINS[rec["name"]]()
+            plugin.attach(vm, **decode_value(rec["options"]))
+            result.plugins[rec["name"]] = plugin
+        elif op == "plugin_call":
+            out = result.plugins[rec["name"]].call(rec["call"], **decode_value(rec["args"]))
+            if verify and rec.get("result") is not None and _plain(out) != rec["result"]:
+                raise ReplayDiverged(
+                    f"line {lineno}: {rec['name']}.{rec['call']} returned {_plain(out)},"
+                    f" recorded {rec['result']}"
+                )
+        elif op == "plugin_detach":
+            result.plugins.pop(rec["name"]).detach()
+        elif op in VM_OPS:
+            getattr(vm, op)(**{k: decode_value(v) for k, v in rec["args"].items()})
+        else:
+            raise InvalidArgument(f"line {lineno}: unknown op {op!r}", field="data")
+    except ReplayDiverged:
+        raise
+    except (KeyError, TypeError) as exc:
+        raise InvalidArgument(f"line {lineno}: malformed record ({exc})", field="data") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,35 @@ class WriteEvent:
         """Number of bytes written."""
         return len(self.data)
 
+
+
+# A fast constructor for the write path. A frozen dataclass's __init__ sets each field
+# through object.__setattr__ (~600 ns for a WriteEvent); setting the slots through their
+# descriptors builds the same object in about half the time. The field list is checked
+# here so a change to the class fails loudly at import instead of leaving a field unset.
+assert [f.name for f in fields(WriteEvent)] == [
+    "seq", "vcpu", "gpa", "data", "source", "untracked"
+]
+_new = object.__new__
+_ev_seq, _ev_vcpu, _ev_gpa, _ev_data, _ev_source, _ev_untracked = (
+    WriteEvent.__dict__[f.name].__set__ for f in fields(WriteEvent)
+)
+_GUEST = Source.GUEST
+
+
+def guest_event(
+    seq: int, vcpu: int, gpa: int, data: bytes, untracked: bool = False
+) -> WriteEvent:
+    """``WriteEvent(seq, vcpu, gpa, data, untracked=untracked)`` (source GUEST), built
+    faster."""
+    e: WriteEvent = _new(WriteEvent)
+    _ev_seq(e, seq)
+    _ev_vcpu(e, vcpu)
+    _ev_gpa(e, gpa)
+    _ev_data(e, data)
+    _ev_source(e, _GUEST)
+    _ev_untracked(e, untracked)
+    return e
 
 U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import structlog
 
-from pagetrackd.domain.events import EventBatch, WriteEvent
+from pagetrackd.domain.events import EventBatch, WriteEvent, guest_event
 
 if TYPE_CHECKING:
     from pagetrackd.domain.vm import Vm
@@ -151,6 +151,8 @@ class NotifierList:
         self.batch = tuple(n for n in self._nodes if n.batch)
 
     def _failed(self, node: NotifierNode, vm: Vm, hook: str) -> None:
+        # Every notifier hook is called from this module, so this is the one place a
+        # raising notifier is counted and logged.
         node.errors += 1
         self.errors += 1
         log.exception(
@@ -212,3 +214,98 @@ class NotifierList:
                 node.notifier.track_remove_region(vm, base_gfn, npages)
             except Exception:
                 self._failed(node, vm, "track_remove_region")
+
+    def dispatch_vm_closed(self, vm: Vm) -> None:
+        """Unregister every node, newest first, and tell those that ask
+        (:class:`ClosingNotifier`) that the VM is deleted."""
+        for node in self.nodes():
+            self.unregister(node)
+            if isinstance(node.notifier, ClosingNotifier):
+                try:
+                    node.notifier.vm_closed(vm)
+                except Exception:
+                    self._failed(node, vm, "vm_closed")
+
+    def guest_writes(self) -> GuestWrites:
+        """A per-event dispatcher for the emulated pieces of one batched write."""
+        return GuestWrites(self)
+
+
+_GuestWriteFn = Callable[["Vm", int, int, int, bytes], None]
+
+
+class GuestWrites:
+    """Tells the per-event nodes of each emulated piece of a batched write, as
+    :meth:`NotifierList.dispatch_sync` would with an event object.
+
+    When every per-event node offers ``track_guest_write`` (:class:`GuestWriteNotifier`)
+    no event object is built; a piece on an untracked page (its event flagged
+    ``untracked``) always gets one, as ``track_guest_write`` has no flag. The nodes are
+    looked up again whenever the registrations change (a callback may change them).
+    Call :meth:`finish` at the end: it returns the calls made.
+    """
+
+    __slots__ = ("_list", "_known", "_fast", "_one", "_one_calls", "_calls")
+
+    def __init__(self, notifiers: NotifierList) -> None:
+        self._list = notifiers
+        self._known: tuple[NotifierNode, ...] | None = None  # the nodes _fast was made for
+        self._fast: list[tuple[NotifierNode, _GuestWriteFn]] = []
+        self._one: _GuestWriteFn | None = None  # _fast's only node
+        self._one_calls = 0  # calls made to _one not yet counted on its node
+        self._calls = 0
+
+    def _settle(self) -> None:
+        """Count the calls made to the only node so far on that node."""
+        if self._one_calls:
+            self._fast[0][0].calls += self._one_calls
+            self._calls += self._one_calls
+            self._one_calls = 0
+
+    def _refresh(self, nodes: tuple[NotifierNode, ...]) -> None:
+        # Registered nodes changed (or first piece): can every node take the write
+        # without an event object?
+        self._settle()
+        self._known = nodes
+        fns = [getattr(n.notifier, "track_guest_write", None) for n in nodes]
+        self._fast = [] if None in fns else [
+            (n, fn) for n, fn in zip(nodes, fns, strict=True) if fn is not None
+        ]
+        self._one = self._fast[0][1] if len(self._fast) == 1 else None
+
+    def tell(self, vm: Vm, seq: int, vcpu: int, gpa: int, data: bytes, flags: int) -> None:
+        """Tell the per-event nodes that the guest write ``data`` at ``gpa`` landed;
+        ``flags`` nonzero: its page is not tracked (the event is flagged)."""
+        nodes = self._list.sync
+        if nodes is not self._known:
+            self._refresh(nodes)
+        if flags:
+            self._calls += self._list._tell(nodes, vm, guest_event(seq, vcpu, gpa, data, True))
+            return
+        one = self._one
+        if one is not None:
+            # The only node (the usual case, a plugin): it is active, or `sync` would
+            # have changed; its calls are counted when the list changes.
+            self._one_calls += 1
+            try:
+                one(vm, seq, vcpu, gpa, data)
+            except Exception:
+                self._list._failed(self._fast[0][0], vm, "track_write")
+            return
+        if not self._fast:
+            self._calls += self._list._tell(nodes, vm, guest_event(seq, vcpu, gpa, data))
+            return
+        for node, fn in self._fast:
+            if not node.active:  # unregistered by a node called before it
+                continue
+            self._calls += 1
+            node.calls += 1
+            try:
+                fn(vm, seq, vcpu, gpa, data)
+            except Exception:
+                self._list._failed(node, vm, "track_write")
+
+    def finish(self) -> int:
+        """The calls made (one per piece per node told)."""
+        self._settle()
+        return self._calls

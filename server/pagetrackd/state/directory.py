@@ -20,10 +20,8 @@ from pathlib import Path
 
 import structlog
 
-from pagetrack import snapshot_format as fmt
-from pagetrack.snapshot_format import STATE_FORMAT_VERSION
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId
-from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.files import fsync_dir, write_atomic
 from pagetrackd.journal import Journal, JournalRecorder, replay_journal
 from pagetrackd.leases import LeaseKind
@@ -45,9 +43,6 @@ from pagetrackd.state.snapshot import capture_entry
 from pagetrackd.state.vmfiles import signature
 
 log = structlog.get_logger("pagetrackd.state")
-
-#: a VM file of either version loads (version 1: from before incremental saves)
-_READ_VERSIONS = (fmt.FORMAT_VERSION, STATE_FORMAT_VERSION)
 
 __all__ = ["StateDir"]
 

@@ -38,13 +38,13 @@ import numpy as np
 
 from pagetrack import snapshot_format as fmt
 from pagetrack.snapshot_format import STATE_FORMAT_VERSION
+from pagetrackd.application import VmEntry
 from pagetrackd.domain.errors import Compacted
 from pagetrackd.domain.findings import Finding
 from pagetrackd.domain.history import History
 from pagetrackd.domain.memory import ChunkCopy, SlotMemory
 from pagetrackd.domain.snapshot import slot_memories
 from pagetrackd.domain.stream_records import RegionRemoved, Stamped
-from pagetrackd.engine import VmEntry
 from pagetrackd.files import fsync_dir
 from pagetrackd.state.container import SUFFIX, SnapshotError, header_field
 from pagetrackd.state.history_records import (

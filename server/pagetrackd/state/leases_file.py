@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pagetrackd.application import Engine
 from pagetrackd.domain import PageTrackError, TenantId
-from pagetrackd.engine import Engine
 from pagetrackd.leases import Lease
 from pagetrackd.state.container import FORMAT_VERSION, SnapshotError
 from pagetrackd.state.vmfiles import read_regular

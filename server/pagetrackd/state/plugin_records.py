@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pagetrackd.engine import Engine, VmEntry
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.plugins import Plugin, ops
 from pagetrackd.plugins.shadow_mmu import ShadowMmu
 from pagetrackd.state.container import SnapshotError

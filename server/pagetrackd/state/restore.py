@@ -9,10 +9,10 @@ from typing import Any
 
 import structlog
 
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId, Vm, VmAlreadyExists
 from pagetrackd.domain.snapshot import VmState, import_vm, vm_options
 from pagetrackd.domain.types import TENANT_OWNER
-from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.state.container import SnapshotError
 from pagetrackd.state.plugin_records import REBUILD, reattach
 from pagetrackd.state.snapshot import Snapshot

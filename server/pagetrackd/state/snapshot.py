@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from pagetrackd import __version__
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import InvalidArgument, PageTrackError
 from pagetrackd.domain.hub import HistoryDump
 from pagetrackd.domain.snapshot import SlotState, VmState, check_state, export_vm, vm_options
-from pagetrackd.engine import Engine, VmEntry
 from pagetrackd.state.container import (
     FORMAT_VERSION,
     SnapshotError,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pagetrack import snapshot_format as fmt
-from pagetrackd.engine import VmEntry
+from pagetrackd.application import VmEntry
 from pagetrackd.files import fsync_dir, tmp_name
 from pagetrackd.state.container import SnapshotError
 
