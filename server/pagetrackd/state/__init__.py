@@ -23,7 +23,7 @@ from pagetrackd.state.container import (
     snapshot_length,
 )
 from pagetrackd.state.directory import StateDir
-from pagetrackd.state.incremental import read_vm_file
+from pagetrackd.state.incremental import read_vm_file, self_contained
 from pagetrackd.state.restore import prepare_vm, restore_snapshot
 from pagetrackd.state.snapshot import Snapshot, capture_entry, read_snapshot, snapshot_entry
 
@@ -40,6 +40,7 @@ __all__ = [
     "read_snapshot",
     "read_vm_file",
     "restore_snapshot",
+    "self_contained",
     "snapshot_entry",
     "snapshot_length",
 ]

@@ -61,7 +61,7 @@ from pagetrackd.state.vmfiles import read_regular, write_vm_file
 
 __all__ = [
     "COPY_BUDGET_BYTES", "SavedFiles", "VmGone", "bind_loaded", "files_dir", "load_parts",
-    "read_vm_file", "remove_unnamed", "save_vm",
+    "read_vm_file", "remove_unnamed", "save_vm", "self_contained",
 ]
 
 #: guest memory copied on the event loop per turn (a few ms); also the most one memory
@@ -409,3 +409,20 @@ def read_vm_file(path: Path) -> tuple[Snapshot, SavedFiles | None]:
         raise SnapshotError(str(exc)) from None
     files = load_parts(path, header, arrays) if version >= STATE_FORMAT_VERSION else None
     return snapshot_from(header, arrays, hashlib.sha256(data).digest()), files
+
+
+def self_contained(path: Path) -> bytes:
+    """A state-directory VM file of either version, with what it names, as one
+    self-contained (version 1) snapshot: what RestoreVm and ``pagetrack restore`` read."""
+    data = read_regular(path)
+    try:
+        version, header, arrays = fmt.decode_versioned(data, versions=_READ_VERSIONS)
+    except fmt.SnapshotFormatError as exc:
+        raise SnapshotError(str(exc)) from None
+    if version < STATE_FORMAT_VERSION:
+        return data
+    load_parts(path, header, arrays)
+    for key in ("arrays", "memory_files", "history_files"):
+        header.pop(key, None)
+    header["format_version"] = fmt.FORMAT_VERSION
+    return fmt.encode(header, arrays)
