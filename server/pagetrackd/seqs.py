@@ -124,7 +124,8 @@ class SeqReservations:
         hard = max(self.durable.get(key, 0), entry.vm.seq)
         block = self._blocks.get(key, (MIN_BLOCK, 0.0))[0]
         soft = hard - block // 2
-        history.seq_limit = soft if soft > entry.vm.seq and key not in self._extending else hard
+        background = not self.deferred and key not in self._extending
+        history.seq_limit = soft if background and soft > entry.vm.seq else hard
 
     def forget(self, tenant: str, name: str) -> None:
         """The VM is gone; its mark goes with the next write of the file."""
@@ -149,18 +150,18 @@ class SeqReservations:
         return min(seq + block, (1 << 64) - 1)
 
     def _reserve(self, entry: VmEntry, key: Key, seq: int) -> None:
+        if seq <= self.durable.get(key, 0):
+            # Half the block is used: reserve the next one in the background.
+            if not self.deferred and key not in self._extending:
+                self._extend(entry, key, seq)
+            self._set_limit(entry, key)
+            return
         if self.deferred:
-            # Loading: nothing reaches a client before reserve_ahead has written the
-            # file, so the marks only need to be right by then.
+            # Loading (a journal replay past the mark): nothing reaches a client before
+            # reserve_ahead has written the file, so the marks only need to be right then.
             self.marks[key] = self.durable[key] = max(
                 self.marks.get(key, 0), self._next_mark(key, seq)
             )
-            self._set_limit(entry, key)
-            return
-        if seq <= self.durable.get(key, 0):
-            # Half the block is used: reserve the next one in the background.
-            if key not in self._extending:
-                self._extend(entry, key, seq)
             self._set_limit(entry, key)
             return
         self.marks[key] = max(self.marks.get(key, 0), self._next_mark(key, seq))
