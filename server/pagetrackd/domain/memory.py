@@ -146,7 +146,8 @@ class SlotMemory:
             lo = np.array([h[0] for h in held], dtype=np.int64)
             hi = np.array([h[1] for h in held], dtype=np.int64)
         # the dirty map grows to the highest chunk (one byte a chunk)
-        dirty = max(0, (int(index.max()) >> CHUNK_SHIFT) + 1 - len(self._dirty))
+        need, have = (int(index.max()) >> CHUNK_SHIFT) + 1, len(self._dirty)
+        dirty = max(need, have + have // 2) - have if need > have else 0
         outside = (offset < lo) | (end > hi)
         if not outside.any():
             return dirty
