@@ -13,7 +13,9 @@ index on. A save starts a new file; once every VM's saved file holds everything 
 an index, the files wholly below it are deleted. At start, after the VM files are
 loaded, every record newer than the VM's file is applied again in order, with the seqs
 it had: a seq taken by something that was not journaled becomes a RESTART gap. A torn
-last line (the crash came mid-write) is the end of the journal.
+last line (the crash came mid-write) is cut off and ends that run's file; the next run
+wrote its records to a newer file, which is read on. A damaged whole line ends the
+journal.
 """
 
 from __future__ import annotations
@@ -75,14 +77,20 @@ class Journal:
         return sorted(out)
 
     def read(self) -> Iterator[dict[str, Any]]:
-        """Every record, oldest first. Stops at a torn or damaged line (the crash came
-        while it was written): nothing after it was acknowledged."""
+        """Every record, oldest first. A torn last line (the crash came while it was
+        written, so it was never acknowledged) is cut off and reading goes on with the
+        next file; a damaged whole line ends the journal."""
         for _, path in self.segments():
             with open(path, "rb") as f:
+                good = 0  # bytes of whole lines so far
                 for line in f:
                     if not line.endswith(b"\n"):
+                        # The run writing this file died mid-line; the next run wrote its
+                        # records to a newer file, so the journal goes on there.
                         log.warning("journal.torn_tail", path=str(path))
-                        return
+                        _cut(path, good)
+                        break
+                    good += len(line)
                     try:
                         rec = json.loads(line)
                     except (ValueError, RecursionError):
@@ -180,6 +188,14 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _cut(path: Path, length: int) -> None:
+    """Drop a torn last line, so a file is whole lines again."""
+    with open(path, "r+b") as f:
+        f.truncate(length)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _unlink_all(paths: list[Path], directory: Path) -> None:

@@ -483,6 +483,11 @@ class FuzzMachine(RuleBasedStateMachine):
         """A random request on the known VM was valid: put back what the valid operations
         rely on (slot 0 = gfns 0..15, no plugin, our stream) and take the model from the
         server (events it caused are then only checked for their seqs)."""
+        # A plugin a valid request attached (AttachPlugin undoes its own; a gpu-ppgtt
+        # workload attaches a vGPU and leaves it for audits after it ends).
+        plugins = pbg.PluginServiceStub(self.api.channel)
+        for p in plugins.ListPlugins(pb.ListPluginsRequest(vm=self.known)).plugins:
+            plugins.DetachPlugin(pb.DetachPluginRequest(vm=self.known, name=p.name))
         vm = self.api.vm.GetVm(pb.GetVmRequest(vm=self.known)).vm
         for seq in range(len(self.events) + 1, vm.head_seq + 1):
             self.events.append((seq, -1, b""))
