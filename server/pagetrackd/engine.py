@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
+from pagetrackd import slices
 from pagetrackd.domain import (
     CostModel,
     DmaPolicy,
@@ -42,6 +43,7 @@ from pagetrackd.domain import (
     VmLimits,
     WorkloadNotFound,
 )
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.hub import History, SlowPolicy, StreamCounters, Subscriber, VmHub
 from pagetrackd.domain.memory import PAGE_OBJECT_BYTES, PROMOTE_BYTES
 from pagetrackd.domain.snapshot import VmState
@@ -55,7 +57,7 @@ from pagetrackd.quota_guard import QuotaGuard, guard
 
 if TYPE_CHECKING:
     from pagetrackd.journal import Journal
-from pagetrackd.replay import Recorder, read_header, replay
+from pagetrackd.replay import Recorder, read_header
 from pagetrackd.workloads import WORKLOADS, Workload
 
 log = structlog.get_logger("pagetrackd.engine")
@@ -217,6 +219,9 @@ class Engine:
         self.entries: dict[tuple[TenantId, str], VmEntry] = {}
         self.leases = LeaseTable(self._release_lease)
         self.workloads: dict[str, WorkloadRun] = {}
+        #: one lock per VM: the calls on a VM (and its workloads' slices) run one at a
+        #: time, so a request done in slices is seen whole (see slices.py)
+        self.vm_locks = slices.VmLocks()
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
         #: this run of the daemon (Watch's Registered.incarnation)
@@ -470,9 +475,13 @@ class Engine:
         entry.recorder.flush()
         return entry.recording
 
-    def replay_vm(self, tenant: TenantId, name: str, path: Path) -> tuple[VmEntry, int]:
-        """Create VM ``name`` configured as the recording's and replay it; on any failure
-        the new VM is deleted again. Returns the entry and the operations replayed."""
+    async def replay_vm(
+        self, tenant: TenantId, name: str, path: Path
+    ) -> tuple[VmEntry, int]:
+        """Create VM ``name`` configured as the recording's and replay it, a few records
+        at a time (other requests are served in between; the VM's own wait); on any
+        failure the new VM is deleted again. Returns the entry and the operations
+        replayed."""
         try:
             h = read_header(path)["vm"]
             options: dict[str, Any] = {
@@ -488,7 +497,7 @@ class Engine:
             ) from None
         entry = self.create_vm(tenant, name, **options)
         try:
-            result = replay(path, vm=entry.vm)
+            result = await slices.replay_into(self.vm_locks, entry, path)
         except PageTrackError:
             self.delete_vm(tenant, name)
             raise
@@ -624,18 +633,21 @@ class Engine:
         self._account()
         return self._usage.get(tenant, _NOTHING)[3]
 
-    def check_memory(self, entry: VmEntry, gpa: Any, length: Any) -> None:
+    def check_memory(
+        self, entry: VmEntry, gpa: Any, length: Any, *, grow: int | None = None
+    ) -> None:
         """Raise QuotaExceeded, before anything is written, if guest writes of
         ``length[i]`` bytes at ``gpa[i]`` could take the tenant's guest memory past its
-        guest_memory_bytes quota."""
+        guest_memory_bytes quota. ``grow``: their growth bound, found already."""
         q = self.quotas(entry.tenant).guest_memory_bytes
         used = self.memory_used(entry.tenant)
-        pieces = len(gpa) + int(np.sum(length)) // PAGE_SIZE + len(gpa)
-        if used + pieces * _PIECE_WORST_BYTES <= q:
-            return  # far from the quota: no need for the exact bound
-        grow = entry.vm.memory_growth_bound(
-            np.asarray(gpa, dtype=np.int64), np.asarray(length, dtype=np.int64)
-        )
+        if grow is None:
+            pieces = len(gpa) + int(np.sum(length)) // PAGE_SIZE + len(gpa)
+            if used + pieces * _PIECE_WORST_BYTES <= q:
+                return  # far from the quota: no need for the exact bound
+            grow = entry.vm.memory_growth_bound(
+                np.asarray(gpa, dtype=np.int64), np.asarray(length, dtype=np.int64)
+            )
         if used + grow > q:
             raise QuotaExceeded(
                 f"guest memory would hold up to {used + grow} bytes (now {used}); the"
@@ -675,7 +687,7 @@ class Engine:
             counters = SlotTracking(s.npages, s.base_gfn)
             for owner, (owned, counts) in s.owners.items():
                 references += int(counts.sum())
-                tracking += counters.growth_bound(np.unique(owned), owner)
+                tracking += counters.growth_bound(distinct(owned), owner)
         if references > MAX_RESTORE_REFERENCES:
             raise QuotaExceeded(
                 f"the snapshot holds {references} tracking references; at most"
@@ -933,7 +945,6 @@ class Engine:
         chunk = WORKLOAD_CHUNK if run.rate else WORKLOAD_FAST_CHUNK
         vm = run.entry.vm
         entry = run.entry
-        step = run.workload.step
         try:
             while True:
                 if run.count and run.writes >= run.count:
@@ -959,31 +970,12 @@ class Engine:
                         continue
                     n = room
                 await self.admit(entry)
-                if vm.closed:
-                    break
-                self._check_workload_memory(entry)
-                made = step(vm, n)
+                async with self.vm_locks.hold(run.tenant, vm.name):
+                    if vm.closed:
+                        break
+                    made = self._workload_slice(run, n)
                 if made == 0:
                     break
-                run.writes += made
-                if not run.rate:
-                    # As fast as possible: keep stepping for a time slice, then let the
-                    # loop run (streams, RPCs). Leave the slice early when a block-policy
-                    # stream has no room, so admit() decides before the next write.
-                    end = time.monotonic() + WORKLOAD_SLICE_S
-                    while made and (not run.count or run.writes < run.count):
-                        if time.monotonic() >= end or self._must_admit(entry):
-                            break
-                        if run.duration_s and run.elapsed_s >= run.duration_s:
-                            break
-                        n = chunk if not run.count else min(chunk, run.count - run.writes)
-                        n = min(n, self.writes_available(run.tenant))
-                        if n <= 0:
-                            break
-                        made = step(vm, n)
-                        run.writes += made
-                    if made == 0:
-                        break
                 await asyncio.sleep(0)
             run.state = "finished"
         except asyncio.CancelledError:
@@ -996,6 +988,36 @@ class Engine:
         finally:
             run.ended = time.monotonic()
             asyncio.get_running_loop().call_soon(self.prune_workloads)  # once its task is done
+
+    def _workload_slice(self, run: WorkloadRun, n: int) -> int:
+        """One slice of a workload (the VM's lock held): ``n`` writes, and as fast as
+        possible more for a time slice when it has no rate. Returns the writes made in
+        the last step (0: the workload is done)."""
+        entry = run.entry
+        vm = entry.vm
+        step = run.workload.step
+        chunk = WORKLOAD_FAST_CHUNK
+        self._check_workload_memory(entry)
+        made = step(vm, n)
+        run.writes += made
+        if run.rate:
+            return made
+        # As fast as possible: keep stepping for a time slice, then let the loop run
+        # (streams, RPCs). Leave the slice early when a block-policy stream has no
+        # room, so admit() decides before the next write.
+        end = time.monotonic() + WORKLOAD_SLICE_S
+        while made and (not run.count or run.writes < run.count):
+            if time.monotonic() >= end or self._must_admit(entry):
+                break
+            if run.duration_s and run.elapsed_s >= run.duration_s:
+                break
+            n = chunk if not run.count else min(chunk, run.count - run.writes)
+            n = min(n, self.writes_available(run.tenant))
+            if n <= 0:
+                break
+            made = step(vm, n)
+            run.writes += made
+        return made
 
     def prune_workloads(self) -> int:
         """Forget ended workloads older than FINISHED_WORKLOAD_TTL_S, and beyond each

@@ -41,6 +41,18 @@ VICTIM_WORST_S = 1.0
 RECORDED_BATCHES = 3000
 
 
+async def _underway(att: Tenant, vm: str, field: str) -> None:
+    """Until the VM's ``field`` (head_seq, tracked_gfns) moves from 0: the big request
+    has begun (or is done). ListVms names no VM, so it does not wait for the VM's
+    running request."""
+    for _ in range(6000):
+        listed = await att.call(att.api.vm.ListVms, pb.ListVmsRequest())
+        if any(v.name == vm and getattr(v, field) for v in listed.vms):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no event on {vm} after a minute")
+
+
 async def _timed(call: object) -> tuple[object, float, float]:
     start = time.time()
     reply = await call  # type: ignore[misc]
@@ -79,7 +91,7 @@ async def test_a_huge_scattered_batch_lets_others_through(tmp_path: Path) -> Non
         last = int(gpa[-1])
         async with victim_meanwhile(d.tcp) as lat:
             big = asyncio.ensure_future(_timed(att.call(att.api.mem.WriteGuestBatch, batch)))
-            await asyncio.sleep(0.05)  # the batch is under way (or done, on a fast machine)
+            await _underway(att, vm, "head_seq")  # under way (or done, on a fast machine)
             single = await att.call(att.api.mem.WriteGuest, pb.WriteGuestRequest(
                 vm=vm, gpa=last, data=b"after!!!"))
             reply, start, end = await big
@@ -109,7 +121,7 @@ async def test_tracking_a_million_listed_gfns_lets_others_through(tmp_path: Path
         add = pb.TrackingChangeRequest(vm=vm, gfns=gfns.tolist(), mode=pb.TRACK_MODE_WRITE)
         async with victim_meanwhile(d.tcp) as lat:
             big = asyncio.ensure_future(_timed(att.call(att.api.track.AddTracking, add)))
-            await asyncio.sleep(0.05)
+            await _underway(att, vm, "tracked_gfns")
             removed = await att.call(att.api.track.RemoveTracking, pb.TrackingChangeRequest(
                 vm=vm, gfns=[int(gfns[-1])], mode=pb.TRACK_MODE_WRITE))
             reply, start, end = await big

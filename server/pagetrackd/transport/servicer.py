@@ -18,7 +18,7 @@ import numpy as np
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-from pagetrackd import __version__
+from pagetrackd import __version__, slices
 from pagetrackd.auth import current_caller
 from pagetrackd.domain import (
     CostModel,
@@ -316,7 +316,7 @@ class MemoryService(pbg.MemoryServiceServicer):
             )
         if len(request.length) != n:
             raise InvalidArgument(f"length has {len(request.length)} entries; gpa has {n}")
-        gpa = np.array(request.gpa, dtype=np.uint64)
+        gpa, length = await slices.columns(request.gpa, request.length)
         top = int(gpa.max())
         if top >= entry.vm.limits.gfn_limit << 12:
             # Checked on the uint64 column: as int64 a gpa of 2^63 or more turns negative.
@@ -332,19 +332,15 @@ class MemoryService(pbg.MemoryServiceServicer):
             raise InvalidArgument(
                 f"vcpu has {len(request.vcpu)} entries; give one per write ({n}) or exactly one"
             )
-        length = np.array(request.length, dtype=np.int64)
         if int(length.min()) > 0 and int(length.max()) <= self.limits.max_write_bytes:
-            self.engine.check_memory(entry, gpa.astype(np.int64), length)
+            await slices.check_memory(self.engine, entry, gpa.astype(np.int64), length)
         if entry.hub.subscribers:
             await self.engine.admit(entry)
         vm = entry.vm
         before = sum(vm.stats.cycles)
-        result = vm.write_batch(  # the VM's quota guard charges the write rate
-            gpa.astype(np.int64),
-            vcpu,
-            length,
-            request.data,
-        )
+        # Written in slices when large (the VM's lock is held by the interceptor); the
+        # VM's quota guard charges the write rate.
+        result = await slices.write_batch(entry, gpa.astype(np.int64), vcpu, length, request.data)
         reply = pb.WriteGuestBatchResponse(writes=n, cycles=sum(vm.stats.cycles) - before)
         counts = result.counts
         pieces = reply.pieces
@@ -431,13 +427,6 @@ def _check_gfn_space(vm: Any, request: Any) -> None:
         )
 
 
-def _distinct(gfns: Any) -> int:
-    """How many distinct gfns ``gfns`` names (no sort when they ascend already)."""
-    if gfns.size < 2 or bool((gfns[1:] > gfns[:-1]).all()):
-        return int(gfns.size)
-    return int(np.unique(gfns).size)
-
-
 class TrackingService(pbg.TrackingServiceServicer):
     """Add, remove and query write tracking."""
 
@@ -467,9 +456,9 @@ class TrackingService(pbg.TrackingServiceServicer):
         entry = self.engine.vm(tenant, request.vm)
         owner = self.engine.lease_owner(tenant, request.lease_id)
         gfns = self._gfns(request, entry.vm)
-        self.engine.check_tracked(tenant, _distinct(gfns))
-        self.engine.check_tracking_memory(entry, gfns, owner)
-        started = entry.vm.track_add(gfns, owner)
+        started = await slices.change_tracking(
+            self.engine, entry, gfns, owner, request.lease_id, add=True
+        )
         return pb.TrackingChangeResponse(
             references=len(gfns), transitions=started, tracked_gfns=entry.vm.tracked_count
         )
@@ -482,7 +471,9 @@ class TrackingService(pbg.TrackingServiceServicer):
         entry = self.engine.vm(tenant, request.vm)
         owner = self.engine.lease_owner(tenant, request.lease_id)
         gfns = self._gfns(request, entry.vm)
-        stopped = entry.vm.track_remove(gfns, owner)
+        stopped = await slices.change_tracking(
+            self.engine, entry, gfns, owner, request.lease_id, add=False
+        )
         return pb.TrackingChangeResponse(
             references=len(gfns), transitions=stopped, tracked_gfns=entry.vm.tracked_count
         )
@@ -1171,7 +1162,7 @@ class AdminService(pbg.AdminServiceServicer):
                 raise InvalidArgument("ReplayVm's first message must name the new VM (vm)")
             if not total:
                 raise InvalidArgument("ReplayVm got no recording data")
-            entry, records = self.engine.replay_vm(tenant, name, path)
+            entry, records = await self.engine.replay_vm(tenant, name, path)
         return pb.ReplayVmResponse(vm=_vm_pb(self.engine, entry), records=records)
 
 
