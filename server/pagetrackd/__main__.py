@@ -11,11 +11,16 @@ from typing import Any, NoReturn
 
 import structlog
 
-from pagetrackd import __version__
+from pagetrackd import __version__, gc_policy
 from pagetrackd import logging as pt_logging
 from pagetrackd.app import Daemon
 from pagetrackd.config import DEFAULT_LISTEN, Config, load
 from pagetrackd.domain import PageTrackError
+from pagetrackd.limits import (
+    DEFAULT_HISTORY_BYTES,
+    DEFAULT_HISTORY_EVENTS,
+    DEFAULT_PLUGIN_FAILURE_LIMIT,
+)
 from pagetrackd.startup import (
     EXIT_STATUS_HELP,
     ExitStatus,
@@ -65,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", dest="grace_s", type=float, metavar="SECONDS",
                    help="time in-flight calls get on shutdown (default 5)")
     p.add_argument("--history-events", type=int, metavar="N",
-                   help="events kept per VM for Watch resume (default 65536)")
+                   help=f"events kept per VM for Watch resume (default {DEFAULT_HISTORY_EVENTS})")
     p.add_argument("--history-bytes", type=int, metavar="N",
-                   help="bytes of event data kept per VM for resume (default 16 MiB)")
+                   help="bytes of event data kept per VM for resume"
+                   f" (default {DEFAULT_HISTORY_BYTES >> 20} MiB)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on this port (default off)")
     p.add_argument("--metrics-host", metavar="HOST",
@@ -92,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                    " tenants may attach, comma-separated; built-ins are always allowed")
     p.add_argument("--plugin-failure-limit", type=int, metavar="N",
                    help="failed hooks after which a third-party plugin is detached"
-                   " (default 3)")
+                   f" (default {DEFAULT_PLUGIN_FAILURE_LIMIT})")
     p.add_argument("--demo", action="store_true", default=None,
                    help="create a demo VM with tracked pages and a running workload")
     p.add_argument("--stop-on-stdin-eof", action="store_true",
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.status
     json = {"auto": None, "json": True, "console": False}[config.log_format]
     pt_logging.configure(config.log_level, json)
+    gc_policy.configure()
     try:
         import uvloop
 

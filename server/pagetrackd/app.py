@@ -14,14 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+from pagetrackd.application import Engine, EngineConfig, make_quotas
 from pagetrackd.auth import Authenticator
 from pagetrackd.config import Config, parse_listen
-from pagetrackd.engine import Engine, EngineConfig, make_quotas
 from pagetrackd.journal import Journal
+from pagetrackd.limits import ServerLimits
 from pagetrackd.metrics import MetricsServer, RpcMetrics, build_registry
 from pagetrackd.state import StateDir
 from pagetrackd.transport.interceptors import RequestContextInterceptor
-from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.reflection import reflection_handlers
 from pagetrackd.transport.servicer import (
     AdminService,

@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from pagetrackd.domain import InvalidArgument
+from pagetrackd.limits import (
+    DEFAULT_HISTORY_BYTES,
+    DEFAULT_HISTORY_EVENTS,
+    DEFAULT_PLUGIN_FAILURE_LIMIT,
+    MAX_GRACE_S,
+    MAX_PLUGIN_FAILURE_LIMIT,
+    MAX_SAVE_INTERVAL_S,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -30,8 +38,9 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"  #: auto (JSON unless a terminal), json or console
     grace_s: float = 5.0  #: seconds in-flight calls get on shutdown
-    history_events: int = 65536  #: per-VM resume history, in events
-    history_bytes: int = 16 << 20  #: per-VM resume history, in bytes of event data
+    history_events: int = DEFAULT_HISTORY_EVENTS  #: per-VM resume history, in events
+    #: per-VM resume history, in bytes of event data
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     metrics_port: int = 0  #: Prometheus metrics on this TCP port; 0 = off
     #: where metrics are served; anything but loopback needs a tokens file (scrapes then
     #: need a token of role metrics or admin) or --insecure
@@ -55,7 +64,7 @@ class Config:
     #: may attach; the built-in plugins are always allowed
     plugins_allow: tuple[str, ...] = ()
     #: failed hooks after which a third-party plugin is detached from its VM
-    plugin_failure_limit: int = 3
+    plugin_failure_limit: int = DEFAULT_PLUGIN_FAILURE_LIMIT
 
     def check(self) -> None:
         """Raise InvalidArgument for settings that cannot work together."""
@@ -67,10 +76,12 @@ class Config:
             raise InvalidArgument("log_format must be auto, json or console")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise InvalidArgument("log_level must be debug, info, warning or error")
-        if not (math.isfinite(self.save_interval_s) and 0 < self.save_interval_s <= 86400):
+        if not (
+            math.isfinite(self.save_interval_s) and 0 < self.save_interval_s <= MAX_SAVE_INTERVAL_S
+        ):
             raise InvalidArgument(
                 f"save_interval_s {self.save_interval_s} must be more than 0 and at most"
-                " 86400 seconds"
+                f" {MAX_SAVE_INTERVAL_S} seconds"
             )
         if self.durability not in ("interval", "journal"):
             raise InvalidArgument(
@@ -82,16 +93,17 @@ class Config:
             raise InvalidArgument(
                 f"metrics_port {self.metrics_port} must be 0 (off) or a TCP port 1..65535"
             )
-        if not (math.isfinite(self.grace_s) and 0 <= self.grace_s <= 3600):
-            raise InvalidArgument(f"grace_s {self.grace_s} must be 0..3600 seconds")
+        if not (math.isfinite(self.grace_s) and 0 <= self.grace_s <= MAX_GRACE_S):
+            raise InvalidArgument(f"grace_s {self.grace_s} must be 0..{MAX_GRACE_S} seconds")
         for name in ("history_events", "history_bytes", "metrics_max_vms"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} {getattr(self, name)} must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidArgument("tls_cert and tls_key go together")
-        if not 1 <= self.plugin_failure_limit <= 1_000_000:
+        if not 1 <= self.plugin_failure_limit <= MAX_PLUGIN_FAILURE_LIMIT:
             raise InvalidArgument(
-                f"plugin_failure_limit {self.plugin_failure_limit} must be 1..1000000"
+                f"plugin_failure_limit {self.plugin_failure_limit} must be"
+                f" 1..{MAX_PLUGIN_FAILURE_LIMIT}"
             )
         if self.health_watchers < 0:
             raise InvalidArgument("health_watchers must be >= 0")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import NotFound, SlotFlags, TenantId
-from pagetrackd.engine import Engine, VmEntry
 
 DEMO_VM = "demo"
 DEMO_TENANT = TenantId("default")

@@ -16,9 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagetrackd.domain import InvalidArgument, LeaseNotFound, TenantId
-
-MIN_TTL_MS = 100
-MAX_TTL_MS = 24 * 3600 * 1000
+from pagetrackd.limits import MAX_LEASE_TTL_MS, MIN_LEASE_TTL_MS
 
 
 class LeaseKind(enum.Enum):
@@ -65,10 +63,10 @@ class LeaseTable:
     def create(
         self, tenant: TenantId, ttl_ms: int, label: str = "", kind: LeaseKind = LeaseKind.TTL
     ) -> Lease:
-        """A new lease; TTL leases must have MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS."""
-        if kind is LeaseKind.TTL and not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
+        """A new lease; TTL leases must have MIN_LEASE_TTL_MS <= ttl_ms <= MAX_LEASE_TTL_MS."""
+        if kind is LeaseKind.TTL and not MIN_LEASE_TTL_MS <= ttl_ms <= MAX_LEASE_TTL_MS:
             raise InvalidArgument(
-                f"ttl_ms {ttl_ms} must be between {MIN_TTL_MS} and {MAX_TTL_MS}"
+                f"ttl_ms {ttl_ms} must be between {MIN_LEASE_TTL_MS} and {MAX_LEASE_TTL_MS}"
             )
         if len(label) > 128:
             raise InvalidArgument(f"lease label is {len(label)} characters; at most 128")
@@ -85,7 +83,7 @@ class LeaseTable:
     ) -> Lease:
         """Re-create a saved TTL lease under its old id, expiring ``remaining_ms`` from
         now (the daemon's state directory uses this at start)."""
-        if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS or remaining_ms <= 0:
+        if not MIN_LEASE_TTL_MS <= ttl_ms <= MAX_LEASE_TTL_MS or remaining_ms <= 0:
             raise InvalidArgument(f"lease {lease_id!r}: bad ttl_ms or remaining_ms")
         if lease_id in self._leases:
             raise InvalidArgument(f"lease {lease_id!r} already exists")

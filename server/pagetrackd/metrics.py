@@ -29,7 +29,7 @@ from pagetrackd import __version__
 from pagetrackd.domain import WritePath
 
 if TYPE_CHECKING:
-    from pagetrackd.engine import Engine, VmEntry
+    from pagetrackd.application import Engine, VmEntry
     from pagetrackd.state import StateDir
 
 log = structlog.get_logger("pagetrackd.metrics")

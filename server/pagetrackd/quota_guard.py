@@ -35,7 +35,7 @@ from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.types import TENANT_OWNER, SlotFlags
 
 if TYPE_CHECKING:
-    from pagetrackd.engine import Engine
+    from pagetrackd.application.tenancy import Tenancy
 
 __all__ = ["QuotaGuard", "guard"]
 
@@ -46,7 +46,7 @@ _LOOKUP_EACH = 64
 class QuotaGuard:
     """The wrappers on one VM; ``exempt`` switches their checks off."""
 
-    def __init__(self, engine: Engine, tenant: TenantId, vm: Vm) -> None:
+    def __init__(self, engine: Tenancy, tenant: TenantId, vm: Vm) -> None:
         self.engine = engine
         self.tenant = tenant
         self.vm = vm
@@ -156,6 +156,6 @@ def _batch_writes(gpa: Any, *args: Any, **kwargs: Any) -> int:
     return int(np.size(gpa))
 
 
-def guard(engine: Engine, tenant: TenantId, vm: Vm) -> QuotaGuard:
+def guard(engine: Tenancy, tenant: TenantId, vm: Vm) -> QuotaGuard:
     """Charge every later call on ``vm`` to ``tenant``'s quotas."""
     return QuotaGuard(engine, tenant, vm)

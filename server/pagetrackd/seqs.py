@@ -22,7 +22,7 @@ import structlog
 from pagetrackd.files import write_atomic
 
 if TYPE_CHECKING:
-    from pagetrackd.engine import VmEntry
+    from pagetrackd.application import VmEntry
 
 log = structlog.get_logger("pagetrackd.seqs")
 

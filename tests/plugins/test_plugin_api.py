@@ -244,8 +244,8 @@ def test_engine_forgets_a_plugin_detached_for_failures_and_counts_it() -> None:
 
     from prometheus_client import generate_latest
 
+    from pagetrackd.application import Engine
     from pagetrackd.domain import TenantId
-    from pagetrackd.engine import Engine
     from pagetrackd.metrics import build_registry
 
     engine = Engine()

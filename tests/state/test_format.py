@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pagetrackd.application import Engine
 from pagetrackd.domain import SlotFlags, TenantId
-from pagetrackd.engine import Engine
 from pagetrackd.leases import LeaseKind
 from pagetrackd.state import (
     SnapshotError,

@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 from pagetrackd.domain.errors import InvalidArgument
+from pagetrackd.limits import (
+    DEFAULT_GFN_BITS,
+    DEFAULT_MEMSLOTS,
+    MAX_GFN_BITS,
+    MAX_MEMSLOTS,
+    MAX_WRITE_BYTES,
+    MIN_GFN_BITS,
+)
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -79,14 +87,15 @@ class VmLimits:
     (x86-64 MAXPHYADDR).
     """
 
-    max_slots: int = 509
-    gfn_bits: int = 40
-    max_write_bytes: int = 1 << 20
+    max_slots: int = DEFAULT_MEMSLOTS
+    gfn_bits: int = DEFAULT_GFN_BITS
+    max_write_bytes: int = MAX_WRITE_BYTES
 
     def __post_init__(self) -> None:
         # The ranges CreateVm allows; a restored or replayed VM is held to them too.
         for name, lo, hi in (
-            ("max_slots", 1, 32768), ("gfn_bits", 12, 40), ("max_write_bytes", 1, 1 << 20)
+            ("max_slots", 1, MAX_MEMSLOTS), ("gfn_bits", MIN_GFN_BITS, MAX_GFN_BITS),
+            ("max_write_bytes", 1, MAX_WRITE_BYTES),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:

@@ -23,6 +23,7 @@ from pagetrackd.domain.types import (
     VmLimits,
     WritePath,
 )
+from pagetrackd.limits import DEFAULT_VCPUS, MAX_VCPUS
 
 if TYPE_CHECKING:
     from pagetrackd.domain.vm import Vm
@@ -74,14 +75,14 @@ class VmState:
         self,
         name: str,
         *,
-        vcpus: int = 8,
+        vcpus: int = DEFAULT_VCPUS,
         dma_policy: DmaPolicy = DmaPolicy.BYPASS,
         semantics: Semantics = Semantics.V2016,
         cost: CostModel | None = None,
         limits: VmLimits | None = None,
     ) -> None:
-        if not 1 <= vcpus <= 4096:
-            raise InvalidArgument(f"vcpus must be between 1 and 4096, got {vcpus}")
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise InvalidArgument(f"vcpus must be between 1 and {MAX_VCPUS}, got {vcpus}")
         self.name = name
         self.vcpus = vcpus
         self.dma_policy = dma_policy

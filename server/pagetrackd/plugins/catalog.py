@@ -17,10 +17,11 @@ from typing import Any
 import structlog
 
 from pagetrackd.domain import FailedPrecondition, InvalidArgument, PermissionDenied, PluginNotFound
+from pagetrackd.limits import DEFAULT_PLUGIN_FAILURE_LIMIT
 from pagetrackd.plugins import PLUGINS
 from pagetrackd.plugins import Plugin as BuiltinPlugin
 from pagetrackd.plugins.api import ENTRY_POINT_GROUP, Plugin
-from pagetrackd.plugins.host import DEFAULT_FAILURE_LIMIT, HostedPlugin
+from pagetrackd.plugins.host import HostedPlugin
 
 log = structlog.get_logger("pagetrackd.plugins")
 
@@ -45,7 +46,7 @@ class Catalog:
     def __init__(
         self,
         allow: Iterable[str] = (),
-        failure_limit: int = DEFAULT_FAILURE_LIMIT,
+        failure_limit: int = DEFAULT_PLUGIN_FAILURE_LIMIT,
         *,
         lookup: Callable[[str], EntryPoint | None] | None = None,
     ) -> None:

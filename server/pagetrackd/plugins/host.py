@@ -23,6 +23,7 @@ from pagetrackd.domain import FailedPrecondition, InvalidArgument, PageTrackErro
 from pagetrackd.domain.findings import Finding, publish_finding
 from pagetrackd.domain.notifiers import NotifierNode
 from pagetrackd.domain.types import Source
+from pagetrackd.limits import DEFAULT_PLUGIN_FAILURE_LIMIT
 from pagetrackd.plugins.api import (
     AuditReport,
     Plugin,
@@ -35,8 +36,6 @@ from pagetrackd.plugins.handle import PluginHandle
 
 log = structlog.get_logger("pagetrackd.plugins")
 
-#: hook failures after which a plugin is detached, unless the config says otherwise
-DEFAULT_FAILURE_LIMIT = 3
 #: the finding kind the daemon publishes when it detaches a failing plugin
 DETACHED_KIND = "plugin.detached"
 
@@ -55,7 +54,7 @@ class HostedPlugin:
         name: str,
         impl: Plugin,
         *,
-        failure_limit: int = DEFAULT_FAILURE_LIMIT,
+        failure_limit: int = DEFAULT_PLUGIN_FAILURE_LIMIT,
         on_detached: Callable[[HostedPlugin], None] | None = None,
     ) -> None:
         if failure_limit < 1:
@@ -235,4 +234,4 @@ class HostedPlugin:
         raise InvalidArgument(f"plugin {self.name!r} has no operation {op!r}")
 
 
-__all__ = ["DEFAULT_FAILURE_LIMIT", "DETACHED_KIND", "HostedPlugin"]
+__all__ = ["DETACHED_KIND", "HostedPlugin"]

@@ -18,7 +18,8 @@ import numpy as np
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-from pagetrackd import __version__, slices
+from pagetrackd import __version__
+from pagetrackd.application import Engine, VmEntry, WorkloadRun, slices
 from pagetrackd.auth import current_caller
 from pagetrackd.domain import (
     CostModel,
@@ -34,8 +35,18 @@ from pagetrackd.domain import (
     WritePiece,
 )
 from pagetrackd.domain.vm import gfns_from
-from pagetrackd.engine import Engine, VmEntry, WorkloadRun
 from pagetrackd.leases import Lease, LeaseKind
+from pagetrackd.limits import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_VCPUS,
+    MAX_GFN_BITS,
+    MAX_LEASE_TTL_MS,
+    MAX_MEMSLOTS,
+    MIN_CHUNK_BYTES,
+    MIN_GFN_BITS,
+    MIN_LEASE_TTL_MS,
+    ServerLimits,
+)
 from pagetrackd.plugins import Plugin, ops
 from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.state import (
@@ -48,7 +59,6 @@ from pagetrackd.state import (
     snapshot_length,
 )
 from pagetrackd.transport import convert as cv
-from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.status import streaming, unary
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -113,14 +123,18 @@ class VmService(pbg.VmServiceServicer):
         base = VmLimits()
         max_slots = lim.max_memslots if lim.HasField("max_memslots") else base.max_slots
         gfn_bits = lim.gfn_bits if lim.HasField("gfn_bits") else base.gfn_bits
-        if not 1 <= max_slots <= 32768:
-            raise InvalidArgument(f"options.limits.max_memslots {max_slots} must be 1..32768")
-        if not 12 <= gfn_bits <= 40:
-            raise InvalidArgument(f"options.limits.gfn_bits {gfn_bits} must be 12..40")
+        if not 1 <= max_slots <= MAX_MEMSLOTS:
+            raise InvalidArgument(
+                f"options.limits.max_memslots {max_slots} must be 1..{MAX_MEMSLOTS}"
+            )
+        if not MIN_GFN_BITS <= gfn_bits <= MAX_GFN_BITS:
+            raise InvalidArgument(
+                f"options.limits.gfn_bits {gfn_bits} must be {MIN_GFN_BITS}..{MAX_GFN_BITS}"
+            )
         entry = self.engine.create_vm(
             _tenant(),
             request.name,
-            vcpus=lim.max_vcpus if lim.HasField("max_vcpus") else 8,
+            vcpus=lim.max_vcpus if lim.HasField("max_vcpus") else DEFAULT_VCPUS,
             dma_policy=cv.DMA_POLICY.get(opts.dma_policy, cv.DMA_POLICY[pb.DMA_POLICY_BYPASS]),
             semantics=cv.SEMANTICS.get(opts.semantics, cv.SEMANTICS[pb.SEMANTICS_2016]),
             cost=cv.cost_model(opts.cost, CostModel()),
@@ -1021,8 +1035,8 @@ class AdminService(pbg.AdminServiceServicer):
                 min_heartbeat_interval_ms=lim.min_heartbeat_interval_ms,
                 max_heartbeat_interval_ms=lim.max_heartbeat_interval_ms,
                 default_heartbeat_interval_ms=lim.default_heartbeat_interval_ms,
-                min_lease_ttl_ms=100,
-                max_lease_ttl_ms=24 * 3600 * 1000,
+                min_lease_ttl_ms=MIN_LEASE_TTL_MS,
+                max_lease_ttl_ms=MAX_LEASE_TTL_MS,
                 max_audit_mismatches=lim.max_audit_mismatches,
                 max_queue_bytes=lim.max_queue_bytes,
                 default_queue_bytes=lim.default_queue_bytes,
@@ -1040,7 +1054,7 @@ class AdminService(pbg.AdminServiceServicer):
                 cost=cv.cost_model_pb(CostModel()),
                 limits=pb.VmLimits(
                     max_memslots=VmLimits().max_slots, gfn_bits=VmLimits().gfn_bits,
-                    max_vcpus=8, history_events=self.engine.config.history_events,
+                    max_vcpus=DEFAULT_VCPUS, history_events=self.engine.config.history_events,
                     history_bytes=self.engine.config.history_bytes,
                 ),
             ),
@@ -1062,9 +1076,11 @@ class AdminService(pbg.AdminServiceServicer):
     ) -> AsyncIterator[pb.SnapshotChunk]:
         entry = self.engine.vm(_tenant(), _require(request.vm, "vm"))
         most = self.limits.max_message_bytes
-        chunk = request.chunk_bytes or min(1 << 20, most)
-        if not 4096 <= chunk <= most:
-            raise InvalidArgument(f"chunk_bytes {chunk} must be 4096..{most} (0 = 1 MiB)")
+        chunk = request.chunk_bytes or min(DEFAULT_CHUNK_BYTES, most)
+        if not MIN_CHUNK_BYTES <= chunk <= most:
+            raise InvalidArgument(
+                f"chunk_bytes {chunk} must be {MIN_CHUNK_BYTES}..{most} (0 = 1 MiB)"
+            )
         chunk = min(chunk, most - 1024)  # room for the other fields of the message
         head = entry.vm.seq
         data = snapshot_entry(entry, include_memory=request.include_memory, engine=self.engine)
@@ -1166,7 +1182,7 @@ class AdminService(pbg.AdminServiceServicer):
         return pb.ReplayVmResponse(vm=_vm_pb(self.engine, entry), records=records)
 
 
-def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[tuple[bytes, bool]]:
+def _file_chunks(path: Path, size: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[bytes, bool]]:
     """A file's bytes in chunks, each with whether it is the last (an empty file gives
     one empty last chunk)."""
     with open(path, "rb") as f:

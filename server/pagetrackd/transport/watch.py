@@ -13,6 +13,7 @@ import numpy as np
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+from pagetrackd.application import Engine, VmEntry
 from pagetrackd.auth import current_caller
 from pagetrackd.domain import (
     Compacted,
@@ -32,10 +33,9 @@ from pagetrackd.domain.hub import (
     Subscriber,
     make_filter,
 )
-from pagetrackd.engine import Engine, VmEntry
+from pagetrackd.limits import ServerLimits
 from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.transport import convert as cv
-from pagetrackd.transport.limits import ServerLimits
 from pagetrackd.transport.status import streaming, unary
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]

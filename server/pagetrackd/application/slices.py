@@ -37,7 +37,8 @@ from pagetrackd.domain.types import TENANT_OWNER
 from pagetrackd.replay import ReplayResult, replay_steps
 
 if TYPE_CHECKING:
-    from pagetrackd.engine import Engine, VmEntry
+    from pagetrackd.application.engine import Engine
+    from pagetrackd.application.entries import VmEntry
 
 __all__ = [
     "ONE_SHOT_GFNS", "ONE_SHOT_WRITES", "SLICE_S", "Slicer", "VmLocks", "change_tracking",

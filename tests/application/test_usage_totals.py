@@ -7,9 +7,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pagetrackd.application import Engine, EngineConfig, Quotas
 from pagetrackd.domain import PageTrackError
 from pagetrackd.domain.types import TenantId
-from pagetrackd.engine import Engine, EngineConfig, Quotas
 
 TENANTS = [TenantId("a"), TenantId("b")]
 NAMES = ["v0", "v1"]
