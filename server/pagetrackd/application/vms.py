@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from pagetrackd.application import slices
 from pagetrackd.application.entries import VmEntry
 from pagetrackd.application.recordings import Recordings
 from pagetrackd.domain import (
@@ -24,7 +25,6 @@ from pagetrackd.domain import (
 from pagetrackd.domain.hub import History, VmHub
 from pagetrackd.limits import DEFAULT_VCPUS, MAX_HISTORY_BYTES, MAX_HISTORY_EVENTS
 from pagetrackd.quota_guard import guard
-from pagetrackd.application import slices
 from pagetrackd.replay import read_header
 
 log = structlog.get_logger("pagetrackd.engine")
