@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import struct
 import threading
 import warnings
 from collections.abc import (
@@ -48,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagetrack import _convert as cv
-from pagetrack import errors, targets
+from pagetrack import errors, snapshot_format, targets
 from pagetrack import types as t
 from pagetrack.constants import DEFAULT_TARGET
 from pagetrack.v1 import pagetrack_pb2 as pb
@@ -73,12 +72,6 @@ R = TypeVar("R")
 
 _MAX_MESSAGE = 128 << 20
 
-# The outer layout of a VM snapshot (see pagetrackd.state): magic, format version, header
-# length, JSON header, payload length, payload, then the sha256 of everything before it.
-_SNAP_MAGIC = b"PTVMSNAP"
-_SNAP_PREFIX = struct.Struct("<8sII")
-_SNAP_DIGEST = 32
-_SNAP_MIN = _SNAP_PREFIX.size + 8 + _SNAP_DIGEST
 #: bytes per RestoreVm message
 RESTORE_CHUNK_BYTES = 1 << 20
 
@@ -134,23 +127,24 @@ def check_snapshot(data: Bytes, label: str = "snapshot") -> str:
     n = len(view)
     if n == 0:
         raise errors.InvalidArgument(f"{label}: empty, not a pagetrack VM snapshot")
-    if not _SNAP_MAGIC.startswith(bytes(view[: len(_SNAP_MAGIC)])):
+    if not snapshot_format.MAGIC.startswith(bytes(view[: len(snapshot_format.MAGIC)])):
         raise errors.InvalidArgument(f"{label}: not a pagetrack VM snapshot (bad magic bytes)")
-    if n < _SNAP_MIN:
+    if n < snapshot_format.MIN_BYTES:
         raise errors.InvalidArgument(
             f"{label}: truncated: {n} bytes cannot hold a pagetrack VM snapshot"
         )
-    if hashlib.sha256(view[:-_SNAP_DIGEST]).digest() != bytes(view[-_SNAP_DIGEST:]):
+    digest = snapshot_format.DIGEST_BYTES
+    if hashlib.sha256(view[:-digest]).digest() != bytes(view[-digest:]):
         raise errors.InvalidArgument(
             f"{label}: corrupt or truncated snapshot ({n} bytes whose sha256 does not match"
             " the one saved at its end)"
         )
-    _, _, hlen = _SNAP_PREFIX.unpack_from(view)
-    end = _SNAP_PREFIX.size + hlen
+    start = snapshot_format.PREFIX_BYTES
+    end = start + int.from_bytes(view[start - 4 : start], "little")
     try:
-        if end > n - _SNAP_DIGEST:
+        if end > n - digest:
             raise ValueError("header runs past the end")
-        header = json.loads(bytes(view[_SNAP_PREFIX.size : end]))
+        header = json.loads(bytes(view[start:end]))
         name = header["name"]
         if not isinstance(name, str):
             raise ValueError("name is not a string")

@@ -35,7 +35,7 @@ import structlog
 
 from pagetrackd.domain import PageTrackError, TenantId, Unavailable
 from pagetrackd.files import fsync_dir
-from pagetrackd.replay import VM_OPS, Recorder, _decode
+from pagetrackd.replay import VM_OPS, Recorder, decode_value
 
 if TYPE_CHECKING:
     from pagetrackd.application import Engine, VmEntry
@@ -262,7 +262,7 @@ def replay_journal(engine: Engine, journal: Journal, saved: dict[tuple[str, str]
 
 
 def _create(engine: Engine, key: tuple[str, str], rec: dict[str, Any]) -> None:
-    o = _decode(rec["options"])
+    o = decode_value(rec["options"])
     with contextlib.suppress(PageTrackError):
         engine.delete_vm(TenantId(key[0]), key[1])  # one of the same name, deleted later
     engine.create_vm(
@@ -291,15 +291,15 @@ def _apply(engine: Engine, entry: VmEntry, rec: dict[str, Any]) -> None:
         entry.quota.exempt = True  # it was allowed when it happened
     try:
         if op == "plugin_attach":
-            engine.attach_plugin(entry, rec["name"], _decode(rec["options"]))
+            engine.attach_plugin(entry, rec["name"], decode_value(rec["options"]))
         elif op == "plugin_call":
-            engine.plugin(entry, rec["name"]).call(rec["call"], **_decode(rec["args"]))
+            engine.plugin(entry, rec["name"]).call(rec["call"], **decode_value(rec["args"]))
         elif op == "plugin_detach":
             engine.detach_plugin(entry, rec["name"])
         elif op == "close":
             pass  # a delete record follows
         elif op in VM_OPS:
-            getattr(vm, op)(**{k: _decode(v) for k, v in rec["args"].items()})
+            getattr(vm, op)(**{k: decode_value(v) for k, v in rec["args"].items()})
         else:
             raise ValueError(f"unknown op {op!r}")
     finally:

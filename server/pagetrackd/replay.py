@@ -31,6 +31,7 @@ arrays are base64 (``{"b": ...}``, ``{"nd": dtype, "b": ...}``), enums ``{"enum"
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import json
 from collections.abc import Callable, Generator, Iterator
@@ -53,8 +54,8 @@ from pagetrackd.domain import (
 from pagetrackd.plugins import PLUGINS, Plugin
 
 __all__ = [
-    "FORMAT", "Recorder", "ReplayDiverged", "ReplayResult", "read_header", "replay",
-    "replay_steps",
+    "FORMAT", "Recorder", "ReplayDiverged", "ReplayResult", "decode_value", "encode_value",
+    "read_header", "replay", "replay_steps",
 ]
 
 FORMAT = "pagetrack-recording"
@@ -81,7 +82,7 @@ class ReplayDiverged(FailedPrecondition):
     """Raised when replay gives a different seq or plugin result than the recording."""
 
 
-def _encode(value: Any) -> Any:
+def encode_value(value: Any) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, Enum) and type(value).__name__ in _ENUMS:
@@ -99,15 +100,15 @@ def _encode(value: Any) -> Any:
     if isinstance(value, CostModel):
         return {"cost": asdict(value)}
     if isinstance(value, list | tuple):
-        return [_encode(v) for v in value]
+        return [encode_value(v) for v in value]
     if isinstance(value, dict):
-        return {"map": {str(k): _encode(v) for k, v in value.items()}}
+        return {"map": {str(k): encode_value(v) for k, v in value.items()}}
     raise InvalidArgument(f"cannot record a value of type {type(value).__name__}")
 
 
-def _decode(value: Any) -> Any:
+def decode_value(value: Any) -> Any:
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [decode_value(v) for v in value]
     if not isinstance(value, dict):
         return value
     if "enum" in value:
@@ -119,7 +120,7 @@ def _decode(value: Any) -> Any:
     if "cost" in value:
         return CostModel(**value["cost"])
     if "map" in value:
-        return {k: _decode(v) for k, v in value["map"].items()}
+        return {k: decode_value(v) for k, v in value["map"].items()}
     raise InvalidArgument(f"unknown value in recording: {value!r}")
 
 
@@ -191,6 +192,16 @@ class Recorder:
             self._wrap_vm(name)
         self._wrap_register()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Calls made inside are not recorded (a restore loading the VM is not one of
+        its operations)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
     # ------------------------------------------------------------------ wrapping
 
     def _emit(self, record: dict[str, Any]) -> None:
@@ -212,7 +223,7 @@ class Recorder:
             if self._depth:
                 return orig(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)
-            encoded = {k: _encode(v) for k, v in bound.arguments.items()}
+            encoded = {k: encode_value(v) for k, v in bound.arguments.items()}
             seq0 = vm.seq
             self._depth += 1
             try:
@@ -238,7 +249,7 @@ class Recorder:
                     options_of = getattr(notifier, "attach_options", None)
                     options = options_of() if callable(options_of) else {}
                     self._emit({"op": "plugin_attach", "name": name,
-                                "options": _encode(dict(options)), "seq": vm.seq})
+                                "options": encode_value(dict(options)), "seq": vm.seq})
                     self.records += 1
             return node
 
@@ -255,7 +266,7 @@ class Recorder:
             if self._depth:
                 result: dict[str, Any] = call(op, **args)
                 return result
-            encoded = _encode(dict(args))
+            encoded = encode_value(dict(args))
             seq0 = vm.seq
             self._depth += 1
             try:
@@ -289,7 +300,7 @@ class Recorder:
         name = _plugin_name(plugin)
         if name is None:
             raise InvalidArgument(f"{plugin.name!r} is not a registered plugin")
-        encoded = _encode(dict(options))
+        encoded = encode_value(dict(options))
         self._depth += 1
         try:
             plugin.attach(self.vm, **options)
@@ -456,10 +467,10 @@ def _replay_record(result: ReplayResult, lineno: int, rec: dict[str, Any], verif
         op = rec["op"]
         if op == "plugin_attach":
             plugin = PLUGINS[rec["name"]]()
-            plugin.attach(vm, **_decode(rec["options"]))
+            plugin.attach(vm, **decode_value(rec["options"]))
             result.plugins[rec["name"]] = plugin
         elif op == "plugin_call":
-            out = result.plugins[rec["name"]].call(rec["call"], **_decode(rec["args"]))
+            out = result.plugins[rec["name"]].call(rec["call"], **decode_value(rec["args"]))
             if verify and rec.get("result") is not None and _plain(out) != rec["result"]:
                 raise ReplayDiverged(
                     f"line {lineno}: {rec['name']}.{rec['call']} returned {_plain(out)},"
@@ -468,7 +479,7 @@ def _replay_record(result: ReplayResult, lineno: int, rec: dict[str, Any], verif
         elif op == "plugin_detach":
             result.plugins.pop(rec["name"]).detach()
         elif op in VM_OPS:
-            getattr(vm, op)(**{k: _decode(v) for k, v in rec["args"].items()})
+            getattr(vm, op)(**{k: decode_value(v) for k, v in rec["args"].items()})
         else:
             raise InvalidArgument(f"line {lineno}: unknown op {op!r}", field="data")
     except ReplayDiverged:
