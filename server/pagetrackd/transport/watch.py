@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any, TypeAlias, cast
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 import numpy as np
@@ -28,6 +28,7 @@ from pagetrackd.domain.events import EventBatch
 from pagetrackd.domain.findings import Finding
 from pagetrackd.domain.hub import (
     Gap,
+    Item,
     RegionRemoved,
     SlowPolicy,
     Stamped,
@@ -38,6 +39,9 @@ from pagetrackd.limits import ServerLimits
 from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.status import streaming, unary
+
+if TYPE_CHECKING:
+    from pagetrackd.domain.vm import Vm
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -85,6 +89,61 @@ def _split_by_bytes(batch: EventBatch, max_bytes: int) -> tuple[EventBatch, ...]
         out.append(batch.slice(start, stop))
         base, start = int(ends[stop - 1]), stop
     return tuple(out)
+
+
+def _messages(
+    items: list[Item], vm: Vm, max_events: int, max_bytes: int, omit_data: bool
+) -> Iterator[pb.WatchResponse]:
+    """The stream messages for ``items`` taken from a subscriber's queue, in order.
+    Consecutive event batches go out as one message within max_events and max_bytes (a
+    stream message costs far more than the events in it); a batch whose data is over
+    max_bytes is cut."""
+    run: list[tuple[EventBatch, int]] = []
+    run_events = run_bytes = 0
+    for item in items:
+        if isinstance(item, Stamped):
+            batch = item.batch
+            parts = (
+                (batch,) if omit_data or len(batch.data) <= max_bytes
+                else _split_by_bytes(batch, max_bytes)
+            )
+            for part in parts:
+                size = 0 if omit_data else len(part.data)
+                if run and (run_events + len(part) > max_events or run_bytes + size > max_bytes):
+                    yield _events_msg(run, vm.seq, omit_data)
+                    run, run_events, run_bytes = [], 0, 0
+                run.append((part, item.ts_ns))
+                run_events += len(part)
+                run_bytes += size
+            continue
+        if run:
+            yield _events_msg(run, vm.seq, omit_data)
+            run, run_events, run_bytes = [], 0, 0
+        if isinstance(item, Gap):
+            yield pb.WatchResponse(gap=cv.gap_pb(item))
+        elif isinstance(item, RegionRemoved):
+            yield pb.WatchResponse(region_removed=cv.region_pb(item))
+        elif isinstance(item, Finding):
+            yield pb.WatchResponse(finding=cv.finding_pb(item))
+    if run:
+        yield _events_msg(run, vm.seq, omit_data)
+
+
+def _progress(sub: Subscriber, vm: Vm) -> pb.WatchResponse:
+    c = sub.counters
+    return pb.WatchResponse(
+        progress=pb.Progress(
+            head_seq=vm.seq,
+            sent_seq=sub.last_seq,
+            lag=max(0, vm.seq - sub.last_seq),
+            queue_depth=sub.depth,
+            sent_total=c.sent,
+            # what the stream has reported so far, not drops still pending
+            dropped_total=c.reported_dropped,
+            coalesced_total=c.reported_coalesced,
+            timestamp_ns=time.time_ns(),
+        )
+    )
 
 
 class _Flusher:
@@ -351,7 +410,6 @@ class WatchService(pbg.WatchServiceServicer):
         shutdown = self.engine.shutting_down
         heartbeat_s = heartbeat_ms / 1000
         next_beat = time.monotonic() + heartbeat_s
-        # Cap events per message by bytes too (the data column dominates).
         while True:
             if shutdown.is_set():
                 raise Unavailable("pagetrackd is shutting down; reconnect and resume from the"
@@ -377,58 +435,14 @@ class WatchService(pbg.WatchServiceServicer):
                 await _wait(stream.wake, max(0.0, next_beat - time.monotonic()))
             if sub.pending and not self._holding(stream):
                 budget = max(1, min(max_events, max_bytes // 8))
-                # Consecutive event batches go out as one message (within max_events and
-                # max_bytes): a stream message costs far more than the events in it.
-                run: list[tuple[EventBatch, int]] = []
-                run_events = run_bytes = 0
-                for item in sub.take(budget):
-                    if isinstance(item, Stamped):
-                        batch = item.batch
-                        parts = (
-                            (batch,) if omit_data or len(batch.data) <= max_bytes
-                            else _split_by_bytes(batch, max_bytes)
-                        )
-                        for part in parts:
-                            size = 0 if omit_data else len(part.data)
-                            if run and (
-                                run_events + len(part) > max_events or run_bytes + size > max_bytes
-                            ):
-                                yield _events_msg(run, vm.seq, omit_data)
-                                run, run_events, run_bytes = [], 0, 0
-                            run.append((part, item.ts_ns))
-                            run_events += len(part)
-                            run_bytes += size
-                        continue
-                    if run:
-                        yield _events_msg(run, vm.seq, omit_data)
-                        run, run_events, run_bytes = [], 0, 0
-                    if isinstance(item, Gap):
-                        yield pb.WatchResponse(gap=cv.gap_pb(item))
-                    elif isinstance(item, RegionRemoved):
-                        yield pb.WatchResponse(region_removed=cv.region_pb(item))
-                    elif isinstance(item, Finding):
-                        yield pb.WatchResponse(finding=cv.finding_pb(item))
-                if run:
-                    yield _events_msg(run, vm.seq, omit_data)
+                for msg in _messages(sub.take(budget), vm, max_events, max_bytes, omit_data):
+                    yield msg
                 if sub.policy is SlowPolicy.BLOCK and not sub.full:
                     stream.entry.room.set()
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + heartbeat_s
-                c = sub.counters
-                yield pb.WatchResponse(
-                    progress=pb.Progress(
-                        head_seq=vm.seq,
-                        sent_seq=sub.last_seq,
-                        lag=max(0, vm.seq - sub.last_seq),
-                        queue_depth=sub.depth,
-                        sent_total=c.sent,
-                        # what the stream has reported so far, not drops still pending
-                        dropped_total=c.reported_dropped,
-                        coalesced_total=c.reported_coalesced,
-                        timestamp_ns=time.time_ns(),
-                    )
-                )
+                yield _progress(sub, vm)
 
     def _holding(self, stream: _Stream) -> bool:
         """Whether the stream's events wait for its batch delay to end."""
