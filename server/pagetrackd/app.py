@@ -23,7 +23,7 @@ from pagetrackd.metrics import MetricsServer, RpcMetrics, build_registry
 from pagetrackd.state import StateDir
 from pagetrackd.transport.interceptors import RequestContextInterceptor
 from pagetrackd.transport.reflection import reflection_handlers
-from pagetrackd.transport.servicer import (
+from pagetrackd.transport.services import (
     AdminService,
     LeaseService,
     MemoryService,

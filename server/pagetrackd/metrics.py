@@ -26,7 +26,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from pagetrackd import __version__
-from pagetrackd.domain import WritePath
+from pagetrackd.application.plugin_ops import plugin_metrics
+from pagetrackd.application.views import VmStatsView, vm_stats
 
 if TYPE_CHECKING:
     from pagetrackd.application import Engine, VmEntry
@@ -92,36 +93,71 @@ _VM_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("pagetrack_track_pool_bytes", "Bytes held by track counters.", "gauge"),
 )
 _MAX_AGG = frozenset({"pagetrack_stream_lag_events"})
-_PATHS = {WritePath.MMIO_EXIT: "mmio_exit", WritePath.FAST: "fast", WritePath.EMULATED: "emulated"}
+_PATHS = ("mmio_exit", "fast", "emulated")
 
 
-def _vm_values(engine: Engine, entry: VmEntry) -> dict[str, float]:
-    vm = entry.vm
-    s = vm.stats
-    subs = list(entry.hub.subscribers.values())
-    done = entry.ended_streams
+def _vm_values(s: VmStatsView) -> dict[str, float]:
+    st = s.streams
     return {
-        "pagetrack_guest_writes": s.writes,
+        "pagetrack_guest_writes": s.guest_writes,
         "pagetrack_guest_bytes_written": s.bytes_written,
         "pagetrack_mmio_exits": s.mmio_exits,
         "pagetrack_emulations": s.emulations,
-        "pagetrack_events": vm.seq,
-        "pagetrack_events_sent": done.sent + sum(x.counters.sent for x in subs),
-        "pagetrack_events_dropped": done.dropped + sum(x.counters.dropped for x in subs),
-        "pagetrack_events_coalesced": done.coalesced + sum(x.counters.coalesced for x in subs),
+        "pagetrack_events": s.head_seq,
+        "pagetrack_events_sent": st.sent,
+        "pagetrack_events_dropped": st.dropped,
+        "pagetrack_events_coalesced": st.coalesced,
         "pagetrack_notifications": s.notifications,
         "pagetrack_notifier_errors": s.notifier_errors,
-        "pagetrack_memslots": len(vm.slots),
-        "pagetrack_tracked_gfns": vm.tracked_count,
-        "pagetrack_watchers": len(subs),
-        "pagetrack_stream_queue_depth_events": sum(x.depth for x in subs),
-        "pagetrack_stream_lag_events": max(
-            (max(0, vm.seq - x.last_seq) for x in subs), default=0
-        ),
-        "pagetrack_history_events": entry.hub.history.events,
-        "pagetrack_guest_memory_bytes": vm.memory_footprint,
-        "pagetrack_track_pool_bytes": vm.tracking_footprint,
+        "pagetrack_memslots": s.memslots,
+        "pagetrack_tracked_gfns": s.tracked_gfns,
+        "pagetrack_watchers": st.watchers,
+        "pagetrack_stream_queue_depth_events": st.queue_depth,
+        "pagetrack_stream_lag_events": st.max_lag,
+        "pagetrack_history_events": s.history_events,
+        "pagetrack_guest_memory_bytes": s.memory_bytes,
+        "pagetrack_track_pool_bytes": s.track_pool_bytes,
     }
+
+
+class _Tally:
+    """The per-VM families, added up by (tenant, vm label) over the VMs' typed views."""
+
+    def __init__(self) -> None:
+        self.per: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
+        self.pieces: dict[tuple[str, ...], float] = defaultdict(float)
+        self.cycles: dict[tuple[str, ...], float] = defaultdict(float)
+        self.dma: dict[tuple[str, ...], float] = defaultdict(float)
+        self.plugin_attached: dict[tuple[str, ...], float] = defaultdict(float)
+        self.plugin_tracked: dict[tuple[str, ...], float] = defaultdict(float)
+        self.plugin_status: dict[tuple[str, ...], float] = defaultdict(float)
+        self.vms: dict[tuple[str, ...], float] = defaultdict(float)
+
+    def add(self, tenant: str, label: str, entry: VmEntry) -> None:
+        """Count one VM under its labels."""
+        key = (tenant, label)
+        self.vms[(tenant,)] += 1
+        s = vm_stats(entry)
+        for name, value in _vm_values(s).items():
+            fam = self.per[name]
+            if name in _MAX_AGG:
+                fam[key] = max(fam.get(key, 0), value)
+            else:
+                fam[key] = fam.get(key, 0) + value
+        for pname in _PATHS:
+            self.pieces[(*key, pname)] += getattr(s.pieces, pname)
+            self.cycles[(*key, pname)] += getattr(s.cycles, pname)
+        self.cycles[(*key, "dma")] += s.dma_cycles
+        self.dma[(*key, "applied")] += s.dma_applied
+        self.dma[(*key, "bypassed")] += s.dma_bypassed
+        self.dma[(*key, "notified")] += s.dma_notified
+        self.dma[(*key, "rejected")] += s.dma_rejected
+        for p in plugin_metrics(entry):
+            pkey = (*key, p.name)
+            self.plugin_attached[pkey] += 1
+            self.plugin_tracked[pkey] += p.tracked_gfns
+            for k, v in p.numbers.items():
+                self.plugin_status[(*pkey, k)] += v
 
 
 class EngineCollector(Collector):
@@ -147,46 +183,12 @@ class EngineCollector(Collector):
         """Every family, computed now."""
         labelled = self._labelled()
         keys = ["tenant", "vm"]
-        per: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
-        pieces: dict[tuple[str, ...], float] = defaultdict(float)
-        cycles: dict[tuple[str, ...], float] = defaultdict(float)
-        dma: dict[tuple[str, ...], float] = defaultdict(float)
-        plugin_attached: dict[tuple[str, ...], float] = defaultdict(float)
-        plugin_tracked: dict[tuple[str, ...], float] = defaultdict(float)
-        plugin_status: dict[tuple[str, ...], float] = defaultdict(float)
-        vms: dict[tuple[str, ...], float] = defaultdict(float)
+        tally = _Tally()
         for tenant, label, entry in labelled:
-            key = (tenant, label)
-            vms[(tenant,)] += 1
-            for name, value in _vm_values(self.engine, entry).items():
-                fam = per[name]
-                if name in _MAX_AGG:
-                    fam[key] = max(fam.get(key, 0), value)
-                else:
-                    fam[key] = fam.get(key, 0) + value
-            s = entry.vm.stats
-            for path, pname in _PATHS.items():
-                pieces[(*key, pname)] += s.pieces[path]
-                cycles[(*key, pname)] += s.cycles[path]
-            cycles[(*key, "dma")] += s.dma_cycles
-            dma[(*key, "applied")] += s.dma_applied
-            dma[(*key, "bypassed")] += s.dma_bypassed
-            dma[(*key, "notified")] += s.dma_notified
-            dma[(*key, "rejected")] += s.dma_rejected
-            for kind, plugin in entry.plugins.items():
-                pkey = (*key, kind)
-                plugin_attached[pkey] += 1
-                plugin_tracked[pkey] += entry.vm.tracked_gfns(f"plugin:{kind}").size
-                try:
-                    status = plugin.status()
-                except Exception:  # a plugin bug must not break the scrape
-                    log.exception("metrics.plugin_status_failed", plugin=kind)
-                    continue
-                for k, v in status.items():
-                    if isinstance(v, int | float) and not isinstance(v, bool):
-                        plugin_status[(*pkey, k)] += v
-                    elif isinstance(v, bool):
-                        plugin_status[(*pkey, k)] += int(v)
+            tally.add(tenant, label, entry)
+        per, pieces, cycles, dma = tally.per, tally.pieces, tally.cycles, tally.dma
+        plugin_attached, plugin_tracked = tally.plugin_attached, tally.plugin_tracked
+        plugin_status, vms = tally.plugin_status, tally.vms
         for name, help_, kind in _VM_FAMILIES:
             yield _family(name, help_, kind, keys, per.get(name, {}))
         yield _family(

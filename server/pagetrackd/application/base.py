@@ -13,6 +13,7 @@ from pagetrackd.application.config import EngineConfig
 from pagetrackd.application.entries import VmEntry, WorkloadRun
 from pagetrackd.domain import Registry, TenantId, Unavailable, Vm
 from pagetrackd.leases import LeaseTable
+from pagetrackd.plugins.budget import StateBudget
 from pagetrackd.plugins.catalog import Catalog
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class EngineBase:
         self._vm_tenant: dict[Vm, TenantId] = {}
         #: tenant -> its VMs' event history bounds, summed (the history_bytes quota)
         self._history_held: dict[TenantId, int] = {}
+        #: tenant -> bytes its built-in plugins' state holds (plugin_state_bytes quota)
+        self._plugin_budgets: dict[TenantId, StateBudget] = {}
         #: list_vms answers, each beside the registry listing it was built from
         self._listed: dict[TenantId | None, tuple[list[Any], list[VmEntry]]] = {}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 
 from pagetrackd.application.streams import Streams
@@ -9,6 +11,14 @@ from pagetrackd.domain import QuotaExceeded, TenantId
 from pagetrackd.leases import Lease, LeaseKind
 
 log = structlog.get_logger("pagetrackd.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRevoked:
+    """What revoking a lease released."""
+
+    released_references: int
+    untracked_gfns: int  #: gfns no longer tracked by anyone
 
 
 class Leasing(Streams):
@@ -47,3 +57,18 @@ class Leasing(Streams):
     def lease_references(self, lease: Lease) -> int:
         """Tracking references held under a lease, over the tenant's VMs."""
         return sum(e.vm.owner_references(lease.owner) for e in self.list_vms(lease.tenant))
+
+    def create_lease(self, tenant: TenantId, ttl_ms: int, label: str) -> Lease:
+        """A TTL lease, within the tenant's leases quota."""
+        self.check_serving()
+        self.check_leases(tenant)
+        return self.leases.create(tenant, ttl_ms, label)
+
+    def revoke_lease(self, tenant: TenantId, lease_id: str) -> LeaseRevoked:
+        """End a lease now: its references are released in every VM of the tenant."""
+        lease = self.leases.get(tenant, lease_id)
+        refs = self.lease_references(lease)
+        before = self.usage(tenant)[1]
+        self.leases.end(lease)
+        after = self.usage(tenant)[1]
+        return LeaseRevoked(released_references=refs, untracked_gfns=before - after)

@@ -188,3 +188,11 @@ class Vms(Recordings):
         entry.room.set()
         log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
         return last
+
+    def set_vm_policy(
+        self, entry: VmEntry, *, dma_policy: DmaPolicy | None, semantics: Semantics | None,
+        cost: CostModel | None,
+    ) -> VmEntry:
+        """Change the VM's DMA policy, memslot semantics or cost model (None = keep)."""
+        entry.vm.set_policy(dma_policy=dma_policy, semantics=semantics, cost=cost)
+        return entry

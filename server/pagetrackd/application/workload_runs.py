@@ -26,6 +26,9 @@ WORKLOAD_FAST_CHUNK = 2048
 #: a workload at rate 0 steps for this long before yielding to the event loop (streams
 #: then send what it wrote in fewer, larger messages)
 WORKLOAD_SLICE_S = 0.010
+#: workloads that take StartWorkloadRequest.tracked_fraction (the others ignore it, as
+#: the field's documentation says)
+TRACKED_FRACTION_KINDS = frozenset({"random-writes", "kernel-build"})
 
 
 class Workloads(Leasing):
@@ -198,3 +201,35 @@ class Workloads(Leasing):
             with contextlib.suppress(asyncio.CancelledError):
                 await run.task
         return run
+
+    def start_on(
+        self, tenant: TenantId, vm: str, kind: str, *, seed: int, rate: float, count: int,
+        duration_s: float, vcpus: int, tracked_fraction: float, options: Mapping[str, Any],
+    ) -> WorkloadRun:
+        """StartWorkload: ``vcpus`` (0 = the workload's default) must fit the VM;
+        ``tracked_fraction`` goes to the workloads that take it (the others ignore it)."""
+        entry = self.vm(tenant, vm)
+        if not 0 <= tracked_fraction <= 1:
+            raise InvalidArgument(f"tracked_fraction {tracked_fraction} must be between 0 and 1")
+        if vcpus > entry.vm.vcpus:
+            raise InvalidArgument(
+                f"vcpus {vcpus}: the VM has {entry.vm.vcpus} (1..{entry.vm.vcpus}; 0 = 1)"
+            )
+        opts = dict(options)
+        if vcpus:
+            opts["vcpus"] = vcpus
+        if tracked_fraction and kind in TRACKED_FRACTION_KINDS:
+            opts["tracked_fraction"] = tracked_fraction
+        return self.start_workload(
+            entry, kind, seed=seed, rate=rate, count=count, duration_s=duration_s,
+            options=opts,
+        )
+
+    def list_workloads(self, tenant: TenantId, vm: str = "") -> list[WorkloadRun]:
+        """The tenant's workloads (of one VM when ``vm`` is given)."""
+        if vm:
+            self.vm(tenant, vm)
+        return [
+            r for r in self.workloads.values()
+            if r.tenant == tenant and (not vm or r.entry.name == vm)
+        ]
