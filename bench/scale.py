@@ -27,7 +27,12 @@ Curves (several sizes each; every line is ``name: value``):
   send time, CLOCK_MONOTONIC, in its 8 bytes), split at the daemon's hub stamp; whether
   the writer kept the rate and its schedule (``rate_kept``, ``writer_on_time``: the share
   of its calls issued within 2 ms of when they were due) and the CPU the writer and
-  subscriber used, so a run where the load generators are the limit shows.
+  subscriber used, so a run where the load generators are the limit shows; how often the
+  daemon's threads were preempted and its system CPU share, so a run where the machine
+  starves the daemon shows. Then the same workload at the largest size against a plain
+  grpc.aio server (``watchers_raw_*``: parse the batch, hand one ready message to the VM's
+  stream): the floor that grpc.aio and the machine's load set, and our CPU per event
+  against it (``cpu_per_event_vs_raw``).
 * **history**: one VM with 1M events in its ring (a live Watch attached while they are
   written gives the live rate): a Watch resuming from the oldest seq, time to its first
   batch and its catch-up rate to the head; daemon RSS per held event.
@@ -35,6 +40,8 @@ Curves (several sizes each; every line is ``name: value``):
   each) in a daemon with ``--state-dir``: SIGTERM to exit (the shutdown save), bytes on
   disk, start to serving with every VM loaded; then, with a save every 2 s while one
   writer writes to every VM, the writer's longest call (the pause a save causes).
+* **bigsave**: one VM with 512 MiB of written guest memory: its first save under a
+  writer (the writer's longest call) and the daemon's peak RSS against its RSS before.
 
 After each curve: the per-unit cost at the largest size and the ratio largest/smallest.
 The summary lines at the end have fixed names and targets (see the issue). Every daemon
@@ -78,6 +85,7 @@ FULL = {
     "watchers": [1, 100, 1_000],
     "history": [1 << 20],
     "restart": [1_000],
+    "bigsave": [512],
 }
 QUICK = {
     "tracking": [1 << 12, 1 << 14, 1 << 16],
@@ -85,6 +93,7 @@ QUICK = {
     "watchers": [1, 4, 16],
     "history": [1 << 13],
     "restart": [12],
+    "bigsave": [16],
 }
 SECTIONS = list(FULL)
 
@@ -801,6 +810,56 @@ async def _setup_watch_vms(target: str, vms: int) -> None:
         await asyncio.gather(*(one(i) for i in range(vms)))
 
 
+async def _raw_watch_server(sock: str) -> None:
+    """The watchers workload's floor: plain grpc.aio, no pagetrack. WriteGuestBatch
+    parses the request, stamps it and hands one ready WatchResponse (the writes' data and
+    a timestamp per event) to the VM's stream; Watch sends ``registered`` and then what
+    it is handed. Same socket, message limits, uvloop and clients as the daemon's run."""
+    import grpc
+
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    queues: dict[str, asyncio.Queue[bytes]] = {}
+
+    def queue(vm: str) -> asyncio.Queue[bytes]:
+        q = queues.get(vm)
+        if q is None:
+            q = queues[vm] = asyncio.Queue()
+        return q
+
+    async def write(body: bytes, context: Any) -> bytes:
+        req = pb.WriteGuestBatchRequest.FromString(body)
+        n = len(req.gpa)
+        now = time.time_ns()
+        msg = pb.WatchResponse(events=pb.EventBatch(
+            seq=range(1, n + 1), gpa=req.gpa, length=req.length, vcpu=[0] * n, flags=[0] * n,
+            timestamp_ns=[now] * n, data=req.data, head_seq=n))
+        queue(req.vm).put_nowait(msg.SerializeToString())
+        return b""
+
+    async def watch(body: bytes, context: Any) -> Any:
+        q = queue(pb.WatchRequest.FromString(body).vm)
+        yield pb.WatchResponse(registered=pb.Registered(notifier_id=1)).SerializeToString()
+        while True:
+            yield await q.get()
+
+    handler = grpc.method_handlers_generic_handler("pagetrack.v1.MemoryService", {
+        "WriteGuestBatch": grpc.unary_unary_rpc_method_handler(write),
+    })
+    watch_handler = grpc.method_handlers_generic_handler("pagetrack.v1.WatchService", {
+        "Watch": grpc.unary_stream_rpc_method_handler(watch),
+    })
+    big = 256 << 20
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", big),
+                                      ("grpc.max_send_message_length", big)])
+    server.add_generic_rpc_handlers((handler, watch_handler))
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    print(json.dumps({"ready": True}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await server.stop(0)
+
+
 def _send_json(proc: subprocess.Popen[str], obj: dict[str, Any]) -> None:
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(obj) + "\n")
@@ -813,8 +872,91 @@ def _sleep_until(mono_ns: int) -> None:
         time.sleep(left)
 
 
-def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
+def _sched_stats(pid: int) -> tuple[int, float]:
+    """Times the process's threads were preempted (nonvoluntary context switches) and
+    its system CPU seconds."""
+    preempted = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    preempted += int(line.split()[1])
+    with open(f"/proc/{pid}/stat") as f:
+        sys_s = int(f.read().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+    return preempted, sys_s
+
+
+def _watch_run(
+    target: str, server_pid: int, w: int, rate: int, quick: bool
+) -> tuple[list[float], dict[str, Any], dict[str, Any], float, tuple[float, float]]:
+    """One measured window of the watchers workload against the server at ``target``:
+    CPU seconds (server, writer, subscriber), the subscriber's and the writer's reports,
+    the load average, and the server's preemptions/s and system CPU share."""
     warm_s, measure_s, drain_s = (0.5, 1.0, 1.0) if quick else (2.0, 5.0, 5.0)
+    sub = spawn_child("subscriber", target, str(w))
+    writer = spawn_child("writer", target, str(w), str(rate))
+    child_json(sub)  # every stream registered
+    child_json(writer)  # connected
+    start = time.monotonic_ns() + 100_000_000
+    t0 = start + int(warm_s * 1e9)
+    t1 = t0 + int(measure_s * 1e9)
+    stop = t1 + 300_000_000
+    _send_json(sub, {"t0": t0, "t1": t1, "end": stop + int(drain_s * 1e9)})
+    _send_json(writer, {"start": start, "t0": t0, "t1": t1, "stop": stop})
+    procs = (server_pid, writer.pid, sub.pid)
+    _sleep_until(t0)
+    cpu0 = [_proc_cpu_s(p) for p in procs]
+    sched0 = _sched_stats(server_pid)
+    load = os.getloadavg()[0]
+    _sleep_until(t1)
+    cpu = [_proc_cpu_s(p) - c for p, c in zip(procs, cpu0, strict=True)]
+    sched1 = _sched_stats(server_pid)
+    wr = child_json(writer)
+    sr = child_json(sub)
+    writer.wait()
+    sub.wait()
+    sched = ((sched1[0] - sched0[0]) / measure_s, (sched1[1] - sched0[1]) / max(cpu[0], 1e-9))
+    return cpu, sr, wr, load, sched
+
+
+def _emit_watch_run(
+    prefix: str, rate: int, quick: bool, run_: tuple[Any, ...]
+) -> float:
+    """Print one run's lines; returns the server's CPU seconds per delivered event."""
+    cpu, sr, wr, load, sched = run_
+    measure_s = 1.0 if quick else 5.0
+    cpu_per_event: float = cpu[0] / max(sr["events"], 1)
+    writes_per_s = wr["in_window"] / measure_s
+    emit(f"{prefix}_loadavg_1m", load)
+    emit(f"{prefix}_writes_per_s", writes_per_s)
+    emit(f"{prefix}_rate_kept", writes_per_s / rate)
+    emit(f"{prefix}_writer_on_time", wr["on_time"])
+    emit(f"{prefix}_writer_lag_p99_ms", wr["lag_p99_ms"])
+    emit(f"{prefix}_writer_max_in_flight", wr["max_pending"])
+    emit(f"{prefix}_write_call_p99_ms", wr["call_p99_ms"])
+    emit(f"{prefix}_failed_write_calls", wr["failed_calls"])
+    emit(f"{prefix}_delivered_per_s", sr["events"] / measure_s)
+    emit(f"{prefix}_messages_per_s", sr["messages"] / measure_s)
+    # written in the window but not received by the end (drain_s later), and gaps
+    emit(f"{prefix}_undelivered", wr["in_window"] - sr["written_received"])
+    emit(f"{prefix}_gap_events", sr["gap_events"])
+    emit(f"{prefix}_daemon_cpu_cores", cpu[0] / measure_s)
+    emit(f"{prefix}_daemon_sys_share", sched[1])
+    emit(f"{prefix}_daemon_preempted_per_s", sched[0])
+    emit(f"{prefix}_writer_cpu_cores", cpu[1] / measure_s)
+    emit(f"{prefix}_subscriber_cpu_cores", cpu[2] / measure_s)
+    emit(f"{prefix}_cpu_us_per_event", cpu_per_event * 1e6)
+    emit(f"{prefix}_cpu_us_per_message", cpu[0] / max(sr["messages"], 1) * 1e6)
+    emit(f"{prefix}_p50_ms", sr["p50_ms"])
+    emit(f"{prefix}_p99_ms", sr["p99_ms"])
+    emit(f"{prefix}_max_ms", sr["max_ms"])
+    emit(f"{prefix}_write_to_hub_p99_ms", sr["to_hub_p99_ms"])
+    emit(f"{prefix}_hub_to_subscriber_p50_ms", sr["hub_p50_ms"])
+    emit(f"{prefix}_hub_to_subscriber_p99_ms", sr["hub_p99_ms"])
+    return cpu_per_event
+
+
+def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
     rate = WATCH_RATE // 10 if quick else WATCH_RATE
     cfg = (
         f"[quotas]\nvms = {sizes[-1] + 10}\nwatchers = {sizes[-1] + 10}\n"
@@ -825,53 +967,22 @@ def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
     for w in sizes:
         with daemon(tmp, config=cfg, name=f"watch{w}") as d:
             run(_setup_watch_vms(d.target, w))
-            sub = spawn_child("subscriber", d.target, str(w))
-            writer = spawn_child("writer", d.target, str(w), str(rate))
-            child_json(sub)  # every stream registered
-            child_json(writer)  # connected
-            start = time.monotonic_ns() + 100_000_000
-            t0 = start + int(warm_s * 1e9)
-            t1 = t0 + int(measure_s * 1e9)
-            stop = t1 + 300_000_000
-            _send_json(sub, {"t0": t0, "t1": t1, "end": stop + int(drain_s * 1e9)})
-            _send_json(writer, {"start": start, "t0": t0, "t1": t1, "stop": stop})
-            procs = (d.proc.pid, writer.pid, sub.pid)
-            _sleep_until(t0)
-            cpu0 = [_proc_cpu_s(p) for p in procs]
-            load = os.getloadavg()[0]
-            _sleep_until(t1)
-            cpu = [_proc_cpu_s(p) - c for p, c in zip(procs, cpu0, strict=True)]
-            wr = child_json(writer)
-            sr = child_json(sub)
-            writer.wait()
-            sub.wait()
-        cpu_per_event = cpu[0] / max(sr["events"], 1)
-        points.append((w, cpu_per_event, sr, wr))
-        lb = label(w)
-        writes_per_s = wr["in_window"] / measure_s
-        emit(f"watchers_{lb}_loadavg_1m", load)
-        emit(f"watchers_{lb}_writes_per_s", writes_per_s)
-        emit(f"watchers_{lb}_rate_kept", writes_per_s / rate)
-        emit(f"watchers_{lb}_writer_on_time", wr["on_time"])
-        emit(f"watchers_{lb}_writer_lag_p99_ms", wr["lag_p99_ms"])
-        emit(f"watchers_{lb}_writer_max_in_flight", wr["max_pending"])
-        emit(f"watchers_{lb}_write_call_p99_ms", wr["call_p99_ms"])
-        emit(f"watchers_{lb}_failed_write_calls", wr["failed_calls"])
-        emit(f"watchers_{lb}_delivered_per_s", sr["events"] / measure_s)
-        emit(f"watchers_{lb}_messages_per_s", sr["messages"] / measure_s)
-        # written in the window but not received by the end (drain_s later), and gaps
-        emit(f"watchers_{lb}_undelivered", wr["in_window"] - sr["written_received"])
-        emit(f"watchers_{lb}_gap_events", sr["gap_events"])
-        emit(f"watchers_{lb}_daemon_cpu_cores", cpu[0] / measure_s)
-        emit(f"watchers_{lb}_writer_cpu_cores", cpu[1] / measure_s)
-        emit(f"watchers_{lb}_subscriber_cpu_cores", cpu[2] / measure_s)
-        emit(f"watchers_{lb}_cpu_us_per_event", cpu_per_event * 1e6)
-        emit(f"watchers_{lb}_p50_ms", sr["p50_ms"])
-        emit(f"watchers_{lb}_p99_ms", sr["p99_ms"])
-        emit(f"watchers_{lb}_max_ms", sr["max_ms"])
-        emit(f"watchers_{lb}_write_to_hub_p99_ms", sr["to_hub_p99_ms"])
-        emit(f"watchers_{lb}_hub_to_subscriber_p50_ms", sr["hub_p50_ms"])
-        emit(f"watchers_{lb}_hub_to_subscriber_p99_ms", sr["hub_p99_ms"])
+            one = _watch_run(d.target, d.proc.pid, w, rate, quick)
+        cpu_per_event = _emit_watch_run(f"watchers_{label(w)}", rate, quick, one)
+        points.append((w, cpu_per_event, one[1], one[2]))
+    # The same workload on plain grpc.aio at the largest size, right after: the floor
+    # that grpc.aio, Python and this machine's load set for the latency and the CPU.
+    w = sizes[-1]
+    sock = tmp / "raw-watch.sock"
+    raw = spawn_child("rawserver", str(sock))
+    try:
+        child_json(raw)
+        base = _watch_run(f"unix:{sock}", raw.pid, w, rate, quick)
+    finally:
+        raw.kill()
+        raw.wait()
+    raw_cpu = _emit_watch_run(f"watchers_raw_{label(w)}", rate, quick, base)
+    emit(f"watchers_{label(w)}_cpu_per_event_vs_raw", points[-1][1] / max(raw_cpu, 1e-12))
     per_unit("watchers_cpu", "us_per_event", [(p[0], p[1] * 1e6) for p in points])
     _summary["watchers_1000_cpu_per_event_ratio"] = points[-1][1] / max(points[0][1], 1e-12)
     _summary["watchers_1000_p99_ms"] = points[-1][2]["p99_ms"]
@@ -1107,6 +1218,82 @@ def section_restart(sizes: list[int], quick: bool, tmp: Path) -> None:
     _summary["save_max_writer_pause_ms"] = pause_s * 1e3
 
 
+# --------------------------------------------------------------------------- bigsave
+
+
+async def _fill_memory(target: str, mib: int) -> None:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    pages = mib * 256
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        await s.vm.CreateVm(pb.CreateVmRequest(name="big"))
+        await s.mem.SetMemoryRegion(
+            pb.SetMemoryRegionRequest(vm="big", slot=0, base_gfn=0, npages=pages))
+        per = 64  # 256 KiB a call
+        for first in range(0, pages, per):
+            n = min(per, pages - first)
+            await s.mem.WriteGuestBatch(pb.WriteGuestBatchRequest(
+                vm="big", gpa=[(first + i) * PAGE for i in range(n)], vcpu=[0],
+                length=[PAGE] * n, data=bytes([first % 251 + 1]) * (PAGE * n)))
+
+
+async def _pauses_until(target: str, log: Path, saves: int, after_s: float) -> float:
+    """The longest WriteGuest call while the daemon completes ``saves`` more saves (and
+    ``after_s`` seconds past the last)."""
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    worst = 0.0
+    done_at = None
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        i = 0
+        while done_at is None or time.monotonic() < done_at + after_s:
+            t = time.perf_counter()
+            await s.mem.WriteGuest(pb.WriteGuestRequest(
+                vm="big", vcpu=0, gpa=(i * 4099 % 1024) * PAGE, data=b"\x5a" * 8))
+            worst = max(worst, time.perf_counter() - t)
+            i += 1
+            if done_at is None and i % 200 == 0 and len(_save_times(log)) >= saves:
+                done_at = time.monotonic()
+    return worst
+
+
+def _hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+def section_bigsave(sizes: list[int], quick: bool, tmp: Path) -> None:
+    """One VM with ``sizes[-1]`` MiB of written guest memory: the first save of all of
+    it under a writer (its longest call) and the daemon's peak RSS against its RSS
+    before the save."""
+    mib = sizes[-1]
+    cfg = f"[quotas]\nguest_memory_bytes = {(mib + 64) << 20}\n"
+    d = Daemon(tmp, "--state-dir", str(tmp / "bigstate"), "--save-interval", "15",
+               "--log-level", "debug", config=cfg, name="bigsave")
+    try:
+        t = time.perf_counter()
+        run(_fill_memory(d.target, mib))
+        fill_s = time.perf_counter() - t
+        rss = d.rss()
+        before = len(_save_times(d.log))
+        pause = run(_pauses_until(d.target, d.log, before + 1, 1.0))
+        peak = _hwm(d.proc.pid)
+        save_s = _save_times(d.log)[before]
+    finally:
+        d.stop()
+    emit(f"bigsave_{mib}mib_fill_s", fill_s)
+    emit(f"bigsave_{mib}mib_rss_before_mib", rss / (1 << 20))
+    emit(f"bigsave_{mib}mib_peak_rss_mib", peak / (1 << 20))
+    emit(f"bigsave_{mib}mib_peak_over_before", peak / rss)
+    emit(f"bigsave_{mib}mib_save_s", save_s)
+    emit(f"bigsave_{mib}mib_max_writer_pause_ms", pause * 1e3)
+
+
 # --------------------------------------------------------------------------- main
 
 TARGETS = [
@@ -1140,6 +1327,8 @@ def main(argv: list[str]) -> int:
             run(_watch_subscriber(args[0], int(args[1])))
         elif kind == "writer":
             run(_watch_writer(args[0], int(args[1]), int(args[2])))
+        elif kind == "rawserver":
+            run(_raw_watch_server(args[0]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS),
@@ -1163,7 +1352,7 @@ def main(argv: list[str]) -> int:
     emit("loadavg_1m", os.getloadavg()[0])
     sections: dict[str, Callable[[list[int], bool, Path], None]] = {
         "tracking": section_tracking, "vms": section_vms, "watchers": section_watchers,
-        "history": section_history, "restart": section_restart,
+        "history": section_history, "restart": section_restart, "bigsave": section_bigsave,
     }
     with tempfile.TemporaryDirectory(prefix="pt-scale-") as tmpdir:
         for name in SECTIONS:

@@ -50,7 +50,7 @@ def test_dma_outcomes_follow_the_policy_and_tracking() -> None:
     for policy, expected in ((DmaPolicy.BYPASS, "bypassed"), (DmaPolicy.NOTIFY, "notified")):
         engine = _engine(policy)
         sel = tracking.GfnSelection([(1, 1)], np.array([], dtype=np.uint64))
-        tracking.add_tracking(engine, T, "v", sel, "", 1 << 20)
+        asyncio.run(tracking.add_tracking(engine, T, "v", sel, "", 1 << 20))
         pieces, _ = access.dma_write(engine, T, "v", 0, bytes(2 * PAGE_SIZE), 1 << 20)
         assert [p.outcome for p in pieces] == ["applied", expected]
 
@@ -60,9 +60,9 @@ def test_revoking_a_lease_counts_what_it_untracked() -> None:
     engine = _engine()
     lease = engine.create_lease(T, 10_000, "")
     both = tracking.GfnSelection([(0, 3)], np.array([], dtype=np.uint64))
-    tracking.add_tracking(engine, T, "v", both, lease.lease_id, 1 << 20)
+    asyncio.run(tracking.add_tracking(engine, T, "v", both, lease.lease_id, 1 << 20))
     mine = tracking.GfnSelection([(0, 1)], np.array([], dtype=np.uint64))
-    tracking.add_tracking(engine, T, "v", mine, "", 1 << 20)
+    asyncio.run(tracking.add_tracking(engine, T, "v", mine, "", 1 << 20))
     done = engine.revoke_lease(T, lease.lease_id)
     assert (done.released_references, done.untracked_gfns) == (3, 2)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pagetrackd.application.config import EngineConfig
 from pagetrackd.application.entries import VmEntry, WorkloadRun
+from pagetrackd.application.slices import VmLocks
 from pagetrackd.domain import Registry, TenantId, Unavailable, Vm
 from pagetrackd.leases import LeaseTable
 from pagetrackd.plugins.budget import StateBudget
@@ -38,6 +39,9 @@ class EngineBase:
         self.plugin_failure_detaches: dict[str, int] = {}
         self.entries: dict[tuple[TenantId, str], VmEntry] = {}
         self.workloads: dict[str, WorkloadRun] = {}
+        #: one lock per VM: the calls on a VM (and its workloads' slices) run one at a
+        #: time, so a request done in slices is seen whole (see slices.py)
+        self.vm_locks = VmLocks()
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
         #: this run of the daemon (Watch's Registered.incarnation)

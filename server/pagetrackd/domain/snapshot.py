@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.cost import CostModel
 from pagetrackd.domain.errors import InvalidArgument
+from pagetrackd.domain.memory import SlotMemory
 from pagetrackd.domain.track import COUNTER_MAX
 from pagetrackd.domain.types import (
     PAGE_SIZE,
@@ -31,7 +33,7 @@ from pagetrackd.domain.vm import Vm, VmStats
 
 I64 = npt.NDArray[np.int64]
 
-__all__ = ["SlotState", "VmState", "export_vm", "import_vm", "vm_options"]
+__all__ = ["SlotState", "VmState", "export_vm", "import_vm", "slot_memories", "vm_options"]
 
 
 def _empty() -> I64:
@@ -204,7 +206,7 @@ def check_state(state: VmState) -> None:
                 raise InvalidArgument(f"{where}: owner {owner!r} has mismatched arrays")
             if pages.size and (int(pages.min()) < 0 or int(pages.max()) >= s.npages):
                 raise InvalidArgument(f"{where}: owner {owner!r} names pages outside the slot")
-            if pages.size and np.unique(pages).size != pages.size:
+            if pages.size and distinct(pages).size != pages.size:
                 raise InvalidArgument(f"{where}: owner {owner!r} lists a page twice")
             if counts.size and (int(counts.min()) <= 0 or int(counts.max()) > COUNTER_MAX):
                 raise InvalidArgument(
@@ -223,7 +225,7 @@ def check_state(state: VmState) -> None:
         if n:
             if int(s.mem_index.min()) < 0 or int(s.mem_index.max()) >= s.npages:
                 raise InvalidArgument(f"{where}: memory names pages outside the slot")
-            if np.unique(s.mem_index).size != n:
+            if distinct(s.mem_index).size != n:
                 raise InvalidArgument(f"{where}: memory lists a page twice")
             if (
                 int(s.mem_lo.min()) < 0
@@ -288,3 +290,9 @@ def _load_stats(stats: VmStats, saved: dict[str, Any]) -> None:
             setattr(stats, f.name, [int(v) for v in value])
         elif isinstance(value, int) and isinstance(getattr(stats, f.name), int):
             setattr(stats, f.name, value)
+
+
+def slot_memories(vm: Vm) -> dict[int, SlotMemory]:
+    """Each memslot's guest memory by slot id: what an incremental save cuts in chunks
+    (see :meth:`SlotMemory.begin_save`)."""
+    return {slot.info.slot_id: slot.memory for slot in vm.slots.slots()}
