@@ -27,7 +27,12 @@ Curves (several sizes each; every line is ``name: value``):
   send time, CLOCK_MONOTONIC, in its 8 bytes), split at the daemon's hub stamp; whether
   the writer kept the rate and its schedule (``rate_kept``, ``writer_on_time``: the share
   of its calls issued within 2 ms of when they were due) and the CPU the writer and
-  subscriber used, so a run where the load generators are the limit shows.
+  subscriber used, so a run where the load generators are the limit shows; how often the
+  daemon's threads were preempted and its system CPU share, so a run where the machine
+  starves the daemon shows. Then the same workload at the largest size against a plain
+  grpc.aio server (``watchers_raw_*``: parse the batch, hand one ready message to the VM's
+  stream): the floor that grpc.aio and the machine's load set, and our CPU per event
+  against it (``cpu_per_event_vs_raw``).
 * **history**: one VM with 1M events in its ring (a live Watch attached while they are
   written gives the live rate): a Watch resuming from the oldest seq, time to its first
   batch and its catch-up rate to the head; daemon RSS per held event.
@@ -801,6 +806,56 @@ async def _setup_watch_vms(target: str, vms: int) -> None:
         await asyncio.gather(*(one(i) for i in range(vms)))
 
 
+async def _raw_watch_server(sock: str) -> None:
+    """The watchers workload's floor: plain grpc.aio, no pagetrack. WriteGuestBatch
+    parses the request, stamps it and hands one ready WatchResponse (the writes' data and
+    a timestamp per event) to the VM's stream; Watch sends ``registered`` and then what
+    it is handed. Same socket, message limits, uvloop and clients as the daemon's run."""
+    import grpc
+
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    queues: dict[str, asyncio.Queue[bytes]] = {}
+
+    def queue(vm: str) -> asyncio.Queue[bytes]:
+        q = queues.get(vm)
+        if q is None:
+            q = queues[vm] = asyncio.Queue()
+        return q
+
+    async def write(body: bytes, context: Any) -> bytes:
+        req = pb.WriteGuestBatchRequest.FromString(body)
+        n = len(req.gpa)
+        now = time.time_ns()
+        msg = pb.WatchResponse(events=pb.EventBatch(
+            seq=range(1, n + 1), gpa=req.gpa, length=req.length, vcpu=[0] * n, flags=[0] * n,
+            timestamp_ns=[now] * n, data=req.data, head_seq=n))
+        queue(req.vm).put_nowait(msg.SerializeToString())
+        return b""
+
+    async def watch(body: bytes, context: Any) -> Any:
+        q = queue(pb.WatchRequest.FromString(body).vm)
+        yield pb.WatchResponse(registered=pb.Registered(notifier_id=1)).SerializeToString()
+        while True:
+            yield await q.get()
+
+    handler = grpc.method_handlers_generic_handler("pagetrack.v1.MemoryService", {
+        "WriteGuestBatch": grpc.unary_unary_rpc_method_handler(write),
+    })
+    watch_handler = grpc.method_handlers_generic_handler("pagetrack.v1.WatchService", {
+        "Watch": grpc.unary_stream_rpc_method_handler(watch),
+    })
+    big = 256 << 20
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", big),
+                                      ("grpc.max_send_message_length", big)])
+    server.add_generic_rpc_handlers((handler, watch_handler))
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    print(json.dumps({"ready": True}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await server.stop(0)
+
+
 def _send_json(proc: subprocess.Popen[str], obj: dict[str, Any]) -> None:
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(obj) + "\n")
@@ -813,8 +868,91 @@ def _sleep_until(mono_ns: int) -> None:
         time.sleep(left)
 
 
-def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
+def _sched_stats(pid: int) -> tuple[int, float]:
+    """Times the process's threads were preempted (nonvoluntary context switches) and
+    its system CPU seconds."""
+    preempted = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    preempted += int(line.split()[1])
+    with open(f"/proc/{pid}/stat") as f:
+        sys_s = int(f.read().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+    return preempted, sys_s
+
+
+def _watch_run(
+    target: str, server_pid: int, w: int, rate: int, quick: bool
+) -> tuple[list[float], dict[str, Any], dict[str, Any], float, tuple[float, float]]:
+    """One measured window of the watchers workload against the server at ``target``:
+    CPU seconds (server, writer, subscriber), the subscriber's and the writer's reports,
+    the load average, and the server's preemptions/s and system CPU share."""
     warm_s, measure_s, drain_s = (0.5, 1.0, 1.0) if quick else (2.0, 5.0, 5.0)
+    sub = spawn_child("subscriber", target, str(w))
+    writer = spawn_child("writer", target, str(w), str(rate))
+    child_json(sub)  # every stream registered
+    child_json(writer)  # connected
+    start = time.monotonic_ns() + 100_000_000
+    t0 = start + int(warm_s * 1e9)
+    t1 = t0 + int(measure_s * 1e9)
+    stop = t1 + 300_000_000
+    _send_json(sub, {"t0": t0, "t1": t1, "end": stop + int(drain_s * 1e9)})
+    _send_json(writer, {"start": start, "t0": t0, "t1": t1, "stop": stop})
+    procs = (server_pid, writer.pid, sub.pid)
+    _sleep_until(t0)
+    cpu0 = [_proc_cpu_s(p) for p in procs]
+    sched0 = _sched_stats(server_pid)
+    load = os.getloadavg()[0]
+    _sleep_until(t1)
+    cpu = [_proc_cpu_s(p) - c for p, c in zip(procs, cpu0, strict=True)]
+    sched1 = _sched_stats(server_pid)
+    wr = child_json(writer)
+    sr = child_json(sub)
+    writer.wait()
+    sub.wait()
+    sched = ((sched1[0] - sched0[0]) / measure_s, (sched1[1] - sched0[1]) / max(cpu[0], 1e-9))
+    return cpu, sr, wr, load, sched
+
+
+def _emit_watch_run(
+    prefix: str, rate: int, quick: bool, run_: tuple[Any, ...]
+) -> float:
+    """Print one run's lines; returns the server's CPU seconds per delivered event."""
+    cpu, sr, wr, load, sched = run_
+    measure_s = 1.0 if quick else 5.0
+    cpu_per_event: float = cpu[0] / max(sr["events"], 1)
+    writes_per_s = wr["in_window"] / measure_s
+    emit(f"{prefix}_loadavg_1m", load)
+    emit(f"{prefix}_writes_per_s", writes_per_s)
+    emit(f"{prefix}_rate_kept", writes_per_s / rate)
+    emit(f"{prefix}_writer_on_time", wr["on_time"])
+    emit(f"{prefix}_writer_lag_p99_ms", wr["lag_p99_ms"])
+    emit(f"{prefix}_writer_max_in_flight", wr["max_pending"])
+    emit(f"{prefix}_write_call_p99_ms", wr["call_p99_ms"])
+    emit(f"{prefix}_failed_write_calls", wr["failed_calls"])
+    emit(f"{prefix}_delivered_per_s", sr["events"] / measure_s)
+    emit(f"{prefix}_messages_per_s", sr["messages"] / measure_s)
+    # written in the window but not received by the end (drain_s later), and gaps
+    emit(f"{prefix}_undelivered", wr["in_window"] - sr["written_received"])
+    emit(f"{prefix}_gap_events", sr["gap_events"])
+    emit(f"{prefix}_daemon_cpu_cores", cpu[0] / measure_s)
+    emit(f"{prefix}_daemon_sys_share", sched[1])
+    emit(f"{prefix}_daemon_preempted_per_s", sched[0])
+    emit(f"{prefix}_writer_cpu_cores", cpu[1] / measure_s)
+    emit(f"{prefix}_subscriber_cpu_cores", cpu[2] / measure_s)
+    emit(f"{prefix}_cpu_us_per_event", cpu_per_event * 1e6)
+    emit(f"{prefix}_cpu_us_per_message", cpu[0] / max(sr["messages"], 1) * 1e6)
+    emit(f"{prefix}_p50_ms", sr["p50_ms"])
+    emit(f"{prefix}_p99_ms", sr["p99_ms"])
+    emit(f"{prefix}_max_ms", sr["max_ms"])
+    emit(f"{prefix}_write_to_hub_p99_ms", sr["to_hub_p99_ms"])
+    emit(f"{prefix}_hub_to_subscriber_p50_ms", sr["hub_p50_ms"])
+    emit(f"{prefix}_hub_to_subscriber_p99_ms", sr["hub_p99_ms"])
+    return cpu_per_event
+
+
+def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
     rate = WATCH_RATE // 10 if quick else WATCH_RATE
     cfg = (
         f"[quotas]\nvms = {sizes[-1] + 10}\nwatchers = {sizes[-1] + 10}\n"
@@ -825,53 +963,22 @@ def section_watchers(sizes: list[int], quick: bool, tmp: Path) -> None:
     for w in sizes:
         with daemon(tmp, config=cfg, name=f"watch{w}") as d:
             run(_setup_watch_vms(d.target, w))
-            sub = spawn_child("subscriber", d.target, str(w))
-            writer = spawn_child("writer", d.target, str(w), str(rate))
-            child_json(sub)  # every stream registered
-            child_json(writer)  # connected
-            start = time.monotonic_ns() + 100_000_000
-            t0 = start + int(warm_s * 1e9)
-            t1 = t0 + int(measure_s * 1e9)
-            stop = t1 + 300_000_000
-            _send_json(sub, {"t0": t0, "t1": t1, "end": stop + int(drain_s * 1e9)})
-            _send_json(writer, {"start": start, "t0": t0, "t1": t1, "stop": stop})
-            procs = (d.proc.pid, writer.pid, sub.pid)
-            _sleep_until(t0)
-            cpu0 = [_proc_cpu_s(p) for p in procs]
-            load = os.getloadavg()[0]
-            _sleep_until(t1)
-            cpu = [_proc_cpu_s(p) - c for p, c in zip(procs, cpu0, strict=True)]
-            wr = child_json(writer)
-            sr = child_json(sub)
-            writer.wait()
-            sub.wait()
-        cpu_per_event = cpu[0] / max(sr["events"], 1)
-        points.append((w, cpu_per_event, sr, wr))
-        lb = label(w)
-        writes_per_s = wr["in_window"] / measure_s
-        emit(f"watchers_{lb}_loadavg_1m", load)
-        emit(f"watchers_{lb}_writes_per_s", writes_per_s)
-        emit(f"watchers_{lb}_rate_kept", writes_per_s / rate)
-        emit(f"watchers_{lb}_writer_on_time", wr["on_time"])
-        emit(f"watchers_{lb}_writer_lag_p99_ms", wr["lag_p99_ms"])
-        emit(f"watchers_{lb}_writer_max_in_flight", wr["max_pending"])
-        emit(f"watchers_{lb}_write_call_p99_ms", wr["call_p99_ms"])
-        emit(f"watchers_{lb}_failed_write_calls", wr["failed_calls"])
-        emit(f"watchers_{lb}_delivered_per_s", sr["events"] / measure_s)
-        emit(f"watchers_{lb}_messages_per_s", sr["messages"] / measure_s)
-        # written in the window but not received by the end (drain_s later), and gaps
-        emit(f"watchers_{lb}_undelivered", wr["in_window"] - sr["written_received"])
-        emit(f"watchers_{lb}_gap_events", sr["gap_events"])
-        emit(f"watchers_{lb}_daemon_cpu_cores", cpu[0] / measure_s)
-        emit(f"watchers_{lb}_writer_cpu_cores", cpu[1] / measure_s)
-        emit(f"watchers_{lb}_subscriber_cpu_cores", cpu[2] / measure_s)
-        emit(f"watchers_{lb}_cpu_us_per_event", cpu_per_event * 1e6)
-        emit(f"watchers_{lb}_p50_ms", sr["p50_ms"])
-        emit(f"watchers_{lb}_p99_ms", sr["p99_ms"])
-        emit(f"watchers_{lb}_max_ms", sr["max_ms"])
-        emit(f"watchers_{lb}_write_to_hub_p99_ms", sr["to_hub_p99_ms"])
-        emit(f"watchers_{lb}_hub_to_subscriber_p50_ms", sr["hub_p50_ms"])
-        emit(f"watchers_{lb}_hub_to_subscriber_p99_ms", sr["hub_p99_ms"])
+            one = _watch_run(d.target, d.proc.pid, w, rate, quick)
+        cpu_per_event = _emit_watch_run(f"watchers_{label(w)}", rate, quick, one)
+        points.append((w, cpu_per_event, one[1], one[2]))
+    # The same workload on plain grpc.aio at the largest size, right after: the floor
+    # that grpc.aio, Python and this machine's load set for the latency and the CPU.
+    w = sizes[-1]
+    sock = tmp / "raw-watch.sock"
+    raw = spawn_child("rawserver", str(sock))
+    try:
+        child_json(raw)
+        base = _watch_run(f"unix:{sock}", raw.pid, w, rate, quick)
+    finally:
+        raw.kill()
+        raw.wait()
+    raw_cpu = _emit_watch_run(f"watchers_raw_{label(w)}", rate, quick, base)
+    emit(f"watchers_{label(w)}_cpu_per_event_vs_raw", points[-1][1] / max(raw_cpu, 1e-12))
     per_unit("watchers_cpu", "us_per_event", [(p[0], p[1] * 1e6) for p in points])
     _summary["watchers_1000_cpu_per_event_ratio"] = points[-1][1] / max(points[0][1], 1e-12)
     _summary["watchers_1000_p99_ms"] = points[-1][2]["p99_ms"]
@@ -1140,6 +1247,8 @@ def main(argv: list[str]) -> int:
             run(_watch_subscriber(args[0], int(args[1])))
         elif kind == "writer":
             run(_watch_writer(args[0], int(args[1]), int(args[2])))
+        elif kind == "rawserver":
+            run(_raw_watch_server(args[0]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS),

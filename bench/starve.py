@@ -9,16 +9,24 @@ One daemon per case, on loopback, with a tokens file of two tenants (attacker an
 and metrics on. Each case prints ``name: value`` lines: the daemon's RSS growth, what
 GetStats reports, whether the attack was refused (1) or not (0), and the victim's worst
 and p99 latency (ms) while it ran, measured from a process of its own. The figures are
-meant to be read side by side with the same run on an earlier checkout (point
-PYTHONPATH at its server/ directory): the attacks are sized so that the earlier code
-finishes them in seconds.
+meant to be read side by side with the same run on an earlier checkout: the attacks are
+sized so that the earlier code finishes them in seconds. ``--before DIR`` does that in
+one run: each case runs first with a daemon from DIR (an earlier checkout's server/
+directory, put first on the daemon's PYTHONPATH), then with this one, and each figure is
+printed as ``name: before -> after``. ``--only a,b`` runs only the cases named::
+
+    git archive <commit> server | tar -x -C /tmp/before
+    .venv/bin/python bench/starve.py --only big_batch,track_1m_list,long_replay \
+        --before /tmp/before/server
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
+import os
 import socket
 import struct
 import sys
@@ -47,8 +55,14 @@ from tests.robustness.starve_support import (  # noqa: E402
     write_tokens,
 )
 
+#: with --before: each figure of the case running now, kept instead of printed
+_KEPT: dict[str, float] | None = None
+
 
 def emit(name: str, value: float) -> None:
+    if _KEPT is not None:
+        _KEPT[name] = value
+        return
     print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}",
           flush=True)
 
@@ -276,22 +290,120 @@ async def leftovers(d: Any) -> None:
     await anyone.close()
 
 
+async def big_batch(d: Any) -> None:
+    """One WriteGuestBatch of 2^20 scattered 8-byte writes (the most one batch may hold),
+    half onto tracked pages."""
+    att = Tenant(d.tcp, ATTACKER)
+    npages = 1 << 21
+    vm = await att.new_vm(npages)
+    await att.call(att.api.track.AddTracking, pb.TrackingChangeRequest(
+        vm=vm, ranges=[pb.GfnRange(start=0, count=npages // 2)], mode=pb.TRACK_MODE_WRITE))
+    n = 1 << 20
+    gpa = (np.random.default_rng(5).permutation(npages)[:n] << 12) | 8
+    req = pb.WriteGuestBatchRequest(vm=vm, gpa=gpa.tolist(), vcpu=[0], length=[8] * n,
+                                    data=b"\xa5" * 8 * n)
+    async with victim_meanwhile(d.tcp) as lat:
+        t0 = time.perf_counter()
+        await att.api.mem.WriteGuestBatch(req, metadata=att.md, timeout=600)
+        emit("big_batch_request_s", time.perf_counter() - t0)
+    emit("big_batch_victim_p99_ms", lat.p99() * 1e3)
+    emit("big_batch_victim_worst_ms", lat.worst() * 1e3)
+    await att.close()
+
+
+async def track_1m_list(d: Any) -> None:
+    """AddTracking of 2^20 gfns listed one by one, in random order."""
+    att = Tenant(d.tcp, ATTACKER)
+    n = 1 << 20
+    vm = await att.new_vm(2 * n)
+    gfns = np.random.default_rng(9).permutation(2 * n)[:n]
+    req = pb.TrackingChangeRequest(vm=vm, gfns=gfns.tolist(), mode=pb.TRACK_MODE_WRITE)
+    async with victim_meanwhile(d.tcp) as lat:
+        t0 = time.perf_counter()
+        await att.api.track.AddTracking(req, metadata=att.md, timeout=600)
+        emit("track_1m_list_request_s", time.perf_counter() - t0)
+    emit("track_1m_list_victim_p99_ms", lat.p99() * 1e3)
+    emit("track_1m_list_victim_worst_ms", lat.worst() * 1e3)
+    await att.close()
+
+
+async def long_replay(d: Any) -> None:
+    """ReplayVm of a recording of 3,000 batches of 512 scattered writes (66 MB)."""
+    from tests.robustness.test_starve_big_requests import _long_recording
+
+    recording, _ = _long_recording()
+    att = Tenant(d.tcp, ATTACKER)
+
+    async def upload() -> Any:
+        for k in range(0, len(recording), 1 << 20):
+            yield pb.ReplayVmRequest(vm="replayed" if k == 0 else "",
+                                     data=recording[k : k + (1 << 20)])
+
+    async with victim_meanwhile(d.tcp) as lat:
+        t0 = time.perf_counter()
+        await att.api.admin.ReplayVm(upload(), metadata=att.md, timeout=600)
+        emit("long_replay_request_s", time.perf_counter() - t0)
+    emit("long_replay_victim_p99_ms", lat.p99() * 1e3)
+    emit("long_replay_victim_worst_ms", lat.worst() * 1e3)
+    await att.close()
+
+
 CASES = [scattered_writes, huge_slot_tracking, big_history, stalled_watch, uploads, stalls,
-         leftovers]
+         leftovers, big_batch, track_1m_list, long_replay]
 
 
-def main() -> int:
-    for case in CASES:
-        with tempfile.TemporaryDirectory(prefix="starve-") as tmp:
-            d = start(Path(tmp))
+def _run(case: Any) -> None:
+    with tempfile.TemporaryDirectory(prefix="starve-") as tmp:
+        d = start(Path(tmp))
+        try:
+            t0 = time.perf_counter()
+            asyncio.run(case(d))
+            emit(f"{case.__name__}_seconds", time.perf_counter() - t0)
+        finally:
+            d.stop()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str]) -> int:
+    global _KEPT
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated case names")
+    parser.add_argument("--before", type=Path, help="an earlier checkout's server/ directory")
+    args = parser.parse_args(argv)
+    cases = CASES
+    if args.only:
+        wanted = args.only.split(",")
+        cases = [c for c in CASES if c.__name__ in wanted]
+        if len(cases) != len(wanted):
+            parser.error(f"unknown case in {args.only}; cases: {[c.__name__ for c in CASES]}")
+    for case in cases:
+        if args.before is None:
+            _run(case)
+            continue
+        figures = []
+        for pythonpath in (str(args.before.resolve()), None):
+            _KEPT = {}
+            saved = os.environ.get("PYTHONPATH")
+            if pythonpath is not None:
+                os.environ["PYTHONPATH"] = pythonpath
             try:
-                t0 = time.perf_counter()
-                asyncio.run(case(d))
-                emit(f"{case.__name__}_seconds", time.perf_counter() - t0)
+                _run(case)
             finally:
-                d.stop()
+                if saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
+            figures.append(_KEPT)
+        _KEPT = None
+        before, after = figures
+        for name in after:
+            print(f"{name}: {_fmt(before.get(name, float('nan')))} -> {_fmt(after[name])}",
+                  flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -163,6 +163,7 @@ class Daemon:
                 RequestContextInterceptor(
                     self.auth, self.rpc_metrics.observe if self.rpc_metrics else None,
                     self.state.journal if self.state is not None else None,
+                    serialize=self.engine.vm_locks.hold,
                 )
             ],
             options=[

@@ -123,6 +123,8 @@ class Quotas:
     upload_bytes: int = 256 << 20  #: one RestoreVm or ReplayVm upload, and what it decodes to
     leases: int = 1024  #: TTL leases held at once
     finished_workloads: int = 64  #: ended workloads kept for their figures
+    #: bytes the built-in plugins' state holds (shadow MMU pages, vGPU shadow tables)
+    plugin_state_bytes: int = 256 << 20
 
 
 __all__ = [

@@ -120,6 +120,46 @@ def _vm_values(s: VmStatsView) -> dict[str, float]:
     }
 
 
+class _Tally:
+    """The per-VM families, added up by (tenant, vm label) over the VMs' typed views."""
+
+    def __init__(self) -> None:
+        self.per: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
+        self.pieces: dict[tuple[str, ...], float] = defaultdict(float)
+        self.cycles: dict[tuple[str, ...], float] = defaultdict(float)
+        self.dma: dict[tuple[str, ...], float] = defaultdict(float)
+        self.plugin_attached: dict[tuple[str, ...], float] = defaultdict(float)
+        self.plugin_tracked: dict[tuple[str, ...], float] = defaultdict(float)
+        self.plugin_status: dict[tuple[str, ...], float] = defaultdict(float)
+        self.vms: dict[tuple[str, ...], float] = defaultdict(float)
+
+    def add(self, tenant: str, label: str, entry: VmEntry) -> None:
+        """Count one VM under its labels."""
+        key = (tenant, label)
+        self.vms[(tenant,)] += 1
+        s = vm_stats(entry)
+        for name, value in _vm_values(s).items():
+            fam = self.per[name]
+            if name in _MAX_AGG:
+                fam[key] = max(fam.get(key, 0), value)
+            else:
+                fam[key] = fam.get(key, 0) + value
+        for pname in _PATHS:
+            self.pieces[(*key, pname)] += getattr(s.pieces, pname)
+            self.cycles[(*key, pname)] += getattr(s.cycles, pname)
+        self.cycles[(*key, "dma")] += s.dma_cycles
+        self.dma[(*key, "applied")] += s.dma_applied
+        self.dma[(*key, "bypassed")] += s.dma_bypassed
+        self.dma[(*key, "notified")] += s.dma_notified
+        self.dma[(*key, "rejected")] += s.dma_rejected
+        for p in plugin_metrics(entry):
+            pkey = (*key, p.name)
+            self.plugin_attached[pkey] += 1
+            self.plugin_tracked[pkey] += p.tracked_gfns
+            for k, v in p.numbers.items():
+                self.plugin_status[(*pkey, k)] += v
+
+
 class EngineCollector(Collector):
     """Reads the engine (and the state directory) at scrape time."""
 
@@ -143,38 +183,12 @@ class EngineCollector(Collector):
         """Every family, computed now."""
         labelled = self._labelled()
         keys = ["tenant", "vm"]
-        per: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
-        pieces: dict[tuple[str, ...], float] = defaultdict(float)
-        cycles: dict[tuple[str, ...], float] = defaultdict(float)
-        dma: dict[tuple[str, ...], float] = defaultdict(float)
-        plugin_attached: dict[tuple[str, ...], float] = defaultdict(float)
-        plugin_tracked: dict[tuple[str, ...], float] = defaultdict(float)
-        plugin_status: dict[tuple[str, ...], float] = defaultdict(float)
-        vms: dict[tuple[str, ...], float] = defaultdict(float)
+        tally = _Tally()
         for tenant, label, entry in labelled:
-            key = (tenant, label)
-            vms[(tenant,)] += 1
-            s = vm_stats(entry)
-            for name, value in _vm_values(s).items():
-                fam = per[name]
-                if name in _MAX_AGG:
-                    fam[key] = max(fam.get(key, 0), value)
-                else:
-                    fam[key] = fam.get(key, 0) + value
-            for pname in _PATHS:
-                pieces[(*key, pname)] += getattr(s.pieces, pname)
-                cycles[(*key, pname)] += getattr(s.cycles, pname)
-            cycles[(*key, "dma")] += s.dma_cycles
-            dma[(*key, "applied")] += s.dma_applied
-            dma[(*key, "bypassed")] += s.dma_bypassed
-            dma[(*key, "notified")] += s.dma_notified
-            dma[(*key, "rejected")] += s.dma_rejected
-            for p in plugin_metrics(entry):
-                pkey = (*key, p.name)
-                plugin_attached[pkey] += 1
-                plugin_tracked[pkey] += p.tracked_gfns
-                for k, v in p.numbers.items():
-                    plugin_status[(*pkey, k)] += v
+            tally.add(tenant, label, entry)
+        per, pieces, cycles, dma = tally.per, tally.pieces, tally.cycles, tally.dma
+        plugin_attached, plugin_tracked = tally.plugin_attached, tally.plugin_tracked
+        plugin_status, vms = tally.plugin_status, tally.vms
         for name, help_, kind in _VM_FAMILIES:
             yield _family(name, help_, kind, keys, per.get(name, {}))
         yield _family(

@@ -14,17 +14,24 @@ does), so every caller is charged without knowing it:
 A call over a quota raises QuotaExceeded and changes nothing. ``exempt`` turns the
 checks off while the daemon loads a VM it accepted before (its state directory): a VM
 that was allowed is never refused at a restart.
+
+A request done in slices (application/slices.py) is charged and checked whole before its
+first slice: :meth:`QuotaGuard.prepaid` charges a batch's writes once and lets its slices
+through uncharged; :meth:`QuotaGuard.prechecked` lets the slices of a tracking change
+through unchecked (calls a plugin makes from inside them are checked as ever).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pagetrackd.domain import PageTrackError, TenantId, Vm
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.types import TENANT_OWNER, SlotFlags
 
 if TYPE_CHECKING:
@@ -45,6 +52,8 @@ class QuotaGuard:
         self.vm = vm
         self.exempt = False
         self._writing = False  #: a charged call runs (cmpxchg may call write): charge once
+        self._prechecked = False  #: outermost track_add calls were checked whole already
+        self._adding = 0  #: track_add calls running (a plugin's, inside one, is nested)
         self._wrap("set_memslot", self._set_memslot)
         self._wrap("track_add", self._track_add)
         for name in ("write", "cmpxchg"):
@@ -74,15 +83,19 @@ class QuotaGuard:
 
         @functools.wraps(orig)
         def track_add(gfns: Any, owner: str = TENANT_OWNER) -> Any:
-            if not self.exempt:
-                uniq = np.unique(np.asarray(gfns, dtype=np.int64))
+            if not self.exempt and not (self._prechecked and not self._adding):
+                uniq = distinct(np.asarray(gfns, dtype=np.int64))
                 if uniq.size <= _LOOKUP_EACH:
                     extra = sum(1 for g in uniq.tolist() if not vm.is_tracked(g))
                 else:
                     extra = int(uniq.size - np.isin(uniq, vm.tracked_gfns()).sum())
                 if extra:
                     self.engine.check_tracked(self.tenant, extra)
-            return orig(gfns, owner)
+            self._adding += 1
+            try:
+                return orig(gfns, owner)
+            finally:
+                self._adding -= 1
 
         return track_add
 
@@ -108,6 +121,35 @@ class QuotaGuard:
             return charged
 
         return make
+
+    @contextlib.contextmanager
+    def prepaid(self, writes: int, unused: Callable[[], int]) -> Iterator[None]:
+        """Charge ``writes`` guest writes to the write rate now (QuotaExceeded, nothing
+        charged, if they do not fit); the VM's writes inside are not charged again. If
+        the block is left by an exception, ``unused()`` writes are given back (those
+        never written)."""
+        if self.exempt or self._writing:
+            yield
+            return
+        self.engine.charge_writes(self.tenant, writes)
+        self._writing = True
+        try:
+            yield
+        except BaseException:
+            self.engine.refund_writes(self.tenant, unused())
+            raise
+        finally:
+            self._writing = False
+
+    @contextlib.contextmanager
+    def prechecked(self) -> Iterator[None]:
+        """Inside, outermost ``track_add`` calls are not checked against tracked_gfns:
+        the caller checked the whole change they are slices of."""
+        self._prechecked = True
+        try:
+            yield
+        finally:
+            self._prechecked = False
 
 
 def _batch_writes(gpa: Any, *args: Any, **kwargs: Any) -> int:

@@ -33,6 +33,7 @@ def test_scale_quick_prints_every_curve_and_the_summary() -> None:
         assert name in lines, f"{name} missing from:\n{out.stdout}"
         float(lines[name])
     for curve in ("track_add_64ki_s", "vms_200_rss_kib_per_vm", "watchers_16_p99_ms",
+                  "watchers_raw_16_p99_ms", "watchers_raw_16_daemon_preempted_per_s",
                   "resume_8ki_first_batch_ms", "restart_12_vms_load_s"):
         assert curve in lines, f"{curve} missing"
     # a curve's growth line: the per-unit cost at its largest size and the ratio

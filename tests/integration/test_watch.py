@@ -160,6 +160,39 @@ async def test_batch_delay_waits_for_more_events_up_to_the_bound(api: Api, vm: s
     w.call.cancel()
 
 
+async def test_each_stream_waits_its_own_batch_delay(api: Api, vm: str) -> None:
+    """Streams with different batch delays share the daemon's timers but each waits its
+    own: the short delay's stream gets the event, the long one's still holds it."""
+    await track(api, vm, 0x100)
+    short = await open_watch(api, pb.WatchRequest(vm=vm, max_batch_delay_ms=20))
+    long = await open_watch(api, pb.WatchRequest(vm=vm, max_batch_delay_ms=600))
+    t0 = time.monotonic()
+    await api.mem.WriteGuest(pb.WriteGuestRequest(vm=vm, gpa=SLOT0, data=b"1"))
+    (first,) = await short.events_until(1)
+    (held,) = await long.events_until(1)
+    assert time.monotonic() - t0 >= 0.5  # a busy machine only makes it later
+    assert list(first.seq) == list(held.seq) == [1]
+    short.call.cancel()
+    long.call.cancel()
+
+
+async def test_unwatch_sends_events_held_for_the_batch_delay_first(api: Api, vm: str) -> None:
+    """Events held for a long batch delay are not lost to Unwatch: they come, in order,
+    before Closed(UNWATCHED)."""
+    await track(api, vm, 0x100)
+    w = await open_watch(api, pb.WatchRequest(vm=vm, max_batch_delay_ms=1000,
+                                              heartbeat_interval_ms=60000))
+    await tracked_writes(api, vm, [SLOT0] * 3)
+    r = await api.watch.Unwatch(pb.UnwatchRequest(vm=vm, notifier_id=w.registered.notifier_id))
+    assert r.last_seq == 3
+    kinds = []
+    while (msg := await w.next_kind()) is not None:
+        kinds.append(msg.WhichOneof("kind"))
+    assert kinds == ["events", "closed"], kinds
+    assert [s for b in w.of_kind("events") for s in b.seq] == [1, 2, 3]
+    assert w.of_kind("closed")[0].reason == pb.CLOSE_REASON_UNWATCHED
+
+
 async def test_progress_heartbeats_while_idle(api: Api, vm: str) -> None:
     """An idle stream gets Progress every heartbeat_interval_ms with the head seq, lag
     and counters."""

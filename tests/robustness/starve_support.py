@@ -112,7 +112,13 @@ class Latencies:
     """The victim's request latencies, seconds."""
 
     samples: list[float] = field(default_factory=list)
+    #: when each request was answered (``time.time()``, the victim's clock)
+    ends: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    def served_between(self, start: float, end: float) -> int:
+        """Requests answered between ``start`` and ``end`` (``time.time()``)."""
+        return sum(1 for t in self.ends if start <= t <= end)
 
     def worst(self) -> float:
         return max(self.samples, default=float("inf"))
@@ -146,4 +152,5 @@ async def victim_meanwhile(target: str) -> AsyncIterator[Latencies]:
             stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
         doc = json.loads(stdout)
         out.samples = doc["samples"]
+        out.ends = doc.get("ends", [])
         out.errors = doc["errors"]

@@ -1,8 +1,8 @@
 """The victim tenant, as its own process (so the attacking test's own work cannot slow
 it): ``python -m tests.robustness.starve_victim TARGET TOKEN DIR``. It makes a VM, then
 writes to and reads it one request at a time until DIR/stop exists, and prints the
-latency of each request (seconds) as a JSON list. DIR/ready appears after the first
-answer."""
+latency of each request (seconds) and when it was answered (``time.time()``) as JSON.
+DIR/ready appears after the first answer."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def main(target: str, token: str, folder: str) -> int:
             pb.TrackingChangeRequest(vm=vm, gfns=[1], mode=pb.TRACK_MODE_WRITE), metadata=md
         )
         samples: list[float] = []
+        ends: list[float] = []
         errors: list[str] = []
         i = 0
         while not stop.exists() and time.monotonic() < deadline and os.getppid() == parent:
@@ -47,12 +48,13 @@ def main(target: str, token: str, folder: str) -> int:
             except grpc.RpcError as exc:
                 errors.append(f"{exc.code().name}: {exc.details()}")
             samples.append(time.perf_counter() - t0)
+            ends.append(time.time())
             if i == 0:
                 (Path(folder) / "ready").write_text("")
             i += 1
             time.sleep(0.002)
         vms.DeleteVm(pb.DeleteVmRequest(vm=vm), metadata=md)
-    print(json.dumps({"samples": samples, "errors": errors}))
+    print(json.dumps({"samples": samples, "ends": ends, "errors": errors}))
     return 0
 
 

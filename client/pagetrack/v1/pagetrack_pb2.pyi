@@ -4140,6 +4140,7 @@ class TenantQuotas(_message.Message):
     UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
     LEASES_FIELD_NUMBER: _builtins.int
     FINISHED_WORKLOADS_FIELD_NUMBER: _builtins.int
+    PLUGIN_STATE_BYTES_FIELD_NUMBER: _builtins.int
     vms: _builtins.int
     """Most VMs."""
     guest_pages: _builtins.int
@@ -4168,6 +4169,10 @@ class TenantQuotas(_message.Message):
     """Most TTL leases held at once."""
     finished_workloads: _builtins.int
     """Most ended workloads kept for their figures (the oldest go first)."""
+    plugin_state_bytes: _builtins.int
+    """Most bytes the built-in plugins' state holds over all VMs (shadow MMU pages, vGPU
+    shadow tables and DMA mappings).
+    """
     def __init__(
         self,
         *,
@@ -4185,10 +4190,11 @@ class TenantQuotas(_message.Message):
         upload_bytes: _builtins.int = ...,
         leases: _builtins.int = ...,
         finished_workloads: _builtins.int = ...,
+        plugin_state_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_workloads", b"finished_workloads", "guest_memory_bytes", b"guest_memory_bytes", "guest_pages", b"guest_pages", "history_bytes", b"history_bytes", "leases", b"leases", "recording_bytes", b"recording_bytes", "stream_queue_bytes", b"stream_queue_bytes", "tracked_gfns", b"tracked_gfns", "tracking_bytes", b"tracking_bytes", "upload_bytes", b"upload_bytes", "vms", b"vms", "watchers", b"watchers", "workloads", b"workloads", "write_rate", b"write_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_workloads", b"finished_workloads", "guest_memory_bytes", b"guest_memory_bytes", "guest_pages", b"guest_pages", "history_bytes", b"history_bytes", "leases", b"leases", "plugin_state_bytes", b"plugin_state_bytes", "recording_bytes", b"recording_bytes", "stream_queue_bytes", b"stream_queue_bytes", "tracked_gfns", b"tracked_gfns", "tracking_bytes", b"tracking_bytes", "upload_bytes", b"upload_bytes", "vms", b"vms", "watchers", b"watchers", "workloads", b"workloads", "write_rate", b"write_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

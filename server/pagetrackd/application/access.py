@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.application import slices
 from pagetrackd.domain import InvalidArgument, SlotFlags, TenantId, Vm, WritePath
 from pagetrackd.domain.types import PAGE_SIZE, Memslot, SlotChange
 
@@ -159,13 +160,14 @@ async def write_batch(
             f"vcpu has {len(vcpus)} entries; give one per write ({n}) or exactly one"
         )
     if int(length.min()) > 0 and int(length.max()) <= max_write_bytes:
-        engine.check_memory(entry, gpa.astype(np.int64), length)
+        await slices.check_memory(engine, entry, gpa.astype(np.int64), length)
     if entry.hub.subscribers:
         await engine.admit(entry)
     vm = entry.vm
     before = sum(vm.stats.cycles)
-    # the VM's quota guard charges the write rate
-    result = vm.write_batch(gpa.astype(np.int64), vcpu, length, data)
+    # Written in slices when large (calls on the VM wait meanwhile); the VM's quota
+    # guard charges the write rate.
+    result = await slices.write_batch(entry, gpa.astype(np.int64), vcpu, length, data)
     return result, sum(vm.stats.cycles) - before
 
 

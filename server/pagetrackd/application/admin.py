@@ -193,11 +193,11 @@ class RecordingUpload:
             )
         self._file.write(data)
 
-    def replay(self, name: str) -> tuple[VmEntry, int]:
+    async def replay(self, name: str) -> tuple[VmEntry, int]:
         """Replay what arrived into a new VM ``name``; returns it and the records."""
         self._file.close()
         if not name:
             raise InvalidArgument("ReplayVm's first message must name the new VM (vm)")
         if not self.total:
             raise InvalidArgument("ReplayVm got no recording data")
-        return self.engine.replay_vm(self.tenant, name, self._path)
+        return await self.engine.replay_vm(self.tenant, name, self._path)

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from pagetrackd.application.config import EngineConfig
 from pagetrackd.application.entries import VmEntry, WorkloadRun
+from pagetrackd.application.slices import VmLocks
 from pagetrackd.domain import Registry, TenantId, Unavailable, Vm
 from pagetrackd.leases import LeaseTable
+from pagetrackd.plugins.budget import StateBudget
 from pagetrackd.plugins.catalog import Catalog
 
 if TYPE_CHECKING:
@@ -37,6 +39,9 @@ class EngineBase:
         self.plugin_failure_detaches: dict[str, int] = {}
         self.entries: dict[tuple[TenantId, str], VmEntry] = {}
         self.workloads: dict[str, WorkloadRun] = {}
+        #: one lock per VM: the calls on a VM (and its workloads' slices) run one at a
+        #: time, so a request done in slices is seen whole (see slices.py)
+        self.vm_locks = VmLocks()
         self.shutting_down = asyncio.Event()
         self.started_ns = time.time_ns()
         #: this run of the daemon (Watch's Registered.incarnation)
@@ -64,6 +69,8 @@ class EngineBase:
         self._vm_tenant: dict[Vm, TenantId] = {}
         #: tenant -> its VMs' event history bounds, summed (the history_bytes quota)
         self._history_held: dict[TenantId, int] = {}
+        #: tenant -> bytes its built-in plugins' state holds (plugin_state_bytes quota)
+        self._plugin_budgets: dict[TenantId, StateBudget] = {}
         #: list_vms answers, each beside the registry listing it was built from
         self._listed: dict[TenantId | None, tuple[list[Any], list[VmEntry]]] = {}
 

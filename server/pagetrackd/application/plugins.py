@@ -9,8 +9,9 @@ import structlog
 
 from pagetrackd.application.entries import VmEntry
 from pagetrackd.application.tenancy import Tenancy
-from pagetrackd.domain import PluginAlreadyAttached, PluginNotFound
+from pagetrackd.domain import PluginAlreadyAttached, PluginNotFound, TenantId
 from pagetrackd.plugins import PLUGINS, Plugin
+from pagetrackd.plugins.budget import StateBudget, StateMeter
 from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.plugins.host import HostedPlugin
 
@@ -32,6 +33,7 @@ class Plugins(Tenancy):
                 f"plugin {kind!r} is already attached to VM {entry.name!r}"
             )
         plugin = self.plugin_catalog.make(kind)
+        self._meter(entry, plugin)  # before attach: attaching at a root shadows it
         plugin.attach(entry.vm, **options)
         entry.plugins[kind] = plugin
         entry.plugin_options[kind] = dict(options)
@@ -58,9 +60,31 @@ class Plugins(Tenancy):
                 continue
             plugin: Plugin = node.notifier  # type: ignore[assignment]
             entry.plugins[kind] = plugin
+            self._meter(entry, plugin)
             options = getattr(plugin, "attach_options", None)
             entry.plugin_options[kind] = dict(options()) if callable(options) else {}
             log.info("plugin.adopted", tenant=entry.tenant, vm=entry.name, plugin=kind)
+
+    def plugin_budget(self, tenant: TenantId) -> StateBudget:
+        """Bytes the tenant's built-in plugins' state holds, against its
+        plugin_state_bytes quota (see plugins/budget.py)."""
+        budget = self._plugin_budgets.get(tenant)
+        if budget is None:
+            budget = self._plugin_budgets[tenant] = StateBudget(
+                lambda: self.quotas(tenant).plugin_state_bytes
+            )
+        return budget
+
+    def _meter(self, entry: VmEntry, plugin: Plugin) -> None:
+        """Charge a built-in plugin's state to its tenant (third-party plugins keep
+        their own memory: the daemon cannot see it)."""
+        meter = getattr(plugin, "state_meter", None)
+        if isinstance(meter, StateMeter):
+            guard = entry.quota
+            meter.join(
+                self.plugin_budget(entry.tenant),
+                lambda: guard is not None and guard.exempt,
+            )
 
     def plugin(self, entry: VmEntry, kind: str) -> Plugin:
         """An attached plugin."""

@@ -14,6 +14,7 @@ import numpy as np
 from pagetrackd.application.base import EngineBase
 from pagetrackd.application.entries import VmEntry
 from pagetrackd.domain import QuotaExceeded, TenantId, Vm
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.memory import PAGE_OBJECT_BYTES, PROMOTE_BYTES
 from pagetrackd.domain.snapshot import VmState
 from pagetrackd.domain.track import SlotTracking
@@ -136,18 +137,21 @@ class Tenancy(EngineBase):
         self._account()
         return self._usage.get(tenant, _NOTHING)[3]
 
-    def check_memory(self, entry: VmEntry, gpa: Any, length: Any) -> None:
+    def check_memory(
+        self, entry: VmEntry, gpa: Any, length: Any, *, grow: int | None = None
+    ) -> None:
         """Raise QuotaExceeded, before anything is written, if guest writes of
         ``length[i]`` bytes at ``gpa[i]`` could take the tenant's guest memory past its
-        guest_memory_bytes quota."""
+        guest_memory_bytes quota. ``grow``: their growth bound, found already."""
         q = self.quotas(entry.tenant).guest_memory_bytes
         used = self.memory_used(entry.tenant)
-        pieces = len(gpa) + int(np.sum(length)) // PAGE_SIZE + len(gpa)
-        if used + pieces * _PIECE_WORST_BYTES <= q:
-            return  # far from the quota: no need for the exact bound
-        grow = entry.vm.memory_growth_bound(
-            np.asarray(gpa, dtype=np.int64), np.asarray(length, dtype=np.int64)
-        )
+        if grow is None:
+            pieces = len(gpa) + int(np.sum(length)) // PAGE_SIZE + len(gpa)
+            if used + pieces * _PIECE_WORST_BYTES <= q:
+                return  # far from the quota: no need for the exact bound
+            grow = entry.vm.memory_growth_bound(
+                np.asarray(gpa, dtype=np.int64), np.asarray(length, dtype=np.int64)
+            )
         if used + grow > q:
             raise QuotaExceeded(
                 f"guest memory would hold up to {used + grow} bytes (now {used}); the"
@@ -187,7 +191,7 @@ class Tenancy(EngineBase):
             counters = SlotTracking(s.npages, s.base_gfn)
             for owner, (owned, counts) in s.owners.items():
                 references += int(counts.sum())
-                tracking += counters.growth_bound(np.unique(owned), owner)
+                tracking += counters.growth_bound(distinct(owned), owner)
         if references > MAX_RESTORE_REFERENCES:
             raise QuotaExceeded(
                 f"the snapshot holds {references} tracking references; at most"

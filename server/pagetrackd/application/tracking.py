@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.application import slices
 from pagetrackd.domain import InvalidArgument, TenantId, Unavailable, Vm
 from pagetrackd.domain.tracking import gfns_from
 from pagetrackd.domain.types import TrackInfo
@@ -77,13 +78,6 @@ def _check_gfn_space(vm: Vm, sel: GfnSelection) -> None:
         )
 
 
-def _distinct(gfns: npt.NDArray[np.int64]) -> int:
-    """How many distinct gfns ``gfns`` names (no sort when they ascend already)."""
-    if gfns.size < 2 or bool((gfns[1:] > gfns[:-1]).all()):
-        return int(gfns.size)
-    return int(np.unique(gfns).size)
-
-
 def _gfns(vm: Vm, sel: GfnSelection, most: int) -> npt.NDArray[np.int64]:
     total = sel.total
     if total > most:
@@ -94,27 +88,26 @@ def _gfns(vm: Vm, sel: GfnSelection, most: int) -> npt.NDArray[np.int64]:
     return gfns_from(sel.ranges, sel.gfns)
 
 
-def add_tracking(
+async def add_tracking(
     engine: Engine, tenant: TenantId, name: str, sel: GfnSelection, lease_id: str, most: int
 ) -> TrackingChange:
-    """Track gfns under the tenant (``lease_id`` "") or a lease, within its quotas."""
+    """Track gfns under the tenant (``lease_id`` "") or a lease, within its quotas (in
+    slices when many: see :mod:`.slices`)."""
     entry = engine.vm(tenant, name)
     owner = engine.lease_owner(tenant, lease_id)
     gfns = _gfns(entry.vm, sel, most)
-    engine.check_tracked(tenant, _distinct(gfns))
-    engine.check_tracking_memory(entry, gfns, owner)
-    started = entry.vm.track_add(gfns, owner)
+    started = await slices.change_tracking(engine, entry, gfns, owner, lease_id, add=True)
     return TrackingChange(len(gfns), started, entry.vm.tracked_count)
 
 
-def remove_tracking(
+async def remove_tracking(
     engine: Engine, tenant: TenantId, name: str, sel: GfnSelection, lease_id: str, most: int
 ) -> TrackingChange:
-    """Drop references the tenant (or the lease) holds."""
+    """Drop references the tenant (or the lease) holds (in slices when many)."""
     entry = engine.vm(tenant, name)
     owner = engine.lease_owner(tenant, lease_id)
     gfns = _gfns(entry.vm, sel, most)
-    stopped = entry.vm.track_remove(gfns, owner)
+    stopped = await slices.change_tracking(engine, entry, gfns, owner, lease_id, add=False)
     return TrackingChange(len(gfns), stopped, entry.vm.tracked_count)
 
 

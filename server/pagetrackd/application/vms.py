@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from pagetrackd.application import slices
 from pagetrackd.application.entries import VmEntry
 from pagetrackd.application.recordings import Recordings
 from pagetrackd.domain import (
@@ -24,7 +25,7 @@ from pagetrackd.domain import (
 from pagetrackd.domain.hub import History, VmHub
 from pagetrackd.limits import DEFAULT_VCPUS, MAX_HISTORY_BYTES, MAX_HISTORY_EVENTS
 from pagetrackd.quota_guard import guard
-from pagetrackd.replay import read_header, replay
+from pagetrackd.replay import read_header
 
 log = structlog.get_logger("pagetrackd.engine")
 
@@ -94,9 +95,13 @@ class Vms(Recordings):
         log.info("vm.created", tenant=tenant, vm=name, record=record)
         return entry
 
-    def replay_vm(self, tenant: TenantId, name: str, path: Path) -> tuple[VmEntry, int]:
-        """Create VM ``name`` configured as the recording's and replay it; on any failure
-        the new VM is deleted again. Returns the entry and the operations replayed."""
+    async def replay_vm(
+        self, tenant: TenantId, name: str, path: Path
+    ) -> tuple[VmEntry, int]:
+        """Create VM ``name`` configured as the recording's and replay it, a few records
+        at a time (other requests are served in between; the VM's own wait); on any
+        failure the new VM is deleted again. Returns the entry and the operations
+        replayed."""
         try:
             h = read_header(path)["vm"]
             options: dict[str, Any] = {
@@ -112,7 +117,7 @@ class Vms(Recordings):
             ) from None
         entry = self.create_vm(tenant, name, **options)
         try:
-            result = replay(path, vm=entry.vm)
+            result = await slices.replay_into(self.vm_locks, entry, path)
         except PageTrackError:
             self.delete_vm(tenant, name)
             raise

@@ -89,7 +89,6 @@ class Workloads(Leasing):
         chunk = WORKLOAD_CHUNK if run.rate else WORKLOAD_FAST_CHUNK
         vm = run.entry.vm
         entry = run.entry
-        step = run.workload.step
         try:
             while True:
                 if run.count and run.writes >= run.count:
@@ -115,31 +114,12 @@ class Workloads(Leasing):
                         continue
                     n = room
                 await self.admit(entry)
-                if vm.closed:
-                    break
-                self._check_workload_memory(entry)
-                made = step(vm, n)
+                async with self.vm_locks.hold(run.tenant, vm.name):
+                    if vm.closed:
+                        break
+                    made = self._workload_slice(run, n)
                 if made == 0:
                     break
-                run.writes += made
-                if not run.rate:
-                    # As fast as possible: keep stepping for a time slice, then let the
-                    # loop run (streams, RPCs). Leave the slice early when a block-policy
-                    # stream has no room, so admit() decides before the next write.
-                    end = time.monotonic() + WORKLOAD_SLICE_S
-                    while made and (not run.count or run.writes < run.count):
-                        if time.monotonic() >= end or self._must_admit(entry):
-                            break
-                        if run.duration_s and run.elapsed_s >= run.duration_s:
-                            break
-                        n = chunk if not run.count else min(chunk, run.count - run.writes)
-                        n = min(n, self.writes_available(run.tenant))
-                        if n <= 0:
-                            break
-                        made = step(vm, n)
-                        run.writes += made
-                    if made == 0:
-                        break
                 await asyncio.sleep(0)
             run.state = "finished"
         except asyncio.CancelledError:
@@ -152,6 +132,37 @@ class Workloads(Leasing):
         finally:
             run.ended = time.monotonic()
             asyncio.get_running_loop().call_soon(self.prune_workloads)  # once its task is done
+
+    def _workload_slice(self, run: WorkloadRun, n: int) -> int:
+        """One slice of a workload (the VM's lock held): ``n`` writes, and as fast as
+        possible more for a time slice when it has no rate. Returns the writes made in
+        the last step (0: the workload is done)."""
+        entry = run.entry
+        vm = entry.vm
+        step = run.workload.step
+        self._check_workload_memory(entry)
+        made = step(vm, n)
+        run.writes += made
+        if run.rate:
+            return made
+        # As fast as possible: keep stepping for a time slice, then let the loop run
+        # (streams, RPCs). Leave the slice early when a block-policy stream has no
+        # room, so admit() decides before the next write.
+        end = time.monotonic() + WORKLOAD_SLICE_S
+        while made and (not run.count or run.writes < run.count):
+            if time.monotonic() >= end or self._must_admit(entry):
+                break
+            if run.duration_s and run.elapsed_s >= run.duration_s:
+                break
+            n = WORKLOAD_FAST_CHUNK if not run.count else min(
+                WORKLOAD_FAST_CHUNK, run.count - run.writes
+            )
+            n = min(n, self.writes_available(run.tenant))
+            if n <= 0:
+                break
+            made = step(vm, n)
+            run.writes += made
+        return made
 
     def prune_workloads(self) -> int:
         """Forget ended workloads older than FINISHED_WORKLOAD_TTL_S, and beyond each

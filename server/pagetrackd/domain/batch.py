@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.errors import (
     InvalidArgument,
 )
@@ -503,7 +504,7 @@ def _apply_range(pc: _Pieces, a: int, b: int, slots: list[Slot]) -> None:
         # Slot by slot (slots share no memory, so only the order within a slot
         # matters), each slot's pieces in batch order.
         spos = pos[sel]
-        groups = [(slots[p], sel[spos == p]) for p in np.unique(spos).tolist()]
+        groups = [(slots[p], sel[spos == p]) for p in distinct(spos).tolist()]
     for slot, sub in groups:
         idx = index[sub]
         slot.memory.write_many(idx, pgpa[sub] & PAGE_MASK, view, poff[sub], plen[sub])
@@ -522,7 +523,7 @@ def memory_growth_bound(vm: Vm, gpa: I64, length: I64) -> int:
     pos = vm.slots.find_many(gfn)
     slots = vm.slots.slots()
     grow = 0
-    for p in np.unique(pos[pos >= 0]).tolist():
+    for p in distinct(pos[pos >= 0]).tolist():
         slot = slots[p]
         if slot.readonly:
             continue

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
+
 CHUNK_SHIFT = 5
 CHUNK = 1 << CHUNK_SHIFT
 COUNTER_MAX = 0xFFFF  #: USHRT_MAX, KVM's bound on a track counter
@@ -202,7 +204,7 @@ class ChunkedCounters:
             return
         before = self.get(index)
         chunks = index >> CHUNK_SHIFT
-        self._ensure_chunks(np.unique(chunks))
+        self._ensure_chunks(distinct(chunks))
         rows = self._rows_of(chunks)
         self._rows.reshape(-1)[(rows << CHUNK_SHIFT) | (index & (CHUNK - 1))] = values
         self.nonzero += int(np.count_nonzero(values)) - int(np.count_nonzero(before))

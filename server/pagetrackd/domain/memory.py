@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.types import PAGE_SIZE
 
 #: An extent wider than this is widened to the whole page.
@@ -134,7 +135,7 @@ class SlotMemory:
         np.maximum.at(page_hi, inverse, b)
         width = page_hi - page_lo
         width[width > PROMOTE_BYTES] = PAGE_SIZE
-        new_pages = int(np.unique(index[new]).size)
+        new_pages = int(distinct(index[new]).size)
         grow = int(width[inverse].sum())
         grow += new_pages * (PAGE_OBJECT_BYTES + _ROW_BYTES + 2 * _NODE_BYTES)
         need = (int(pages[-1]) >> (2 * FAN_SHIFT)) + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.counters import is_span
 
 I64 = npt.NDArray[np.int64]
@@ -84,7 +85,7 @@ class RunMap:
 
     def add_span(self, lo: int, hi: int, delta: int) -> None:
         """Add ``delta`` to the count of pages ``lo .. hi - 1`` (no count goes below 0)."""
-        pts = np.unique(np.concatenate([self.starts, self.ends, [lo, hi]]))
+        pts = distinct(np.concatenate([self.starts, self.ends, [lo, hi]]))
         seg = pts[:-1]
         val = _eval(self.starts, self.ends, self.values, seg)
         val = val + np.where((seg >= lo) & (seg < hi), delta, 0)
@@ -103,7 +104,7 @@ class RunMap:
         first = np.concatenate([[0], brk])
         last = np.concatenate([brk, [index.size]]) - 1
         us, ue, uv = index[first], index[last] + 1, new[first]
-        pts = np.unique(np.concatenate([self.starts, self.ends, us, ue]))
+        pts = distinct(np.concatenate([self.starts, self.ends, us, ue]))
         seg = pts[:-1]
         pos = np.searchsorted(us, seg, side="right") - 1
         safe = np.maximum(pos, 0)

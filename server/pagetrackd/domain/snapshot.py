@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.cost import CostModel
 from pagetrackd.domain.errors import InvalidArgument
 from pagetrackd.domain.track import COUNTER_MAX
@@ -204,7 +205,7 @@ def check_state(state: VmState) -> None:
                 raise InvalidArgument(f"{where}: owner {owner!r} has mismatched arrays")
             if pages.size and (int(pages.min()) < 0 or int(pages.max()) >= s.npages):
                 raise InvalidArgument(f"{where}: owner {owner!r} names pages outside the slot")
-            if pages.size and np.unique(pages).size != pages.size:
+            if pages.size and distinct(pages).size != pages.size:
                 raise InvalidArgument(f"{where}: owner {owner!r} lists a page twice")
             if counts.size and (int(counts.min()) <= 0 or int(counts.max()) > COUNTER_MAX):
                 raise InvalidArgument(
@@ -223,7 +224,7 @@ def check_state(state: VmState) -> None:
         if n:
             if int(s.mem_index.min()) < 0 or int(s.mem_index.max()) >= s.npages:
                 raise InvalidArgument(f"{where}: memory names pages outside the slot")
-            if np.unique(s.mem_index).size != n:
+            if distinct(s.mem_index).size != n:
                 raise InvalidArgument(f"{where}: memory lists a page twice")
             if (
                 int(s.mem_lo.min()) < 0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.batch import BatchResult, check_batch
 from pagetrackd.domain.errors import CounterOverflow, GfnNotInSlot, InvalidArgument, NotTracked
 from pagetrackd.domain.track import COUNTER_MAX
@@ -182,7 +183,7 @@ class TrackSteps:
         vm = self.vm
         pos = vm.slots.find_many(gfns)  # every one is in a slot (checked at the start)
         slots = vm.slots.slots()
-        for p in np.unique(pos).tolist():
+        for p in distinct(pos).tolist():
             slot = slots[p]
             mask = pos == p
             idx = gfns[mask] - slot.base_gfn

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.errors import (
     CounterOverflow,
     GfnNotInSlot,
@@ -98,7 +99,7 @@ class TrackingOps(VmState):
             )
         slots = self.slots.slots()
         out: list[tuple[Slot, I64, I64 | int]] = []
-        for p in np.unique(pos).tolist():
+        for p in distinct(pos).tolist():
             slot = slots[p]
             idx, counts = np.unique(gfns[pos == p] - slot.base_gfn, return_counts=True)
             out.append((slot, idx, counts.astype(np.int64)))
@@ -290,7 +291,7 @@ class TrackingOps(VmState):
         """At most how many bytes :attr:`tracking_footprint` grows by if ``owner`` tracks
         ``gfns``: checked against a quota first."""
         if gfns.size > 1 and not bool((gfns[1:] > gfns[:-1]).all()):
-            gfns = np.unique(gfns)  # a range or a sorted list needs no sort
+            gfns = distinct(gfns)  # a range or a sorted list needs no sort
         if not gfns.size:
             return 0
         one = self.slots.find(int(gfns[0]))
@@ -300,7 +301,7 @@ class TrackingOps(VmState):
         pos = self.slots.find_many(gfns)
         slots = self.slots.slots()
         grow = 0
-        for p in np.unique(pos[pos >= 0]).tolist():
+        for p in distinct(pos[pos >= 0]).tolist():
             slot = slots[p]
             grow += slot.tracking.growth_bound(gfns[pos == p] - slot.base_gfn, owner)
         return grow

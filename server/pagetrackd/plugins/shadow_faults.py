@@ -16,7 +16,7 @@ from pagetrackd.plugins.shadow_pages import (
     parse_int,
     translation,
 )
-from pagetrackd.plugins.shadow_table import ShadowTable
+from pagetrackd.plugins.shadow_table import SP_BYTES, SPTE_BYTES, ShadowTable
 from pagetrackd.plugins.x86_paging import (
     ACC_ALL,
     ACC_WRITE,
@@ -29,6 +29,10 @@ from pagetrackd.plugins.x86_paging import (
     pages_per,
     walk_guest,
 )
+
+#: the most one fault makes: a root and a page per level below it, each linked, and
+#: the leaf SPTE (what ``mmu_topup_memory_caches`` fills before a fault, mmu.c)
+FAULT_BYTES = ROOT_LEVEL * (SP_BYTES + SPTE_BYTES)
 
 
 class ShadowFaults(ShadowTable):
@@ -57,6 +61,8 @@ class ShadowFaults(ShadowTable):
             cached = True
         else:
             hit = next((i for i, sp in enumerate(vc.prev) if sp.gfn == gfn), None)
+            if hit is None:
+                self.state_meter.reserve(SP_BYTES, "loading a shadow MMU root")
             if hit is not None:
                 sp = vc.prev.pop(hit)
                 if vc.root is not None:
@@ -148,6 +154,7 @@ class ShadowFaults(ShadowTable):
         """``FNAME(page_fault)``: walk the guest tables, then ``FNAME(fetch)`` the shadow
         path, making shadow pages as needed and resetting the flood count of every
         page on the way (``clear_sp_write_flooding_count``)."""
+        self.state_meter.reserve(FAULT_BYTES, "a shadow page fault")
         self.counters["faults"] += 1
         created = self.counters["shadow_pages_created"]
         self._make_room()

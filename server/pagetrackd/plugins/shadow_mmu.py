@@ -239,6 +239,7 @@ class ShadowMmu(ShadowFaults, ShadowAudit):
             "tracked_refs": sum(1 for sp in self._sps.values() if sp.accounted),
             "flood_threshold": self.flood_threshold,
             "max_shadow_pages": self.max_shadow_pages,
+            "state_bytes": self.state_meter.bytes,
         }
         out.update(self.counters)
         out["cr3"] = " ".join(f"vcpu{r.vcpu}={r.cr3:#x}" for r in self.roots())

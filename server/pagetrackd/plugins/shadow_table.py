@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pagetrackd.domain import FailedPrecondition, NotTracked, Vm
 from pagetrackd.domain.notifiers import NotifierNode
+from pagetrackd.plugins.budget import StateMeter
 from pagetrackd.plugins.shadow_pages import (
     DEFAULT_MAX_SHADOW_PAGES,
     FLOOD_THRESHOLD,
@@ -21,6 +22,11 @@ from pagetrackd.plugins.shadow_pages import (
 )
 from pagetrackd.plugins.x86_paging import PTE_RW, pages_per
 
+#: bytes a shadow page holds with its table entries (object, empty maps, lookups),
+#: and each SPTE (its entry, its rmap or parent link); see plugins/budget.py
+SP_BYTES = 1024
+SPTE_BYTES = 512
+
 
 class ShadowTable:
     """The shadow pages of one VM, by id, role and guest gfn, with the reverse map of
@@ -33,9 +39,12 @@ class ShadowTable:
         self.flood_leaf = False
         self.max_shadow_pages = DEFAULT_MAX_SHADOW_PAGES
         self.released_gfns = 0  #: gfns untracked by the last detach
+        #: bytes the shadow pages hold, against the tenant's plugin_state_bytes
+        self.state_meter = StateMeter()
         self._reset_state()
 
     def _reset_state(self) -> None:
+        self.state_meter.clear()
         self._next_id = 1
         #: every valid shadow page by id, oldest first (``active_mmu_pages``)
         self._sps: dict[int, ShadowPage] = {}
@@ -80,6 +89,7 @@ class ShadowTable:
             # that map the table (kvm_mmu_slot_gfn_write_protect, every level).
             self.vm.track_add([gfn], owner=OWNER)
         sp = ShadowPage(self._next_id, gfn, level, access, direct, gva_base)
+        self.state_meter.take(SP_BYTES)
         self._next_id += 1
         self._sps[sp.sp_id] = sp
         self._hash[sp.key] = sp
@@ -101,12 +111,15 @@ class ShadowTable:
                     self.counters["write_protected"] += 1
 
     def _link(self, sp: ShadowPage, idx: int, child: ShadowPage) -> None:
+        if idx not in sp.sptes:
+            self.state_meter.take(SPTE_BYTES)
         sp.sptes[idx] = link_spte(child)
         sp.children[idx] = child
         child.parents.add((sp, idx))
 
     def _set_leaf(self, sp: ShadowPage, idx: int, spte: int) -> None:
         self._drop_spte(sp, idx)
+        self.state_meter.take(SPTE_BYTES)
         sp.sptes[idx] = spte
         self._rmap.setdefault((sp.level, spte_gfn(spte)), set()).add((sp, idx))
 
@@ -116,6 +129,7 @@ class ShadowTable:
         spte = sp.sptes.pop(idx, None)
         if spte is None:
             return False
+        self.state_meter.give(SPTE_BYTES)
         child = sp.children.pop(idx, None)
         if child is not None:
             child.parents.discard((sp, idx))
@@ -147,6 +161,7 @@ class ShadowTable:
                     vc.prev.remove(sp)
             sp.root_count = 0
         del self._sps[sp.sp_id]
+        self.state_meter.give(SP_BYTES)
         del self._hash[sp.key]
         if not sp.direct:
             pages = self._by_gfn[sp.gfn]
@@ -186,4 +201,4 @@ class ShadowTable:
         return n
 
 
-__all__ = ["ShadowTable"]
+__all__ = ["SPTE_BYTES", "SP_BYTES", "ShadowTable"]

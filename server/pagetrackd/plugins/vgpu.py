@@ -54,6 +54,7 @@ from pagetrackd.domain import (
 from pagetrackd.domain.memslots import MemslotTable
 from pagetrackd.plugins.vgpu_audit import VgpuAudit
 from pagetrackd.plugins.vgpu_ppgtt import VgpuPpgtts
+from pagetrackd.plugins.vgpu_shadow import DMA_BYTES
 from pagetrackd.plugins.vgpu_tables import (
     ADDR_MASK,
     DMA,
@@ -66,6 +67,7 @@ from pagetrackd.plugins.vgpu_tables import (
     PARTIAL_MODES,
     PTE_PRESENT,
     PTE_RW,
+    ShadowNoMemory,
     level_shift,
     va_index,
 )
@@ -224,6 +226,11 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                     dma[1] += 1
                     frame = dma[0]
                 else:
+                    try:
+                        self._reserve(DMA_BYTES, page)
+                    except ShadowNoMemory:
+                        return  # as _handle_guest_write: the old shadow entry stays
+                    self.state_meter.take(DMA_BYTES)
                     frame = self._next_frame
                     self._next_frame = frame + 1
                     self._dma[page] = [frame, 1]
@@ -243,6 +250,7 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                 if dma[1] == 0:
                     del self._dma[page]
                     del self._frame_gfn[frame]
+                    self.state_meter.give(DMA_BYTES)
 
     def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
         """``kvmgt_page_track_remove_region``: forget the range from the protect table,

@@ -71,6 +71,8 @@ class VgpuAudit(VgpuShadow):
             "spts_created": s.spts_created,
             "spts_freed": s.spts_freed,
             "regions_removed": s.regions_removed,
+            "quota_refusals": s.quota_refusals,
+            "state_bytes": self.state_meter.bytes,
         }
 
     def audit(self) -> AuditReport:

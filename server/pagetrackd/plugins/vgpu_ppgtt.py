@@ -20,6 +20,7 @@ from pagetrackd.plugins.vgpu_tables import (
     PTE_PRESENT,
     Mm,
     ShadowFailed,
+    ShadowNoMemory,
     int_arg,
     only_args,
     root_gfn_arg,
@@ -61,6 +62,8 @@ class VgpuPpgtts(VgpuShadow):
             )
         try:
             root = self._populate_spt(root_gfn, LEVELS)
+        except ShadowNoMemory as e:
+            raise e.args[1] from None  # the QuotaExceeded: nothing stayed shadowed
         except ShadowFailed as e:
             raise FailedPrecondition(
                 f"shadowing the PPGTT at {root_gfn << PAGE_SHIFT:#x} failed: it links a table"

@@ -14,10 +14,12 @@ from pagetrackd.domain import (
     FailedPrecondition,
     NotFound,
     PageTrackError,
+    QuotaExceeded,
     Vm,
 )
 from pagetrackd.domain.memslots import MemslotTable, Slot
 from pagetrackd.domain.notifiers import NotifierNode
+from pagetrackd.plugins.budget import StateMeter
 from pagetrackd.plugins.vgpu_tables import (
     ADDR_MASK,
     ENTRIES,
@@ -32,11 +34,17 @@ from pagetrackd.plugins.vgpu_tables import (
     Mm,
     PageTrack,
     ShadowFailed,
+    ShadowNoMemory,
     Spt,
     VgpuStats,
 )
 
 log = structlog.get_logger("pagetrackd.plugins.vgpu")
+
+#: bytes one shadow page table holds (its 512 entries, the page-track entry, lookups)
+#: and one DMA mapping (a guest page a leaf entry maps); see plugins/budget.py
+SPT_BYTES = 5120
+DMA_BYTES = 320
 
 
 class VgpuShadow:
@@ -49,9 +57,12 @@ class VgpuShadow:
         self._node: NotifierNode | None = None
         self.partial = PARTIAL_MODES[0]
         self.missing_table = MISSING_TABLE_MODES[0]
+        #: bytes the shadow holds, against the tenant's plugin_state_bytes
+        self.state_meter = StateMeter()
         self._reset()
 
     def _reset(self) -> None:
+        self.state_meter.clear()
         self.stats = VgpuStats()
         #: gfns this vGPU holds one tracking reference on (kvmgt.c protect table, R8.2)
         self._protect: set[int] = set()
@@ -186,7 +197,9 @@ class VgpuShadow:
             if self.missing_table == "fail":
                 raise ShadowFailed(gfn)
             return None
+        self._reserve(SPT_BYTES, gfn)
         spt = Spt(gfn, level, self._alloc_frame(), [self._scratch_entry(level)] * ENTRIES)
+        self.state_meter.take(SPT_BYTES)
         self._spt_by_mfn[spt.mfn] = spt
         self._register_page_track(gfn, spt)
         try:
@@ -198,6 +211,7 @@ class VgpuShadow:
             spt.live = False
             del self._spt_by_mfn[spt.mfn]
             del self._tracks[gfn]
+            self.state_meter.give(SPT_BYTES)
             return None
         self.stats.spts_created += 1
         table = self._read_table(gfn)
@@ -215,6 +229,15 @@ class VgpuShadow:
             self._free_spt(spt)
             raise
         return spt
+
+    def _reserve(self, nbytes: int, gfn: int) -> None:
+        """Fail the shadowing (ShadowNoMemory) if ``nbytes`` more would pass the
+        tenant's plugin_state_bytes quota; nothing is changed then."""
+        try:
+            self.state_meter.reserve(nbytes, f"shadowing the GPU table at gfn {gfn:#x}")
+        except QuotaExceeded as e:
+            self.stats.quota_refusals += 1
+            raise ShadowNoMemory(gfn, e) from None
 
     def _add_entry(self, spt: Spt, index: int, ge: int) -> None:
         """``ppgtt_handle_guest_entry_add``: shadow one present guest entry."""
@@ -259,7 +282,8 @@ class VgpuShadow:
     def _free_spt(self, spt: Spt) -> None:
         """``ppgtt_free_spt``: untrack the guest page and forget the spt."""
         spt.live = False
-        self._spt_by_mfn.pop(spt.mfn, None)
+        if self._spt_by_mfn.pop(spt.mfn, None) is not None:
+            self.state_meter.give(SPT_BYTES)
         self._post_list.pop(spt.mfn, None)
         spt.post.clear()
         self._unregister_page_track(spt.gfn)
@@ -270,7 +294,9 @@ class VgpuShadow:
         if entry is not None:
             entry[1] += 1
             return entry[0]
+        self._reserve(DMA_BYTES, gfn)
         frame = self._alloc_frame()
+        self.state_meter.take(DMA_BYTES)
         self._dma[gfn] = [frame, 1]
         self._frame_gfn[frame] = gfn
         return frame
@@ -285,6 +311,7 @@ class VgpuShadow:
         if entry[1] == 0:
             del self._dma[gfn]
             del self._frame_gfn[frame]
+            self.state_meter.give(DMA_BYTES)
 
     def _handle_guest_write(self, spt: Spt, index: int, ge: int) -> None:
         """``ppgtt_handle_guest_write_page_table``: add the new entry first, then
@@ -383,4 +410,4 @@ class VgpuShadow:
         return flushed
 
 
-__all__ = ["VgpuShadow"]
+__all__ = ["DMA_BYTES", "SPT_BYTES", "VgpuShadow"]

@@ -31,6 +31,12 @@ MISSING_TABLE_MODES = ("fail", "scratch")
 class ShadowFailed(Exception):
     """Shadowing a guest entry failed: a child table's gfn is in no memslot (gtt.c
     returns an error up the call chain; the caller keeps or frees what it had)."""
+
+
+class ShadowNoMemory(ShadowFailed):
+    """Shadowing a guest entry failed for want of memory: the tenant's
+    plugin_state_bytes quota is reached (gtt.c's -ENOMEM from ``alloc_spt`` or a DMA
+    map, handled as any other failure). ``args``: (gfn, the QuotaExceeded)."""
 DMA = Source.DMA  # an Enum member as a module constant: the class lookup costs ~70 ns
 
 
@@ -98,6 +104,7 @@ class VgpuStats:
     spts_created: int = 0
     spts_freed: int = 0
     regions_removed: int = 0
+    quota_refusals: int = 0  #: tables or mappings not shadowed: plugin_state_bytes reached
 
 
 def only_args(op: str, args: dict[str, Any], allowed: set[str]) -> None:
@@ -146,6 +153,7 @@ __all__ = [
     "Mm",
     "PageTrack",
     "ShadowFailed",
+    "ShadowNoMemory",
     "Spt",
     "VgpuStats",
     "int_arg",

@@ -19,6 +19,14 @@ log = structlog.get_logger("pagetrackd.rpc")
 
 #: Stock services that answer without a token (health checks, grpcurl discovery).
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
+#: Services whose calls name a VM but only touch its event streams, never its state:
+#: not serialized with the VM's other calls (Unwatch must not wait behind a write that
+#: waits for room in a stream).
+UNSERIALIZED_SERVICES = ("/pagetrack.v1.WatchService/",)
+
+#: Takes (tenant, VM name) and returns the context in which one call on that VM runs
+#: (the application's per-VM lock).
+Serialize = Callable[[str, str], contextlib.AbstractAsyncContextManager[None]]
 
 
 def _authorization(context: Any) -> str | None:
@@ -59,8 +67,14 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         auth: Authenticator,
         observe: Callable[[str, str, float], None] | None = None,
         journal: Journal | None = None,
+        *,
+        serialize: Serialize | None = None,
     ) -> None:
         self._auth = auth
+        #: unary calls that name a VM run inside serialize(tenant, vm): one at a time per
+        #: VM, in arrival order, so a request done in slices (which lets the event loop
+        #: serve others between them) is seen whole by the VM's other callers
+        self._serialize = serialize
         #: with durability = "journal": a call that appended to it replies only once
         #: what it appended is on disk (group commit)
         self._journal = journal
@@ -96,6 +110,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         rpc = method.rsplit("/", 1)[-1]
         auth = self._auth
+        serialize = None if method.startswith(UNSERIALIZED_SERVICES) else self._serialize
         journal = self._journal
         observe = self._observe
         bind = structlog.contextvars.bind_contextvars
@@ -141,8 +156,14 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     return None
                 error: BaseException | None = None
                 mark = journal.last_index if journal is not None else 0
+                vm = getattr(request, "vm", None) if serialize is not None else None
                 try:
-                    reply = await inner(request, context)
+                    if vm and isinstance(vm, str):
+                        assert serialize is not None
+                        async with serialize(current_caller.get().tenant, vm):
+                            reply = await inner(request, context)
+                    else:
+                        reply = await inner(request, context)
                     if journal is not None and journal.last_index > mark:
                         try:
                             await journal.commit()

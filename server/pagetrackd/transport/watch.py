@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any, TypeAlias, cast
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ from pagetrackd.domain.events import EventBatch
 from pagetrackd.domain.findings import Finding
 from pagetrackd.domain.hub import (
     Gap,
+    Item,
     RegionRemoved,
     SlowPolicy,
     Stamped,
@@ -37,6 +39,9 @@ from pagetrackd.limits import ServerLimits
 from pagetrackd.plugins.catalog import canonical_name
 from pagetrackd.transport import convert as cv
 from pagetrackd.transport.status import streaming, unary
+
+if TYPE_CHECKING:
+    from pagetrackd.domain.vm import Vm
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -86,27 +91,143 @@ def _split_by_bytes(batch: EventBatch, max_bytes: int) -> tuple[EventBatch, ...]
     return tuple(out)
 
 
+def _messages(
+    items: list[Item], vm: Vm, max_events: int, max_bytes: int, omit_data: bool
+) -> Iterator[pb.WatchResponse]:
+    """The stream messages for ``items`` taken from a subscriber's queue, in order.
+    Consecutive event batches go out as one message within max_events and max_bytes (a
+    stream message costs far more than the events in it); a batch whose data is over
+    max_bytes is cut."""
+    run: list[tuple[EventBatch, int]] = []
+    run_events = run_bytes = 0
+    for item in items:
+        if isinstance(item, Stamped):
+            batch = item.batch
+            parts = (
+                (batch,) if omit_data or len(batch.data) <= max_bytes
+                else _split_by_bytes(batch, max_bytes)
+            )
+            for part in parts:
+                size = 0 if omit_data else len(part.data)
+                if run and (run_events + len(part) > max_events or run_bytes + size > max_bytes):
+                    yield _events_msg(run, vm.seq, omit_data)
+                    run, run_events, run_bytes = [], 0, 0
+                run.append((part, item.ts_ns))
+                run_events += len(part)
+                run_bytes += size
+            continue
+        if run:
+            yield _events_msg(run, vm.seq, omit_data)
+            run, run_events, run_bytes = [], 0, 0
+        if isinstance(item, Gap):
+            yield pb.WatchResponse(gap=cv.gap_pb(item))
+        elif isinstance(item, RegionRemoved):
+            yield pb.WatchResponse(region_removed=cv.region_pb(item))
+        elif isinstance(item, Finding):
+            yield pb.WatchResponse(finding=cv.finding_pb(item))
+    if run:
+        yield _events_msg(run, vm.seq, omit_data)
+
+
+def _progress(sub: Subscriber, vm: Vm) -> pb.WatchResponse:
+    c = sub.counters
+    return pb.WatchResponse(
+        progress=pb.Progress(
+            head_seq=vm.seq,
+            sent_seq=sub.last_seq,
+            lag=max(0, vm.seq - sub.last_seq),
+            queue_depth=sub.depth,
+            sent_total=c.sent,
+            # what the stream has reported so far, not drops still pending
+            dropped_total=c.reported_dropped,
+            coalesced_total=c.reported_coalesced,
+            timestamp_ns=time.time_ns(),
+        )
+    )
+
+
+class _Flusher:
+    """Batch delays for every stream of the daemon, with one timer per delay length
+    instead of one per stream and message.
+
+    A stream whose queue gains events while it has nothing held is put on the list for
+    its delay, with its deadline; the timer fires at the list's head and wakes every stream
+    due by then in the same loop turn, so their messages go out together. The lists are
+    in deadline order because a delay's deadlines only grow."""
+
+    def __init__(self) -> None:
+        self._due: dict[float, deque[tuple[float, _Waker, int]]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}
+
+    def hold(self, waker: _Waker, delay_s: float) -> None:
+        """Wake ``waker`` (its generation now) ``delay_s`` from now."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay_s
+        due = self._due.get(delay_s)
+        if due is None:
+            due = self._due[delay_s] = deque()
+        due.append((deadline, waker, waker.generation))
+        if delay_s not in self._timers:
+            self._timers[delay_s] = loop.call_at(deadline, self._fire, delay_s)
+
+    def _fire(self, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        # a timer fires on a millisecond tick: what is due within the next one goes now
+        now = loop.time() + 0.001
+        due = self._due[delay_s]
+        while due and due[0][0] <= now:
+            _, waker, generation = due.popleft()
+            waker.release(generation)
+        if due:
+            self._timers[delay_s] = loop.call_at(due[0][0], self._fire, delay_s)
+        else:
+            del self._timers[delay_s]
+            del self._due[delay_s]
+
+
 class _Waker:
-    """What a stream's subscriber calls when its queue gains something: wakes the
-    sender, except while the sender lets a batch fill up (``target`` > 0) and the batch
-    is not full yet; the sender then wakes at its deadline. Unwatch, VM deletion and
-    shutdown still wake it at once."""
+    """What a stream's subscriber calls when its queue gains something.
 
-    __slots__ = ("event", "sub", "target")
+    With a batch delay, the first events after the stream sent (or was idle) are held:
+    the waker asks the flusher for a wake-up at the delay's end instead of waking the
+    sender, so the batch fills up meanwhile. It wakes the sender at once when the batch
+    is full (``max_events``), the VM is gone, or the disconnect policy fired; Unwatch and
+    shutdown wake it directly. Without a delay every call wakes the sender."""
 
-    def __init__(self, event: asyncio.Event) -> None:
+    __slots__ = ("delay_s", "event", "flusher", "generation", "held", "max_events", "sub")
+
+    def __init__(
+        self, event: asyncio.Event, flusher: _Flusher, delay_s: float, max_events: int
+    ) -> None:
         self.event = event
+        self.flusher = flusher
+        self.delay_s = delay_s
+        self.max_events = max_events
         self.sub: Subscriber | None = None
-        self.target = 0
+        self.held = False  #: events wait for the delay's end
+        self.generation = 0  #: which hold a flusher entry belongs to
+
+    def must_go(self, sub: Subscriber) -> bool:
+        return (
+            sub.depth >= self.max_events or sub.node is None or sub.overflowed_lag is not None
+        )
 
     def __call__(self) -> None:
         sub = self.sub
-        if (
-            self.target and sub is not None and sub.depth < self.target
-            and sub.node is not None and sub.overflowed_lag is None
-        ):
-            return
-        self.event.set()
+        if sub is None or not self.delay_s:
+            self.event.set()
+        elif self.must_go(sub):
+            self.release(self.generation)
+        elif not self.held:
+            self.held = True
+            self.flusher.hold(self, self.delay_s)
+
+    def release(self, generation: int) -> None:
+        """End the hold (if ``generation`` is the current one) and wake the sender."""
+        if generation == self.generation:
+            self.held = False
+            self.generation += 1
+            self.event.set()
 
 
 class _Stream:
@@ -130,6 +251,7 @@ class WatchService(pbg.WatchServiceServicer):
         self.limits = limits
         #: (tenant, vm, notifier id) -> open stream
         self.streams: dict[tuple[str, str, int], _Stream] = {}
+        self._flusher = _Flusher()
 
     @streaming
     async def Watch(
@@ -214,7 +336,7 @@ class WatchService(pbg.WatchServiceServicer):
                 request.only_findings,
             )
             wake = asyncio.Event()
-            waker = _Waker(wake)
+            waker = _Waker(wake, self._flusher, delay_ms / 1000, max_events)
             sub = Subscriber(
                 name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
                 wake=waker, block_timeout_s=block_ms / 1000, queue_bytes=queue_bytes,
@@ -266,8 +388,8 @@ class WatchService(pbg.WatchServiceServicer):
             )
             if compacted_gap is not None:
                 yield pb.WatchResponse(gap=compacted_gap)
-            async for msg in self._deliver(stream, max_events, max_bytes, delay_ms,
-                                           heartbeat_ms, request.omit_data):
+            async for msg in self._deliver(stream, max_events, max_bytes, heartbeat_ms,
+                                           request.omit_data):
                 yield msg
         finally:
             self.streams.pop(key, None)
@@ -280,7 +402,6 @@ class WatchService(pbg.WatchServiceServicer):
         stream: _Stream,
         max_events: int,
         max_bytes: int,
-        delay_ms: int,
         heartbeat_ms: int,
         omit_data: bool,
     ) -> AsyncIterator[pb.WatchResponse]:
@@ -289,7 +410,6 @@ class WatchService(pbg.WatchServiceServicer):
         shutdown = self.engine.shutting_down
         heartbeat_s = heartbeat_ms / 1000
         next_beat = time.monotonic() + heartbeat_s
-        # Cap events per message by bytes too (the data column dominates).
         while True:
             if shutdown.is_set():
                 raise Unavailable("pagetrackd is shutting down; reconnect and resume from the"
@@ -309,77 +429,28 @@ class WatchService(pbg.WatchServiceServicer):
                     return
                 stream.wake.clear()
                 await _wait(stream.wake, max(0.0, next_beat - time.monotonic()))
-            if delay_ms and sub.pending:
-                # Let the batch fill up to max_events, for at most delay_ms (also when the
-                # first event has just woken an idle stream).
-                deadline = time.monotonic() + delay_ms / 1000
-                if stream.waker is not None:
-                    stream.waker.target = max_events  # no wake-up per event meanwhile
-                while (
-                    sub.depth < max_events and sub.node is not None and not stream.unwatched
-                    and sub.overflowed_lag is None and not shutdown.is_set()
-                ):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    stream.wake.clear()
-                    await _wait(stream.wake, left)
-                if stream.waker is not None:
-                    stream.waker.target = 0
-            if sub.pending:
+            elif self._holding(stream):
+                # the batch fills up until the flusher (or a full batch) wakes the stream
+                stream.wake.clear()
+                await _wait(stream.wake, max(0.0, next_beat - time.monotonic()))
+            if sub.pending and not self._holding(stream):
                 budget = max(1, min(max_events, max_bytes // 8))
-                # Consecutive event batches go out as one message (within max_events and
-                # max_bytes): a stream message costs far more than the events in it.
-                run: list[tuple[EventBatch, int]] = []
-                run_events = run_bytes = 0
-                for item in sub.take(budget):
-                    if isinstance(item, Stamped):
-                        batch = item.batch
-                        parts = (
-                            (batch,) if omit_data or len(batch.data) <= max_bytes
-                            else _split_by_bytes(batch, max_bytes)
-                        )
-                        for part in parts:
-                            size = 0 if omit_data else len(part.data)
-                            if run and (
-                                run_events + len(part) > max_events or run_bytes + size > max_bytes
-                            ):
-                                yield _events_msg(run, vm.seq, omit_data)
-                                run, run_events, run_bytes = [], 0, 0
-                            run.append((part, item.ts_ns))
-                            run_events += len(part)
-                            run_bytes += size
-                        continue
-                    if run:
-                        yield _events_msg(run, vm.seq, omit_data)
-                        run, run_events, run_bytes = [], 0, 0
-                    if isinstance(item, Gap):
-                        yield pb.WatchResponse(gap=cv.gap_pb(item))
-                    elif isinstance(item, RegionRemoved):
-                        yield pb.WatchResponse(region_removed=cv.region_pb(item))
-                    elif isinstance(item, Finding):
-                        yield pb.WatchResponse(finding=cv.finding_pb(item))
-                if run:
-                    yield _events_msg(run, vm.seq, omit_data)
+                for msg in _messages(sub.take(budget), vm, max_events, max_bytes, omit_data):
+                    yield msg
                 if sub.policy is SlowPolicy.BLOCK and not sub.full:
                     stream.entry.room.set()
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + heartbeat_s
-                c = sub.counters
-                yield pb.WatchResponse(
-                    progress=pb.Progress(
-                        head_seq=vm.seq,
-                        sent_seq=sub.last_seq,
-                        lag=max(0, vm.seq - sub.last_seq),
-                        queue_depth=sub.depth,
-                        sent_total=c.sent,
-                        # what the stream has reported so far, not drops still pending
-                        dropped_total=c.reported_dropped,
-                        coalesced_total=c.reported_coalesced,
-                        timestamp_ns=time.time_ns(),
-                    )
-                )
+                yield _progress(sub, vm)
+
+    def _holding(self, stream: _Stream) -> bool:
+        """Whether the stream's events wait for its batch delay to end."""
+        waker = stream.waker
+        return (
+            waker is not None and waker.held and not waker.must_go(stream.sub)
+            and not stream.unwatched and not self.engine.shutting_down.is_set()
+        )
 
     @unary
     async def Unwatch(self, request: pb.UnwatchRequest, context: Ctx) -> pb.UnwatchResponse:

@@ -15,15 +15,10 @@ from typing import Any
 
 from pagetrackd.domain import PAGE_SHIFT, PAGE_SIZE
 from pagetrackd.plugins.x86_paging import PTE_RW, pages_per
-from pagetrackd.workloads.guest_os import (
-    COMMON_OPTIONS,
-    THP_REGION,
-    USER_REGIONS,
-    AddressSpace,
-    GuestOsWorkload,
-    OptionSpec,
-    Process,
-)
+from pagetrackd.workloads.guest_kernel import THP_REGION, USER_REGIONS
+from pagetrackd.workloads.guest_mm import AddressSpace, Process
+from pagetrackd.workloads.guest_os import COMMON_OPTIONS, GuestOsWorkload
+from pagetrackd.workloads.options import OptionSpec
 
 #: operation -> weight of being picked
 _OPS: dict[str, float] = {

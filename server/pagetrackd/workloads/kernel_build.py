@@ -18,14 +18,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from pagetrackd.domain import PAGE_SHIFT, PAGE_SIZE, Vm
-from pagetrackd.workloads.guest_os import (
-    COMMON_OPTIONS,
-    USER_REGIONS,
-    AddressSpace,
-    GuestOsWorkload,
-    OptionSpec,
-    Process,
-)
+from pagetrackd.workloads.guest_kernel import USER_REGIONS
+from pagetrackd.workloads.guest_mm import AddressSpace, Process
+from pagetrackd.workloads.guest_os import COMMON_OPTIONS, GuestOsWorkload
+from pagetrackd.workloads.options import OptionSpec
 
 _TEXT_REGION = 0
 _HEAP_REGION = 1

@@ -161,5 +161,5 @@ class AdminService(pbg.AdminServiceServicer):
                 if not name:
                     name = req.vm
                 upload.add(req.data)
-            entry, records = upload.replay(name)
+            entry, records = await upload.replay(name)
         return pb.ReplayVmResponse(vm=vm_pb(vm_view(self.engine, entry)), records=records)

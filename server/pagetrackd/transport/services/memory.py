@@ -9,7 +9,7 @@ import numpy as np
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-from pagetrackd.application import Engine
+from pagetrackd.application import Engine, slices
 from pagetrackd.application import access as app
 from pagetrackd.domain import InvalidArgument, WritePath, WritePiece
 from pagetrackd.limits import ServerLimits
@@ -100,8 +100,9 @@ class MemoryService(pbg.MemoryServiceServicer):
         _add_pieces(reply.pieces, result.write.pieces)
         return reply
 
-    def _batch_columns(self, request: pb.WriteGuestBatchRequest) -> tuple[Any, Any]:
-        """The batch's gpa (uint64) and length columns, their shapes checked."""
+    async def _batch_columns(self, request: pb.WriteGuestBatchRequest) -> tuple[Any, Any]:
+        """The batch's gpa (uint64) and length columns, their shapes checked (a large
+        batch's converted in a worker thread)."""
         n = len(request.gpa)
         if n > self.limits.max_batch_writes:
             raise InvalidArgument(
@@ -113,7 +114,7 @@ class MemoryService(pbg.MemoryServiceServicer):
             )
         if len(request.length) != n:
             raise InvalidArgument(f"length has {len(request.length)} entries; gpa has {n}")
-        return np.array(request.gpa, dtype=np.uint64), np.array(request.length, dtype=np.int64)
+        return await slices.columns(request.gpa, request.length)
 
     @unary
     async def WriteGuestBatch(
@@ -121,7 +122,7 @@ class MemoryService(pbg.MemoryServiceServicer):
     ) -> pb.WriteGuestBatchResponse:
         who = tenant()
         self.engine.vm(who, request.vm)  # an unknown VM is refused first
-        gpa, length = self._batch_columns(request)
+        gpa, length = await self._batch_columns(request)
         result, cycles = await app.write_batch(
             self.engine, who, request.vm, gpa, request.vcpu, length, request.data,
             self.limits.max_write_bytes,

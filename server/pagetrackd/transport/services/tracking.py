@@ -39,7 +39,7 @@ class TrackingService(pbg.TrackingServiceServicer):
         self.engine.vm(who, request.vm)  # an unknown VM or lease is refused first
         self.engine.lease_owner(who, request.lease_id)
         cv.enum_value(_WRITE_MODE, request.mode, "mode")
-        done = app.add_tracking(
+        done = await app.add_tracking(
             self.engine, who, request.vm, _selection(request), request.lease_id,
             self.limits.max_gfns_per_request,
         )
@@ -56,7 +56,7 @@ class TrackingService(pbg.TrackingServiceServicer):
         self.engine.vm(who, request.vm)  # an unknown VM or lease is refused first
         self.engine.lease_owner(who, request.lease_id)
         cv.enum_value(_WRITE_MODE, request.mode, "mode")
-        done = app.remove_tracking(
+        done = await app.remove_tracking(
             self.engine, who, request.vm, _selection(request), request.lease_id,
             self.limits.max_gfns_per_request,
         )

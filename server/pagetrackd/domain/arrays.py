@@ -1,0 +1,27 @@
+"""Array helpers the domain's hot paths share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["distinct"]
+
+
+def distinct(values: npt.ArrayLike) -> npt.NDArray[Any]:
+    """The distinct values, ascending, as ``np.unique(values)``, found by sorting.
+
+    numpy 2.3 and later find plain ``np.unique``'s answer with a hash table first,
+    which on int64 arrays of 10^5 or more gfns or page indexes measured 50 to 100 times
+    slower here than a sort (0.7-1.0 s against 3-9 ms for 2^19 values).
+    """
+    flat = np.sort(np.asarray(values), axis=None)
+    if flat.size < 2:
+        return flat
+    keep = np.empty(flat.size, dtype=np.bool_)
+    keep[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=keep[1:])
+    out: npt.NDArray[Any] = flat[keep]
+    return out
