@@ -16,6 +16,7 @@ import io
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ async def _underway(att: Tenant, vm: str, field: str) -> None:
     raise AssertionError(f"no event on {vm} after a minute")
 
 
-async def _timed(call: object) -> tuple[object, float, float]:
+async def _timed(call: object) -> tuple[Any, float, float]:
     start = time.time()
     reply = await call  # type: ignore[misc]
     return reply, start, time.time()
