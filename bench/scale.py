@@ -40,6 +40,8 @@ Curves (several sizes each; every line is ``name: value``):
   each) in a daemon with ``--state-dir``: SIGTERM to exit (the shutdown save), bytes on
   disk, start to serving with every VM loaded; then, with a save every 2 s while one
   writer writes to every VM, the writer's longest call (the pause a save causes).
+* **bigsave**: one VM with 512 MiB of written guest memory: its first save under a
+  writer (the writer's longest call) and the daemon's peak RSS against its RSS before.
 
 After each curve: the per-unit cost at the largest size and the ratio largest/smallest.
 The summary lines at the end have fixed names and targets (see the issue). Every daemon
@@ -83,6 +85,7 @@ FULL = {
     "watchers": [1, 100, 1_000],
     "history": [1 << 20],
     "restart": [1_000],
+    "bigsave": [512],
 }
 QUICK = {
     "tracking": [1 << 12, 1 << 14, 1 << 16],
@@ -90,6 +93,7 @@ QUICK = {
     "watchers": [1, 4, 16],
     "history": [1 << 13],
     "restart": [12],
+    "bigsave": [16],
 }
 SECTIONS = list(FULL)
 
@@ -1214,6 +1218,82 @@ def section_restart(sizes: list[int], quick: bool, tmp: Path) -> None:
     _summary["save_max_writer_pause_ms"] = pause_s * 1e3
 
 
+# --------------------------------------------------------------------------- bigsave
+
+
+async def _fill_memory(target: str, mib: int) -> None:
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    pages = mib * 256
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        await s.vm.CreateVm(pb.CreateVmRequest(name="big"))
+        await s.mem.SetMemoryRegion(
+            pb.SetMemoryRegionRequest(vm="big", slot=0, base_gfn=0, npages=pages))
+        per = 64  # 256 KiB a call
+        for first in range(0, pages, per):
+            n = min(per, pages - first)
+            await s.mem.WriteGuestBatch(pb.WriteGuestBatchRequest(
+                vm="big", gpa=[(first + i) * PAGE for i in range(n)], vcpu=[0],
+                length=[PAGE] * n, data=bytes([first % 251 + 1]) * (PAGE * n)))
+
+
+async def _pauses_until(target: str, log: Path, saves: int, after_s: float) -> float:
+    """The longest WriteGuest call while the daemon completes ``saves`` more saves (and
+    ``after_s`` seconds past the last)."""
+    from pagetrack.v1 import pagetrack_pb2 as pb
+
+    worst = 0.0
+    done_at = None
+    async with _channel(target) as ch:
+        s = stubs(ch)
+        i = 0
+        while done_at is None or time.monotonic() < done_at + after_s:
+            t = time.perf_counter()
+            await s.mem.WriteGuest(pb.WriteGuestRequest(
+                vm="big", vcpu=0, gpa=(i * 4099 % 1024) * PAGE, data=b"\x5a" * 8))
+            worst = max(worst, time.perf_counter() - t)
+            i += 1
+            if done_at is None and i % 200 == 0 and len(_save_times(log)) >= saves:
+                done_at = time.monotonic()
+    return worst
+
+
+def _hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+def section_bigsave(sizes: list[int], quick: bool, tmp: Path) -> None:
+    """One VM with ``sizes[-1]`` MiB of written guest memory: the first save of all of
+    it under a writer (its longest call) and the daemon's peak RSS against its RSS
+    before the save."""
+    mib = sizes[-1]
+    cfg = f"[quotas]\nguest_memory_bytes = {(mib + 64) << 20}\n"
+    d = Daemon(tmp, "--state-dir", str(tmp / "bigstate"), "--save-interval", "15",
+               "--log-level", "debug", config=cfg, name="bigsave")
+    try:
+        t = time.perf_counter()
+        run(_fill_memory(d.target, mib))
+        fill_s = time.perf_counter() - t
+        rss = d.rss()
+        before = len(_save_times(d.log))
+        pause = run(_pauses_until(d.target, d.log, before + 1, 1.0))
+        peak = _hwm(d.proc.pid)
+        save_s = _save_times(d.log)[before]
+    finally:
+        d.stop()
+    emit(f"bigsave_{mib}mib_fill_s", fill_s)
+    emit(f"bigsave_{mib}mib_rss_before_mib", rss / (1 << 20))
+    emit(f"bigsave_{mib}mib_peak_rss_mib", peak / (1 << 20))
+    emit(f"bigsave_{mib}mib_peak_over_before", peak / rss)
+    emit(f"bigsave_{mib}mib_save_s", save_s)
+    emit(f"bigsave_{mib}mib_max_writer_pause_ms", pause * 1e3)
+
+
 # --------------------------------------------------------------------------- main
 
 TARGETS = [
@@ -1272,7 +1352,7 @@ def main(argv: list[str]) -> int:
     emit("loadavg_1m", os.getloadavg()[0])
     sections: dict[str, Callable[[list[int], bool, Path], None]] = {
         "tracking": section_tracking, "vms": section_vms, "watchers": section_watchers,
-        "history": section_history, "restart": section_restart,
+        "history": section_history, "restart": section_restart, "bigsave": section_bigsave,
     }
     with tempfile.TemporaryDirectory(prefix="pt-scale-") as tmpdir:
         for name in SECTIONS:

@@ -8,15 +8,18 @@ One snapshot holds one VM. Its layout (all integers little-endian)::
     header                          header_len bytes of UTF-8 JSON (tenant, name, options,
                                     limits, seq, statistics, memslots, plugins, leases)
     payload_len                     u64
-    payload                         an .npz archive (numpy, no pickles, members stored
-                                    uncompressed) of the VM's arrays
+    payload                         the VM's arrays: an .npz archive (version 1; numpy,
+                                    no pickles, members stored uncompressed) or raw
+                                    (version 2, see below)
     sha256                          32 bytes, of everything before it
 
-Version 1 is the whole VM in one file (what SnapshotVm sends and RestoreVm reads).
-Version 2 is the same container for the daemon's own state directory, whose header may
-name further files (guest memory chunks, history segments) kept beside it; see
-``pagetrackd.state.vmfiles``. A reader of this module accepts both; what the header
-means is the daemon's business.
+Version 1 is the whole VM in one file (what SnapshotVm sends and RestoreVm reads); its
+payload is an .npz archive. Version 2 is the container of the daemon's state directory,
+whose VM files may name further files kept beside them (guest memory chunks, history
+segments; see ``pagetrackd.state.incremental``). Its payload is the arrays' bytes one
+after the other, each padded to 8 bytes, described by the header's ``arrays`` list of
+``[name, dtype, count]``: no zip to walk and no CRC computed in Python, and the arrays
+are read as views of the file's bytes. A reader of this module accepts both.
 
 A file cut short, with a flipped bit, or of another version is refused with a
 :class:`SnapshotFormatError` that says which.
@@ -126,12 +129,20 @@ def write_snapshot(f: IO[bytes], header: dict[str, Any],
     empty), streaming: the arrays go to the file as they are encoded and the checksum is
     taken reading it back, so a large VM is not held in memory a second time. Returns
     the bytes written."""
+    if version >= STATE_FORMAT_VERSION:
+        arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
+        header = dict(header, arrays=[[k, a.dtype.str, int(a.size)] for k, a in arrays.items()])
     head = _dump_header(header)
     f.write(_prefix(head, version))
     f.write(head)
     at = f.tell()
     f.write(bytes(8))
-    np.savez(f, allow_pickle=False, **arrays)
+    if version >= STATE_FORMAT_VERSION:
+        for a in arrays.values():
+            f.write(a.reshape(-1).data)
+            f.write(bytes(-a.nbytes % 8))
+    else:
+        np.savez(f, allow_pickle=False, **arrays)
     end = f.tell()
     f.seek(at)
     f.write((end - at - 8).to_bytes(8, "little"))
@@ -211,6 +222,8 @@ def decode_versioned(data: bytes | memoryview, *,
     """``(format_version, header, arrays)`` of a snapshot file, as :func:`decode`."""
     version, header, at = read_header(data, versions=versions)
     payload = memoryview(data).cast("B")[at:-DIGEST_BYTES]
+    if version >= STATE_FORMAT_VERSION:
+        return version, header, _raw_arrays(header, payload)
     _check_members(payload)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
@@ -218,3 +231,35 @@ def decode_versioned(data: bytes | memoryview, *,
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise SnapshotFormatError(f"snapshot arrays cannot be read: {exc}") from None
     return version, header, arrays
+
+
+#: the element types a version 2 payload may hold (numbers only: nothing to unpickle)
+RAW_DTYPES = frozenset({"|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8"})
+
+
+def _raw_arrays(header: dict[str, Any], payload: memoryview
+                ) -> dict[str, np.ndarray[Any, Any]]:
+    """The arrays of a version 2 payload, as read-only views of its bytes."""
+    manifest = header.get("arrays")
+    if not isinstance(manifest, list):
+        raise SnapshotFormatError("snapshot header has no arrays list")
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    at = 0
+    for entry in manifest:
+        if (
+            not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
+            or entry[1] not in RAW_DTYPES or not isinstance(entry[2], int)
+            or isinstance(entry[2], bool) or entry[2] < 0 or entry[0] in out
+        ):
+            raise SnapshotFormatError(f"snapshot header: bad arrays entry {entry!r:.80}")
+        dtype = np.dtype(entry[1])
+        n = entry[2] * dtype.itemsize
+        if at + n > len(payload):
+            raise SnapshotFormatError("snapshot arrays declare more bytes than the file holds")
+        out[entry[0]] = np.frombuffer(payload[at : at + n], dtype=dtype)
+        at += n + (-n % 8)
+    if at != len(payload):
+        raise SnapshotFormatError(
+            f"snapshot arrays hold {at} bytes but the payload has {len(payload)}"
+        )
+    return out

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pagetrack.v1 import pagetrack_pb2 as pb
-from pagetrackd.state import decode
+from pagetrackd.state import decode, self_contained
 from tests.robustness.conftest import Daemon, Daemons
 from tests.robustness.support import tracked_vm, write_batch
 
@@ -109,7 +109,7 @@ def saved() -> bytes:
             tracked_vm(d)
             write_batch(d.stub("MemoryService"), "vm1", 100)
             assert d.stop() == 0
-            return (Path(tmp) / "state" / "vms" / "default" / "vm1.ptvm").read_bytes()
+            return self_contained(Path(tmp) / "state" / "vms" / "default" / "vm1.ptvm")
         finally:
             ds.stop_all()
 

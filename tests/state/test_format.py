@@ -17,6 +17,7 @@ from pagetrackd.state import (
     decode,
     encode,
     read_snapshot,
+    read_vm_file,
     restore_snapshot,
     snapshot_entry,
 )
@@ -67,7 +68,7 @@ async def test_stream_lease_references_are_not_saved(tmp_path: Path) -> None:
     entry.vm.track_add([0x103], owner=ttl.owner)
     sd = StateDir(tmp_path)
     assert await sd.save(e) == 1
-    snap = read_snapshot(sd.vm_path(T, "box").read_bytes())
+    snap, _ = read_vm_file(sd.vm_path(T, "box"))
     owners = {o for s in snap.state.slots for o in s.owners}
     assert owners == {"tenant", ttl.owner}
     leases = json.loads((tmp_path / "leases.json").read_text())["body"]["leases"]

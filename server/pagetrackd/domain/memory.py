@@ -22,12 +22,20 @@ Layout, chosen so that a batch of writes is stored with a handful of numpy opera
 Single accesses find a page through a dict that holds each page's ``(lo, hi, base, row)``
 as Python ints, and copy through a memoryview of the slab: numpy scalars would cost
 several times more.
+
+For incremental saves the memory is cut in **chunks** of :data:`CHUNK_PAGES` pages:
+a byte map (one byte a chunk) marks the chunks written since the last
+:meth:`SlotMemory.begin_save`. A save
+copies its chunks one at a time, over many event-loop turns; a write into a chunk the
+save has not copied yet copies that chunk first (copy on write), so what the save gets
+is the memory as it was when the save began.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +43,9 @@ import numpy.typing as npt
 from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.types import PAGE_SIZE
 
+#: pages per chunk, the unit of incremental saves (1 MiB of guest memory)
+CHUNK_SHIFT = 8
+CHUNK_PAGES = 1 << CHUNK_SHIFT
 #: An extent wider than this is widened to the whole page.
 PROMOTE_BYTES = 1024
 #: Python objects behind each written page: its dict entry, the ``(lo, hi, base, row)``
@@ -55,12 +66,24 @@ _unpack_u64 = struct.Struct("<Q").unpack_from
 I64 = npt.NDArray[np.int64]
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkCopy:
+    """The written pages of one chunk, copied out: page numbers (within the slot), each
+    page's extent start and length, and the extents' bytes one after the other."""
+
+    chunk: int
+    pages: I64
+    lo: I64
+    length: I64
+    data: bytes
+
+
 class SlotMemory:
     """The guest memory behind one memslot, indexed by page number within the slot."""
 
     __slots__ = (
         "nbytes", "_extent", "_nrows", "_lo", "_hi", "_base", "_slab", "_slab_mv", "_used",
-        "_top", "_mid", "_leaf", "_nmid", "_nleaf", "_indexed",
+        "_top", "_mid", "_leaf", "_nmid", "_nleaf", "_indexed", "_dirty", "_cow",
     )
 
     def __init__(self) -> None:
@@ -82,6 +105,11 @@ class SlotMemory:
         self._leaf = np.zeros((1, FAN), dtype=np.int32)
         self._nmid = self._nleaf = 1
         self._indexed = False  # the directory is built on the first batch
+        # one byte a chunk: 1 = written since the last begin_save (or ever, before one)
+        self._dirty = bytearray()
+        #: during a save: its chunks not yet taken -> their copy, None until a write
+        #: into the chunk made one (copy on write); None when no save runs
+        self._cow: dict[int, ChunkCopy | None] | None = None
 
     @property
     def pages(self) -> int:
@@ -98,6 +126,7 @@ class SlotMemory:
         return (
             self._used + _ROW_BYTES * self._nrows + self._top.nbytes
             + _NODE_BYTES * (self._nmid + self._nleaf) + PAGE_OBJECT_BYTES * len(self._extent)
+            + len(self._dirty)
         )
 
     def growth_bound(self, index: I64, offset: I64, end: I64) -> int:
@@ -117,9 +146,12 @@ class SlotMemory:
             rows = np.array([h[3] for h in held], dtype=np.int64)
             lo = np.array([h[0] for h in held], dtype=np.int64)
             hi = np.array([h[1] for h in held], dtype=np.int64)
+        # the dirty map grows to the highest chunk (one byte a chunk)
+        need, have = (int(index.max()) >> CHUNK_SHIFT) + 1, len(self._dirty)
+        dirty = max(need, have + have // 2) - have if need > have else 0
         outside = (offset < lo) | (end > hi)
         if not outside.any():
-            return 0
+            return dirty
         index, rows = index[outside], rows[outside]
         new = rows == 0
         # Each page's extent once every piece is stored: the union of what it holds and
@@ -141,7 +173,7 @@ class SlotMemory:
         need = (int(pages[-1]) >> (2 * FAN_SHIFT)) + 1
         if need > self._top.size:
             grow += 4 * max(need, self._top.size + self._top.size // 2) - self._top.nbytes
-        return grow
+        return grow + dirty
 
     # ----------------------------------------------------------------- lookups
 
@@ -273,6 +305,14 @@ class SlotMemory:
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         """Store ``data`` at ``offset`` of page ``index``; it must fit in the page."""
         end = offset + len(data)
+        chunk = index >> CHUNK_SHIFT
+        if self._cow is not None and chunk in self._cow and self._cow[chunk] is None:
+            self._cow[chunk] = self.copy_chunk(chunk)
+        try:
+            self._dirty[chunk] = 1
+        except IndexError:
+            self._grow_dirty(chunk)
+            self._dirty[chunk] = 1
         ext = self._extent.get(index)
         if ext is None or offset < ext[0] or end > ext[1]:
             ext = self._cover(index, offset, end)
@@ -287,6 +327,7 @@ class SlotMemory:
         calling :meth:`write` for each, in a few array operations."""
         if not index.size:
             return
+        self._touch(index)
         if not self._indexed:
             self._build_index()
         self._grow_top(int(index.max()))
@@ -335,6 +376,87 @@ class SlotMemory:
         view = memoryview(data)
         for d, s, k in zip(dest.tolist(), start.tolist(), length.tolist(), strict=True):
             slab[d : d + k] = view[s : s + k]
+
+    # ----------------------------------------------------------------- saves
+
+    def _touch(self, index: I64) -> None:
+        """Mark the chunks of pages ``index`` dirty, copying first those a running save
+        has not taken yet."""
+        chunks = index >> CHUNK_SHIFT
+        cow = self._cow
+        if cow is not None:
+            for c in np.unique(chunks).tolist():
+                if c in cow and cow[c] is None:
+                    cow[c] = self.copy_chunk(c)
+        self._grow_dirty(int(chunks.max()))
+        np.frombuffer(self._dirty, dtype=np.uint8)[chunks] = 1
+
+    def _grow_dirty(self, chunk: int) -> None:
+        if chunk >= len(self._dirty):
+            n = len(self._dirty)
+            self._dirty.extend(bytes(max(chunk + 1, n + n // 2) - n))
+
+    def dirty_chunks(self) -> list[int]:
+        """The chunks written since the last :meth:`begin_save`, ascending."""
+        return np.flatnonzero(np.frombuffer(self._dirty, dtype=np.uint8)).tolist()
+
+    def mark_saved(self) -> None:
+        """Every chunk is saved as it is now (a VM just loaded from its files)."""
+        self._dirty[:] = bytes(len(self._dirty))
+
+    def copy_chunk(self, chunk: int) -> ChunkCopy:
+        """The written pages of ``chunk``, copied: their page numbers, extents and bytes."""
+        pages: list[int] = []
+        los: list[int] = []
+        lens: list[int] = []
+        parts: list[memoryview] = []
+        extent = self._extent
+        slab = self._slab_mv
+        first = chunk << CHUNK_SHIFT
+        if len(extent) < CHUNK_PAGES:
+            candidates: list[int] | range = sorted(
+                p for p in extent if p >> CHUNK_SHIFT == chunk
+            )
+        else:
+            candidates = range(first, first + CHUNK_PAGES)
+        for page in candidates:
+            ext = extent.get(page)
+            if ext is None:
+                continue
+            lo, hi, base, _ = ext
+            pages.append(page)
+            los.append(lo)
+            lens.append(hi - lo)
+            parts.append(slab[base + lo : base + hi])
+        return ChunkCopy(
+            chunk, np.array(pages, dtype=np.int64), np.array(los, dtype=np.int64),
+            np.array(lens, dtype=np.int64), b"".join(parts),
+        )
+
+    def begin_save(self) -> list[int]:
+        """Start a save: returns the chunks written since the last one, ascending, and
+        from now on keeps their contents as they are now until :meth:`take_chunk`."""
+        chunks = self.dirty_chunks()
+        self.mark_saved()
+        self._cow = dict.fromkeys(chunks)
+        return chunks
+
+    def take_chunk(self, chunk: int) -> ChunkCopy:
+        """A chunk of the running save, as it was when the save began."""
+        assert self._cow is not None, "no save is running"
+        copy = self._cow.pop(chunk, None)
+        return copy if copy is not None else self.copy_chunk(chunk)
+
+    def end_save(self, unsaved: Iterable[int] = ()) -> None:
+        """End the running save; ``unsaved`` chunks (a failed save's) and those not taken
+        are dirty again, so the next save writes them."""
+        again = list(unsaved)
+        if self._cow is not None:
+            again.extend(self._cow)
+        for chunk in again:
+            self._grow_dirty(chunk)
+            self._dirty[chunk] = 1
+        self._cow = None
 
     # ----------------------------------------------------------------- reads
 

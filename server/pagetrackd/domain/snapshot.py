@@ -19,6 +19,7 @@ import numpy.typing as npt
 from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.cost import CostModel
 from pagetrackd.domain.errors import InvalidArgument
+from pagetrackd.domain.memory import SlotMemory
 from pagetrackd.domain.track import COUNTER_MAX
 from pagetrackd.domain.types import (
     PAGE_SIZE,
@@ -32,7 +33,7 @@ from pagetrackd.domain.vm import Vm, VmStats
 
 I64 = npt.NDArray[np.int64]
 
-__all__ = ["SlotState", "VmState", "export_vm", "import_vm", "vm_options"]
+__all__ = ["SlotState", "VmState", "export_vm", "import_vm", "slot_memories", "vm_options"]
 
 
 def _empty() -> I64:
@@ -289,3 +290,9 @@ def _load_stats(stats: VmStats, saved: dict[str, Any]) -> None:
             setattr(stats, f.name, [int(v) for v in value])
         elif isinstance(value, int) and isinstance(getattr(stats, f.name), int):
             setattr(stats, f.name, value)
+
+
+def slot_memories(vm: Vm) -> dict[int, SlotMemory]:
+    """Each memslot's guest memory by slot id: what an incremental save cuts in chunks
+    (see :meth:`SlotMemory.begin_save`)."""
+    return {slot.info.slot_id: slot.memory for slot in vm.slots.slots()}

@@ -8,6 +8,8 @@ Modules, each with one job:
 * :mod:`.history_records` and :mod:`.plugin_records`: the event history and the
   attached plugins inside a snapshot;
 * :mod:`.restore`: a snapshot made a registered VM again;
+* :mod:`.incremental`: a VM's state-directory file and the memory chunks and history
+  segments beside it, written as they change;
 * :mod:`.vmfiles` and :mod:`.leases_file`: the files of the state directory;
 * :mod:`.directory`: :class:`StateDir`, loading at start and saving as the daemon runs.
 """
@@ -21,6 +23,7 @@ from pagetrackd.state.container import (
     snapshot_length,
 )
 from pagetrackd.state.directory import StateDir
+from pagetrackd.state.incremental import read_vm_file, self_contained
 from pagetrackd.state.restore import prepare_vm, restore_snapshot
 from pagetrackd.state.snapshot import Snapshot, capture_entry, read_snapshot, snapshot_entry
 
@@ -35,7 +38,9 @@ __all__ = [
     "encode",
     "prepare_vm",
     "read_snapshot",
+    "read_vm_file",
     "restore_snapshot",
+    "self_contained",
     "snapshot_entry",
     "snapshot_length",
 ]

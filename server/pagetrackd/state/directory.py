@@ -28,6 +28,15 @@ from pagetrackd.leases import Lease, LeaseKind
 from pagetrackd.replay import encode_value
 from pagetrackd.seqs import SEQS_FILE, SeqReservations
 from pagetrackd.state.container import SUFFIX, SnapshotError
+from pagetrackd.state.incremental import (
+    SavedFiles,
+    VmGone,
+    bind_loaded,
+    files_dir,
+    read_vm_file,
+    remove_unnamed,
+    save_vm,
+)
 from pagetrackd.state.leases_file import (
     LEASES_FILE,
     apply_lease_records,
@@ -36,8 +45,8 @@ from pagetrackd.state.leases_file import (
     load_leases,
 )
 from pagetrackd.state.restore import restore_snapshot
-from pagetrackd.state.snapshot import capture_entry, read_snapshot
-from pagetrackd.state.vmfiles import read_regular, signature, write_vm_file
+from pagetrackd.state.snapshot import capture_entry
+from pagetrackd.state.vmfiles import signature
 
 log = structlog.get_logger("pagetrackd.state")
 
@@ -80,6 +89,8 @@ class StateDir:
     #: VM file -> the journal index it holds
     _journaled: dict[Path, int] = field(default_factory=dict)
     _sigs: dict[Path, str] = field(default_factory=dict)
+    #: VM file -> the side files it names (memory chunks, history segments)
+    _files: dict[Path, SavedFiles] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -96,6 +107,9 @@ class StateDir:
         try:
             os.replace(path, bad)
             moved = str(bad)
+            side = files_dir(path)
+            if side.is_dir():
+                os.replace(side, side.with_name(side.name + ".bad"))  # kept with it
         except OSError as exc:
             moved = f"(could not move it aside: {exc})"
         self.refused.append(str(path))
@@ -114,6 +128,7 @@ class StateDir:
             self.seqs.load()
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"state directory {self.path}: {exc}") from None
+        self.seqs.deferred = True
         engine.on_vm_created.append(self.seqs.attach)
         engine.on_vm_deleted.append(self.seqs.forget)
         engine.recordings_dir = self.path / "recordings"
@@ -135,6 +150,8 @@ class StateDir:
                 journal.paused = False
         for entry in engine.list_vms(None):
             self._continue_seqs(entry)
+        self.seqs.deferred = False
+        self.seqs.reserve_ahead(engine.list_vms(None))
         kept = {e.recording for e in engine.list_vms(None)}
         for path in engine.recordings_dir.glob("*/*.jsonl"):
             if path not in kept:
@@ -173,30 +190,49 @@ class StateDir:
             for stale in tdir.glob(f".*{SUFFIX}.tmp"):
                 stale.unlink(missing_ok=True)  # a save interrupted by a crash
             for path in sorted(tdir.glob(f"*{SUFFIX}")):
-                try:
-                    snap = read_snapshot(read_regular(path))
-                    if snap.tenant != tenant or snap.name != path.name[: -len(SUFFIX)]:
-                        raise SnapshotError(
-                            f"the file holds VM {snap.name!r} of tenant {snap.tenant!r};"
-                            " its place says otherwise"
-                        )
-                    entry = restore_snapshot(
-                        engine, tenant, snap, leases=leases.get(tenant, ()), saved=True
-                    )
-                except (OSError, PageTrackError) as exc:
-                    self._refuse(path, str(exc))
-                    continue
-                self._sigs[path] = signature(entry, leases.get(tenant, set()))
-                index = snap.header.get("journal_index", 0)
-                if isinstance(index, int) and not isinstance(index, bool):
-                    saved[(tenant, entry.name)] = self._journaled[path] = index
-                loaded += 1
-                log.info(
-                    "state.vm_loaded", tenant=tenant, vm=entry.name, seq=entry.vm.seq,
-                    memslots=len(entry.vm.slots), tracked=entry.vm.tracked_count,
-                    plugins=sorted(entry.plugins),
-                )
+                loaded += self._load_one(engine, tenant, path, leases.get(tenant, set()), saved)
+        self._remove_orphans()
         return loaded
+
+    def _remove_orphans(self) -> None:
+        """Side files of VM files that are gone (deleted VMs, a crash mid-delete)."""
+        parts = self.path / "parts"
+        if not parts.is_dir():
+            return
+        for tdir in parts.iterdir():
+            for side in tdir.iterdir() if tdir.is_dir() else ():
+                vm_file = self.path / "vms" / tdir.name / f"{side.name}{SUFFIX}"
+                if not side.name.endswith(".bad") and not vm_file.exists():
+                    remove_unnamed(vm_file, None)
+
+    def _load_one(self, engine: Engine, tenant: TenantId, path: Path, leases: set[str],
+                  saved: dict[tuple[str, str], int]) -> bool:
+        """Load one VM file (and the side files it names); False if it was refused."""
+        try:
+            snap, files = read_vm_file(path)
+            if snap.tenant != tenant or snap.name != path.name[: -len(SUFFIX)]:
+                raise SnapshotError(
+                    f"the file holds VM {snap.name!r} of tenant {snap.tenant!r};"
+                    " its place says otherwise"
+                )
+            entry = restore_snapshot(engine, tenant, snap, leases=leases, saved=True)
+        except (OSError, PageTrackError) as exc:
+            self._refuse(path, str(exc))
+            return False
+        if files is not None:
+            bind_loaded(files, entry)
+            self._files[path] = files
+        remove_unnamed(path, files)
+        self._sigs[path] = signature(entry, leases)
+        index = snap.header.get("journal_index", 0)
+        if isinstance(index, int) and not isinstance(index, bool):
+            saved[(tenant, entry.name)] = self._journaled[path] = index
+        log.info(
+            "state.vm_loaded", tenant=tenant, vm=entry.name, seq=entry.vm.seq,
+            memslots=len(entry.vm.slots), tracked=entry.vm.tracked_count,
+            plugins=sorted(entry.plugins),
+        )
+        return True
 
     def _continue_seqs(self, entry: VmEntry) -> None:
         """Start the VM after the seqs the last run reserved: those past its saved seq
@@ -210,7 +246,6 @@ class StateDir:
                 first_seq=vm.seq + 1, last_seq=mark,
             )
             vm.seq = mark
-        entry.hub.history.seq_limit = vm.seq
 
     def _load_leases(self, engine: Engine) -> dict[str, set[str]]:
         """The TTL leases of the last save, and those made or ended since (journal)."""
@@ -259,6 +294,7 @@ class StateDir:
         failures = run.failures
         self._sigs = {p: s for p, s in self._sigs.items() if p in run.live}
         self._journaled = {p: i for p, i in self._journaled.items() if p in run.live}
+        self._files = {p: f for p, f in self._files.items() if p in run.live}
         if self.journal is not None and "leases" not in failures:
             # Records up to the lowest index some VM file holds are in every file.
             await self.journal.compact(min(run.held.values(), default=run.boundary))
@@ -313,6 +349,7 @@ class StateDir:
             if path not in keep:
                 path.unlink(missing_ok=True)  # the VM was deleted
                 fsync_dir(path.parent)
+                remove_unnamed(path, None)
         for tmp in vms.glob(f"*/.*{SUFFIX}.tmp"):
             if tmp.with_name(tmp.name[1 : -len(".tmp")]) not in keep:
                 tmp.unlink(missing_ok=True)  # left by a VM deleted mid-save
@@ -365,12 +402,16 @@ class _SaveRun:
         journal = state.journal
         try:
             header, arrays = capture_entry(
-                entry, include_memory=state.include_memory, engine=self.engine,
-                keep_owner=self.keep, include_history=True,
+                entry, include_memory=False, engine=self.engine, keep_owner=self.keep,
             )
             index = journal.last_index if journal is not None else 0
             header["journal_index"] = index
-            await asyncio.to_thread(write_vm_file, path, header, arrays)
+            state._files[path] = await save_vm(
+                entry, path, state._files.get(path), header, arrays,
+                include_memory=state.include_memory,
+            )
+        except VmGone:
+            return  # deleted meanwhile: the next save removes its file
         except Exception as exc:  # this VM's failure is this VM's alone
             key = _vm_key(entry.tenant, entry.name)
             self.failures[key] = f"{type(exc).__name__}: {exc}"

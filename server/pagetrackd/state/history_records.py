@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pagetrackd.domain import InvalidArgument
+from pagetrackd.domain.errors import Compacted
 from pagetrackd.domain.events import EventBatch
-from pagetrackd.domain.findings import finding_from_record, finding_record
-from pagetrackd.domain.hub import HistoryDump, RegionRemoved
+from pagetrackd.domain.findings import Finding, finding_from_record, finding_record
+from pagetrackd.domain.history import History, HistoryDump
+from pagetrackd.domain.stream_records import RegionRemoved, Stamped
 from pagetrackd.domain.types import RegionChange, SlotChange
 from pagetrackd.state.container import SnapshotError, header_field, int_vector
 
-__all__ = ["history_arrays", "history_header", "read_history"]
+__all__ = [
+    "HistoryCut", "cut_history", "history_arrays", "history_header", "merge_segments",
+    "read_history", "segment_dump",
+]
 
 
 def _history_record(region: RegionRemoved) -> dict[str, Any]:
@@ -105,3 +111,108 @@ def history_header(dump: HistoryDump) -> dict[str, Any]:
         "lost": [[a, b] for a, b in dump.lost],
         "findings": [finding_record(f) for f in dump.findings],
     }
+
+
+
+# ---------------------------------------------------------------------- segments
+#
+# A state-directory VM file keeps its history in segments: each save appends the items
+# stored since the last one as a new segment file; the oldest segments go once the
+# ring no longer holds anything of them. At load the segments are joined and cut at
+# the ring's oldest seq again.
+
+SavedItem = Stamped | RegionRemoved | Finding
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryCut:
+    """What a save takes of a history: the items stored since the last save (the ring's
+    own immutable objects), the seq they reach, and the newest of them."""
+
+    items: list[SavedItem]
+    upto: int  #: every event and finding up to this seq is saved with this cut
+    last: SavedItem | None  #: the newest item saved so far (this cut's or before)
+    #: the first seq the ring still holds: older segments can go
+    oldest_seq: int
+
+
+def cut_history(history: History, head_seq: int, upto: int, last: SavedItem | None) -> HistoryCut:
+    """The items of ``history`` after the save that reached ``upto`` with ``last`` as
+    its newest item (0 and None for a first save), up to ``head_seq``."""
+    oldest = history.oldest_seq
+    start = max(upto + 1, oldest)
+    try:
+        items = history.since(start, head_seq)
+    except Compacted:
+        items = []  # a history that keeps nothing
+    out: list[SavedItem] = [i for i in items if isinstance(i, Stamped | RegionRemoved | Finding)]
+    # Region records at the boundary seq may have been saved already: the items after
+    # the last saved one are new (it is the same object while the ring holds it).
+    for k, item in enumerate(out):
+        if item is last:
+            out = out[k + 1 :]
+            break
+    return HistoryCut(out, head_seq, out[-1] if out else last, oldest)
+
+
+def segment_dump(items: list[SavedItem], first_seq: int) -> HistoryDump:
+    """Items as the columns a segment file holds."""
+    batches = [i for i in items if isinstance(i, Stamped)]
+    return HistoryDump(
+        events=EventBatch.concat([b.batch for b in batches]),
+        batch_events=np.array([len(b.batch) for b in batches], dtype=np.int64),
+        batch_ts_ns=np.array([b.ts_ns for b in batches], dtype=np.int64),
+        is_region=np.array(
+            [isinstance(i, RegionRemoved) for i in items if not isinstance(i, Finding)],
+            dtype=bool,
+        ),
+        regions=[i for i in items if isinstance(i, RegionRemoved)],
+        oldest_seq=first_seq,
+        findings=[i for i in items if isinstance(i, Finding)],
+    )
+
+
+def merge_segments(parts: list[HistoryDump], oldest_seq: int,
+                   lost: list[tuple[int, int]]) -> HistoryDump:
+    """Segments joined in order and cut at ``oldest_seq``: events and findings before
+    it and region records before its previous seq are left out, as the ring had let
+    them go."""
+    events = EventBatch.concat([p.events for p in parts])
+    counts = np.concatenate([p.batch_events for p in parts] or [np.zeros(0, np.int64)])
+    stamps = np.concatenate([p.batch_ts_ns for p in parts] or [np.zeros(0, np.int64)])
+    flags = np.concatenate([p.is_region for p in parts] or [np.zeros(0, bool)])
+    regions = [r for p in parts for r in p.regions]
+    findings = [f for p in parts for f in p.findings if f.seq >= oldest_seq]
+    # First kept event, and the batch holding it (batches before it go whole).
+    k = int(np.searchsorted(events.seq, oldest_seq))
+    ends = np.cumsum(counts)
+    b = int(np.searchsorted(ends, k, side="right"))
+    if b < counts.size:
+        counts = counts[b:].copy()
+        counts[0] = int(ends[b]) - k
+    else:
+        counts = counts[:0]
+    keep_flags: list[bool] = []
+    keep_regions: list[RegionRemoved] = []
+    batch = region = 0
+    for is_region in flags.tolist():
+        if is_region:
+            r = regions[region]
+            region += 1
+            if r.at_seq >= oldest_seq - 1:
+                keep_flags.append(True)
+                keep_regions.append(r)
+        else:
+            if batch >= b:
+                keep_flags.append(False)
+            batch += 1
+    return HistoryDump(
+        events=events.slice(k, len(events)),
+        batch_events=counts,
+        batch_ts_ns=stamps[b:],
+        is_region=np.array(keep_flags, dtype=bool),
+        regions=keep_regions,
+        oldest_seq=oldest_seq,
+        lost=lost,
+        findings=findings,
+    )

@@ -31,7 +31,7 @@ from pagetrackd.state.history_records import (
 )
 from pagetrackd.state.plugin_records import check_plugin_records, plugin_record
 
-__all__ = ["Snapshot", "capture_entry", "read_snapshot", "snapshot_entry"]
+__all__ = ["Snapshot", "capture_entry", "read_snapshot", "snapshot_entry", "snapshot_from"]
 
 @dataclass(slots=True)
 class Snapshot:
@@ -171,8 +171,17 @@ def capture_entry(
 
 
 def read_snapshot(data: bytes) -> Snapshot:
-    """Decode and check snapshot bytes. Raises SnapshotError naming the problem."""
+    """Decode and check (self-contained) snapshot bytes. Raises SnapshotError naming the
+    problem."""
     header, arrays = decode(data)
+    return snapshot_from(header, arrays, hashlib.sha256(data).digest())
+
+
+def snapshot_from(
+    header: dict[str, Any], arrays: dict[str, np.ndarray[Any, Any]], digest: bytes = b""
+) -> Snapshot:
+    """Check a decoded snapshot (header and arrays, as a version 1 file holds them).
+    Raises SnapshotError naming the problem."""
     if header.get("kind") != "pagetrack.vm":
         raise SnapshotError(f"snapshot holds {header.get('kind')!r}, not a pagetrack VM")
     vm = header_field(header, "vm", dict, "header")
@@ -219,5 +228,5 @@ def read_snapshot(data: bytes) -> Snapshot:
         raise SnapshotError(str(exc)) from None
     check_plugin_records(header.get("plugins"))
     history = read_history(header.get("history"), arrays)
-    return Snapshot(header, state, hashlib.sha256(data).digest(), history)
+    return Snapshot(header, state, digest, history)
 

@@ -34,7 +34,8 @@ def read_regular(path: Path) -> bytes:
 
 
 def write_vm_file(path: Path, header: dict[str, Any],
-                  arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+                  arrays: dict[str, np.ndarray[Any, Any]],
+                  version: int = fmt.STATE_FORMAT_VERSION) -> None:
     """Replace ``path`` with the snapshot of ``header`` and ``arrays``: written to a
     temporary name (streaming, see :func:`pagetrack.snapshot_format.write_snapshot`),
     fsynced, renamed over, the directory fsynced. On any error the temporary file is
@@ -43,7 +44,7 @@ def write_vm_file(path: Path, header: dict[str, Any],
     tmp = tmp_name(path)
     try:
         with open(tmp, "w+b") as f:
-            fmt.write_snapshot(f, header, arrays)
+            fmt.write_snapshot(f, header, arrays, version=version)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
