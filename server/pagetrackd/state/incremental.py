@@ -189,18 +189,23 @@ class _Save:
         if self.vm.closed:
             raise VmGone
 
-    async def history(self) -> None:
+    def history(self) -> list[tuple[str, dict[str, Any], dict[str, np.ndarray[Any, Any]]]]:
+        """The new history segment's file (none when nothing new), to be written with the
+        first memory file (one thread call, one directory fsync)."""
         items = self.cut.items
         if not items:
-            return
+            return []
         first = self.prev.upto + 1 if self.new.segments else self.cut.oldest_seq
         dump = segment_dump(items, first)
         name = self._name("h", first, self.cut.upto)
         header = {"kind": "pagetrack.history", **history_header(dump)}
-        await self._write([(name, header, history_arrays(dump))])
         self.new.segments.append(Segment(name, first, self.cut.upto))
+        return [(name, header, history_arrays(dump))]
 
-    async def memory(self) -> None:
+    async def memory(
+        self, pending: list[tuple[str, dict[str, Any], dict[str, np.ndarray[Any, Any]]]]
+    ) -> None:
+        """Copy and write the memory chunks, ``pending`` files with the first of them."""
         for slot_id, (memory, chunks) in self.cuts.items():
             files = self.new.memory[slot_id][1]
             i = 0
@@ -212,8 +217,11 @@ class _Save:
                     size += len(copies[-1].data) + 16 * copies[-1].pages.size
                     i += 1
                 name = self._name("m", slot_id, chunks[i - 1])
-                await self._write([(name, *_memory_file(slot_id, copies))])
+                await self._write([*pending, (name, *_memory_file(slot_id, copies))])
+                pending = []
                 files.update((c.chunk, name) for c in copies)
+        if pending:
+            await self._write(pending)
 
     def finish(self, ok: bool) -> None:
         """End the memory cuts: on failure their chunks are dirty again."""
@@ -247,8 +255,7 @@ async def save_vm(entry: VmEntry, path: Path, prev: SavedFiles | None,
     header["vm"]["memory_included"] = include_memory
     header.update(save.header_lists())  # placeholders; the final lists follow
     try:
-        await save.history()
-        await save.memory()
+        await save.memory(save.history())
         header.update(save.header_lists())
         await asyncio.to_thread(write_vm_file, path, header, arrays, STATE_FORMAT_VERSION)
     except BaseException:
