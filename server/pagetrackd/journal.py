@@ -16,6 +16,10 @@ it had: a seq taken by something that was not journaled becomes a RESTART gap. A
 last line (the crash came mid-write) is cut off and ends that run's file; the next run
 wrote its records to a newer file, which is read on. A damaged whole line ends the
 journal.
+
+TTL leases made or ended are records too (``lease_create`` / ``lease_end``, with no VM):
+they are applied before the VM files load (:meth:`Journal.lease_records`), so the
+references held under a lease made since the last save load with their VM.
 """
 
 from __future__ import annotations
@@ -102,6 +106,26 @@ class Journal:
                     self.last_index = max(self.last_index, rec["i"])
                     yield rec
         self.durable_index = self.last_index
+
+    def lease_records(self) -> Iterator[dict[str, Any]]:
+        """The lease records, oldest first, without the rest: only lines naming a lease
+        op are decoded. Reading stops where :meth:`read` would (a torn or damaged line);
+        nothing is changed on disk."""
+        for _, path in self.segments():
+            with open(path, "rb") as f:
+                for line in f:
+                    if not (line.startswith(b"{") and line.endswith(b"}\n")):
+                        if line.endswith(b"\n"):
+                            return  # damaged: the journal ends here
+                        break  # torn: that run's file ends here
+                    if b'"op":"lease_' not in line:
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except (ValueError, RecursionError):
+                        return
+                    if isinstance(rec, dict) and isinstance(rec.get("i"), int):
+                        yield rec
 
     # ------------------------------------------------------------------ writing
 
@@ -238,6 +262,8 @@ def replay_journal(engine: Engine, journal: Journal, saved: dict[tuple[str, str]
             if rec["i"] <= saved.get(key, 0) or key in broken:
                 continue
             op = rec.get("op")
+            if isinstance(op, str) and op.startswith("lease_"):
+                continue  # applied before the VM files loaded
             try:
                 if op == "create":
                     _create(engine, key, rec)

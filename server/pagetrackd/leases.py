@@ -5,6 +5,9 @@ passes without a keep-alive, when it is revoked, or -- for a *stream* lease -- w
 Watch stream that holds it ends. When it ends, exactly the references added under it
 are released in every VM of its tenant, so a crashed tool never leaves pages
 write-protected.
+
+``on_change`` hooks hear of every TTL lease made or ended (the journal, with
+``durability = "journal"``, writes them down so an acknowledged lease survives a crash).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class LeaseTable:
         self._release = release
         self._clock = clock
         self.expired_total = 0
+        #: called with ("create" | "end", lease) for every TTL lease made or ended
+        self.on_change: list[Callable[[str, Lease], None]] = []
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -76,7 +81,13 @@ class LeaseTable:
         )
         lease = Lease(lease_id, tenant, kind, ttl_ms, expires, label)
         self._leases[lease_id] = lease
+        self._tell("create", lease)
         return lease
+
+    def _tell(self, change: str, lease: Lease) -> None:
+        if lease.kind is LeaseKind.TTL:
+            for hook in self.on_change:
+                hook(change, lease)
 
     def adopt(
         self, tenant: TenantId, lease_id: str, ttl_ms: int, remaining_ms: int, label: str = ""
@@ -93,6 +104,16 @@ class LeaseTable:
         )
         self._leases[lease_id] = lease
         return lease
+
+    def is_ttl(self, lease_id: str) -> bool:
+        """Whether a live TTL lease has that id (of any tenant)."""
+        lease = self._leases.get(lease_id)
+        return lease is not None and lease.kind is LeaseKind.TTL
+
+    def drop(self, lease_id: str) -> None:
+        """Forget a lease without releasing anything (at start, replaying the journal:
+        the VMs are not loaded yet, and their releases are replayed with them)."""
+        self._leases.pop(lease_id, None)
 
     def get(self, tenant: TenantId, lease_id: str) -> Lease:
         """The tenant's lease; another tenant's lease is NotFound too."""
@@ -113,6 +134,7 @@ class LeaseTable:
     def end(self, lease: Lease) -> None:
         """End a lease now and release its references."""
         if self._leases.pop(lease.lease_id, None) is not None:
+            self._tell("end", lease)
             self._release(lease)
 
     def revoke(self, tenant: TenantId, lease_id: str) -> Lease:

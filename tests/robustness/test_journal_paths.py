@@ -70,3 +70,35 @@ def test_restore_delete_and_a_name_used_again(daemons: Daemons, tmp_path: Path) 
     names = [v.name for v in d.stub("VmService").ListVms(pb.ListVmsRequest()).vms]
     assert names == ["copy", "src"]
     assert d.stop() == 0
+
+
+def test_journal_files_are_compacted_by_a_save_after_restarts(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """Each run writes its own journal file; the first save that completes after the
+    restarts deletes every file its VM files hold (the newest stays)."""
+    state = tmp_path / "state"
+
+    def files() -> int:
+        return len(list((state / "journal").glob("*.jnl")))
+
+    d = daemons.start(*ARGS, state_dir=state)
+    tracked_vm(d)
+    for _run in range(3):
+        write_batch(d.stub("MemoryService"), "vm1", 10)
+        d.kill()  # no save ran: the journal holds everything
+        d = daemons.start(*ARGS, state_dir=state)
+        _clean_replay(d)
+    assert files() == 3
+    write_batch(d.stub("MemoryService"), "vm1", 10)
+    d.kill()
+
+    d = daemons.start("--durability", "journal", "--save-interval", "0.2", state_dir=state)
+    _clean_replay(d)
+    wait_for(lambda: files() <= 1 or None, what="a save to compact the journal")
+    assert _vm(d, "vm1").head_seq >= 40
+    d.kill()
+    d = daemons.start(*ARGS, state_dir=state)
+    _clean_replay(d)
+    assert _vm(d, "vm1").head_seq >= 40
+    assert d.stop() == 0

@@ -24,7 +24,7 @@ from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId
 from pagetrackd.files import fsync_dir, write_atomic
 from pagetrackd.journal import Journal, JournalRecorder, replay_journal
-from pagetrackd.leases import LeaseKind
+from pagetrackd.leases import Lease, LeaseKind
 from pagetrackd.replay import encode_value
 from pagetrackd.seqs import SEQS_FILE, SeqReservations
 from pagetrackd.state.container import SUFFIX, SnapshotError
@@ -37,7 +37,13 @@ from pagetrackd.state.incremental import (
     remove_unnamed,
     save_vm,
 )
-from pagetrackd.state.leases_file import LEASES_FILE, leases_blob, load_leases
+from pagetrackd.state.leases_file import (
+    LEASES_FILE,
+    apply_lease_records,
+    lease_record,
+    leases_blob,
+    load_leases,
+)
 from pagetrackd.state.restore import restore_snapshot
 from pagetrackd.state.snapshot import capture_entry
 from pagetrackd.state.vmfiles import signature
@@ -131,6 +137,7 @@ class StateDir:
             engine.journal = journal
             engine.on_vm_created.append(self._journal_vm)
             engine.on_vm_deleted.append(self._journal_deleted)
+            engine.leases.on_change.append(self._journal_lease)
             journal.paused = True  # loading is not a change
         saved: dict[tuple[str, str], int] = {}
         try:
@@ -170,6 +177,10 @@ class StateDir:
     def _journal_deleted(self, tenant: TenantId, name: str) -> None:
         assert self.journal is not None
         self.journal.append({"t": tenant, "vm": name, "op": "delete"})
+
+    def _journal_lease(self, change: str, lease: Lease) -> None:
+        assert self.journal is not None
+        self.journal.append(lease_record(change, lease))
 
     def _load_files(self, engine: Engine, saved: dict[tuple[str, str], int]) -> int:
         leases = self._load_leases(engine)
@@ -237,12 +248,18 @@ class StateDir:
             vm.seq = mark
 
     def _load_leases(self, engine: Engine) -> dict[str, set[str]]:
+        """The TTL leases of the last save, and those made or ended since (journal)."""
         path = self.path / LEASES_FILE
         try:
-            return load_leases(engine, path)
+            leases, index = load_leases(engine, path)
         except (OSError, SnapshotError) as exc:
             self._refuse(path, str(exc) if isinstance(exc, SnapshotError) else f"lease file: {exc}")
-            return {}
+            leases, index = {}, 0
+        if self.journal is not None:
+            applied = apply_lease_records(engine, self.journal.lease_records(), index, leases)
+            if applied:
+                log.info("state.journal_leases", records=applied)
+        return leases
 
     # ------------------------------------------------------------------ save
 
@@ -255,6 +272,7 @@ class StateDir:
             # The leases file says when this save began (before any VM was copied): a
             # saved_at_ns after a change means every VM file holds that change.
             began_ns = time.time_ns()
+            lease_index = self.journal.last_index if self.journal is not None else 0
             ttl = [lease for lease in engine.leases.live() if lease.kind is LeaseKind.TTL]
             run = _SaveRun(self, engine, {lease.lease_id for lease in ttl})
             for entry in engine.list_vms(None):
@@ -262,7 +280,8 @@ class StateDir:
                     await run.save_vm(entry)
             try:
                 await asyncio.to_thread(
-                    self._write_rest, leases_blob(engine, ttl, began_ns), run.live
+                    self._write_rest, leases_blob(engine, ttl, began_ns, lease_index),
+                    run.live,
                 )
             except OSError as exc:
                 run.failures["leases"] = f"{type(exc).__name__}: {exc}"
@@ -363,8 +382,12 @@ class _SaveRun:
         self.held: dict[Path, int] = {}  #: the journal index each VM file holds now
 
     def keep(self, owner: str) -> bool:
-        """Stream leases end with their streams: only TTL leases' references are saved."""
-        return not owner.startswith("lease:") or owner in self.owners
+        """Stream leases end with their streams: only TTL leases' references are saved.
+        With a journal, a lease made since this save began is kept too: its record is
+        newer than the leases file and is applied before this VM file loads."""
+        if not owner.startswith("lease:") or owner in self.owners:
+            return True
+        return self.state.journal is not None and self.engine.leases.is_ttl(owner[len("lease:"):])
 
     async def save_vm(self, entry: VmEntry) -> None:
         """Write the VM's file if it changed; a failure is recorded, never raised."""
