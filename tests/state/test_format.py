@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -140,3 +141,25 @@ def test_a_history_that_does_not_fit_is_dropped_and_the_vm_still_loads() -> None
     assert restored.vm.seq == 1 and restored.hub.history.oldest_seq == 2
     good = restore_snapshot(Engine(), T, read_snapshot(data))
     assert good.hub.history.oldest_seq == 1 and good.hub.history.events == 1
+
+
+async def test_a_save_cuts_a_vm_between_requests_not_inside_one(tmp_path: Path) -> None:
+    """A big request applies in slices under its VM's lock (application/slices.py); a save
+    that comes meanwhile waits for the lock, so the saved VM holds all of the request or
+    none of it, never the slices written so far."""
+    e = _engine_with_vm()
+    vm = e.vm(T, "box").vm
+    sd = StateDir(tmp_path)
+    async with e.vm_locks.hold(T, "box"):
+        vm.write(0, 0x101 * 4096, b"first slice")
+        save = asyncio.ensure_future(sd.save(e))
+        for _ in range(20):  # the save runs up to the lock and waits there
+            await asyncio.sleep(0)
+        assert not save.done()
+        vm.write(0, 0x102 * 4096, b"last slice")
+    assert await save == 1
+    e2 = Engine()
+    assert StateDir(tmp_path).load(e2) == 1
+    vm2 = e2.vm(T, "box").vm
+    assert vm2.read(0x101 * 4096, 11) == b"first slice"
+    assert vm2.read(0x102 * 4096, 10) == b"last slice"

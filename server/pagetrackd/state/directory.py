@@ -31,6 +31,7 @@ from pagetrackd.state.container import SUFFIX, SnapshotError
 from pagetrackd.state.incremental import (
     SavedFiles,
     VmGone,
+    begin_save,
     bind_loaded,
     files_dir,
     read_vm_file,
@@ -401,15 +402,18 @@ class _SaveRun:
         self.held[path] = state._journaled.get(path, 0)
         journal = state.journal
         try:
-            header, arrays = capture_entry(
-                entry, include_memory=False, engine=self.engine, keep_owner=self.keep,
-            )
-            index = journal.last_index if journal is not None else 0
-            header["journal_index"] = index
-            state._files[path] = await save_vm(
-                entry, path, state._files.get(path), header, arrays,
-                include_memory=state.include_memory,
-            )
+            # A big request applies in slices under its VM's lock: waiting for the lock
+            # puts the cut between two requests, never inside one. Taking it does not
+            # yield when it is free, and it is let go before anything is written.
+            async with self.engine.vm_locks.hold(entry.tenant, entry.name):
+                header, arrays = capture_entry(
+                    entry, include_memory=False, engine=self.engine, keep_owner=self.keep,
+                )
+                index = journal.last_index if journal is not None else 0
+                header["journal_index"] = index
+                save = begin_save(entry, path, state._files.get(path),
+                                  include_memory=state.include_memory)
+            state._files[path] = await save_vm(save, header, arrays)
         except VmGone:
             return  # deleted meanwhile: the next save removes its file
         except Exception as exc:  # this VM's failure is this VM's alone

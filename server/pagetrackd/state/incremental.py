@@ -61,7 +61,7 @@ from pagetrackd.state.vmfiles import read_regular, write_vm_file
 
 __all__ = [
     "COPY_BUDGET_BYTES", "SavedFiles", "VmGone", "bind_loaded", "files_dir", "load_parts",
-    "read_vm_file", "remove_unnamed", "save_vm", "self_contained",
+    "begin_save", "read_vm_file", "remove_unnamed", "save_vm", "self_contained",
 ]
 
 #: guest memory copied on the event loop per turn (a few ms); also the most one memory
@@ -154,6 +154,7 @@ class _Save:
                  include_memory: bool) -> None:
         self.entry = entry
         self.vm = entry.vm
+        self.include_memory = include_memory
         self.directory = files_dir(path)
         self.path = path
         prev = prev or SavedFiles()
@@ -239,14 +240,21 @@ class _Save:
         }
 
 
-async def save_vm(entry: VmEntry, path: Path, prev: SavedFiles | None,
-                  header: dict[str, Any], arrays: dict[str, np.ndarray[Any, Any]],
-                  *, include_memory: bool) -> SavedFiles:
-    """Write the VM's file (``header`` and ``arrays``: its small parts, copied now) and
-    the side files of what changed since ``prev``; returns what the file names now.
-    Raises VmGone if the VM was deleted meanwhile, OSError (or a bug's exception) if a
-    file could not be written: the previous file and what it names are left then."""
-    save = _Save(entry, path, prev, include_memory)
+def begin_save(entry: VmEntry, path: Path, prev: SavedFiles | None,
+               *, include_memory: bool) -> _Save:
+    """The VM's cut, taken now: what :func:`save_vm` writes is the VM as it is at this
+    call (memory not yet copied is copied first by a write that would change it)."""
+    return _Save(entry, path, prev, include_memory)
+
+
+async def save_vm(save: _Save, header: dict[str, Any],
+                  arrays: dict[str, np.ndarray[Any, Any]]) -> SavedFiles:
+    """Write the VM's file (``header`` and ``arrays``: its small parts, copied with the
+    cut ``save``) and the side files of what changed since the previous save; returns what
+    the file names now. Raises VmGone if the VM was deleted meanwhile, OSError (or a bug's
+    exception) if a file could not be written: the previous file and what it names are
+    left then."""
+    entry, path, include_memory = save.entry, save.path, save.include_memory
     history = entry.hub.history
     header["history"].update(
         oldest_seq=save.cut.oldest_seq,
