@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["fsync_dir", "tmp_name", "write_atomic"]
+__all__ = ["fsync_dir", "tmp_name", "write_atomic", "write_atomic_with"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,14 +26,20 @@ def tmp_name(path: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: write a temporary file, fsync it, rename it over,
-    fsync the directory. On any error (a full disk) the temporary file is removed and
-    the old file is left as it was."""
+    """Replace ``path`` with ``data`` (see :func:`write_atomic_with`)."""
+    write_atomic_with(path, lambda f: f.write(data))
+
+
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace ``path`` with what ``write`` writes into a temporary file (opened for
+    reading too, so a writer may read back what it wrote): fsync it, rename it over, fsync
+    the directory. On any error (a full disk) the temporary file is removed and the old
+    file is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, "w+b") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

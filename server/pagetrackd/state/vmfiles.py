@@ -3,7 +3,6 @@ telling whether a VM changed since its file was written."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import stat
@@ -14,7 +13,7 @@ import numpy as np
 
 from pagetrack import snapshot_format as fmt
 from pagetrackd.application import VmEntry
-from pagetrackd.files import fsync_dir, tmp_name
+from pagetrackd.files import write_atomic_with
 from pagetrackd.state.container import SnapshotError
 
 __all__ = ["read_regular", "signature", "write_vm_file"]
@@ -40,19 +39,7 @@ def write_vm_file(path: Path, header: dict[str, Any],
     temporary name (streaming, see :func:`pagetrack.snapshot_format.write_snapshot`),
     fsynced, renamed over, the directory fsynced. On any error the temporary file is
     removed and the old file is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "w+b") as f:
-            fmt.write_snapshot(f, header, arrays, version=version)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    write_atomic_with(path, lambda f: fmt.write_snapshot(f, header, arrays, version=version))
 
 
 def signature(entry: VmEntry, ttl_leases: set[str]) -> str:
