@@ -185,13 +185,30 @@ async def test_progress_heartbeats_under_load_are_exact_and_on_time(
         got = await notifiers.ListNotifiers(pb.ListNotifiersRequest(vm=vm))
         return sum(n.dropped_total for n in got.notifiers)
 
+    stalled = len(tally.beats)
+
+    def backlog_shown() -> bool:
+        late = tally.beats[stalled:]
+        return any(p.lag > 0 for p in late) and any(p.queue_depth > 0 for p in late)
+
     async with writing(daemon.tcp, vm, length=4096):
         # The reader stalls until transport buffers and the queue have filled and the
-        # daemon has dropped events.
-        await until(dropped, "the stalled stream to drop events")
-        stalled = len(tally.beats)
-        while len(tally.beats) < stalled + 5:
-            tally.take(await asyncio.wait_for(stream.read(), HANG_S))
+        # daemon has dropped events, then reads a few beats. A stream held up at a
+        # Progress it had just built sends its next one a full interval later, when a
+        # fast reader may have drained the queue, so the stall repeats until a beat has
+        # shown the backlog (the deadline only bounds a hang).
+        deadline = asyncio.get_running_loop().time() + HANG_S
+        while not backlog_shown():
+            assert asyncio.get_running_loop().time() < deadline, tally.beats[stalled:]
+            before = await dropped()
+
+            async def dropped_more(before: int = before) -> bool:
+                return await dropped() > before
+
+            await until(dropped_more, "the stalled stream to drop events")
+            beats = len(tally.beats)
+            while len(tally.beats) < beats + 2:
+                tally.take(await asyncio.wait_for(stream.read(), HANG_S))
     head = (await pbg.VmServiceStub(channel).GetVm(pb.GetVmRequest(vm=vm))).vm.head_seq
     while True:  # drain what is left once the writer stopped
         if tally.take(await asyncio.wait_for(stream.read(), HANG_S)) == "progress":
@@ -199,8 +216,7 @@ async def test_progress_heartbeats_under_load_are_exact_and_on_time(
             if last.head_seq == head and last.lag == 0 and last.queue_depth == 0:
                 break
     stream.cancel()
-    late = tally.beats[stalled:]
     assert tally.dropped > 0 and last.dropped_total == tally.dropped
-    assert any(p.lag > 0 for p in late) and any(p.queue_depth > 0 for p in late)
+    assert backlog_shown()
     assert last.sent_seq == tally.newest == head
     assert tally.received + tally.dropped == head - reg.head_seq
