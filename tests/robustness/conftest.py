@@ -30,6 +30,7 @@ class Daemon:
     address: str
     log: Path
     tokens: dict[str, str]
+    metrics: str = ""  #: HOST:PORT of /metrics, when started with --metrics-port
     _channels: list[grpc.Channel] = field(default_factory=list, repr=False)
 
     def stub(self, service: str, tenant: str | None = None) -> Any:
@@ -150,7 +151,9 @@ class Daemons:
                 proc.kill()
                 raise RuntimeError(f"pagetrackd did not start:\n{log.read_text()}")
             time.sleep(0.01)
-        d.address = json.loads(ready.read_text())["addresses"][0]
+        doc = json.loads(ready.read_text())
+        d.address = doc["addresses"][0]
+        d.metrics = doc.get("metrics", "")
         return d
 
     def stop_all(self) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+import urllib.request
 from typing import Any
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from tests.robustness.conftest import Daemon
+from tests.waiting import wait_until
 
 PAGE = 4096
 
@@ -58,3 +61,24 @@ def watch_until(d: Daemon, vm: str, start_seq: int | None, until_seq: int,
     finally:
         stream.cancel()
     return registered, out
+
+
+def saves_completed(d: Daemon) -> int:
+    """State saves the daemon has completed, from its /metrics (start it with
+    ``--metrics-port``)."""
+    with urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("pagetrack_state_saves_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("/metrics has no pagetrack_state_saves_total")
+
+
+def wait_for_a_save_begun_now(d: Daemon) -> float:
+    """Wait until a save that began after this call has completed; return the moment of
+    the call. A save running at the call ends the first count; the one after it began
+    later, so two more saves mean everything acknowledged before the call is on disk.
+    Counting saves instead of timing them keeps a loaded machine from failing a test."""
+    now = time.monotonic()
+    before = saves_completed(d)
+    wait_until(lambda: saves_completed(d) >= before + 2, "two more state saves")
+    return now
