@@ -52,6 +52,7 @@ from pagetrackd.domain import (
     VmLimits,
 )
 from pagetrackd.plugins import PLUGINS, Plugin
+from pagetrackd.plugins.base import Steps
 
 __all__ = [
     "FORMAT", "Recorder", "ReplayDiverged", "ReplayResult", "decode_value", "encode_value",
@@ -262,6 +263,11 @@ class Recorder:
         detach = plugin.detach
         vm = self.vm
 
+        def called(op: str, encoded: Any, seq0: int, result: dict[str, Any]) -> None:
+            self._emit({"op": "plugin_call", "name": name, "call": op, "args": encoded,
+                        "result": _plain(result), "seq0": seq0, "seq": vm.seq})
+            self.records += 1
+
         def recorded_call(op: str, **args: Any) -> dict[str, Any]:
             if self._depth:
                 result: dict[str, Any] = call(op, **args)
@@ -273,9 +279,7 @@ class Recorder:
                 result = call(op, **args)
             finally:
                 self._depth -= 1
-            self._emit({"op": "plugin_call", "name": name, "call": op, "args": encoded,
-                        "result": _plain(result), "seq0": seq0, "seq": vm.seq})
-            self.records += 1
+            called(op, encoded, seq0, result)
             return result
 
         def recorded_detach() -> None:
@@ -292,6 +296,25 @@ class Recorder:
 
         plugin.call = recorded_call
         plugin.detach = recorded_detach
+        if getattr(plugin, "call_steps", None) is None:
+            return
+        call_steps: Callable[..., Steps[dict[str, Any]]] = plugin.call_steps
+
+        def recorded_call_steps(op: str, **args: Any) -> Steps[dict[str, Any]]:
+            # a call run a step at a time is recorded like one run at once, when it ends
+            if self._depth:
+                return (yield from call_steps(op, **args))
+            encoded = encode_value(dict(args))
+            seq0 = vm.seq
+            self._depth += 1
+            try:
+                result = yield from call_steps(op, **args)
+            finally:
+                self._depth -= 1
+            called(op, encoded, seq0, result)
+            return result
+
+        plugin.call_steps = recorded_call_steps
 
     # ------------------------------------------------------------------ API
 
@@ -321,6 +344,7 @@ class Recorder:
         for plugin in self._plugins:
             plugin.__dict__.pop("call", None)
             plugin.__dict__.pop("detach", None)
+            plugin.__dict__.pop("call_steps", None)
         self._plugins.clear()
         if self._owns:
             self._file.close()

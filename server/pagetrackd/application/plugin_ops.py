@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from pagetrackd.domain import TenantId
+from pagetrackd.application.slices import run_steps
+from pagetrackd.domain import InvalidArgument, TenantId
 from pagetrackd.plugins import Plugin, ops
 from pagetrackd.plugins.base import AuditReport
 
@@ -81,12 +82,27 @@ def plugin_views(engine: Engine, tenant: TenantId, vm: str) -> list[PluginView]:
     return [plugin_view(k, p, entry) for k, p in entry.plugins.items()]
 
 
-def attach(
+async def attach(
     engine: Engine, tenant: TenantId, vm: str, name: str, options: dict[str, object]
 ) -> PluginView:
-    """Attach a plugin by canonical name."""
+    """Attach a plugin by canonical name. A vGPU attached at a root shadows that PPGTT
+    a table at a time (see :func:`build_ppgtt`); if that fails, the vGPU is detached
+    again, so the call changes nothing."""
     entry = engine.vm(tenant, vm)
-    plugin = engine.attach_plugin(entry, name, options)
+    root_gpa = options.get("root_gpa") if name == "vgpu" else None
+    if root_gpa is None:
+        plugin = engine.attach_plugin(entry, name, options)
+        return plugin_view(name, plugin, entry)
+    plugin = engine.attach_plugin(
+        entry, name, {k: v for k, v in options.items() if k != "root_gpa"})
+    try:
+        if not isinstance(root_gpa, int):
+            raise InvalidArgument(f"root_gpa must be an integer, got {root_gpa!r}")
+        await run_steps(ops.build_ppgtt_steps(plugin, root_gpa=root_gpa))
+    except BaseException:
+        engine.detach_plugin(entry, name)
+        raise
+    entry.plugin_options[name] = dict(options)
     return plugin_view(name, plugin, entry)
 
 
@@ -115,10 +131,13 @@ def translate_shadow(
     return ops.translate(plugin, gva=gva, write=write, vcpu=vcpu)
 
 
-def build_ppgtt(engine: Engine, tenant: TenantId, vm: str, root_gpa: int | None) -> PpgttBuild:
-    """Shadow a guest PPGTT in the vGPU."""
+async def build_ppgtt(
+    engine: Engine, tenant: TenantId, vm: str, root_gpa: int | None
+) -> PpgttBuild:
+    """Shadow a guest PPGTT in the vGPU, a table at a time: a tree of thousands of
+    tables does not hold the event loop (the VM's lock keeps its other calls out)."""
     plugin = _plugin(engine, tenant, vm, "vgpu")[1]
-    built = ops.build_ppgtt(plugin, root_gpa=root_gpa)
+    built = await run_steps(ops.build_ppgtt_steps(plugin, root_gpa=root_gpa))
     status = plugin.status()
     return PpgttBuild(
         built.ppgtt, built.tables, int(status.get("pending", 0)),
@@ -126,12 +145,13 @@ def build_ppgtt(engine: Engine, tenant: TenantId, vm: str, root_gpa: int | None)
     )
 
 
-def submit_vgpu(
+async def submit_vgpu(
     engine: Engine, tenant: TenantId, vm: str, ppgtt: int, gpu_addrs: list[int]
 ) -> VgpuSubmit:
-    """Submit work on a PPGTT and translate the given GPU addresses."""
+    """Submit work on a PPGTT and translate the given GPU addresses. The flush before
+    it may shadow new tables; it runs a table at a time, as :func:`build_ppgtt`."""
     plugin = _plugin(engine, tenant, vm, "vgpu")[1]
-    done = ops.submit(plugin, ppgtt=ppgtt)
+    done = await run_steps(ops.submit_steps(plugin, ppgtt=ppgtt))
     gpa, scratch = [], []
     for va in gpu_addrs:
         t = ops.gpu_translate(plugin, va=va, ppgtt=ppgtt)

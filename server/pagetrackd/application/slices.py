@@ -24,7 +24,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,7 @@ from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.batch import BatchResult
 from pagetrackd.domain.steps import BatchSteps, TrackSteps, gfn_set
 from pagetrackd.domain.types import TENANT_OWNER
+from pagetrackd.plugins.base import Steps
 from pagetrackd.replay import ReplayResult, replay_steps
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ONE_SHOT_GFNS", "ONE_SHOT_WRITES", "SLICE_S", "Slicer", "VmLocks", "change_tracking",
-    "replay_into", "write_batch",
+    "replay_into", "run_steps", "write_batch",
 ]
 
 #: about how long one slice may hold the event loop, seconds
@@ -52,6 +53,7 @@ ONE_SHOT_WRITES = 1024
 #: tracking changes naming at most this many gfns are made in one go, as before
 ONE_SHOT_GFNS = 1 << 14
 
+T = TypeVar("T")
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 
@@ -199,3 +201,25 @@ async def replay_into(locks: VmLocks, entry: VmEntry, path: Path) -> ReplayResul
                 result: ReplayResult = done.value
                 return result
             await asyncio.sleep(0)
+
+
+async def run_steps(steps: Steps[T]) -> T:
+    """Run a plugin operation given as steps (shadowing a table tree, a table a step),
+    letting the event loop serve others every :data:`SLICE_S`. The caller holds the
+    VM's lock. A cancelled call still runs the operation to its end, a slice at a
+    time, before it ends: a tree half shadowed is no state to leave behind."""
+    cancelled = False
+    while True:
+        end = time.perf_counter() + SLICE_S
+        try:
+            while time.perf_counter() < end:
+                next(steps)
+        except StopIteration as done:
+            if cancelled:
+                raise asyncio.CancelledError from None
+            result: T = done.value
+            return result
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            cancelled = True

@@ -8,10 +8,28 @@ references under its own owner name, ``plugin:<name>``.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from pagetrackd.domain import Vm, WriteEvent
+
+T = TypeVar("T")
+
+#: An operation done a step at a time: a generator that yields between two steps (each
+#: about one table's work) and returns the result. The daemon lets other requests run
+#: between steps; :func:`run_all` does it in one go.
+Steps: TypeAlias = Generator[None, None, T]
+
+
+def run_all(steps: Steps[T]) -> T:
+    """Every step of ``steps``, then its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: T = done.value
+            return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +88,13 @@ class Plugin(Protocol):
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Run a plugin-specific operation; raise InvalidArgument for an unknown ``op``."""
+
+
+@runtime_checkable
+class SteppedCalls(Protocol):
+    """A plugin whose long operations (shadowing a whole table tree) can run a step at a
+    time: ``call_steps(op, **args)`` is ``call`` as :data:`Steps`."""
+
+    def call_steps(self, op: str, **args: Any) -> Steps[dict[str, Any]]:
+        """``call`` a step at a time."""
+        ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from pagetrackd.plugins.base import Plugin
+from pagetrackd.plugins.base import Plugin, SteppedCalls, Steps
 
 R = TypeVar("R")
 
@@ -137,9 +137,22 @@ class Ppgtt:
     refs: int
 
 
+def _call_steps(plugin: Plugin, op: str, **args: Any) -> Steps[dict[str, Any]]:
+    """``op`` a step at a time when the plugin offers that, else in one step."""
+    if isinstance(plugin, SteppedCalls):
+        return (yield from plugin.call_steps(op, **args))
+    return plugin.call(op, **args)
+
+
 def build_ppgtt(plugin: Plugin, *, root_gpa: int | None = None) -> PpgttBuilt:
     """vGPU: shadow the PPGTT at ``root_gpa`` (find or create; None: a fresh root)."""
     return _typed(PpgttBuilt, plugin.call("build_ppgtt", root_gpa=root_gpa))
+
+
+def build_ppgtt_steps(plugin: Plugin, *, root_gpa: int | None = None) -> Steps[PpgttBuilt]:
+    """:func:`build_ppgtt` a table at a time."""
+    out = yield from _call_steps(plugin, "build_ppgtt", root_gpa=root_gpa)
+    return _typed(PpgttBuilt, out)
 
 
 def destroy_ppgtt(plugin: Plugin, *, ppgtt: int) -> PpgttDestroyed:
@@ -152,6 +165,12 @@ def submit(plugin: Plugin, *, ppgtt: int, batch_va: int | None = None) -> Submit
     if batch_va is None:
         return _typed(Submitted, plugin.call("submit", ppgtt=ppgtt))
     return _typed(Submitted, plugin.call("submit", ppgtt=ppgtt, batch_va=batch_va))
+
+
+def submit_steps(plugin: Plugin, *, ppgtt: int) -> Steps[Submitted]:
+    """:func:`submit` a table at a time (its flush may shadow new tables)."""
+    out = yield from _call_steps(plugin, "submit", ppgtt=ppgtt)
+    return _typed(Submitted, out)
 
 
 def gpu_translate(plugin: Plugin, *, va: int, ppgtt: int) -> GpuTranslation:
@@ -175,10 +194,12 @@ __all__ = [
     "Submitted",
     "Translation",
     "build_ppgtt",
+    "build_ppgtt_steps",
     "destroy_ppgtt",
     "gpu_translate",
     "ppgtts",
     "set_root",
     "submit",
+    "submit_steps",
     "translate",
 ]

@@ -236,11 +236,18 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                     self._dma[page] = [frame, 1]
                     self._frame_gfn[frame] = page
             entries[index] = (frame << PAGE_SHIFT) | (ge & FLAGS_MASK)
+            if frame == scratch:  # as _put: the new entry joins the counts
+                self.scratch_entries += 1
+            else:
+                self.mapped_entries += 1
         else:
             entries[index] = scratch << PAGE_SHIFT
         if old & PTE_PRESENT:
             frame = (old & ADDR_MASK) >> PAGE_SHIFT
-            if frame != scratch:
+            if frame == scratch:  # and the old one leaves them
+                self.scratch_entries -= 1
+            else:
+                self.mapped_entries -= 1
                 page = self._frame_gfn.get(frame, -1)
                 if page < 0:
                     self._dma_unmap(frame)  # counts the error

@@ -25,17 +25,10 @@ class VgpuAudit(VgpuShadow):
         (present shadow entries pointing at a scratch page: pending partials and entries
         naming gfns outside the memslots) and ``violations``."""
         s = self.stats
-        entries = 0
+        entries = self.mapped_entries
         pending = 0
-        on_scratch = 0
-        for spt in self._spt_by_mfn.values():
-            scratch = self.scratch[spt.level]
-            for se in spt.entries:
-                if se & PTE_PRESENT:
-                    if (se & ADDR_MASK) >> PAGE_SHIFT != scratch:
-                        entries += 1
-                    else:
-                        on_scratch += 1
+        on_scratch = self.scratch_entries
+        for spt in self._post_list.values():  # every spt with pending entries
             on_scratch += sum(
                 1 for i in spt.post if not spt.entries[i] & PTE_PRESENT
             )  # a pending entry whose guest flags are not present still sits on scratch

@@ -13,6 +13,7 @@ from pagetrackd.domain import (
     InvalidArgument,
     NotFound,
 )
+from pagetrackd.plugins.base import Steps, run_all
 from pagetrackd.plugins.vgpu_shadow import VgpuShadow
 from pagetrackd.plugins.vgpu_tables import (
     ADDR_MASK,
@@ -54,14 +55,15 @@ class VgpuPpgtts(VgpuShadow):
             return next(iter(self._mms.values()))
         raise InvalidArgument("name the PPGTT: give ppgtt=<id> or root_gpa=<gpa>")
 
-    def _create_mm(self, root_gfn: int) -> Mm:
-        """``intel_vgpu_create_ppgtt_mm`` + ``shadow_ppgtt_mm`` for an L4 root."""
+    def _create_mm(self, root_gfn: int) -> Steps[Mm]:
+        """``intel_vgpu_create_ppgtt_mm`` + ``shadow_ppgtt_mm`` for an L4 root, a table
+        at a time."""
         if not self._valid_gfn(root_gfn):
             raise GfnNotInSlot(
                 f"PPGTT root gpa {root_gfn << PAGE_SHIFT:#x} is not in any memslot"
             )
         try:
-            root = self._populate_spt(root_gfn, LEVELS)
+            root = yield from self._populate_steps(root_gfn, LEVELS)
         except ShadowNoMemory as e:
             raise e.args[1] from None  # the QuotaExceeded: nothing stayed shadowed
         except ShadowFailed as e:
@@ -88,17 +90,19 @@ class VgpuPpgtts(VgpuShadow):
                     return gfn
         raise FailedPrecondition("no free (all-zero) guest page for a PPGTT root")
 
-    def _build_ppgtt(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _build_ppgtt(self, args: dict[str, Any]) -> Steps[dict[str, Any]]:
         """``intel_vgpu_get_ppgtt_mm``: find the PPGTT by root (a reference more) or
         shadow a new one."""
         if args.get("root_gpa") is None:
-            return self._mm_result(self._create_mm(self._free_root_gfn()), True)
+            mm = yield from self._create_mm(self._free_root_gfn())
+            return self._mm_result(mm, True)
         root_gfn = root_gfn_arg(args)
         for mm in self._mms.values():
             if mm.root_gfn == root_gfn:
                 mm.refs += 1
                 return self._mm_result(mm, False)
-        return self._mm_result(self._create_mm(root_gfn), True)
+        mm = yield from self._create_mm(root_gfn)
+        return self._mm_result(mm, True)
 
     def _destroy_ppgtt(self, args: dict[str, Any]) -> dict[str, Any]:
         """``intel_vgpu_put_ppgtt_mm``: at the last reference, unshadow and untrack."""
@@ -111,16 +115,18 @@ class VgpuPpgtts(VgpuShadow):
                 self._invalidate_spt(mm.root)
         return {"ppgtt": mm.ppgtt, "destroyed": destroyed, "tables": len(self._spt_by_mfn)}
 
-    def _submit(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _submit(self, args: dict[str, Any]) -> Steps[dict[str, Any]]:
         """A workload submission: flush pending entries, shadow an unknown root."""
         batch_va = args.get("batch_va")
         if batch_va is not None:
             batch_va = va_arg(args, "batch_va")
-        flushed = self.flush()
+        if args.get("ppgtt") is not None or args.get("root_gpa") is None:
+            self._find_mm(args)  # an unknown PPGTT is refused before anything changes
+        flushed = yield from self.flush_steps()
         if args.get("ppgtt") is None and args.get("root_gpa") is not None:
             root_gfn = root_gfn_arg(args)
             found = [m for m in self._mms.values() if m.root_gfn == root_gfn]
-            mm = found[0] if found else self._create_mm(root_gfn)
+            mm = found[0] if found else (yield from self._create_mm(root_gfn))
         else:
             mm = self._find_mm(args)
         self.stats.submissions += 1
@@ -181,7 +187,12 @@ class VgpuPpgtts(VgpuShadow):
     # ------------------------------------------------------------------ plugin protocol
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Plugin operations (all raise InvalidArgument on bad or unknown arguments):
+        """:meth:`call_steps` in one go."""
+        return run_all(self.call_steps(op, **args))
+
+    def call_steps(self, op: str, **args: Any) -> Steps[dict[str, Any]]:
+        """Plugin operations, a table at a time where they shadow tables (all raise
+        InvalidArgument on bad or unknown arguments):
 
         * ``build_ppgtt(root_gpa=None)`` -- shadow the PPGTT whose PML4 is at ``root_gpa``
           (find-or-create, as ``intel_vgpu_get_ppgtt_mm``); without ``root_gpa``, pick an
@@ -202,16 +213,16 @@ class VgpuPpgtts(VgpuShadow):
         self._vm()
         if op == "build_ppgtt":
             only_args(op, args, {"root_gpa"})
-            return self._build_ppgtt(args)
+            return (yield from self._build_ppgtt(args))
         if op == "destroy_ppgtt":
             only_args(op, args, {"ppgtt", "root_gpa"})
             return self._destroy_ppgtt(args)
         if op == "submit":
             only_args(op, args, {"ppgtt", "root_gpa", "batch_va"})
-            return self._submit(args)
+            return (yield from self._submit(args))
         if op == "flush":
             only_args(op, args, set())
-            return {"flushed": self.flush()}
+            return {"flushed": (yield from self.flush_steps())}
         if op == "translate":
             only_args(op, args, {"va", "ppgtt", "root_gpa"})
             va = va_arg(args, "va")

@@ -19,6 +19,7 @@ from pagetrackd.domain import (
 )
 from pagetrackd.domain.memslots import MemslotTable, Slot
 from pagetrackd.domain.notifiers import NotifierNode
+from pagetrackd.plugins.base import Steps, run_all
 from pagetrackd.plugins.budget import StateMeter
 from pagetrackd.plugins.vgpu_tables import (
     ADDR_MASK,
@@ -75,6 +76,10 @@ class VgpuShadow:
         #: spts with pending entries, in the order they became pending (post_shadow_list)
         self._post_list: dict[int, Spt] = {}
         self._mms: dict[int, Mm] = {}
+        #: present shadow entries of the live spts: mapping a page or table, and on a
+        #: scratch page (kept as entries change, so status() need not scan the shadow)
+        self.mapped_entries = 0
+        self.scratch_entries = 0
         self._next_ppgtt = 0
         self._next_frame = FIRST_FRAME
         #: the memslots last found on the write path for a table and for a mapped page,
@@ -182,8 +187,14 @@ class VgpuShadow:
         return self.scratch[level] << PAGE_SHIFT
 
     def _populate_spt(self, gfn: int, level: int) -> Spt | None:
+        """:meth:`_populate_steps` in one go: the write path shadows a new subtree
+        inside the write handler, as gtt.c does."""
+        return run_all(self._populate_steps(gfn, level))
+
+    def _populate_steps(self, gfn: int, level: int) -> Steps[Spt | None]:
         """``ppgtt_populate_spt_by_guest_entry``: find the spt for ``gfn`` (and take a
-        reference) or create, track and fill it. None if it cannot be shadowed."""
+        reference) or create, track and fill it. None if it cannot be shadowed. One step
+        per table filled, so the daemon can serve others while a big tree is shadowed."""
         track = self._tracks.get(gfn)
         if track is not None:
             spt = track.priv
@@ -218,8 +229,14 @@ class VgpuShadow:
         assert table is not None  # checked by _valid_gfn
         try:
             for index, ge in enumerate(table):
-                if ge & PTE_PRESENT:
-                    self._add_entry(spt, index, ge)
+                if not ge & PTE_PRESENT:
+                    continue
+                if level == 1:
+                    self._add_leaf(spt, index, ge)
+                else:
+                    child = yield from self._populate_steps(
+                        (ge & ADDR_MASK) >> PAGE_SHIFT, level - 1)
+                    self._link(spt, index, ge, child)
         except ShadowFailed:
             # gtt.c err_free_spt: this table fails with its child; release what it
             # shadowed so far and untrack it.
@@ -228,6 +245,7 @@ class VgpuShadow:
                     self._remove_shadow_entry(spt, se)
             self._free_spt(spt)
             raise
+        yield
         return spt
 
     def _reserve(self, nbytes: int, gfn: int) -> None:
@@ -241,17 +259,48 @@ class VgpuShadow:
 
     def _add_entry(self, spt: Spt, index: int, ge: int) -> None:
         """``ppgtt_handle_guest_entry_add``: shadow one present guest entry."""
+        if spt.level == 1:
+            self._add_leaf(spt, index, ge)
+        else:
+            child = self._populate_spt((ge & ADDR_MASK) >> PAGE_SHIFT, spt.level - 1)
+            self._link(spt, index, ge, child)
+
+    def _add_entry_steps(self, spt: Spt, index: int, ge: int) -> Steps[None]:
+        """:meth:`_add_entry` a table at a time."""
+        if spt.level == 1:
+            self._add_leaf(spt, index, ge)
+        else:
+            child = yield from self._populate_steps(
+                (ge & ADDR_MASK) >> PAGE_SHIFT, spt.level - 1)
+            self._link(spt, index, ge, child)
+
+    def _link(self, spt: Spt, index: int, ge: int, child: Spt | None) -> None:
+        """Point a directory entry at its child's shadow (the scratch table if none)."""
+        frame = self.scratch[spt.level] if child is None else child.mfn
+        self._put(spt, index, (frame << PAGE_SHIFT) | (ge & FLAGS_MASK))
+
+    def _put(self, spt: Spt, index: int, se: int) -> None:
+        """Set a shadow entry, keeping the counts of present entries."""
+        self._count(spt.level, spt.entries[index], -1)
+        self._count(spt.level, se, 1)
+        spt.entries[index] = se
+
+    def _count(self, level: int, se: int, sign: int) -> None:
+        if se & PTE_PRESENT:
+            if (se & ADDR_MASK) >> PAGE_SHIFT == self.scratch[level]:
+                self.scratch_entries += sign
+            else:
+                self.mapped_entries += sign
+
+    def _add_leaf(self, spt: Spt, index: int, ge: int) -> None:
+        """Map the guest page a leaf entry names (the scratch page if it is in no slot)."""
         gfn = (ge & ADDR_MASK) >> PAGE_SHIFT
-        flags = ge & FLAGS_MASK
-        if spt.level > 1:
-            child = self._populate_spt(gfn, spt.level - 1)
-            frame = self.scratch[spt.level] if child is None else child.mfn
-        elif self._slots.find(gfn) is None:
+        if self._slots.find(gfn) is None:
             self.stats.violations += 1
             frame = self.scratch[1]
         else:
             frame = self._dma_map(gfn)
-        spt.entries[index] = (frame << PAGE_SHIFT) | flags
+        self._put(spt, index, (frame << PAGE_SHIFT) | (ge & FLAGS_MASK))
 
     def _remove_shadow_entry(self, spt: Spt, se: int) -> None:
         """``ppgtt_handle_guest_entry_removal``: drop what an old shadow entry held."""
@@ -284,6 +333,9 @@ class VgpuShadow:
         spt.live = False
         if self._spt_by_mfn.pop(spt.mfn, None) is not None:
             self.state_meter.give(SPT_BYTES)
+            for se in spt.entries:
+                if se & PTE_PRESENT:
+                    self._count(spt.level, se, -1)
         self._post_list.pop(spt.mfn, None)
         spt.post.clear()
         self._unregister_page_track(spt.gfn)
@@ -317,17 +369,31 @@ class VgpuShadow:
         """``ppgtt_handle_guest_write_page_table``: add the new entry first, then
         remove the old one, so a table stays valid in between (and an unchanged child
         keeps its spt)."""
-        entries = spt.entries
-        old = entries[index]
+        old = spt.entries[index]
         present = ge & PTE_PRESENT
         if present:
             try:
                 self._add_entry(spt, index, ge)
             except ShadowFailed:
                 return  # gtt.c "goto fail": the old shadow entry stays, the error is logged
+        self._drop_old(spt, index, old, present)
+
+    def _handle_guest_write_steps(self, spt: Spt, index: int, ge: int) -> Steps[None]:
+        """:meth:`_handle_guest_write` a table at a time (for a flush); the write path
+        keeps the plain version, which makes no generator per write."""
+        old = spt.entries[index]
+        present = ge & PTE_PRESENT
+        if present:
+            try:
+                yield from self._add_entry_steps(spt, index, ge)
+            except ShadowFailed:
+                return
+        self._drop_old(spt, index, old, present)
+
+    def _drop_old(self, spt: Spt, index: int, old: int, present: int) -> None:
         self._remove_shadow_entry(spt, old)
         if not present:
-            entries[index] = self._scratch_entry(spt.level)
+            self._put(spt, index, self._scratch_entry(spt.level))
 
     def _set_post_shadow(self, spt: Spt, index: int, half: int) -> None:
         """``ppgtt_set_post_shadow``: mark an index pending; the first time, drop the
@@ -336,7 +402,7 @@ class VgpuShadow:
         if mask is None:
             old = spt.entries[index]
             self._remove_shadow_entry(spt, old)
-            spt.entries[index] = (old & FLAGS_MASK) | self._scratch_entry(spt.level)
+            self._put(spt, index, (old & FLAGS_MASK) | self._scratch_entry(spt.level))
             mask = 0
             self._post_list.setdefault(spt.mfn, spt)
         spt.post[index] = mask | half
@@ -395,6 +461,10 @@ class VgpuShadow:
     def flush(self) -> int:
         """``intel_vgpu_flush_post_shadow``: re-read and re-shadow every pending entry
         (run before each submission). Returns how many entries were flushed."""
+        return run_all(self.flush_steps())
+
+    def flush_steps(self) -> Steps[int]:
+        """:meth:`flush` a table (or pending entry) at a time."""
         flushed = 0
         for spt in list(self._post_list.values()):
             if not spt.live:
@@ -402,9 +472,11 @@ class VgpuShadow:
             for index in sorted(spt.post):
                 if not spt.live:
                     break
-                self._handle_guest_write(spt, index, self._read_entry(spt.gfn, index))
+                yield from self._handle_guest_write_steps(
+                    spt, index, self._read_entry(spt.gfn, index))
                 spt.post.pop(index, None)
                 flushed += 1
+                yield
             self._post_list.pop(spt.mfn, None)
         self.stats.flushed_entries += flushed
         return flushed

@@ -50,7 +50,7 @@ class PluginService(pbg.PluginServiceServicer):
         who = tenant()
         self.engine.vm(who, request.vm)  # an unknown VM is refused first
         name = plugin_name(request.kind, request.name)
-        view = app.attach(self.engine, who, request.vm, name, int_options(request.options))
+        view = await app.attach(self.engine, who, request.vm, name, int_options(request.options))
         return pb.AttachPluginResponse(status=plugin_status_pb(view))
 
     @unary
@@ -132,7 +132,7 @@ class PluginService(pbg.PluginServiceServicer):
             )
         if request.root_gpa & 0xFFF:
             raise InvalidArgument(f"root_gpa {request.root_gpa:#x} is not page aligned")
-        built = app.build_ppgtt(self.engine, tenant(), request.vm, request.root_gpa or None)
+        built = await app.build_ppgtt(self.engine, tenant(), request.vm, request.root_gpa or None)
         return pb.BuildPpgttResponse(
             ppgtt_id=built.ppgtt, shadow_tables=built.tables,
             scratch_entries=built.scratch_entries, violations=built.violations,
@@ -146,7 +146,7 @@ class PluginService(pbg.PluginServiceServicer):
             raise InvalidArgument(
                 f"{len(request.gpu_addrs)} gpu_addrs; at most {MAX_GPU_ADDRS}"
             )
-        done = app.submit_vgpu(
+        done = await app.submit_vgpu(
             self.engine, tenant(), request.vm, request.ppgtt_id, list(request.gpu_addrs)
         )
         return pb.SubmitVgpuResponse(
