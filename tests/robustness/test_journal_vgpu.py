@@ -19,6 +19,7 @@ TABLES = 1 + 1 + 2 + 2 * 512
 
 def _vgpu(d: Daemon, vm: str) -> pb.PluginStatus:
     (status,) = d.stub("PluginService").ListPlugins(pb.ListPluginsRequest(vm=vm)).plugins
+    assert isinstance(status, pb.PluginStatus)
     return status
 
 
