@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
@@ -22,6 +23,7 @@ from pagetrackd.domain import (
     NotifierNotFound,
     OutOfRange,
     ResourceExhausted,
+    TenantId,
     Unavailable,
 )
 from pagetrackd.domain.events import EventBatch
@@ -55,6 +57,45 @@ def _bounded(
     if not low <= value <= high:
         raise InvalidArgument(f"{field} {value} must be {low}..{high} {unit}")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class _WatchOptions:
+    """A Watch request's batching, queue and heartbeat settings, defaults filled in."""
+
+    max_events: int
+    max_bytes: int
+    delay_ms: int
+    queue_limit: int
+    queue_bytes: int
+    heartbeat_ms: int
+    policy: SlowPolicy
+    block_ms: int
+
+
+def _options(request: pb.WatchRequest, lim: ServerLimits) -> _WatchOptions:
+    """The request's settings, each checked against its bounds."""
+    max_events = _bounded(request, "max_batch_events", lim.default_watch_batch_events, 1,
+                          lim.max_watch_batch_events, "events")
+    max_bytes = _bounded(request, "max_batch_bytes", lim.default_watch_batch_bytes, 4096,
+                         lim.max_watch_batch_bytes, "bytes")
+    delay_ms = _bounded(request, "max_batch_delay_ms", lim.default_watch_batch_delay_ms, 0,
+                        lim.max_watch_batch_delay_ms, "ms")
+    queue_limit = _bounded(request, "queue_limit", lim.default_queue_limit, 1,
+                           lim.max_queue_limit, "events")
+    queue_bytes = _bounded(request, "queue_bytes", lim.default_queue_bytes, 4096,
+                           lim.max_queue_bytes, "bytes")
+    heartbeat_ms = _bounded(request, "heartbeat_interval_ms",
+                            lim.default_heartbeat_interval_ms, lim.min_heartbeat_interval_ms,
+                            lim.max_heartbeat_interval_ms, "ms")
+    cv.enum_value(cv.POLICY, request.policy, "policy")
+    policy = cv.POLICY[request.policy]
+    block_ms = 0
+    if policy is SlowPolicy.BLOCK:
+        block_ms = _bounded(request, "block_timeout_ms", lim.default_block_timeout_ms, 1,
+                            lim.max_block_timeout_ms, "ms")
+    return _WatchOptions(max_events, max_bytes, delay_ms, queue_limit, queue_bytes,
+                         heartbeat_ms, policy, block_ms)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
@@ -258,39 +299,53 @@ class WatchService(pbg.WatchServiceServicer):
         self, request: pb.WatchRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchResponse]:
         engine = self.engine
-        lim = self.limits
         tenant = current_caller.get().tenant
         entry = engine.vm(tenant, request.vm)
-        max_events = _bounded(
-            request, "max_batch_events", lim.default_watch_batch_events, 1,
-            lim.max_watch_batch_events, "events",
-        )
-        max_bytes = _bounded(
-            request, "max_batch_bytes", lim.default_watch_batch_bytes, 4096,
-            lim.max_watch_batch_bytes, "bytes",
-        )
-        delay_ms = _bounded(
-            request, "max_batch_delay_ms", lim.default_watch_batch_delay_ms, 0,
-            lim.max_watch_batch_delay_ms, "ms",
-        )
-        queue_limit = _bounded(
-            request, "queue_limit", lim.default_queue_limit, 1, lim.max_queue_limit, "events"
-        )
-        queue_bytes = _bounded(
-            request, "queue_bytes", lim.default_queue_bytes, 4096, lim.max_queue_bytes, "bytes"
-        )
-        heartbeat_ms = _bounded(
-            request, "heartbeat_interval_ms", lim.default_heartbeat_interval_ms,
-            lim.min_heartbeat_interval_ms, lim.max_heartbeat_interval_ms, "ms",
-        )
-        cv.enum_value(cv.POLICY, request.policy, "policy")
-        policy = cv.POLICY[request.policy]
-        block_ms = 0
-        if policy is SlowPolicy.BLOCK:
-            block_ms = _bounded(
-                request, "block_timeout_ms", lim.default_block_timeout_ms, 1,
-                lim.max_block_timeout_ms, "ms",
-            )
+        opts = _options(request, self.limits)
+        self._check(request, entry, tenant)
+        lease = engine.stream_lease(tenant)
+        try:  # nothing below may leave the stream's lease behind
+            stream = self._stream(request, entry, tenant, opts, lease.owner, context.peer())
+            start_seq = request.start_seq if request.HasField("start_seq") else None
+            notifier_id, compacted_gap = self._subscribe(
+                entry, stream.sub, start_seq, request.allow_compacted)
+        except BaseException:
+            engine.leases.end(lease)
+            raise
+        stream.lease_id = lease.lease_id
+        key = (tenant, entry.name, notifier_id)
+        self.streams[key] = stream
+        try:
+            yield pb.WatchResponse(registered=pb.Registered(
+                notifier_id=notifier_id,
+                head_seq=entry.vm.seq,
+                oldest_seq=max(entry.hub.history.oldest_seq, 1),
+                start_seq=start_seq if start_seq is not None else entry.vm.seq + 1,
+                lease_id=lease.lease_id,
+                max_batch_events=opts.max_events,
+                max_batch_bytes=opts.max_bytes,
+                max_batch_delay_ms=opts.delay_ms,
+                queue_limit=opts.queue_limit,
+                queue_bytes=opts.queue_bytes,
+                policy=cv.POLICY_PB[opts.policy],
+                block_timeout_ms=opts.block_ms,
+                heartbeat_interval_ms=opts.heartbeat_ms,
+                incarnation=engine.incarnation,
+            ))
+            if compacted_gap is not None:
+                yield pb.WatchResponse(gap=compacted_gap)
+            async for msg in self._deliver(stream, opts.max_events, opts.max_bytes,
+                                           opts.heartbeat_ms, request.omit_data):
+                yield msg
+        finally:
+            self.streams.pop(key, None)
+            if stream.sub.node is not None and not entry.vm.closed:
+                engine.unsubscribe(entry, stream.sub)
+            engine.leases.end(lease)
+
+    def _check(self, request: pb.WatchRequest, entry: VmEntry, tenant: TenantId) -> None:
+        """Refuse a filter or start the stream cannot have, before anything is made."""
+        lim = self.limits
         if len(request.gfn_ranges) > lim.max_filter_ranges:
             raise InvalidArgument(
                 f"{len(request.gfn_ranges)} gfn_ranges; at most {lim.max_filter_ranges}"
@@ -299,103 +354,71 @@ class WatchService(pbg.WatchServiceServicer):
             cv.enum_value(cv.SOURCES, s, "sources", allow_unset=False)
         for m in request.modes:
             cv.enum_value({pb.TRACK_MODE_WRITE: 1}, m, "modes", allow_unset=False)
-        owner_leases = list(request.owner_leases)
-        if len(owner_leases) > 64:
-            raise InvalidArgument(f"{len(owner_leases)} owner_leases; at most 64")
-        for lease_id in owner_leases:
-            engine.leases.get(tenant, lease_id)
-        if owner_leases and not request.only_owned:
+        if len(request.owner_leases) > 64:
+            raise InvalidArgument(f"{len(request.owner_leases)} owner_leases; at most 64")
+        for lease_id in request.owner_leases:
+            self.engine.leases.get(tenant, lease_id)
+        if request.owner_leases and not request.only_owned:
             raise InvalidArgument("owner_leases needs only_owned")
-        gfn_limit = entry.vm.limits.gfn_limit
+        vm = entry.vm
         for r in request.gfn_ranges:
-            if r.count < 1 or r.start + r.count > gfn_limit:
+            if r.count < 1 or r.start + r.count > vm.limits.gfn_limit:
                 raise InvalidArgument(
                     f"gfn_ranges start={r.start:#x} count={r.count}: count must be >= 1 and"
-                    f" the range inside the VM's {entry.vm.limits.gfn_bits}-bit gfn space"
+                    f" the range inside the VM's {vm.limits.gfn_bits}-bit gfn space"
                 )
-        if request.HasField("start_seq") and request.start_seq > entry.vm.seq + 1:
+        if request.HasField("start_seq") and request.start_seq > vm.seq + 1:
             raise OutOfRange(
                 f"start_seq {request.start_seq} is in the future: the VM's last seq is"
-                f" {entry.vm.seq}, so resume from at most {entry.vm.seq + 1}"
+                f" {vm.seq}, so resume from at most {vm.seq + 1}"
             )
 
-        lease = engine.stream_lease(tenant)
-        try:  # nothing below may leave the stream's lease behind
-            owner = None
-            if request.only_owned:
-                # One owner filter per stream: its own lease, or the first named lease.
-                owner = (
-                    engine.leases.get(tenant, owner_leases[0]).owner
-                    if owner_leases else lease.owner
-                )
-            flt = make_filter(
-                cv.gfn_ranges(request.gfn_ranges),
-                [cv.SOURCES[s] for s in request.sources],
-                owner,
-                [canonical_name(p) for p in request.plugins],
-                request.only_findings,
+    def _stream(
+        self, request: pb.WatchRequest, entry: VmEntry, tenant: TenantId, opts: _WatchOptions,
+        stream_owner: str, peer: str,
+    ) -> _Stream:
+        """The stream's filter, subscriber and waker (not yet subscribed)."""
+        owner = None
+        if request.only_owned:
+            # One owner filter per stream: its own lease, or the first named lease.
+            owner = (
+                self.engine.leases.get(tenant, request.owner_leases[0]).owner
+                if request.owner_leases else stream_owner
             )
-            wake = asyncio.Event()
-            waker = _Waker(wake, self._flusher, delay_ms / 1000, max_events)
-            sub = Subscriber(
-                name=f"watch:{context.peer()}", flt=flt, queue_limit=queue_limit, policy=policy,
-                wake=waker, block_timeout_s=block_ms / 1000, queue_bytes=queue_bytes,
-            )
-            waker.sub = sub
-        except BaseException:
-            engine.leases.end(lease)
-            raise
-        start_seq = request.start_seq if request.HasField("start_seq") else None
-        history = entry.hub.history
-        compacted_gap: pb.Gap | None = None
+        flt = make_filter(
+            cv.gfn_ranges(request.gfn_ranges),
+            [cv.SOURCES[s] for s in request.sources],
+            owner,
+            [canonical_name(p) for p in request.plugins],
+            request.only_findings,
+        )
+        wake = asyncio.Event()
+        waker = _Waker(wake, self._flusher, opts.delay_ms / 1000, opts.max_events)
+        sub = Subscriber(
+            name=f"watch:{peer}", flt=flt, queue_limit=opts.queue_limit, policy=opts.policy,
+            wake=waker, block_timeout_s=opts.block_ms / 1000, queue_bytes=opts.queue_bytes,
+        )
+        waker.sub = sub
+        stream = _Stream(entry, sub, wake)
+        stream.waker = waker
+        return stream
+
+    def _subscribe(
+        self, entry: VmEntry, sub: Subscriber, start_seq: int | None, allow_compacted: bool
+    ) -> tuple[int, pb.Gap | None]:
+        """Subscribe from ``start_seq``; with ``allow_compacted``, a start before the
+        history's oldest event subscribes from that one, with the Gap(COMPACTED) to send
+        first."""
         try:
-            notifier_id = engine.subscribe(entry, sub, start_seq)
+            return self.engine.subscribe(entry, sub, start_seq), None
         except Compacted as exc:
-            if not request.allow_compacted or start_seq is None:
-                engine.leases.end(lease)
+            if not allow_compacted or start_seq is None:
                 raise
-            compacted_gap = pb.Gap(
+            gap = pb.Gap(
                 first_seq=start_seq, last_seq=exc.oldest_seq - 1,
                 count=exc.oldest_seq - start_seq, reason=pb.GAP_REASON_COMPACTED,
             )
-            notifier_id = engine.subscribe(entry, sub, exc.oldest_seq)
-        except BaseException:
-            engine.leases.end(lease)
-            raise
-        stream = _Stream(entry, sub, wake)
-        stream.waker = waker
-        stream.lease_id = lease.lease_id
-        key = (tenant, entry.name, notifier_id)
-        self.streams[key] = stream
-        try:
-            yield pb.WatchResponse(
-                registered=pb.Registered(
-                    notifier_id=notifier_id,
-                    head_seq=entry.vm.seq,
-                    oldest_seq=max(history.oldest_seq, 1),
-                    start_seq=start_seq if start_seq is not None else entry.vm.seq + 1,
-                    lease_id=lease.lease_id,
-                    max_batch_events=max_events,
-                    max_batch_bytes=max_bytes,
-                    max_batch_delay_ms=delay_ms,
-                    queue_limit=queue_limit,
-                    queue_bytes=queue_bytes,
-                    policy=cv.POLICY_PB[policy],
-                    block_timeout_ms=block_ms,
-                    heartbeat_interval_ms=heartbeat_ms,
-                    incarnation=engine.incarnation,
-                )
-            )
-            if compacted_gap is not None:
-                yield pb.WatchResponse(gap=compacted_gap)
-            async for msg in self._deliver(stream, max_events, max_bytes, heartbeat_ms,
-                                           request.omit_data):
-                yield msg
-        finally:
-            self.streams.pop(key, None)
-            if sub.node is not None and not entry.vm.closed:
-                engine.unsubscribe(entry, sub)
-            engine.leases.end(lease)
+            return self.engine.subscribe(entry, sub, exc.oldest_seq), gap
 
     async def _deliver(
         self,
