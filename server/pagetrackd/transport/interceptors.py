@@ -108,112 +108,139 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        rpc = method.rsplit("/", 1)[-1]
-        auth = self._auth
         serialize = None if method.startswith(UNSERIALIZED_SERVICES) else self._serialize
-        journal = self._journal
-        observe = self._observe
-        bind = structlog.contextvars.bind_contextvars
-        reset_log = structlog.contextvars.reset_contextvars
-
-        def begin(context: Any) -> tuple[float, Any]:
-            caller = auth.authenticate(_authorization(context) if auth.enabled else None)
-            log_tokens = bind(rpc=rpc, peer=context.peer(), tenant=caller.tenant)
-            return time.perf_counter(), (current_caller.set(caller), log_tokens)
-
-        def finish(context: Any, started: float, error: BaseException | None) -> None:
-            seconds = time.perf_counter() - started
-            code = _code(context)
-            if error is not None and code == "OK":
-                code = "CANCELLED"
-            if observe is not None:
-                observe(method, code, seconds)
-            if code in ("OK", "CANCELLED"):
-                log.debug("rpc.done", code=code, ms=round(seconds * 1000, 3))
-            else:
-                log.warning("rpc.failed", code=code, ms=round(seconds * 1000, 3))
-
-        def _reset(tokens: Any) -> None:
-            # An async generator may be finalized in another context; the vars die
-            # with it then.
-            with contextlib.suppress(ValueError):
-                current_caller.reset(tokens[0])
-            with contextlib.suppress(ValueError):
-                reset_log(**tokens[1])
-
-        async def refuse(context: Any, exc: PageTrackError) -> None:
-            log.warning("rpc.unauthenticated", rpc=rpc, peer=context.peer())
-            structlog.contextvars.clear_contextvars()
-            await abort_with(context, exc)
-
-        def awaiting(inner: Any) -> Any:
-            # unary-unary and stream-unary: one awaited reply
-            async def call(request: Any, context: Any) -> Any:
-                try:
-                    started, token = begin(context)
-                except PageTrackError as exc:
-                    await refuse(context, exc)
-                    return None
-                error: BaseException | None = None
-                mark = journal.last_index if journal is not None else 0
-                vm = getattr(request, "vm", None) if serialize is not None else None
-                try:
-                    if vm and isinstance(vm, str):
-                        assert serialize is not None
-                        async with serialize(current_caller.get().tenant, vm):
-                            reply = await inner(request, context)
-                    else:
-                        reply = await inner(request, context)
-                    if journal is not None and journal.last_index > mark:
-                        try:
-                            await journal.commit()
-                        except PageTrackError as exc:
-                            await abort_with(context, exc)
-                    return reply
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(context, started, error)  # logs with the bindings still on
-                    _reset(token)
-
-            return call
-
+        calls = _Calls(method, self._auth, serialize, self._journal, self._observe)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                awaiting(handler.unary_unary),
+                calls.awaiting(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            inner_us: Any = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                try:
-                    started, token = begin(context)
-                except PageTrackError as exc:
-                    await refuse(context, exc)
-                    return
-                error: BaseException | None = None
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(context, started, error)  # logs with the bindings still on
-                    _reset(token)
-
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
+                calls.streaming(handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=_passing_wire(handler.response_serializer),
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                awaiting(handler.stream_unary),
+                calls.awaiting(handler.stream_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+class _Calls:
+    """What runs around every call of one method: authentication, the logging context,
+    the VM's lock, the journal's commit, the outcome's log line and metric."""
+
+    def __init__(
+        self,
+        method: str,
+        auth: Authenticator,
+        serialize: Serialize | None,
+        journal: Journal | None,
+        observe: Callable[[str, str, float], None] | None,
+    ) -> None:
+        self.method = method
+        self.rpc = method.rsplit("/", 1)[-1]
+        self.auth = auth
+        self.serialize = serialize
+        self.journal = journal
+        self.observe = observe
+
+    def begin(self, context: Any) -> tuple[float, Any]:
+        auth = self.auth
+        caller = auth.authenticate(_authorization(context) if auth.enabled else None)
+        log_tokens = structlog.contextvars.bind_contextvars(
+            rpc=self.rpc, peer=context.peer(), tenant=caller.tenant)
+        return time.perf_counter(), (current_caller.set(caller), log_tokens)
+
+    def finish(self, context: Any, started: float, error: BaseException | None) -> None:
+        seconds = time.perf_counter() - started
+        code = _code(context)
+        if error is not None and code == "OK":
+            code = "CANCELLED"
+        if self.observe is not None:
+            self.observe(self.method, code, seconds)
+        if code in ("OK", "CANCELLED"):
+            log.debug("rpc.done", code=code, ms=round(seconds * 1000, 3))
+        else:
+            log.warning("rpc.failed", code=code, ms=round(seconds * 1000, 3))
+
+    @staticmethod
+    def reset(tokens: Any) -> None:
+        # An async generator may be finalized in another context; the vars die with it
+        # then.
+        with contextlib.suppress(ValueError):
+            current_caller.reset(tokens[0])
+        with contextlib.suppress(ValueError):
+            structlog.contextvars.reset_contextvars(**tokens[1])
+
+    async def refuse(self, context: Any, exc: PageTrackError) -> None:
+        log.warning("rpc.unauthenticated", rpc=self.rpc, peer=context.peer())
+        structlog.contextvars.clear_contextvars()
+        await abort_with(context, exc)
+
+    async def _reply(self, inner: Any, request: Any, context: Any) -> Any:
+        """The handler's reply, under the VM's lock when the request names a VM, and
+        on disk first when it appended to the journal."""
+        journal, serialize = self.journal, self.serialize
+        mark = journal.last_index if journal is not None else 0
+        vm = getattr(request, "vm", None) if serialize is not None else None
+        if vm and isinstance(vm, str):
+            assert serialize is not None
+            async with serialize(current_caller.get().tenant, vm):
+                reply = await inner(request, context)
+        else:
+            reply = await inner(request, context)
+        if journal is not None and journal.last_index > mark:
+            try:
+                await journal.commit()
+            except PageTrackError as exc:
+                await abort_with(context, exc)
+        return reply
+
+    def awaiting(self, inner: Any) -> Any:
+        """unary-unary and stream-unary: one awaited reply."""
+
+        async def call(request: Any, context: Any) -> Any:
+            try:
+                started, token = self.begin(context)
+            except PageTrackError as exc:
+                await self.refuse(context, exc)
+                return None
+            error: BaseException | None = None
+            try:
+                return await self._reply(inner, request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self.finish(context, started, error)  # logs with the bindings still on
+                self.reset(token)
+
+        return call
+
+    def streaming(self, inner: Any) -> Any:
+        """unary-stream: the handler's messages, passed on."""
+
+        async def call(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                started, token = self.begin(context)
+            except PageTrackError as exc:
+                await self.refuse(context, exc)
+                return
+            error: BaseException | None = None
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self.finish(context, started, error)  # logs with the bindings still on
+                self.reset(token)
+
+        return call
