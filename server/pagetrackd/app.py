@@ -20,7 +20,7 @@ from pagetrackd.config import Config, parse_listen
 from pagetrackd.journal import Journal
 from pagetrackd.limits import ServerLimits
 from pagetrackd.metrics import MetricsServer, RpcMetrics, build_registry
-from pagetrackd.state import StateDir
+from pagetrackd.state import StateDir, StateSnapshots
 from pagetrackd.transport.interceptors import RequestContextInterceptor
 from pagetrackd.transport.reflection import reflection_handlers
 from pagetrackd.transport.services import (
@@ -126,6 +126,7 @@ class Daemon:
                 plugin_failure_limit=config.plugin_failure_limit,
             )
         )
+        self.engine.snapshots = StateSnapshots()
         self.auth = (
             Authenticator.from_file(Path(config.tokens_file))
             if config.tokens_file

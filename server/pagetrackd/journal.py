@@ -12,10 +12,10 @@ Files: ``STATE_DIR/journal/<first index>.jnl``, each holding records from its fi
 index on. A save starts a new file; once every VM's saved file holds everything up to
 an index, the files wholly below it are deleted. At start, after the VM files are
 loaded, every record newer than the VM's file is applied again in order, with the seqs
-it had: a seq taken by something that was not journaled becomes a RESTART gap. A torn
-last line (the crash came mid-write) is cut off and ends that run's file; the next run
-wrote its records to a newer file, which is read on. A damaged whole line ends the
-journal.
+it had (:mod:`pagetrackd.state.journal_replay`): a seq taken by something that was not
+journaled becomes a RESTART gap. A torn last line (the crash came mid-write) is cut off
+and ends that run's file; the next run wrote its records to a newer file, which is read
+on. A damaged whole line ends the journal.
 
 TTL leases made or ended are records too (``lease_create`` / ``lease_end``, with no VM):
 they are applied before the VM files load (:meth:`Journal.lease_records`), so the
@@ -25,7 +25,6 @@ references held under a lease made since the last save load with their VM.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import io
 import json
@@ -37,16 +36,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pagetrackd.domain import PageTrackError, TenantId, Unavailable
+from pagetrackd.domain import Unavailable
 from pagetrackd.files import fsync_dir
-from pagetrackd.replay import VM_OPS, Recorder, decode_value
+from pagetrackd.replay import Recorder
 
 if TYPE_CHECKING:
-    from pagetrackd.application import Engine, VmEntry
+    from pagetrackd.application import VmEntry
 
 log = structlog.get_logger("pagetrackd.journal")
 
-__all__ = ["Journal", "JournalRecorder", "replay_journal"]
+__all__ = ["Journal", "JournalRecorder"]
 
 SUFFIX = ".jnl"
 
@@ -242,98 +241,3 @@ class JournalRecorder(Recorder):
         if "format" in record:  # the recording header: the journal has a create record
             return
         self.journal.append({"t": self.tenant, "vm": self.vm_name, **record})
-
-
-# ---------------------------------------------------------------------- replay
-
-
-def replay_journal(engine: Engine, journal: Journal, saved: dict[tuple[str, str], int]) -> int:
-    """Apply every record newer than the VM's saved file (``saved``: (tenant, vm) -> the
-    journal index its file holds). Returns the records applied. A record that cannot be
-    applied is logged and skipped with the rest of its VM's records."""
-    from pagetrackd.state import read_snapshot, restore_snapshot
-
-    applied = 0
-    broken: set[tuple[str, str]] = set()
-    journal.paused = True
-    try:
-        for rec in journal.read():
-            key = (str(rec.get("t")), str(rec.get("vm")))
-            if rec["i"] <= saved.get(key, 0) or key in broken:
-                continue
-            op = rec.get("op")
-            if isinstance(op, str) and op.startswith("lease_"):
-                continue  # applied before the VM files loaded
-            try:
-                if op == "create":
-                    _create(engine, key, rec)
-                elif op == "restore":
-                    snap = read_snapshot(base64.b64decode(rec["data"]))
-                    restore_snapshot(engine, TenantId(key[0]), snap, name=key[1],
-                                     replace=True, saved=True)
-                elif op == "delete":
-                    engine.delete_vm(TenantId(key[0]), key[1])
-                else:
-                    _apply(engine, engine.vm(TenantId(key[0]), key[1]), rec)
-            except (PageTrackError, KeyError, TypeError, ValueError) as exc:
-                broken.add(key)
-                log.error("journal.replay_failed", tenant=key[0], vm=key[1], index=rec["i"],
-                          op=op, reason=f"{type(exc).__name__}: {exc}")
-                continue
-            saved[key] = rec["i"]
-            applied += 1
-    finally:
-        journal.paused = False
-    return applied
-
-
-def _create(engine: Engine, key: tuple[str, str], rec: dict[str, Any]) -> None:
-    o = decode_value(rec["options"])
-    with contextlib.suppress(PageTrackError):
-        engine.delete_vm(TenantId(key[0]), key[1])  # one of the same name, deleted later
-    engine.create_vm(
-        TenantId(key[0]), key[1], vcpus=o["vcpus"], dma_policy=o["dma_policy"],
-        semantics=o["semantics"], cost=o["cost"], limits=_limits(o["limits"]),
-        history_events=o["history_events"], history_bytes=o["history_bytes"],
-        check_quota=False, record=bool(o.get("record", False)),
-    )
-
-
-def _limits(values: dict[str, Any]) -> Any:
-    from pagetrackd.domain import VmLimits
-
-    return VmLimits(**values)
-
-
-def _apply(engine: Engine, entry: VmEntry, rec: dict[str, Any]) -> None:
-    """One VM or plugin operation, at the seqs it had."""
-    vm = entry.vm
-    seq0 = rec.get("seq0")
-    if isinstance(seq0, int) and seq0 > vm.seq:
-        entry.hub.history.add_lost(vm.seq + 1, seq0)  # taken by something not journaled
-        vm.seq = seq0
-    op = rec["op"]
-    if entry.quota is not None:
-        entry.quota.exempt = True  # it was allowed when it happened
-    try:
-        if op == "plugin_attach":
-            engine.attach_plugin(entry, rec["name"], decode_value(rec["options"]))
-        elif op == "plugin_call":
-            engine.plugin(entry, rec["name"]).call(rec["call"], **decode_value(rec["args"]))
-        elif op == "plugin_detach":
-            engine.detach_plugin(entry, rec["name"])
-        elif op == "close":
-            pass  # a delete record follows
-        elif op in VM_OPS:
-            getattr(vm, op)(**{k: decode_value(v) for k, v in rec["args"].items()})
-        else:
-            raise ValueError(f"unknown op {op!r}")
-    finally:
-        if entry.quota is not None:
-            entry.quota.exempt = False
-    seq = rec.get("seq")
-    if isinstance(seq, int) and vm.seq != seq:
-        log.warning("journal.seq_differs", vm=entry.name, index=rec["i"], op=op,
-                    replayed=vm.seq, journaled=seq)
-        if seq > vm.seq:
-            vm.seq = seq

@@ -1,9 +1,7 @@
 """Administration use cases: the daemon's problems and process figures, VM snapshots
-out and in, recordings out, and replays in (uploads within the tenant's quota).
-
-Not imported by ``pagetrackd.application`` itself: it uses :mod:`pagetrackd.state`,
-which imports the engine.
-"""
+out and in (through the engine's snapshot format, see
+:mod:`pagetrackd.application.snapshot_port`), recordings out, and replays in (uploads
+within the tenant's quota)."""
 
 from __future__ import annotations
 
@@ -16,20 +14,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pagetrackd.application.engine import Engine
 from pagetrackd.application.entries import VmEntry
-from pagetrackd.domain import InvalidArgument, PageTrackError, QuotaExceeded, TenantId
-from pagetrackd.limits import DEFAULT_CHUNK_BYTES
-from pagetrackd.state import (
-    FORMAT_VERSION,
-    SnapshotError,
-    prepare_vm,
-    read_snapshot,
-    restore_snapshot,
-    snapshot_entry,
-    snapshot_length,
+from pagetrackd.application.snapshot_port import SnapshotFormat
+from pagetrackd.domain import (
+    InvalidArgument,
+    PageTrackError,
+    QuotaExceeded,
+    TenantId,
+    Unavailable,
 )
+from pagetrackd.limits import DEFAULT_CHUNK_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +79,19 @@ def problems(engine: Engine, tenant: TenantId, admin: bool) -> list[str]:
     ]
 
 
+def _format(engine: Engine) -> SnapshotFormat[Any]:
+    if engine.snapshots is None:
+        raise Unavailable("this engine was given no snapshot format")
+    return engine.snapshots
+
+
 def snapshot_vm(engine: Engine, tenant: TenantId, name: str, include_memory: bool) -> VmSnapshot:
     """The VM's state, with its guest memory when asked."""
+    fmt = _format(engine)
     entry = engine.vm(tenant, name)
     head = entry.vm.seq
-    data = snapshot_entry(entry, include_memory=include_memory, engine=engine)
-    return VmSnapshot(data, hashlib.sha256(data).digest(), head, FORMAT_VERSION)
+    data = fmt.encode(engine, entry, include_memory)
+    return VmSnapshot(data, hashlib.sha256(data).digest(), head, fmt.version)
 
 
 class SnapshotUpload:
@@ -97,6 +101,7 @@ class SnapshotUpload:
     def __init__(self, engine: Engine, tenant: TenantId) -> None:
         self.engine = engine
         self.tenant = tenant
+        self.format = _format(engine)
         self.limit = engine.quotas(tenant).upload_bytes
         self._data = bytearray()
         self._declared: int | None = None
@@ -108,7 +113,8 @@ class SnapshotUpload:
         if declared is None:
             # The header is checked on the first bytes: a stream that is not a
             # snapshot, or declares more than the quota, is refused at once.
-            declared = self._declared = snapshot_length(bytes(self._data[:1 << 20]))
+            declared = self._declared = self.format.declared_length(
+                bytes(self._data[:1 << 20]))
             if declared is not None and declared > limit:
                 raise QuotaExceeded(
                     f"the snapshot declares {declared} bytes; the tenant's upload_bytes"
@@ -116,10 +122,11 @@ class SnapshotUpload:
                     quota="upload_bytes", limit=limit,
                 )
         if len(self._data) > (declared or limit):
-            raise SnapshotError(
+            raise InvalidArgument(
                 f"snapshot upload passed the {declared or limit} bytes its header declares"
                 if declared is not None and declared <= limit
-                else f"snapshot upload passed the tenant's upload_bytes quota of {limit}"
+                else f"snapshot upload passed the tenant's upload_bytes quota of {limit}",
+                field="data",
             )
 
     async def restore(self, name: str, replace: bool) -> VmEntry:
@@ -129,15 +136,16 @@ class SnapshotUpload:
         engine, tenant = self.engine, self.tenant
         raw = bytes(self._data)
         self._data = bytearray()
-        snap = await asyncio.to_thread(read_snapshot, raw)
+        fmt = self.format
+        snap = await asyncio.to_thread(fmt.decode, raw)
         name = name or snap.state.name
         existing = None
         with contextlib.suppress(PageTrackError):
             existing = engine.vm(tenant, name)
         engine.check_restore_size(tenant, snap.state, existing)
-        prepared = await asyncio.to_thread(prepare_vm, snap, name)
+        prepared = await asyncio.to_thread(fmt.prepare, snap, name)
         with engine.unjournaled():
-            entry = restore_snapshot(
+            entry = fmt.restore(
                 engine, tenant, snap, name=name, replace=replace, prepared=prepared
             )
         engine.journal_restored(entry, raw)

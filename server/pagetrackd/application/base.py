@@ -18,6 +18,7 @@ from pagetrackd.plugins.budget import StateBudget
 from pagetrackd.plugins.catalog import Catalog
 
 if TYPE_CHECKING:
+    from pagetrackd.application.snapshot_port import SnapshotFormat
     from pagetrackd.journal import Journal
 
 
@@ -53,6 +54,8 @@ class EngineBase:
         self.problems: dict[str, tuple[TenantId | None, str]] = {}
         #: with durability = "journal": where every change is appended (see journal.py)
         self.journal: Journal | None = None
+        #: the snapshot format (the state package's; set by the daemon)
+        self.snapshots: SnapshotFormat[Any] | None = None
         #: called with (tenant, name) of every VM deleted
         self.on_vm_deleted: list[Callable[[TenantId, str], None]] = []
         self._record_dir: Path | None = None  #: made on the first recorded VM

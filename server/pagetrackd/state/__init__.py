@@ -8,6 +8,7 @@ Modules, each with one job:
 * :mod:`.history_records` and :mod:`.plugin_records`: the event history and the
   attached plugins inside a snapshot;
 * :mod:`.restore`: a snapshot made a registered VM again;
+* :mod:`.format_port`: all that as the application's snapshot port;
 * :mod:`.incremental`: a VM's state-directory file and the memory chunks and history
   segments beside it, written as they change;
 * :mod:`.vmfiles` and :mod:`.leases_file`: the files of the state directory;
@@ -23,6 +24,7 @@ from pagetrackd.state.container import (
     snapshot_length,
 )
 from pagetrackd.state.directory import StateDir
+from pagetrackd.state.format_port import StateSnapshots
 from pagetrackd.state.incremental import read_vm_file, self_contained
 from pagetrackd.state.restore import prepare_vm, restore_snapshot
 from pagetrackd.state.snapshot import Snapshot, capture_entry, read_snapshot, snapshot_entry
@@ -33,6 +35,7 @@ __all__ = [
     "Snapshot",
     "SnapshotError",
     "StateDir",
+    "StateSnapshots",
     "capture_entry",
     "decode",
     "encode",

@@ -23,7 +23,7 @@ import structlog
 from pagetrackd.application import Engine, VmEntry
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId
 from pagetrackd.files import fsync_dir, write_atomic
-from pagetrackd.journal import Journal, JournalRecorder, replay_journal
+from pagetrackd.journal import Journal, JournalRecorder
 from pagetrackd.leases import Lease, LeaseKind
 from pagetrackd.replay import encode_value
 from pagetrackd.seqs import SEQS_FILE, SeqReservations
@@ -38,6 +38,7 @@ from pagetrackd.state.incremental import (
     remove_unnamed,
     save_vm,
 )
+from pagetrackd.state.journal_replay import replay_journal
 from pagetrackd.state.leases_file import (
     LEASES_FILE,
     apply_lease_records,
