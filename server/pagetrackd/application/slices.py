@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,7 +34,6 @@ from pagetrackd.domain.arrays import distinct
 from pagetrackd.domain.batch import BatchResult
 from pagetrackd.domain.steps import BatchSteps, TrackSteps, gfn_set
 from pagetrackd.domain.types import TENANT_OWNER
-from pagetrackd.plugins.base import Steps
 from pagetrackd.replay import ReplayResult, replay_steps
 
 if TYPE_CHECKING:
@@ -189,25 +188,18 @@ def _distinct(gfns: I64) -> int:
 
 async def replay_into(locks: VmLocks, entry: VmEntry, path: Path) -> ReplayResult:
     """Replay the recording at ``path`` into the fresh VM of ``entry``, a few records
-    at a time (about :data:`SLICE_S` each), the VM's lock held throughout."""
-    steps = replay_steps(path, vm=entry.vm)
+    at a time (about :data:`SLICE_S` each), the VM's lock held throughout; a cancelled
+    call stops between two slices."""
     async with locks.hold(entry.tenant, entry.name):
-        while True:
-            end = time.perf_counter() + SLICE_S
-            try:
-                while time.perf_counter() < end:
-                    next(steps)
-            except StopIteration as done:
-                result: ReplayResult = done.value
-                return result
-            await asyncio.sleep(0)
+        return await run_steps(replay_steps(path, vm=entry.vm), finish=False)
 
 
-async def run_steps(steps: Steps[T]) -> T:
-    """Run a plugin operation given as steps (shadowing a table tree, a table a step),
-    letting the event loop serve others every :data:`SLICE_S`. The caller holds the
-    VM's lock. A cancelled call still runs the operation to its end, a slice at a
-    time, before it ends: a tree half shadowed is no state to leave behind."""
+async def run_steps(steps: Generator[object, None, T], *, finish: bool = True) -> T:
+    """Run an operation given as steps (a plugin shadowing a table tree, a table a
+    step; a replay, a record a step), letting the event loop serve others every
+    :data:`SLICE_S`. The caller holds the VM's lock. With ``finish``, a cancelled call
+    still runs the operation to its end, a slice at a time, before it ends: a tree half
+    shadowed is no state to leave behind."""
     cancelled = False
     while True:
         end = time.perf_counter() + SLICE_S
@@ -222,4 +214,6 @@ async def run_steps(steps: Steps[T]) -> T:
         try:
             await asyncio.sleep(0)
         except asyncio.CancelledError:
+            if not finish:
+                raise
             cancelled = True
