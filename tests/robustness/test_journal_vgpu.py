@@ -60,3 +60,30 @@ def test_ppgtt_builds_survive_sigkill(daemons: Daemons, tmp_path: Path) -> None:
             pb.AuditPluginRequest(vm=vm, kind=pb.PLUGIN_KIND_VGPU))
         assert audit.mismatch_count == 0
     assert d.stop() == 0
+
+
+def test_a_restored_vgpu_survives_sigkill_once(daemons: Daemons, tmp_path: Path) -> None:
+    """RestoreVm rebuilds a vGPU's PPGTTs a table at a time after the VM is registered;
+    that rebuild is part of the restore, which the journal replays from the snapshot:
+    after a SIGKILL the PPGTTs are there once, not twice."""
+    state = tmp_path / "state"
+    d = daemons.start(*ARGS, state_dir=state)
+    plugins = d.stub("PluginService")
+    _vm_with_trees(d, "src")
+    plugins.AttachPlugin(pb.AttachPluginRequest(
+        vm="src", kind=pb.PLUGIN_KIND_VGPU, options={"root_gpa": str(ROOT_A << 12)}))
+    plugins.BuildPpgtt(pb.BuildPpgttRequest(vm="src", root_gpa=ROOT_B << 12))
+    snap = b"".join(c.data for c in d.stub("AdminService").SnapshotVm(
+        pb.SnapshotVmRequest(vm="src", include_memory=True)))
+    d.stub("AdminService").RestoreVm(iter([pb.RestoreVmRequest(vm="copy", data=snap)]))
+    before = _vgpu(d, "copy").counters
+    assert before["ppgtts"] == 2 and before["shadow_tables"] == 2 * TABLES
+    d.kill()
+
+    d = daemons.start(*ARGS, state_dir=state)
+    log = d.log_text()
+    assert "journal.replay_failed" not in log and "state.plugin_not_restored" not in log, log
+    after = _vgpu(d, "copy").counters
+    for key in ("ppgtts", "shadow_tables", "shadow_entries"):
+        assert after[key] == before[key], (key, after[key], before[key])
+    assert d.stop() == 0

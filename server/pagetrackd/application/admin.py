@@ -17,8 +17,9 @@ from types import TracebackType
 from typing import Any
 
 from pagetrackd.application.engine import Engine
-from pagetrackd.application.entries import VmEntry
-from pagetrackd.application.snapshot_port import SnapshotFormat
+from pagetrackd.application.entries import VmEntry, unrecorded
+from pagetrackd.application.slices import run_steps
+from pagetrackd.application.snapshot_port import PendingRebuild, SnapshotFormat
 from pagetrackd.domain import (
     InvalidArgument,
     PageTrackError,
@@ -144,12 +145,35 @@ class SnapshotUpload:
             existing = engine.vm(tenant, name)
         engine.check_restore_size(tenant, snap.state, existing)
         prepared = await asyncio.to_thread(fmt.prepare, snap, name)
-        with engine.unjournaled():
-            entry = fmt.restore(
-                engine, tenant, snap, name=name, replace=replace, prepared=prepared
-            )
-        engine.journal_restored(entry, raw)
+        later: list[PendingRebuild] = []
+        # The VM's lock is held until its plugins' shadows are rebuilt: no call on it
+        # sees a half-made shadow.
+        async with engine.vm_locks.hold(tenant, name):
+            with engine.unjournaled():
+                entry = fmt.restore(engine, tenant, snap, name=name, replace=replace,
+                                    prepared=prepared, later=later)
+            engine.journal_restored(entry, raw)
+            await _rebuild(entry, later)
         return entry
+
+
+async def _rebuild(entry: VmEntry, later: list[PendingRebuild]) -> None:
+    """Rebuild restored plugins' shadows a step at a time (a vGPU with a PPGTT of
+    thousands of tables does not hold the event loop), unrecorded: the restore record
+    replays them. A cancelled call still rebuilds them all before it ends."""
+    cancelled = False
+    for pending in later:
+        try:
+            with unrecorded(entry):
+                await run_steps(pending.steps)
+        except asyncio.CancelledError:
+            cancelled = True  # run_steps finished the steps first
+        except PageTrackError as exc:
+            pending.failed(exc)
+            continue
+        pending.done()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def recording_chunks(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +35,8 @@ class VmEntry:
     room: asyncio.Event = field(default_factory=asyncio.Event)
     #: records every operation when the VM was created with ``record``
     recorder: Recorder | None = None
+    #: with durability = "journal": records every operation into the journal
+    journal_recorder: Recorder | None = None
     recording: Path | None = None
     #: the open recording file
     recording_file: IO[str] | None = None
@@ -80,3 +84,14 @@ class WorkloadRun:
         """Writes per second achieved."""
         e = self.elapsed_s
         return self.writes / e if e > 0 else 0.0
+
+
+@contextlib.contextmanager
+def unrecorded(entry: VmEntry) -> Iterator[None]:
+    """Operations on the VM inside are neither recorded nor journaled (a restore
+    rebuilding a plugin's shadow: the restore itself is what replays it)."""
+    with contextlib.ExitStack() as stack:
+        for rec in (entry.recorder, entry.journal_recorder):
+            if rec is not None:
+                stack.enter_context(rec.paused())
+        yield

@@ -9,14 +9,29 @@ nothing of the state package.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from pagetrackd.domain import TenantId, Vm
+from pagetrackd.domain import PageTrackError, TenantId, Vm
 from pagetrackd.domain.snapshot import VmState
 
 if TYPE_CHECKING:
     from pagetrackd.application.engine import Engine
     from pagetrackd.application.entries import VmEntry
+
+
+@dataclass(eq=False)
+class PendingRebuild:
+    """A restored plugin whose shadow is still to be rebuilt from guest memory, a step
+    at a time (see :func:`pagetrackd.application.slices.run_steps`)."""
+
+    plugin: str
+    steps: Generator[object, None, None]
+    #: called when the steps have all run
+    done: Callable[[], None]
+    #: called when a step raised: the plugin is detached and the failure logged
+    failed: Callable[[PageTrackError], None]
 
 
 class Loaded(Protocol):
@@ -58,11 +73,12 @@ class SnapshotFormat(Protocol[S]):
 
     def restore(
         self, engine: Engine, tenant: TenantId, snap: S, *, name: str, replace: bool,
-        prepared: Vm,
+        prepared: Vm, later: list[PendingRebuild],
     ) -> VmEntry:
         """Register ``prepared`` as the tenant's VM ``name`` with the rest of ``snap``
-        (history, plugins)."""
+        (history, plugins); a plugin shadow that is rebuilt in steps is added to
+        ``later`` instead, for the caller to run."""
         ...
 
 
-__all__ = ["Loaded", "SnapshotFormat"]
+__all__ = ["Loaded", "PendingRebuild", "SnapshotFormat"]

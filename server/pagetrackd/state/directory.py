@@ -163,7 +163,7 @@ class StateDir:
 
     def _journal_vm(self, entry: VmEntry) -> None:
         assert self.journal is not None
-        JournalRecorder(self.journal, entry)
+        entry.journal_recorder = JournalRecorder(self.journal, entry)
         h = entry.hub.history
         self.journal.append({
             "t": entry.tenant, "vm": entry.name, "op": "create",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pagetrackd.application import Engine, VmEntry
+from pagetrackd.application.snapshot_port import PendingRebuild
 from pagetrackd.domain import TenantId, Vm
 from pagetrackd.state.container import FORMAT_VERSION, snapshot_length
 from pagetrackd.state.restore import prepare_vm, restore_snapshot
@@ -29,10 +30,10 @@ class StateSnapshots:
 
     def restore(
         self, engine: Engine, tenant: TenantId, snap: Snapshot, *, name: str, replace: bool,
-        prepared: Vm,
+        prepared: Vm, later: list[PendingRebuild],
     ) -> VmEntry:
         return restore_snapshot(
-            engine, tenant, snap, name=name, replace=replace, prepared=prepared)
+            engine, tenant, snap, name=name, replace=replace, prepared=prepared, later=later)
 
 
 __all__ = ["StateSnapshots"]

@@ -10,6 +10,7 @@ from typing import Any
 
 from pagetrackd.application import Engine, VmEntry
 from pagetrackd.plugins import Plugin, ops
+from pagetrackd.plugins.base import Steps, run_all
 from pagetrackd.plugins.shadow_mmu import ShadowMmu
 from pagetrackd.state.container import SnapshotError
 
@@ -25,15 +26,21 @@ class _Rebuild:
     save: Callable[[Plugin], Any]
     replay: Callable[[Plugin, Any], None]
     replaces: frozenset[str]
+    #: the replay a step at a time, for a plugin whose rebuild can take long
+    steps: Callable[[Plugin, Any], Steps[None]] | None = None
     #: the plugin rebuilds the rest on demand (the shadow MMU refaults its pages, as
     #: KVM's does after a migration), so fewer tracked gfns after the replay is expected
     lazy: bool = False
 
 
-def _vgpu_replay(plugin: Plugin, ppgtts: Any) -> None:
+def _vgpu_steps(plugin: Plugin, ppgtts: Any) -> Steps[None]:
     for mm in sorted(ppgtts, key=lambda m: int(m["ppgtt"])):
         for _ in range(max(1, int(mm.get("refs", 1)))):
-            ops.build_ppgtt(plugin, root_gpa=int(mm["root_gpa"]))
+            yield from ops.build_ppgtt_steps(plugin, root_gpa=int(mm["root_gpa"]))
+
+
+def _vgpu_replay(plugin: Plugin, ppgtts: Any) -> None:
+    run_all(_vgpu_steps(plugin, ppgtts))
 
 
 def _vgpu_ppgtts(plugin: Plugin) -> list[dict[str, int]]:
@@ -51,7 +58,7 @@ def _shadow_replay(plugin: Plugin, roots: Any) -> None:
 
 
 REBUILD: dict[str, _Rebuild] = {
-    "vgpu": _Rebuild(_vgpu_ppgtts, _vgpu_replay, frozenset({"root_gpa"})),
+    "vgpu": _Rebuild(_vgpu_ppgtts, _vgpu_replay, frozenset({"root_gpa"}), steps=_vgpu_steps),
     "shadow_mmu": _Rebuild(
         _shadow_roots, _shadow_replay, frozenset({"root", "cr3", "vcpu"}), lazy=True
     ),
@@ -136,8 +143,12 @@ def check_plugin_records(records: Any) -> None:
                 _int_field(r, "vcpu", at, 0, 4095)
 
 
-def reattach(engine: Engine, entry: VmEntry, rec: dict[str, Any]) -> None:
-    """Attach a saved plugin again and let it rebuild its shadow from guest memory."""
+def reattach(
+    engine: Engine, entry: VmEntry, rec: dict[str, Any], *, stepped: bool = False
+) -> Steps[None] | None:
+    """Attach a saved plugin again and let it rebuild its shadow from guest memory.
+    With ``stepped``, a rebuild that can run in steps is returned for the caller to run
+    (None: the plugin is done)."""
     kind = str(rec.get("kind", ""))
     options = dict(rec.get("options") or {})
     rebuild = REBUILD.get(kind) if "state" not in rec else None
@@ -152,7 +163,10 @@ def reattach(engine: Engine, entry: VmEntry, rec: dict[str, Any]) -> None:
         if callable(load):
             load(rec["state"])
     elif rebuild is not None and "rebuild" in rec:
+        if stepped and rebuild.steps is not None:
+            return rebuild.steps(plugin, rec["rebuild"])
         rebuild.replay(plugin, rec["rebuild"])
+    return None
 
 
 # ---------------------------------------------------------------------- one VM

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import structlog
 
 from pagetrackd.application import Engine, VmEntry
+from pagetrackd.application.snapshot_port import PendingRebuild
 from pagetrackd.domain import InvalidArgument, PageTrackError, TenantId, Vm, VmAlreadyExists
 from pagetrackd.domain.snapshot import VmState, import_vm, vm_options
 from pagetrackd.domain.types import TENANT_OWNER
@@ -55,6 +57,7 @@ def restore_snapshot(
     leases: Iterable[str] = (),
     prepared: Vm | None = None,
     saved: bool = False,
+    later: list[PendingRebuild] | None = None,
 ) -> VmEntry:
     """Create the VM of ``snap`` for ``tenant`` (as ``name`` if given): ``prepared``
     if given (from :func:`prepare_vm`, which a caller may run in a worker thread), else
@@ -68,7 +71,9 @@ def restore_snapshot(
     their tracking references anew. Raises AlreadyExists if the VM exists and
     ``replace`` is false, InvalidArgument if the snapshot cannot be loaded; nothing is
     changed then. ``saved`` is for the daemon's own state files: a VM it accepted is
-    not refused at load by a quota (those are checked when it grows, as before).
+    not refused at load by a quota (those are checked when it grows, as before). With
+    ``later``, a plugin whose shadow can be rebuilt in steps (the vGPU's PPGTTs) is
+    attached, and its rebuild added to ``later`` for the caller to run.
     """
     state = snap.state
     name = name or state.name
@@ -112,7 +117,7 @@ def restore_snapshot(
     paused = entry.recorder.paused() if entry.recorder is not None else contextlib.nullcontext()
     try:
         with paused:
-            _fill(engine, entry, snap)
+            _fill(engine, entry, snap, later)
     except BaseException as exc:
         engine.delete_vm(tenant, name)  # never a half-made VM
         if isinstance(exc, PageTrackError) or not isinstance(exc, Exception):
@@ -135,7 +140,9 @@ def _saved_recording(header: dict[str, Any]) -> tuple[int, bool] | None:
     return size, bool(over)
 
 
-def _fill(engine: Engine, entry: VmEntry, snap: Snapshot) -> None:
+def _fill(
+    engine: Engine, entry: VmEntry, snap: Snapshot, later: list[PendingRebuild] | None
+) -> None:
     """The rest of a restore once the loaded VM is registered: history, plugins."""
     state = snap.state
     name = entry.name
@@ -151,13 +158,27 @@ def _fill(engine: Engine, entry: VmEntry, snap: Snapshot) -> None:
     if isinstance(created, int) and created > 0:
         entry.created_at_ns = created
     for rec in snap.plugins:
-        kind = rec.get("kind")
+        kind = str(rec.get("kind"))
         try:
-            reattach(engine, entry, rec)
+            steps = reattach(engine, entry, rec, stepped=later is not None)
         except PageTrackError as exc:
             log.warning("state.plugin_not_restored", vm=name, plugin=kind, reason=str(exc))
             continue
-        _compare_plugin_refs(entry, state, str(kind))
+        if steps is None:
+            _compare_plugin_refs(entry, state, kind)
+        else:
+            assert later is not None
+            later.append(PendingRebuild(
+                kind, steps, partial(_compare_plugin_refs, entry, state, kind),
+                partial(_rebuild_failed, engine, entry, kind),
+            ))
+
+
+def _rebuild_failed(engine: Engine, entry: VmEntry, kind: str, exc: PageTrackError) -> None:
+    """A plugin's shadow could not be rebuilt: it is detached, as if never restored."""
+    with contextlib.suppress(PageTrackError):
+        engine.detach_plugin(entry, kind)
+    log.warning("state.plugin_not_restored", vm=entry.name, plugin=kind, reason=str(exc))
 
 
 def _compare_plugin_refs(entry: VmEntry, state: VmState, kind: str) -> None:
