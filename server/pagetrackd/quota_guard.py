@@ -24,7 +24,6 @@ through unchecked (calls a plugin makes from inside them are checked as ever).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +65,6 @@ class QuotaGuard:
     def _set_memslot(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         vm = self.vm
 
-        @functools.wraps(orig)
         def set_memslot(
             slot_id: int, base_gfn: int, npages: int, flags: SlotFlags = SlotFlags.NONE
         ) -> Any:
@@ -81,7 +79,6 @@ class QuotaGuard:
     def _track_add(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         vm = self.vm
 
-        @functools.wraps(orig)
         def track_add(gfns: Any, owner: str = TENANT_OWNER) -> Any:
             if not self.exempt and not (self._prechecked and not self._adding):
                 uniq = distinct(np.asarray(gfns, dtype=np.int64))
@@ -103,7 +100,6 @@ class QuotaGuard:
         self, name: str, count: Callable[..., int]
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def make(orig: Callable[..., Any]) -> Callable[..., Any]:
-            @functools.wraps(orig)
             def charged(*args: Any, **kwargs: Any) -> Any:
                 if self.exempt or self._writing:
                     return orig(*args, **kwargs)

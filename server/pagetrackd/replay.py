@@ -218,7 +218,9 @@ class Recorder:
     def _wrap_vm(self, name: str) -> None:
         vm = self.vm
         orig: Callable[..., Any] = getattr(vm, name)
-        sig = inspect.signature(orig)
+        # The class's method, bound: the instance's may be a quota guard's wrapper,
+        # which takes (*args, **kwargs)
+        sig = inspect.signature(getattr(type(vm), name).__get__(vm, type(vm)))
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if self._depth:

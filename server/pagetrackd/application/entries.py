@@ -31,8 +31,9 @@ class VmEntry:
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: counters of the Watch streams that have ended, summed (metrics stay monotonic)
     ended_streams: StreamCounters = field(default_factory=StreamCounters)
-    #: woken whenever a block-policy subscriber's queue drains
-    room: asyncio.Event = field(default_factory=asyncio.Event)
+    #: woken whenever a block-policy subscriber's queue drains (made when first
+    #: needed: an Event takes some 900 bytes and most VMs never have such a stream)
+    _room: asyncio.Event | None = field(default=None, repr=False)
     #: records every operation when the VM was created with ``record``
     recorder: Recorder | None = None
     #: with durability = "journal": records every operation into the journal
@@ -42,6 +43,18 @@ class VmEntry:
     recording_file: IO[str] | None = None
     #: charges the VM's own methods to the tenant's quotas (every path, not only RPCs)
     quota: QuotaGuard | None = None
+
+    @property
+    def room(self) -> asyncio.Event:
+        """Set whenever a block-policy subscriber's queue drains."""
+        if self._room is None:
+            self._room = asyncio.Event()
+        return self._room
+
+    def wake_room(self) -> None:
+        """Wake the writers waiting for room (none wait if :attr:`room` was never made)."""
+        if self._room is not None:
+            self._room.set()
 
     @property
     def name(self) -> str:

@@ -52,7 +52,7 @@ class Streams(Vms):
         done.dropped += c.dropped
         done.coalesced += c.coalesced
         done.queued += c.queued
-        entry.room.set()
+        entry.wake_room()
 
     @staticmethod
     def _must_admit(entry: VmEntry) -> bool:

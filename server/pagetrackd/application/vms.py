@@ -190,7 +190,7 @@ class Vms(Recordings):
         del self.entries[(tenant, name)]
         for gone in self.on_vm_deleted:
             gone(tenant, name)
-        entry.room.set()
+        entry.wake_room()
         log.info("vm.deleted", tenant=tenant, vm=name, last_seq=last)
         return last
 

@@ -461,7 +461,7 @@ class WatchService(pbg.WatchServiceServicer):
                 for msg in _messages(sub.take(budget), vm, max_events, max_bytes, omit_data):
                     yield msg
                 if sub.policy is SlowPolicy.BLOCK and not sub.full:
-                    stream.entry.room.set()
+                    stream.entry.wake_room()
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + heartbeat_s
