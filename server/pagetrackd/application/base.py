@@ -68,6 +68,8 @@ class EngineBase:
         #: VMs that changed, not every VM)
         self._usage: dict[TenantId, list[int]] = {}
         self._counted: dict[Vm, tuple[int, int, int, int]] = {}
+        #: the VM generation each count of memslot pages and tracking was taken at
+        self._counted_gen: dict[Vm, int] = {}
         self._changed: set[Vm] = set()
         self._vm_tenant: dict[Vm, TenantId] = {}
         #: tenant -> its VMs' event history bounds, summed (the history_bytes quota)

@@ -89,11 +89,18 @@ class Tenancy(EngineBase):
             tenant = self._vm_tenant.get(vm)
             if tenant is None or vm.closed:
                 continue
-            now = (
-                sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count,
-                vm.memory_footprint, vm.tracking_footprint,
-            )
             was = self._counted.get(vm, _NOTHING)
+            gen = vm.generation
+            if self._counted_gen.get(vm) == gen:
+                # Only guest memory changed (a write): memslots and tracking move the
+                # generation, and their sums cost far more than a write.
+                now = (was[0], was[1], vm.memory_footprint, was[3])
+            else:
+                now = (
+                    sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count,
+                    vm.memory_footprint, vm.tracking_footprint,
+                )
+                self._counted_gen[vm] = gen
             self._counted[vm] = now
             usage = self._usage.setdefault(tenant, [0, 0, 0, 0])
             for k in range(4):
@@ -103,6 +110,7 @@ class Tenancy(EngineBase):
         """Take a VM that is going away out of its tenant's totals."""
         self._account()
         counted = self._counted.pop(vm, _NOTHING)
+        self._counted_gen.pop(vm, None)
         usage = self._usage.setdefault(tenant, [0, 0, 0, 0])
         for k, v in enumerate(counted):
             usage[k] -= v
@@ -146,7 +154,8 @@ class Tenancy(EngineBase):
         q = self.quotas(entry.tenant).guest_memory_bytes
         used = self.memory_used(entry.tenant)
         if grow is None:
-            pieces = len(gpa) + int(np.sum(length)) // PAGE_SIZE + len(gpa)
+            total = sum(length) if isinstance(length, list) else int(np.sum(length))
+            pieces = len(gpa) + total // PAGE_SIZE + len(gpa)
             if used + pieces * _PIECE_WORST_BYTES <= q:
                 return  # far from the quota: no need for the exact bound
             grow = entry.vm.memory_growth_bound(
