@@ -47,8 +47,12 @@ __all__ = [
 
 #: about how long one slice may hold the event loop, seconds
 SLICE_S = 0.002
-#: batches of at most this many writes are written in one go, as before
-ONE_SHOT_WRITES = 1024
+#: batches of at most this many writes are written in one go (about 2 ms on the loop
+#: at the batch path's 0.2 us a write; slicing a batch costs more than that saves)
+ONE_SHOT_WRITES = 1 << 13
+#: columns of at most this many values are converted on the loop (a worker thread's hop
+#: costs more than converting a few thousand values)
+ON_LOOP_VALUES = 1 << 16
 #: tracking changes naming at most this many gfns are made in one go, as before
 ONE_SHOT_GFNS = 1 << 14
 
@@ -115,7 +119,7 @@ async def columns(gpa: Sequence[int], length: Sequence[int]) -> tuple[U64, I64]:
     def convert() -> tuple[U64, I64]:
         return np.array(gpa, dtype=np.uint64), np.array(length, dtype=np.int64)
 
-    if len(gpa) <= ONE_SHOT_WRITES:
+    if len(gpa) <= ON_LOOP_VALUES:
         return convert()
     return await asyncio.to_thread(convert)
 
