@@ -333,7 +333,12 @@ class GpuDriver:
         pt = ctx.tables[(1, va >> _PT_SHIFT)]
         self._write_entry(pt, vpn & (ENTRIES - 1), 0)
         ctx.used[pt] -= 1
-        self._forget_leaf(ctx, vpn)
+        del ctx.leaves[vpn]
+        pos = ctx.leaf_pos.pop(vpn)
+        last = ctx.leaf_list.pop()
+        if last != vpn:
+            ctx.leaf_list[pos] = last
+            ctx.leaf_pos[last] = pos
         self.stats.unmaps += 1
         if not ctx.used[pt]:
             self._release_path(ctx, va)
@@ -366,36 +371,63 @@ class GpuDriver:
 
         The same draws, writes and state as that loop over :meth:`random_unbound`,
         :meth:`map`, :meth:`random_bound`, :meth:`unmap` and :meth:`remap`, with their
-        table lookups and the bound page's draw inlined: this is where a workload spends
-        its time."""
+        common paths inlined: this is where a workload spends its time."""
         random = self._random
         getrandbits = self._getrandbits
-        unbound, data_gfn, emit = self.random_unbound, self._data_gfn, self._emit_entry
-        leaves, leaf_list = ctx.leaves, ctx.leaf_list
+        split = self.split_fraction
+        violation = self.violation_fraction
+        data_base, data_pages = self.data_base_gfn, self.data_pages
+        k_data = data_pages.bit_length()
+        n_va = self.va_pages - 1
+        k_va = n_va.bit_length()
+        leaves, leaf_list, leaf_pos = ctx.leaves, ctx.leaf_list, ctx.leaf_pos
         tables, used = ctx.tables, ctx.used
         chunk = self._chunk
         created = chunk is None
         if chunk is None:
-            # Tables made or freed on the way (_walk_create, _release_path) and split
-            # entries (_emit_split) append to this same chunk through self._chunk.
             chunk = self._chunk = WriteChunk(self._vcpu, [], [], [])
+        # Tables made or freed on the way (_walk_create, _release_path) and split entries
+        # (_emit_split) append to this same chunk through self._chunk.
+        gpa_l, len_l, data_l = chunk.gpa, chunk.length, chunk.data
         writes = entry_writes = maps = unmaps = remaps = 0
         for _ in range(updates):
             r = random()
-            if r < (0.30 if len(leaves) > target else 0.45) or len(leaves) < 2:
-                vpn = unbound(ctx)
+            bound = len(leaves)
+            if r < (0.30 if bound > target else 0.45) or bound < 2:
+                vpn = 0
+                for _try in range(16):  # random_unbound
+                    x = getrandbits(k_va)
+                    while x >= n_va:
+                        x = getrandbits(k_va)
+                    if x + 1 not in leaves:
+                        vpn = x + 1
+                        break
                 if vpn:  # map
-                    gfn = data_gfn()
+                    if violation and random() < violation:  # _data_gfn
+                        self.stats.bad_gfns += 1
+                        gfn = self.bad_gfn_base + self._below(1 << 20)
+                    else:
+                        x = getrandbits(k_data)
+                        while x >= data_pages:
+                            x = getrandbits(k_data)
+                        gfn = data_base + x
                     # (1, vpn_to_va(vpn) >> _PT_SHIFT), without the large va
                     pt = tables.get((1, _PT_BASE + ((vpn >> 12) << 9) + ((vpn & 4095) >> 9)))
                     if pt is None:
                         pt = self._walk_create(ctx, self.vpn_to_va(vpn))
+                    gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
+                    data = ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little")
                     entry_writes += 1
-                    writes += emit((pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3),
-                                   ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little"))
+                    if random() < split:
+                        self._emit_split(gpa, data)
+                    else:
+                        gpa_l.append(gpa)
+                        len_l.append(8)
+                        data_l.append(data)
+                        writes += 1
                     used[pt] += 1
                     leaves[vpn] = gfn
-                    ctx.leaf_pos[vpn] = len(leaf_list)
+                    leaf_pos[vpn] = len(leaf_list)
                     leaf_list.append(vpn)
                     maps += 1
                     continue
@@ -410,18 +442,45 @@ class GpuDriver:
             if vpn == 0:
                 continue
             pt = tables[(1, _PT_BASE + ((vpn >> 12) << 9) + ((vpn & 4095) >> 9))]
-            gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
-            entry_writes += 1
             if r < 0.70:  # unmap
-                writes += emit(gpa, _ZERO_ENTRY)
+                gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
+                entry_writes += 1
+                if random() < split:
+                    self._emit_split(gpa, _ZERO_ENTRY)
+                else:
+                    gpa_l.append(gpa)
+                    len_l.append(8)
+                    data_l.append(_ZERO_ENTRY)
+                    writes += 1
                 used[pt] -= 1
-                self._forget_leaf(ctx, vpn)
+                del leaves[vpn]
+                pos = leaf_pos.pop(vpn)
+                last = leaf_list.pop()
+                if last != vpn:
+                    leaf_list[pos] = last
+                    leaf_pos[last] = pos
                 unmaps += 1
                 if not used[pt]:
                     self._release_path(ctx, self.vpn_to_va(vpn))
             else:  # remap
-                gfn = data_gfn()
-                writes += emit(gpa, ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little"))
+                if violation and random() < violation:  # _data_gfn
+                    self.stats.bad_gfns += 1
+                    gfn = self.bad_gfn_base + self._below(1 << 20)
+                else:
+                    x = getrandbits(k_data)
+                    while x >= data_pages:
+                        x = getrandbits(k_data)
+                    gfn = data_base + x
+                gpa = (pt << PAGE_SHIFT) + ((vpn & (ENTRIES - 1)) << 3)
+                data = ((gfn << PAGE_SHIFT) | _PTE_RW).to_bytes(8, "little")
+                entry_writes += 1
+                if random() < split:
+                    self._emit_split(gpa, data)
+                else:
+                    gpa_l.append(gpa)
+                    len_l.append(8)
+                    data_l.append(data)
+                    writes += 1
                 leaves[vpn] = gfn
                 remaps += 1
         stats = self.stats
@@ -432,29 +491,6 @@ class GpuDriver:
         stats.remaps += remaps
         if created and not chunk.gpa and self._chunk is chunk:
             self._chunk = None  # nothing was written: no empty chunk in the queue
-
-    def _emit_entry(self, gpa: int, data: bytes) -> int:
-        """One entry write into the current chunk, in two halves at the split fraction;
-        1 if it went whole."""
-        if self._random() < self.split_fraction:
-            self._emit_split(gpa, data)
-            return 0
-        chunk = self._chunk
-        assert chunk is not None
-        chunk.gpa.append(gpa)
-        chunk.length.append(8)
-        chunk.data.append(data)
-        return 1
-
-    @staticmethod
-    def _forget_leaf(ctx: Context, vpn: int) -> None:
-        """Drop a bound page from the context's lookups (swap-remove from the list)."""
-        del ctx.leaves[vpn]
-        pos = ctx.leaf_pos.pop(vpn)
-        last = ctx.leaf_list.pop()
-        if last != vpn:
-            ctx.leaf_list[pos] = last
-            ctx.leaf_pos[last] = pos
 
     def evict_table(self, ctx: Context, vpn: int) -> None:
         """Unbind every page in the page table that maps ``vpn`` (a 2 MiB object goes)."""
