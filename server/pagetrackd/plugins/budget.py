@@ -41,10 +41,12 @@ class StateBudget:
         """The quota now."""
         return self._limit()
 
-    def check(self, nbytes: int, what: str) -> None:
+    def check(self, nbytes: int, what: str | Callable[[], str]) -> None:
         """Raise QuotaExceeded if ``nbytes`` more would pass the quota."""
         q = self._limit()
         if self.used + nbytes > q:
+            if not isinstance(what, str):
+                what = what()
             raise QuotaExceeded(
                 f"{what} needs up to {nbytes} bytes of plugin state; the tenant's plugins"
                 f" hold {self.used} and its plugin_state_bytes quota is {q}. Nothing was"
@@ -80,8 +82,9 @@ class StateMeter:
         self.budget = None
         self.exempt = _never
 
-    def reserve(self, nbytes: int, what: str) -> None:
-        """Raise QuotaExceeded if the budget cannot take ``nbytes`` more."""
+    def reserve(self, nbytes: int, what: str | Callable[[], str]) -> None:
+        """Raise QuotaExceeded if the budget cannot take ``nbytes`` more. ``what`` (or
+        what it returns, made only then: this runs on the write path) names the cause."""
         budget = self.budget
         if budget is not None and not self.exempt():
             budget.check(nbytes, what)

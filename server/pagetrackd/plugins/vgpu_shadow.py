@@ -252,7 +252,8 @@ class VgpuShadow:
         """Fail the shadowing (ShadowNoMemory) if ``nbytes`` more would pass the
         tenant's plugin_state_bytes quota; nothing is changed then."""
         try:
-            self.state_meter.reserve(nbytes, f"shadowing the GPU table at gfn {gfn:#x}")
+            self.state_meter.reserve(
+                nbytes, lambda: f"shadowing the GPU table at gfn {gfn:#x}")
         except QuotaExceeded as e:
             self.stats.quota_refusals += 1
             raise ShadowNoMemory(gfn, e) from None
@@ -280,10 +281,22 @@ class VgpuShadow:
         self._put(spt, index, (frame << PAGE_SHIFT) | (ge & FLAGS_MASK))
 
     def _put(self, spt: Spt, index: int, se: int) -> None:
-        """Set a shadow entry, keeping the counts of present entries."""
-        self._count(spt.level, spt.entries[index], -1)
-        self._count(spt.level, se, 1)
-        spt.entries[index] = se
+        """Set a shadow entry, keeping the counts of present entries (as :meth:`_count`,
+        inlined: this runs for most tracked writes)."""
+        entries = spt.entries
+        old = entries[index]
+        scratch = self.scratch[spt.level]
+        if old & PTE_PRESENT:
+            if (old & ADDR_MASK) >> PAGE_SHIFT == scratch:
+                self.scratch_entries -= 1
+            else:
+                self.mapped_entries -= 1
+        if se & PTE_PRESENT:
+            if (se & ADDR_MASK) >> PAGE_SHIFT == scratch:
+                self.scratch_entries += 1
+            else:
+                self.mapped_entries += 1
+        entries[index] = se
 
     def _count(self, level: int, se: int, sign: int) -> None:
         if se & PTE_PRESENT:

@@ -371,7 +371,9 @@ class GpuDriver:
 
         The same draws, writes and state as that loop over :meth:`random_unbound`,
         :meth:`map`, :meth:`random_bound`, :meth:`unmap` and :meth:`remap`, with their
-        common paths inlined: this is where a workload spends its time."""
+        common paths inlined: this is where a workload spends its time. (It is longer
+        than a function should be on purpose: calling those methods per update made the
+        gpu-ppgtt workload some 40% slower in this loop.)"""
         random = self._random
         getrandbits = self._getrandbits
         split = self.split_fraction
