@@ -3,8 +3,9 @@
 Counters live in chunks of :data:`CHUNK` pages allocated on first use, so a huge slot
 with a few tracked pages costs a few chunks (KVM allocates the whole array when the
 slot is created; this is where the simulator saves memory). A slot with few chunks
-finds them through a dict; past :data:`SPARSE_MAX_FRACTION` of the slot it switches to
-a dense directory.
+finds them through a dict; past :data:`SPARSE_MAX_FRACTION` of the slot, or as soon as
+a dense directory costs no more than the dict (a small slot), it switches to a dense
+directory.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class ChunkedCounters:
         cap = self._rows.shape[0]
         grow = CHUNK * 2 * (max(need, cap + cap // 4 + 8) - cap) if need > cap else 0
         if self._dir is None:
-            if need - 1 > max(self.nchunks * SPARSE_MAX_FRACTION, 64):
+            if self._goes_dense(need):
                 grow += 4 * self.nchunks
             else:
                 grow += _SPARSE_ENTRY_BYTES * missing + (0 if self._sparse else DICT_BYTES)
@@ -164,7 +165,7 @@ class ChunkedCounters:
         if missing.size == 0:
             return
         need = self._nrows + missing.size
-        if self._dir is None and (need - 1) > max(self.nchunks * SPARSE_MAX_FRACTION, 64):
+        if self._dir is None and self._goes_dense(need):
             self._densify()
         if self._dir is not None and need - 1 > np.iinfo(self._dir.dtype).max:
             self._dir = self._dir.astype(np.uint32)
@@ -184,6 +185,15 @@ class ChunkedCounters:
             self._skeys = self._srows = None
         self._nrows = need
         self._views()
+
+    def _goes_dense(self, need: int) -> bool:
+        """Whether a sparse directory holding ``need`` - 1 chunks turns dense: once it
+        passes its fraction of the slot, or as soon as the dense one costs no more (a
+        small slot: reads then index an array instead of searching sorted keys)."""
+        chunks = need - 1
+        return chunks > max(self.nchunks * SPARSE_MAX_FRACTION, 64) or (
+            2 * self.nchunks <= DICT_BYTES + _SPARSE_ENTRY_BYTES * chunks
+        )
 
     def _densify(self) -> None:
         assert self._sparse is not None
