@@ -1,18 +1,8 @@
 """Remote notifiers: per-VM event history and the subscribers behind Watch streams.
 
-Each Watch stream is one :class:`Subscriber`, registered on its VM as a notifier of its
-own (so it is an *external* user; streams are told of an event before the plugins
-react to it, newest first among themselves, see ``domain.notifiers``). It
-never slows the vCPU: events go into a bounded queue with ``put``-and-return, and what
-does not fit is handled by the stream's slow-consumer policy, always accounted for:
-
-* ``drop`` -- the events are dropped and the stream later gets one gap record with
-  the exact seq range and count;
-* ``coalesce`` -- while behind, only the latest write per gfn is kept; superseded
-  events are reported as a gap with reason COALESCED;
-* ``disconnect`` -- the stream is ended with its lag;
-* ``block`` -- the writer is asked to wait for room (the transport does the waiting,
-  up to a bound); if it still has no room the events are dropped and reported.
+Each Watch stream is one :class:`Subscriber`, an external notifier on its VM that never
+slows the vCPU; its queue and slow-consumer policies (drop, coalesce, disconnect, block)
+are described in :mod:`pagetrackd.domain.subscriber`.
 
 A per-VM :class:`History` keeps recent events so that a stream can resume from a seq.
 The design follows etcd's watchable store: a revision (our seq), each subscriber's
