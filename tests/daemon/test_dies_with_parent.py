@@ -21,13 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: A parent process: starts a daemon as the tests do, says where it is, then waits.
 PARENT = r"""
-import json, subprocess, sys, time
+import json, signal, subprocess, sys
 from pathlib import Path
 from tests.daemon_process import start_daemon, with_parent
 d = start_daemon(Path(sys.argv[1]))
 helper = subprocess.Popen(with_parent(["sleep", "3600"]))
 print(json.dumps({"pid": d.proc.pid, "address": d.tcp, "helper": helper.pid}), flush=True)
-time.sleep(3600)  # only waits to be killed by the test; no assertion depends on it
+signal.pause()  # until the test's SIGKILL: no time window, nothing is timed
 """
 
 
