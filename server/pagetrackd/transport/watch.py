@@ -187,6 +187,10 @@ def _progress(sub: Subscriber, vm: Vm) -> pb.WatchResponse:
     )
 
 
+#: A stream due this close to a flush goes with it rather than on a timer of its own.
+_FLUSH_SLACK_S = 0.0002
+
+
 class _Flusher:
     """Batch delays for every stream of the daemon, with one timer per delay length
     instead of one per stream and message.
@@ -202,25 +206,29 @@ class _Flusher:
 
     def hold(self, waker: _Waker, delay_s: float) -> None:
         """Wake ``waker`` (its generation now) ``delay_s`` from now."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + delay_s
+        deadline = time.monotonic() + delay_s
         due = self._due.get(delay_s)
         if due is None:
             due = self._due[delay_s] = deque()
         due.append((deadline, waker, waker.generation))
         if delay_s not in self._timers:
-            self._timers[delay_s] = loop.call_at(deadline, self._fire, delay_s)
+            self._timers[delay_s] = asyncio.get_running_loop().call_later(
+                delay_s, self._fire, delay_s
+            )
 
     def _fire(self, delay_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        # a timer fires on a millisecond tick: what is due within the next one goes now
-        now = loop.time() + 0.001
+        # The loop's timers count from the start of its current turn and round to whole
+        # milliseconds, so this may run before the head is due: what is not yet due waits
+        # for another timer.
+        now = time.monotonic()
         due = self._due[delay_s]
-        while due and due[0][0] <= now:
+        while due and due[0][0] <= now + _FLUSH_SLACK_S:
             _, waker, generation = due.popleft()
             waker.release(generation)
         if due:
-            self._timers[delay_s] = loop.call_at(due[0][0], self._fire, delay_s)
+            self._timers[delay_s] = asyncio.get_running_loop().call_later(
+                due[0][0] - now, self._fire, delay_s
+            )
         else:
             del self._timers[delay_s]
             del self._due[delay_s]
