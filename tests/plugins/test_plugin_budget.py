@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagetrackd.domain import PAGE_SHIFT, QuotaExceeded, Vm
-from pagetrackd.plugins.budget import StateBudget
+from pagetrackd.plugins.budget import StateBudget, StateMeter
 from pagetrackd.plugins.shadow_faults import FAULT_BYTES
 from pagetrackd.plugins.shadow_mmu import ShadowMmu
 from pagetrackd.plugins.shadow_table import SP_BYTES, SPTE_BYTES
@@ -258,3 +258,23 @@ def test_vgpu_meter_equals_what_it_holds(
         assert budget.used <= limit
     vgpu.detach()
     assert vgpu.state_meter.bytes == budget.used == 0
+
+
+def test_a_meter_takes_within_the_quota_and_a_raised_quota_applies_at_once() -> None:
+    quota = [1000]
+    budget = StateBudget(lambda: quota[0])
+    meter = StateMeter()
+    meter.join(budget)
+    assert meter.take_if_room(600) and meter.take_if_room(400)
+    assert not meter.take_if_room(1)  # nothing taken when it does not fit
+    assert budget.used == meter.bytes == 1000
+    with pytest.raises(QuotaExceeded, match="quota is 1000"):
+        meter.reserve(1, "one more")
+    quota[0] = 1500
+    assert meter.take_if_room(500)
+    assert budget.used == meter.bytes == 1500 == budget.limit
+    meter.exempt = lambda: True  # loading a VM accepted before: no check
+    assert meter.take_if_room(10)
+    meter.reserve(10, "loading")
+    meter.give(510)
+    assert budget.used == meter.bytes == 1000

@@ -430,7 +430,7 @@ def _emulate_from(
     if not todo.size:
         return i, False
     slots = vm.slots.slots()
-    gen = vm.generation
+    gen = vm._generation  # read per piece below: the attribute, not the property
     data = pc.data
     seqs, pieces, tell = held.seqs, held.pieces, writes.tell
     for j, p, ix, gp, o, ln, vc, fl in zip(
@@ -451,7 +451,7 @@ def _emulate_from(
         pieces.append(j)
         tell(vm, s, vc, gp, piece, fl)
         i = j + 1
-        if vm.generation != gen:
+        if vm._generation != gen:
             if i >= pc.size:
                 return i, False
             _classify_rest(vm, pc, i, j)

@@ -28,31 +28,40 @@ QUOTA = "plugin_state_bytes"
 
 class StateBudget:
     """One tenant's plugin state: bytes held, summed over its plugins' meters, and the
-    quota (read each time, so a config reload applies at once)."""
+    quota. The quota is read from ``limit`` when a reservation would pass the value read
+    last, so a quota raised since applies at once and a fitting reservation (every one
+    on the write path, but the last) costs no call."""
 
-    __slots__ = ("used", "_limit")
+    __slots__ = ("used", "_limit", "_known")
 
     def __init__(self, limit: Callable[[], int]) -> None:
         self.used = 0
         self._limit = limit
+        self._known = -1  #: the quota read last (none yet)
 
     @property
     def limit(self) -> int:
         """The quota now."""
-        return self._limit()
+        self._known = q = self._limit()
+        return q
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more stay within the quota."""
+        return self.used + nbytes <= self._known or self.used + nbytes <= self.limit
 
     def check(self, nbytes: int, what: str | Callable[[], str]) -> None:
         """Raise QuotaExceeded if ``nbytes`` more would pass the quota."""
-        q = self._limit()
-        if self.used + nbytes > q:
-            if not isinstance(what, str):
-                what = what()
-            raise QuotaExceeded(
-                f"{what} needs up to {nbytes} bytes of plugin state; the tenant's plugins"
-                f" hold {self.used} and its plugin_state_bytes quota is {q}. Nothing was"
-                " changed: detach a plugin, destroy shadowed tables or ask for a higher quota",
-                quota=QUOTA, limit=q,
-            )
+        if self.fits(nbytes):
+            return
+        q = self._known
+        if not isinstance(what, str):
+            what = what()
+        raise QuotaExceeded(
+            f"{what} needs up to {nbytes} bytes of plugin state; the tenant's plugins"
+            f" hold {self.used} and its plugin_state_bytes quota is {q}. Nothing was"
+            " changed: detach a plugin, destroy shadowed tables or ask for a higher quota",
+            quota=QUOTA, limit=q,
+        )
 
 
 class StateMeter:
@@ -86,8 +95,19 @@ class StateMeter:
         """Raise QuotaExceeded if the budget cannot take ``nbytes`` more. ``what`` (or
         what it returns, made only then: this runs on the write path) names the cause."""
         budget = self.budget
-        if budget is not None and not self.exempt():
+        if budget is not None and not budget.fits(nbytes) and not self.exempt():
             budget.check(nbytes, what)
+
+    def take_if_room(self, nbytes: int) -> bool:
+        """:meth:`reserve` and :meth:`take` in one call, for the write path: False (and
+        nothing taken) if the budget cannot take ``nbytes`` more."""
+        budget = self.budget
+        if budget is not None:
+            if not budget.fits(nbytes) and not self.exempt():
+                return False
+            budget.used += nbytes
+        self.bytes += nbytes
+        return True
 
     def take(self, nbytes: int) -> None:
         """An object of ``nbytes`` was made."""

@@ -67,7 +67,6 @@ from pagetrackd.plugins.vgpu_tables import (
     PARTIAL_MODES,
     PTE_PRESENT,
     PTE_RW,
-    ShadowNoMemory,
     level_shift,
     va_index,
 )
@@ -196,11 +195,16 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
             return
         spt = track.priv
         nbytes = len(data)
-        if nbytes != ENTRY_SIZE or gpa & 7 or spt.level != 1 or spt.post:
+        index = (gpa & (PAGE_SIZE - 1)) >> 3
+        if (
+            nbytes != ENTRY_SIZE or gpa & 7 or spt.level != 1
+            or (spt.post and index in spt.post)
+        ):
             track.handler(spt, gpa, nbytes)
             return
-        # The handler's most common case, inlined: a whole, aligned PTE write with
-        # nothing pending in the table. Every track.handler is
+        # The handler's most common case, inlined: a whole, aligned PTE write to an
+        # entry with no partial write pending (other entries of the table may have
+        # one: a full write does not look at them). Every track.handler is
         # _ppgtt_write_protection_handler; this is its full-write branch, with
         # _read_entry and, for a level-1 table, _handle_guest_write (_add_entry,
         # _dma_map, _remove_shadow_entry, _dma_unmap): the same steps in the same order.
@@ -208,7 +212,6 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
         if not lo <= gfn < hi:
             slot = self._find_hot(gfn, True)
             lo = 0 if slot is None else slot.info.base_gfn
-        index = (gpa & (PAGE_SIZE - 1)) >> 3
         ge = 0 if slot is None else slot.memory.read_u64(gfn - lo, index << 3)
         stats.full_writes += 1
         entries = spt.entries
@@ -226,11 +229,10 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                     dma[1] += 1
                     frame = dma[0]
                 else:
-                    try:
-                        self._reserve(DMA_BYTES, page)
-                    except ShadowNoMemory:
-                        return  # as _handle_guest_write: the old shadow entry stays
-                    self.state_meter.take(DMA_BYTES)
+                    if not self.state_meter.take_if_room(DMA_BYTES):
+                        # as _handle_guest_write: the old shadow entry stays
+                        self.stats.quota_refusals += 1
+                        return
                     frame = self._next_frame
                     self._next_frame = frame + 1
                     self._dma[page] = [frame, 1]
