@@ -477,7 +477,8 @@ class VgpuShadow:
         return run_all(self.flush_steps())
 
     def flush_steps(self) -> Steps[int]:
-        """:meth:`flush` a table (or pending entry) at a time."""
+        """:meth:`flush` a table at a time: a table's pending leaf entries in one step
+        (a leaf makes no table), a directory entry's new subtree a table at a time."""
         flushed = 0
         for spt in list(self._post_list.values()):
             if not spt.live:
@@ -485,12 +486,16 @@ class VgpuShadow:
             for index in sorted(spt.post):
                 if not spt.live:
                     break
-                yield from self._handle_guest_write_steps(
-                    spt, index, self._read_entry(spt.gfn, index))
+                ge = self._read_entry(spt.gfn, index)
+                if spt.level == 1:
+                    self._handle_guest_write(spt, index, ge)
+                else:
+                    yield from self._handle_guest_write_steps(spt, index, ge)
                 spt.post.pop(index, None)
                 flushed += 1
-                yield
-            self._post_list.pop(spt.mfn, None)
+            if not spt.live or not spt.post:
+                self._post_list.pop(spt.mfn, None)
+            yield
         self.stats.flushed_entries += flushed
         return flushed
 
