@@ -159,15 +159,16 @@ async def write_batch(
         raise InvalidArgument(
             f"vcpu has {len(vcpus)} entries; give one per write ({n}) or exactly one"
         )
+    g64 = gpa.astype(np.int64)
     if int(length.min()) > 0 and int(length.max()) <= max_write_bytes:
-        await slices.check_memory(engine, entry, gpa.astype(np.int64), length)
+        await slices.check_memory(engine, entry, g64, length)
     if entry.hub.subscribers:
         await engine.admit(entry)
     vm = entry.vm
     before = sum(vm.stats.cycles)
     # Written in slices when large (calls on the VM wait meanwhile); the VM's quota
     # guard charges the write rate.
-    result = await slices.write_batch(entry, gpa.astype(np.int64), vcpu, length, data)
+    result = await slices.write_batch(entry, g64, vcpu, length, data)
     return result, sum(vm.stats.cycles) - before
 
 
