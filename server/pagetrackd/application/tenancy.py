@@ -154,7 +154,7 @@ class Tenancy(EngineBase):
         q = self.quotas(entry.tenant).guest_memory_bytes
         used = self.memory_used(entry.tenant)
         if grow is None:
-            total = sum(length) if isinstance(length, list) else int(np.sum(length))
+            total = sum(length) if isinstance(length, list) else int(length.sum())
             pieces = len(gpa) + total // PAGE_SIZE + len(gpa)
             if used + pieces * _PIECE_WORST_BYTES <= q:
                 return  # far from the quota: no need for the exact bound
