@@ -18,6 +18,13 @@ the drop policy with a queue large enough that nothing is dropped, and check it)
   subscriber's receive time) at a steady 100k tracked writes/s (target <= 5 ms).
 * ``ratio_1_sub_vs_raw`` last (target >= 0.5): the median over rounds of ours / raw, each
   round running the two back to back.
+
+Every process runs with ``OPENBLAS_NUM_THREADS=1``. numpy's BLAS starts a thread per core
+that spins for some 50 ms of CPU after the import; a writer started just before its run
+spent that inside the measured window, on a 2-core machine. Before this was set, the raw
+writer paid it in every run, and ours only once ``import pagetrack`` stopped importing
+numpy: the raw baseline measured some 30% slow, and the ratio read about 0.7 for a daemon
+that gives about 0.5 here.
 """
 
 from __future__ import annotations
