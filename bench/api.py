@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _procs import dying_with_us
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -57,6 +58,9 @@ UNARY_WARMUP = 1_000
 UNARY_WRITES = 6_000
 BATCH_SIZE = 256
 BATCH_IN_FLIGHT = 4
+#: a Watch queue's byte bound: a stalled moment of the subscriber (the default bound is
+#: 4 MiB, about 110k events) must not drop events, which aborts the run
+QUEUE_BYTES = 64 << 20
 BATCH_WARMUP = 40  #: calls
 BATCH_CALLS = 600  #: measured calls (x 256 writes)
 ROUNDS = 5  #: each figure is the median of its rounds
@@ -191,7 +195,8 @@ async def pt_subscriber(target: str, total: int) -> None:
         call = pbg.WatchServiceStub(ch).Watch(
             # The daemon's own batching defaults (max_batch_delay_ms 2, 4096 events);
             # a queue large enough that a scheduling hiccup drops nothing.
-            pb.WatchRequest(vm=VM, queue_limit=1 << 22, heartbeat_interval_ms=60000)
+            pb.WatchRequest(vm=VM, queue_limit=1 << 22, queue_bytes=QUEUE_BYTES,
+                            heartbeat_interval_ms=60000)
         )
         first: Any = await call.read()
         assert first.WhichOneof("kind") == "registered", first
@@ -285,7 +290,8 @@ async def raw_server(address: str, ready_file: str) -> None:
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, __file__, "--role", *args], stdout=subprocess.PIPE, text=True,
+        dying_with_us([sys.executable, __file__, "--role", *args]), stdout=subprocess.PIPE,
+        text=True,
         cwd=ROOT,
     )
 
@@ -354,8 +360,8 @@ def main() -> int:
                       str(Path(args.profile) / "daemon.prof"), "-m", "pagetrackd"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAGETRACK_")}
     daemon = subprocess.Popen(
-        [*daemon_cmd, "--listen", pt_sock, "--ready-file", str(tmp / "pt.json"),
-         "--log-level", "warning"],
+        dying_with_us([*daemon_cmd, "--listen", pt_sock, "--ready-file", str(tmp / "pt.json"),
+                       "--log-level", "warning"]),
         env=env, cwd=ROOT, stderr=(tmp / "pagetrackd.log").open("wb"),
     )
     raw = _spawn("raw-server", raw_sock, str(tmp / "raw.json"))

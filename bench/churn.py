@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _procs import dying_with_us
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -169,8 +170,8 @@ def start_daemon(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     sock = os.path.join(tmp, "pt.sock")
     ready = os.path.join(tmp, "ready.json")
     proc = subprocess.Popen(
-        [str(BIN / "pagetrackd"), "--listen", f"unix:{sock}", "--ready-file", ready,
-         "--log-level", "warning", "--log-format", "json"],
+        dying_with_us([str(BIN / "pagetrackd"), "--listen", f"unix:{sock}", "--ready-file", ready,
+                       "--log-level", "warning", "--log-format", "json"]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import grpc
+from _procs import dying_with_us
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -49,8 +50,9 @@ def _start(tmp: Path, mode: str) -> tuple[subprocess.Popen[bytes], str]:
     sock = tmp / "d.sock"
     ready = tmp / "ready.json"
     proc = subprocess.Popen(
-        [str(PAGETRACKD), "--listen", f"unix:{sock}", "--ready-file", str(ready),
-         "--state-dir", str(tmp / "state"), "--durability", mode, "--log-level", "warning"],
+        dying_with_us([str(PAGETRACKD), "--listen", f"unix:{sock}", "--ready-file", str(ready),
+                       "--state-dir", str(tmp / "state"), "--durability", mode,
+                       "--log-level", "warning"]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30

@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from _procs import die_with_parent, dying_with_us
 
 BATCH = 4096
 IN_FLIGHT = 4
@@ -83,6 +84,8 @@ async def _setup_vm(target: str, name: str) -> None:
 def _writer(target: str, name: str, events: int, out: Any) -> None:
     import uvloop
 
+    die_with_parent()
+
     async def run() -> None:
         from pagetrack.v1 import pagetrack_pb2 as pb
         from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -111,6 +114,8 @@ def _writer(target: str, name: str, events: int, out: Any) -> None:
 def _watch_reader(target: str, name: str, last_seq: int, ready: Any, out: Any) -> None:
     import uvloop
 
+    die_with_parent()
+
     async def run() -> None:
         from pagetrack.v1 import pagetrack_pb2 as pb
         from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -136,6 +141,8 @@ def _watch_reader(target: str, name: str, last_seq: int, ready: Any, out: Any) -
 
 def _jetstream_reader(url: str, subject: str, last_seq: int, ready: Any, out: Any) -> None:
     import uvloop
+
+    die_with_parent()
 
     async def run() -> None:
         import nats
@@ -236,14 +243,14 @@ def main() -> None:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             daemon = subprocess.Popen(
-                [str(BIN / "pagetrackd"), "--listen", target, "--ready-file", ready_file,
-                 "--log-level", "warning", "--log-format", "json"],
+                dying_with_us([str(BIN / "pagetrackd"), "--listen", target, "--ready-file",
+                               ready_file, "--log-level", "warning", "--log-format", "json"]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(daemon)
             _wait_for("pagetrackd", lambda: os.path.exists(ready_file), daemon)
             nats_server = subprocess.Popen(
-                [str(BIN / "nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port),
-                 "-sd", os.path.join(tmp, "js")],
+                dying_with_us([str(BIN / "nats-server"), "-js", "-a", "127.0.0.1", "-p",
+                               str(port), "-sd", os.path.join(tmp, "js")]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(nats_server)
             _wait_for("nats-server", lambda: _listening(port), nats_server)
@@ -252,8 +259,9 @@ def main() -> None:
             config = Path(tmp, "export.toml")
             config.write_text("[watch]\nqueue_limit = 1048576\n")
             exporter = subprocess.Popen(
-                [str(BIN / "pagetrack"), "--target", target, "export", "nats", "--nats", url,
-                 "--create-stream", "--vm", "exported", "--config", str(config)],
+                dying_with_us([str(BIN / "pagetrack"), "--target", target, "export", "nats",
+                               "--nats", url, "--create-stream", "--vm", "exported",
+                               "--config", str(config)]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(exporter)
             subject = "pagetrack.default.exported.events"

@@ -70,6 +70,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from _procs import dying_with_us
+
 BIN = Path(sys.executable).parent
 KIB = 1024
 PAGE = 4096
@@ -143,12 +145,6 @@ def die_with_parent() -> None:
 
 #: runs argv[1:] after asking for PR_SET_PDEATHSIG (kept across exec): set in the child
 #: itself, not through preexec_fn, which is unsafe once gRPC has started threads
-_ORPHAN_KILL = (
-    "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL);"
-    " os.execv(sys.argv[1], sys.argv[1:])"
-)
-
-
 class Daemon:
     """A pagetrackd on a unix socket in ``tmp``."""
 
@@ -157,9 +153,9 @@ class Daemon:
         sock = tmp / f"{name}.sock"
         ready = tmp / f"{name}-{time.monotonic_ns()}.json"
         self.log = tmp / f"{name}.log"
-        cmd = [sys.executable, "-c", _ORPHAN_KILL, str(BIN / "pagetrackd"),
-               "--listen", f"unix:{sock}", "--ready-file", str(ready),
-               "--log-format", "json", "--log-level", "warning", *args]
+        cmd = dying_with_us([str(BIN / "pagetrackd"),
+                             "--listen", f"unix:{sock}", "--ready-file", str(ready),
+                             "--log-format", "json", "--log-level", "warning", *args])
         if config:
             cfg = tmp / f"{name}.toml"
             cfg.write_text(config)

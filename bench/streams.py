@@ -42,9 +42,13 @@ from typing import Any
 
 import grpc
 import numpy as np
+from _procs import die_with_parent, dying_with_us
 
 BATCH = 4096
 IN_FLIGHT = 4
+#: a Watch queue's byte bound: a stalled moment of the subscriber (the default bound is
+#: 4 MiB, about 110k events) must not drop events, which aborts the run
+QUEUE_BYTES = 64 << 20
 EVENTS = 400_000
 RATE_EVENTS = 300_000  #: events in the steady 100k/s latency run (3 s)
 BIN = Path(sys.executable).parent
@@ -56,8 +60,8 @@ BIN = Path(sys.executable).parent
 def _start_daemon(sock: str) -> subprocess.Popen[bytes]:
     ready = sock + ".ready"
     proc = subprocess.Popen(
-        [str(BIN / "pagetrackd"), "--listen", f"unix:{sock}", "--ready-file", ready,
-         "--log-level", "warning", "--log-format", "json"],
+        dying_with_us([str(BIN / "pagetrackd"), "--listen", f"unix:{sock}", "--ready-file", ready,
+                       "--log-level", "warning", "--log-format", "json"]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     while not os.path.exists(ready):
@@ -84,14 +88,17 @@ async def _setup_vm(target: str, name: str) -> None:
 def _subscriber(target: str, name: str, events: int, ready: Any, out: Any) -> None:
     import uvloop
 
+    die_with_parent()
+
     async def run() -> None:
         from pagetrack.v1 import pagetrack_pb2 as pb
         from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 
         async with grpc.aio.insecure_channel(target) as ch:
             stream: Any = pbg.WatchServiceStub(ch).Watch(
-                pb.WatchRequest(vm=name, queue_limit=1 << 22, max_batch_events=8192,
-                                max_batch_delay_ms=1, heartbeat_interval_ms=60000)
+                pb.WatchRequest(vm=name, queue_limit=1 << 22, queue_bytes=QUEUE_BYTES,
+                                max_batch_events=8192, max_batch_delay_ms=1,
+                                heartbeat_interval_ms=60000)
             )
             await stream.read()
             ready.set()
@@ -122,6 +129,8 @@ def _subscriber(target: str, name: str, events: int, ready: Any, out: Any) -> No
 
 def _writer(target: str, name: str, events: int, rate: float, out: Any) -> None:
     import uvloop
+
+    die_with_parent()
 
     async def run() -> None:
         from pagetrack.v1 import pagetrack_pb2 as pb
@@ -201,6 +210,8 @@ def run_pagetrack(subs: int, events: int, rate: float = 0.0) -> tuple[float, flo
 def _raw_server(sock: str, ready: Any) -> None:
     import uvloop
 
+    die_with_parent()
+
     async def run() -> None:
         queues: list[asyncio.Queue[bytes]] = []
 
@@ -236,6 +247,8 @@ def _raw_server(sock: str, ready: Any) -> None:
 def _raw_subscriber(target: str, events: int, ready: Any, out: Any) -> None:
     import uvloop
 
+    die_with_parent()
+
     async def run() -> None:
         async with grpc.aio.insecure_channel(target) as ch:
             subscribe: Any = ch.unary_stream("/raw.Bus/Subscribe")
@@ -258,6 +271,8 @@ def _raw_subscriber(target: str, events: int, ready: Any, out: Any) -> None:
 
 def _raw_writer(target: str, events: int, out: Any) -> None:
     import uvloop
+
+    die_with_parent()
 
     async def run() -> None:
         async with grpc.aio.insecure_channel(target) as ch:

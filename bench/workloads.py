@@ -53,11 +53,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
 from _c_trap import c_trap_writes_per_s  # noqa: E402
+from _procs import die_with_parent, dying_with_us  # noqa: E402
 
 VM = "gpu"
 WRITES = 600_000  #: guest writes of the workload per round (about 98% land on tracked tables)
 ROUNDS = 3
 SEED = 1
+#: a Watch queue's byte bound: a stalled moment of the subscriber (the default bound is
+#: 4 MiB, about 110k events) must not drop events, which aborts the run
+QUEUE_BYTES = 64 << 20
 C_WRITES = 300_000  #: per round
 SEED_RATE = 100_000  #: the seed thread's graphics case: up to 100k tracked writes/s
 BIN = Path(sys.executable).parent
@@ -73,7 +77,9 @@ def _start_daemon(tmp: str, profile: str | None) -> subprocess.Popen[bytes]:
     else:
         cmd = [str(BIN / "pagetrackd")]
     proc = subprocess.Popen(
-        [*cmd, "--listen", f"unix:{sock}", "--ready-file", ready, "--log-level", "warning"],
+        dying_with_us(
+            [*cmd, "--listen", f"unix:{sock}", "--ready-file", ready, "--log-level", "warning"]
+        ),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
@@ -90,6 +96,8 @@ def _subscriber(target: str, vm: str, ready: Any, expected: Any, out: Any) -> No
     the run is over) events are accounted for; check seqs are exactly 1..expected."""
     import uvloop
 
+    die_with_parent()
+
     async def run() -> None:
         from pagetrack.v1 import pagetrack_pb2 as pb
         from pagetrack.v1 import pagetrack_pb2_grpc as pbg
@@ -98,8 +106,9 @@ def _subscriber(target: str, vm: str, ready: Any, expected: Any, out: Any) -> No
             target, options=[("grpc.max_receive_message_length", 64 << 20)]
         ) as ch:
             stream: Any = pbg.WatchServiceStub(ch).Watch(
-                pb.WatchRequest(vm=vm, queue_limit=1 << 22, max_batch_events=16384,
-                                max_batch_delay_ms=2, heartbeat_interval_ms=100)
+                pb.WatchRequest(vm=vm, queue_limit=1 << 22, queue_bytes=QUEUE_BYTES,
+                                max_batch_events=16384, max_batch_delay_ms=2,
+                                heartbeat_interval_ms=100)
             )
             first = await stream.read()
             start = first.registered.head_seq + 1

@@ -1,0 +1,29 @@
+"""What a benchmark starts dies with it, however it ends (Ctrl-C, an error, SIGKILL).
+
+The kernel does it: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` asks for SIGKILL when the parent
+dies (``man 2 prctl``). A command gets it through a one-line Python wrapper that sets it and
+then ``exec``s the command (it stays set across exec); a multiprocessing child calls
+:func:`die_with_parent` first thing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+_WRAPPER = (
+    "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL);"
+    " os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def dying_with_us(cmd: list[str]) -> list[str]:
+    """``cmd`` (its first element a full path) run so that it is killed when we die."""
+    return [sys.executable, "-c", _WRAPPER, *cmd]
+
+
+def die_with_parent() -> None:
+    """Ask to be killed when the parent process dies (in a multiprocessing child)."""
+    ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
