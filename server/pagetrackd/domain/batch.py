@@ -32,10 +32,12 @@ U8 = npt.NDArray[np.uint8]
 
 #: writes one batch may hold
 MAX_BATCH_WRITES = 1 << 20
-# Enum members as module constants: a class attribute lookup on an Enum costs ~70 ns.
-_FAST = WritePath.FAST
-_EMULATED = WritePath.EMULATED
-_MMIO_EXIT = WritePath.MMIO_EXIT
+# The paths as plain ints, for the arrays below: numpy compares an array with an IntEnum
+# member only after probing the member for its array protocols (through the enum class's
+# __getattr__), which cost microseconds per batch.
+_FAST = int(WritePath.FAST)
+_EMULATED = int(WritePath.EMULATED)
+_MMIO_EXIT = int(WritePath.MMIO_EXIT)
 
 
 @dataclass(frozen=True, slots=True)
