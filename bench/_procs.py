@@ -9,21 +9,28 @@ then ``exec``s the command (it stays set across exec); a multiprocessing child c
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
+import os
 import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+# The parent may die before the request is made: then the parent pid has changed already,
+# and the process leaves at once.
 _WRAPPER = (
     "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL);"
-    " os.execv(sys.argv[1], sys.argv[1:])"
+    " os.getppid() == int(sys.argv[1]) or os._exit(1); os.execv(sys.argv[2], sys.argv[2:])"
 )
 
 
 def dying_with_us(cmd: list[str]) -> list[str]:
     """``cmd`` (its first element a full path) run so that it is killed when we die."""
-    return [sys.executable, "-c", _WRAPPER, *cmd]
+    return [sys.executable, "-c", _WRAPPER, str(os.getpid()), *cmd]
 
 
 def die_with_parent() -> None:
     """Ask to be killed when the parent process dies (in a multiprocessing child)."""
     ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)

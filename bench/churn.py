@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _procs import dying_with_us
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench helpers, also if loaded by path
+from _procs import dying_with_us  # noqa: E402
 
 BIN = Path(sys.executable).parent
 VM = "churn"

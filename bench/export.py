@@ -37,7 +37,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from _procs import die_with_parent, dying_with_us
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench helpers, also if loaded by path
+from _procs import die_with_parent, dying_with_us  # noqa: E402
 
 BATCH = 4096
 IN_FLIGHT = 4

@@ -70,7 +70,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from _procs import dying_with_us
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench helpers, also if loaded by path
+from _procs import dying_with_us  # noqa: E402
 
 BIN = Path(sys.executable).parent
 KIB = 1024
