@@ -187,8 +187,10 @@ def _progress(sub: Subscriber, vm: Vm) -> pb.WatchResponse:
     )
 
 
-#: A stream due this close to a flush goes with it rather than on a timer of its own.
-_FLUSH_SLACK_S = 0.0002
+#: A stream due this close to a flush goes with it. The loop rounds a timer's delay to whole
+#: milliseconds and runs one due sooner than half of one at once: waiting out less than this
+#: would spin the loop.
+_FLUSH_SLACK_S = 0.0005
 
 
 class _Flusher:
