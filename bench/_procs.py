@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 # The parent may die before the request is made: then the parent pid has changed already,
@@ -21,6 +22,12 @@ _WRAPPER = (
     "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL);"
     " os.getppid() == int(sys.argv[1]) or os._exit(1); os.execv(sys.argv[2], sys.argv[2:])"
 )
+
+
+def pagetrackd() -> str:
+    """The daemon to measure: ``$PAGETRACKD_BIN`` if set (another build, to compare side by
+    side with the same clients), else the venv's ``pagetrackd``."""
+    return os.environ.get("PAGETRACKD_BIN") or str(Path(sys.executable).with_name("pagetrackd"))
 
 
 def dying_with_us(cmd: list[str]) -> list[str]:

@@ -4,6 +4,9 @@ Run from the repository root with the project's venv::
 
     .venv/bin/python bench/api.py            # add --profile DIR to cProfile the daemon
 
+``PAGETRACKD_BIN=/path/to/pagetrackd`` measures another build of the daemon with the same
+client processes (an older commit, say, to compare against it side by side).
+
 Three processes per measurement, talking over a unix socket, each on uvloop: a *writer*
 that makes tracked guest writes, the *daemon* (a real ``pagetrackd``), and a *subscriber*
 holding a Watch stream that must receive every event (a lost or reordered event aborts
@@ -50,10 +53,9 @@ from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench helpers, also if loaded by path
-from _procs import dying_with_us  # noqa: E402
+from _procs import dying_with_us, pagetrackd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGETRACKD = Path(sys.executable).with_name("pagetrackd")
 
 UNARY_IN_FLIGHT = 4
 UNARY_WARMUP = 1_000
@@ -355,7 +357,7 @@ def main() -> int:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ptbench-"))
     pt_sock, raw_sock = f"unix:{tmp}/pt.sock", f"unix:{tmp}/raw.sock"
-    daemon_cmd = [str(PAGETRACKD)]
+    daemon_cmd = [pagetrackd()]
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         daemon_cmd = [sys.executable, "-m", "cProfile", "-o",

@@ -5,6 +5,9 @@ Run from the repository root with the project's venv::
 
     .venv/bin/python bench/streams.py
 
+``PAGETRACKD_BIN=/path/to/pagetrackd`` measures another build of the daemon with the same
+client processes (an older commit, say, to compare against it side by side).
+
 Processes: one daemon (pagetrackd, or the raw baseline server), one writer, and 1 or 8
 subscribers, all over a unix socket. Every subscriber must receive every event (the runs use
 the drop policy with a queue large enough that nothing is dropped, and check it). Figures:
@@ -44,7 +47,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench helpers, also if loaded by path
-from _procs import die_with_parent, dying_with_us  # noqa: E402
+from _procs import die_with_parent, dying_with_us, pagetrackd  # noqa: E402
 
 BATCH = 4096
 IN_FLIGHT = 4
@@ -53,7 +56,6 @@ IN_FLIGHT = 4
 QUEUE_BYTES = 64 << 20
 EVENTS = 400_000
 RATE_EVENTS = 300_000  #: events in the steady 100k/s latency run (3 s)
-BIN = Path(sys.executable).parent
 
 
 # ----------------------------------------------------------------------------- pagetrackd
@@ -62,7 +64,7 @@ BIN = Path(sys.executable).parent
 def _start_daemon(sock: str) -> subprocess.Popen[bytes]:
     ready = sock + ".ready"
     proc = subprocess.Popen(
-        dying_with_us([str(BIN / "pagetrackd"), "--listen", f"unix:{sock}", "--ready-file", ready,
+        dying_with_us([pagetrackd(), "--listen", f"unix:{sock}", "--ready-file", ready,
                        "--log-level", "warning", "--log-format", "json"]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

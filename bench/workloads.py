@@ -5,6 +5,9 @@ Run from the repository root with the project's venv::
 
     .venv/bin/python bench/workloads.py              # --writes N, --profile DIR
 
+``PAGETRACKD_BIN=/path/to/pagetrackd`` measures another build of the daemon with the same
+client processes (an older commit, say, to compare against it side by side).
+
 Processes, over a unix socket: the daemon (``pagetrackd``), this script (the client that
 creates the VM, starts the workload through WorkloadService and polls it), and one
 *subscriber* holding a Watch stream on the VM. The workload runs as fast as the daemon
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
 from _c_trap import c_trap_writes_per_s  # noqa: E402
-from _procs import die_with_parent, dying_with_us  # noqa: E402
+from _procs import die_with_parent, dying_with_us, pagetrackd  # noqa: E402
 
 VM = "gpu"
 WRITES = 600_000  #: guest writes of the workload per round (about 98% land on tracked tables)
@@ -64,7 +67,6 @@ SEED = 1
 QUEUE_BYTES = 64 << 20
 C_WRITES = 300_000  #: per round
 SEED_RATE = 100_000  #: the seed thread's graphics case: up to 100k tracked writes/s
-BIN = Path(sys.executable).parent
 
 
 def _start_daemon(tmp: str, profile: str | None) -> subprocess.Popen[bytes]:
@@ -75,7 +77,7 @@ def _start_daemon(tmp: str, profile: str | None) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "cProfile", "-o", str(Path(profile) / "daemon.prof"),
                "-m", "pagetrackd"]
     else:
-        cmd = [str(BIN / "pagetrackd")]
+        cmd = [pagetrackd()]
     proc = subprocess.Popen(
         dying_with_us(
             [*cmd, "--listen", f"unix:{sock}", "--ready-file", ready, "--log-level", "warning"]
