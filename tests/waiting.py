@@ -47,3 +47,12 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {hang_s:.0f} s for {what}; last saw {got!r}")
         await asyncio.sleep(every)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

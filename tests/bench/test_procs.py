@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import HANG_S, wait_until
+from tests.waiting import HANG_S, process_gone, wait_until
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -42,14 +42,6 @@ if __name__ == "__main__":
 """
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.parametrize("when", ["settled", "at_once"])
 def test_what_a_killed_benchmark_started_dies_with_it(tmp_path: Path, when: str) -> None:
     """``settled``: killed once both asked the kernel for the signal; ``at_once``: killed
@@ -64,8 +56,8 @@ def test_what_a_killed_benchmark_started_dies_with_it(tmp_path: Path, when: str)
         pids = json.loads(parent.stdout.readline())
         parent.send_signal(signal.SIGKILL)
         parent.communicate(timeout=HANG_S)
-        wait_until(lambda: _gone(pids["command"]), "the bench's command to die")
-        wait_until(lambda: _gone(pids["child"]), "the bench's multiprocessing child to die")
+        wait_until(lambda: process_gone(pids["command"]), "the bench's command to die")
+        wait_until(lambda: process_gone(pids["child"]), "the bench's multiprocessing child to die")
     finally:
         if parent.poll() is None:
             parent.kill()

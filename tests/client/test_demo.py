@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import with_parent
-from tests.waiting import HANG_S, wait_until
+from tests.waiting import HANG_S, process_gone, wait_until
 
 BANNER = re.compile(r"pagetrackd \(pid (\d+)\) is running at 127\.0\.0\.1:(\d+)")
 
@@ -58,15 +58,6 @@ def _daemon(lines: list[str]) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` has exited (a zombie nobody reaped counts as exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 def _port_free(port: int) -> bool:
     """Whether a new daemon could listen on ``port`` (as servers do, with SO_REUSEADDR: a
     connection the old daemon closed may linger in TIME_WAIT)."""
@@ -105,7 +96,7 @@ def test_demo_walks_through_the_paths_and_stops_on_ctrl_c(
     assert demo.returncode == 0, err
     assert "pagetrackd stopped (exit status 0)" in rest
     assert "Traceback" not in err
-    assert _gone(pid) and _port_free(port)
+    assert process_gone(pid) and _port_free(port)
 
 
 def test_closed_terminal_stops_demo_and_daemon(demo: subprocess.Popen[str]) -> None:
@@ -114,15 +105,15 @@ def test_closed_terminal_stops_demo_and_daemon(demo: subprocess.Popen[str]) -> N
     demo.send_signal(signal.SIGHUP)
     demo.communicate(timeout=HANG_S)
     assert demo.returncode == 0
-    assert _gone(pid) and _port_free(port)
+    assert process_gone(pid) and _port_free(port)
 
 
 def test_killed_demo_leaves_no_daemon(demo: subprocess.Popen[str]) -> None:
     """SIGKILL gives the demo no chance to clean up: its daemon sees its stdin pipe close
     and stops by itself, and the port is free again."""
     pid, port = _daemon(_read_until(demo, BANNER))
-    assert not _gone(pid) and not _port_free(port)
+    assert not process_gone(pid) and not _port_free(port)
     demo.kill()
     demo.communicate(timeout=HANG_S)
-    wait_until(lambda: _gone(pid), f"the demo's daemon (pid {pid}) to exit")
+    wait_until(lambda: process_gone(pid), f"the demo's daemon (pid {pid}) to exit")
     wait_until(lambda: _port_free(port), f"port {port} to be free")

@@ -15,7 +15,7 @@ import grpc
 
 from pagetrack.v1 import pagetrack_pb2 as pb
 from pagetrack.v1 import pagetrack_pb2_grpc as pbg
-from tests.waiting import HANG_S, wait_until
+from tests.waiting import HANG_S, process_gone, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,14 +29,6 @@ helper = subprocess.Popen(with_parent(["sleep", "3600"]))
 print(json.dumps({"pid": d.proc.pid, "address": d.tcp, "helper": helper.pid}), flush=True)
 signal.pause()  # until the test's SIGKILL: no time window, nothing is timed
 """
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def _serving(address: str) -> bool:
@@ -59,8 +51,8 @@ def test_sigkill_of_the_parent_stops_the_daemon(tmp_path: Path) -> None:
         assert _serving(child["address"])
         parent.send_signal(signal.SIGKILL)
         parent.communicate(timeout=HANG_S)
-        wait_until(lambda: _gone(child["pid"]), "the orphaned daemon to stop")
-        wait_until(lambda: _gone(child["helper"]), "the orphaned helper process to die")
+        wait_until(lambda: process_gone(child["pid"]), "the orphaned daemon to stop")
+        wait_until(lambda: process_gone(child["helper"]), "the orphaned helper process to die")
         log = next(tmp_path.glob("*.log")).read_text()
         assert '"daemon.stdin_closed"' in log and '"daemon.stopped"' in log
     finally:
