@@ -103,10 +103,7 @@ class StateMeter:
         nothing taken) if the budget cannot take ``nbytes`` more."""
         budget = self.budget
         if budget is not None:
-            if (
-                budget.used + nbytes > budget._known  # the quota read last (fits, inlined)
-                and not budget.fits(nbytes) and not self.exempt()
-            ):
+            if not budget.fits(nbytes) and not self.exempt():
                 return False
             budget.used += nbytes
         self.bytes += nbytes
