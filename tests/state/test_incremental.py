@@ -56,28 +56,44 @@ def _copy_bytes(mem: SlotMemory, chunk: int) -> dict[int, bytes]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(before=writes, during=writes, batch=st.booleans(), fail=st.booleans())
+@given(before=writes, during=writes, mode=st.sampled_from(["write", "write_many", "batches"]),
+       fail=st.booleans())
 def test_a_save_gets_memory_as_it_was_when_it_began(
     before: list[tuple[int, int, int, int] | None],
     during: list[tuple[int, int, int, int] | None],
-    batch: bool, fail: bool,
+    mode: str, fail: bool,
 ) -> None:
     """The chunks a save takes hold the memory of the moment it began, whatever is
     written while it runs (copy on write); the dirty set then names exactly the chunks
-    written since, plus the save's own if it failed."""
+    written since, plus the save's own if it failed. Writes go one by one, one per
+    write_many, or as batches (the writes between two Nones in one write_many, which
+    then spans one chunk, two or more)."""
     mem = SlotMemory()
     model: dict[int, bytearray] = {}
 
+    def store(ops: list[tuple[int, int, int]], data: bytes) -> None:
+        length = np.array([n for _, _, n in ops], dtype=np.int64)
+        mem.write_many(np.array([p for p, _, _ in ops], dtype=np.int64),
+                       np.array([o for _, o, _ in ops], dtype=np.int64), data,
+                       np.cumsum(length) - length, length)
+
     def apply(ops: list[tuple[int, int, int, int] | None]) -> set[int]:
         touched = set()
-        for op in ops:
+        group: list[tuple[int, int, int]] = []
+        data = b""
+        for op in [*ops, None]:
             if op is None:
+                if group:
+                    store(group, data)
+                group, data = [], b""
                 continue
             page, off, n, b = op
             n = min(n, 4096 - off)
-            if batch:
-                mem.write_many(np.array([page]), np.array([off]), bytes([b]) * n,
-                               np.array([0]), np.array([n]))
+            if mode == "batches":
+                group.append((page, off, n))
+                data += bytes([b]) * n
+            elif mode == "write_many":
+                store([(page, off, n)], bytes([b]) * n)
             else:
                 mem.write(page, off, bytes([b]) * n)
             _model_write(model, page, off, n, b)

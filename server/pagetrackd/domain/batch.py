@@ -253,10 +253,12 @@ def _apply_pieces(
     if not isinstance(data, bytes):
         data = bytes(data)
     pc = _Pieces(widx, pgpa, plen, poff, pvcpu, data, multi, *classify(vm, pgpa, multi))
+    counts: list[int]
     if not vm.notifiers.sync:
         # No per-event notifier: nothing can change tracking mid-batch, so one pass.
         _apply_range(pc, 0, pc.size, vm.slots.slots())
-        seq, first, last = _number(vm, pc.path)
+        counts = np.bincount(pc.path, minlength=3).tolist()
+        seq, first, last = _number(vm, pc.path, counts[_EMULATED])
         if last and vm.notifiers.batch:
             _tell_batch_nodes(vm, pc, seq, last - first + 1)
     else:
@@ -265,26 +267,25 @@ def _apply_pieces(
         # A notifier's DMA may take seqs in between the batch's.
         held = seq[seq > 0]
         first, last = (int(held[0]), int(held[-1])) if held.size else (0, 0)
-    # Notifiers may have changed tracking mid-batch: count the paths taken.
-    counts: list[int] = np.bincount(pc.path, minlength=3).tolist()
+        # Notifiers may have changed tracking mid-batch: count the paths taken.
+        counts = np.bincount(pc.path, minlength=3).tolist()
     _account(vm, pc, counts)
     return BatchResult(
         widx, pgpa, plen, pc.path, seq, (counts[0], counts[1], counts[2]), first, last
     )
 
 
-def _number(vm: Vm, path: npt.NDArray[np.int8]) -> tuple[I64, int, int]:
-    """Seqs of a batch's pieces when no notifier can intervene: the emulated ones get
-    the next seqs in order, the others 0. Also returns the first and last (0 if none)."""
-    emulated = path == _EMULATED
-    n_emul = int(np.count_nonzero(emulated))
+def _number(vm: Vm, path: npt.NDArray[np.int8], n_emul: int) -> tuple[I64, int, int]:
+    """Seqs of a batch's pieces when no notifier can intervene (``n_emul`` of them
+    emulated): the emulated ones get the next seqs in order, the others 0. Also returns
+    the first and last (0 if none)."""
     nxt = vm.seq + 1
     if n_emul == path.size:
         seq = np.arange(nxt, nxt + n_emul, dtype=np.int64)
     else:
         seq = np.zeros(path.size, dtype=np.int64)
         if n_emul:
-            seq[emulated] = np.arange(nxt, nxt + n_emul, dtype=np.int64)
+            seq[path == _EMULATED] = np.arange(nxt, nxt + n_emul, dtype=np.int64)
     vm.seq += n_emul
     return seq, (nxt if n_emul else 0), (vm.seq if n_emul else 0)
 

@@ -327,10 +327,11 @@ class SlotMemory:
         calling :meth:`write` for each, in a few array operations."""
         if not index.size:
             return
-        self._touch(index)
+        top = int(index.max())
+        self._touch(index, top)
         if not self._indexed:
             self._build_index()
-        self._grow_top(int(index.max()))
+        self._grow_top(top)
         rows = self._rows(index)
         end = offset + length
         outside = (offset < self._lo[rows]) | (end > self._hi[rows])
@@ -379,17 +380,23 @@ class SlotMemory:
 
     # ----------------------------------------------------------------- saves
 
-    def _touch(self, index: I64) -> None:
-        """Mark the chunks of pages ``index`` dirty, copying first those a running save
-        has not taken yet."""
-        chunks = index >> CHUNK_SHIFT
+    def _touch(self, index: I64, top: int) -> None:
+        """Mark the chunks of pages ``index`` (``top`` the highest) dirty, copying first
+        those a running save has not taken yet."""
+        first, last = int(index.min()) >> CHUNK_SHIFT, top >> CHUNK_SHIFT
+        # A batch usually stays inside one chunk (1 MiB): mark it without index arrays.
+        chunks = range(first, last + 1) if last - first <= 1 else None
         cow = self._cow
         if cow is not None:
-            for c in np.unique(chunks).tolist():
+            for c in (chunks or np.unique(index >> CHUNK_SHIFT).tolist()):
                 if c in cow and cow[c] is None:
                     cow[c] = self.copy_chunk(c)
-        self._grow_dirty(int(chunks.max()))
-        np.frombuffer(self._dirty, dtype=np.uint8)[chunks] = 1
+        self._grow_dirty(last)
+        if chunks is not None:
+            for c in chunks:
+                self._dirty[c] = 1
+        else:
+            np.frombuffer(self._dirty, dtype=np.uint8)[index >> CHUNK_SHIFT] = 1
 
     def _grow_dirty(self, chunk: int) -> None:
         if chunk >= len(self._dirty):
