@@ -21,6 +21,7 @@ from pagetrackd.domain.notifiers import GuestWrites
 from pagetrackd.domain.types import (
     PAGE_MASK,
     PAGE_SHIFT,
+    PAGE_SIZE,
     WritePath,
 )
 
@@ -134,10 +135,10 @@ def split_writes(g: I64, n: I64) -> tuple[I64, I64, I64, I64]:
     count = g.size
     offs = np.zeros(count, dtype=np.int64)
     np.cumsum(n[:-1], out=offs[1:])
+    if int(((g & (PAGE_SIZE - 1)) + n).max()) <= PAGE_SIZE:  # no write crosses a page
+        return np.arange(count, dtype=np.int64), g, n, offs
     first_page = g >> PAGE_SHIFT
     npieces = ((g + n - 1) >> PAGE_SHIFT) - first_page + 1
-    if int(npieces.max()) == 1:
-        return np.arange(count, dtype=np.int64), g, n, offs
     widx = np.repeat(np.arange(count, dtype=np.int64), npieces)
     starts = np.cumsum(npieces) - npieces
     k = np.arange(widx.size, dtype=np.int64) - np.repeat(starts, npieces)
