@@ -45,20 +45,28 @@ def page_sets(draw: st.DrawFn) -> list[int]:
     return sorted(out)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(page_sets(), st.integers(1, 3), st.booleans()), max_size=12))
-def test_runmap_matches_a_dict(ops: list[tuple[list[int], int, bool]]) -> None:
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(page_sets(), st.integers(1, 3), st.sampled_from(["run", "array", "one"])),
+                max_size=12))
+def test_runmap_matches_a_dict(ops: list[tuple[list[int], int, str]]) -> None:
+    """Adds as one delta, a delta per page, or page by page with add1 (the path a
+    plugin tracking one table page takes) keep the runs a dict of counts holds."""
     rm = RunMap()
     model: Counter[int] = Counter()
-    for pages, n, per_page in ops:
+    for pages, n, how in ops:
         idx = np.array(pages, dtype=np.int64)
         # remove what is there when it can, else add
         if all(model[p] >= n for p in pages):
             delta = -n
         else:
             delta = n
-        if per_page:
+        if how == "array":
             rm.add(idx, np.full(idx.size, delta, dtype=np.int64))
+        elif how == "one":
+            for p in pages[:40]:  # a long range one page at a time is slow to check
+                rm.add1(p, delta)
+                _check_runs(rm)
+            pages = pages[:40]
         else:
             rm.add(idx, delta)
         for p in pages:

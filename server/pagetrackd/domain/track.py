@@ -177,10 +177,9 @@ class SlotTracking:
         after = before + delta
         self.counters.set1(index, after)
         if owner != TENANT_OWNER:
-            one = np.array([index], dtype=np.int64)
             refs = self.owners.setdefault(owner, RunMap())
-            refs.add(one, delta)
-            self.attributed.add(one, delta)
+            refs.add1(index, delta)
+            self.attributed.add1(index, delta)
             if not len(refs):
                 del self.owners[owner]
         started = before == 0 and after > 0
