@@ -388,7 +388,7 @@ class SlotMemory:
         chunks = range(first, last + 1) if last - first <= 1 else None
         cow = self._cow
         if cow is not None:
-            for c in (chunks or np.unique(index >> CHUNK_SHIFT).tolist()):
+            for c in chunks if chunks is not None else np.unique(index >> CHUNK_SHIFT).tolist():
                 if c in cow and cow[c] is None:
                     cow[c] = self.copy_chunk(c)
         self._grow_dirty(last)

@@ -93,7 +93,7 @@ class RunMap:
         old = int(values[i]) if inside else 0
         # The runs around the page that may change: its own (split) and one each side,
         # or the one each side of where it goes.
-        a, b = (max(i - 1, 0), min(i + 2, starts.size)) if inside else (max(i, 0), i + 2)
+        a, b = (max(i - 1, 0) if inside else max(i, 0)), i + 2
         local: list[list[int]] = []
         for s, e, v in zip(starts[a:b].tolist(), ends[a:b].tolist(), values[a:b].tolist(),
                            strict=True):
