@@ -437,6 +437,11 @@ def _emulate_from(
     gen = vm._generation  # read per piece below: the attribute, not the property
     data = pc.data
     seqs, pieces, tell = held.seqs, held.pieces, writes.tell
+    # The notifier module's choice of what to call for a piece on a tracked page while
+    # the per-event nodes stay `nodes`: the only node's function, or None (then tell).
+    notifiers = vm.notifiers
+    nodes, one = writes.direct()
+    start, by_tell = len(seqs), 0  # the calls to `one` are counted from these at the end
     for j, p, ix, gp, o, ln, vc, fl in zip(
         todo.tolist(), pc.pos[todo].tolist(), pc.index[todo].tolist(), pc.pgpa[todo].tolist(),
         pc.poff[todo].tolist(), pc.plen[todo].tolist(), pc.pvcpu[todo].tolist(),
@@ -453,13 +458,23 @@ def _emulate_from(
         vm.seq = s = vm.seq + 1
         seqs.append(s)
         pieces.append(j)
-        tell(vm, s, vc, gp, piece, fl)
+        if fl or one is None:
+            by_tell += 1
+            tell(vm, s, vc, gp, piece, fl)
+        else:
+            try:
+                one(vm, s, vc, gp, piece)
+            except Exception:
+                writes.failed(vm)
         i = j + 1
-        if vm._generation != gen:
+        if vm._generation != gen or notifiers.sync is not nodes:
+            writes.called(len(seqs) - start - by_tell)
             if i >= pc.size:
                 return i, False
-            _classify_rest(vm, pc, i, j)
+            if vm._generation != gen:
+                _classify_rest(vm, pc, i, j)
             return i, True
+    writes.called(len(seqs) - start - by_tell)
     return i, False
 
 

@@ -242,6 +242,8 @@ class GuestWrites:
     no event object is built; a piece on an untracked page (its event flagged
     ``untracked``) always gets one, as ``track_guest_write`` has no flag. The nodes are
     looked up again whenever the registrations change (a callback may change them).
+    With a single such node the batch loop calls it itself (:meth:`direct`); which
+    function that is, how its calls are counted and what a failure does stay here.
     Call :meth:`finish` at the end: it returns the calls made.
     """
 
@@ -273,27 +275,36 @@ class GuestWrites:
         ]
         self._one = self._fast[0][1] if len(self._fast) == 1 else None
 
+    def direct(self) -> tuple[tuple[NotifierNode, ...], _GuestWriteFn | None]:
+        """What to call for a piece on a tracked page while the per-event nodes stay the
+        tuple returned with it: the only node's ``track_guest_write`` (the usual case, a
+        plugin), called with ``(vm, seq, vcpu, gpa, data)``; None when :meth:`tell` must
+        be used. The caller counts its calls with :meth:`called` and reports an
+        exception from it with :meth:`failed`; it saves a call per piece on the write
+        path, where the plugin's own work is a few times that."""
+        nodes = self._list.sync
+        if nodes is not self._known:
+            self._refresh(nodes)
+        return nodes, self._one
+
+    def called(self, n: int) -> None:
+        """:meth:`direct`'s function was called ``n`` more times."""
+        self._one_calls += n
+
+    def failed(self, vm: Vm) -> None:
+        """:meth:`direct`'s function raised: counted and logged as any notifier failure."""
+        self._list._failed(self._fast[0][0], vm, "track_write")
+
     def tell(self, vm: Vm, seq: int, vcpu: int, gpa: int, data: bytes, flags: int) -> None:
         """Tell the per-event nodes that the guest write ``data`` at ``gpa`` landed;
         ``flags`` nonzero: its page is not tracked (the event is flagged)."""
         nodes = self._list.sync
         if nodes is not self._known:
             self._refresh(nodes)
-        if flags:
-            self._calls += self._list._tell(nodes, vm, guest_event(seq, vcpu, gpa, data, True))
-            return
-        one = self._one
-        if one is not None:
-            # The only node (the usual case, a plugin): it is active, or `sync` would
-            # have changed; its calls are counted when the list changes.
-            self._one_calls += 1
-            try:
-                one(vm, seq, vcpu, gpa, data)
-            except Exception:
-                self._list._failed(self._fast[0][0], vm, "track_write")
-            return
-        if not self._fast:
-            self._calls += self._list._tell(nodes, vm, guest_event(seq, vcpu, gpa, data))
+        if flags or not self._fast:
+            self._calls += self._list._tell(
+                nodes, vm, guest_event(seq, vcpu, gpa, data, bool(flags))
+            )
             return
         for node, fn in self._fast:
             if not node.active:  # unregistered by a node called before it
