@@ -30,30 +30,34 @@ class StateBudget:
     """One tenant's plugin state: bytes held, summed over its plugins' meters, and the
     quota. The quota is read from ``limit`` when a reservation would pass the value read
     last, so a quota raised since applies at once and a fitting reservation (every one
-    on the write path, but the last) costs no call."""
+    on the write path, but the last) costs no call.
 
-    __slots__ = ("used", "_limit", "_known")
+    ``used`` and ``quota_seen`` are public for a plugin's hot path (the vGPU's DMA
+    mappings): ``used + n <= quota_seen`` means ``n`` more bytes fit, with no call; only
+    when it does not hold must :meth:`StateMeter.take_if_room` decide."""
+
+    __slots__ = ("used", "_limit", "quota_seen")
 
     def __init__(self, limit: Callable[[], int]) -> None:
         self.used = 0
         self._limit = limit
-        self._known = -1  #: the quota read last (none yet)
+        self.quota_seen = -1  #: the quota read last (none yet)
 
     @property
     def limit(self) -> int:
         """The quota now."""
-        self._known = q = self._limit()
+        self.quota_seen = q = self._limit()
         return q
 
     def fits(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more stay within the quota."""
-        return self.used + nbytes <= self._known or self.used + nbytes <= self.limit
+        return self.used + nbytes <= self.quota_seen or self.used + nbytes <= self.limit
 
     def check(self, nbytes: int, what: str | Callable[[], str]) -> None:
         """Raise QuotaExceeded if ``nbytes`` more would pass the quota."""
         if self.fits(nbytes):
             return
-        q = self._known
+        q = self.quota_seen
         if not isinstance(what, str):
             what = what()
         raise QuotaExceeded(
@@ -105,7 +109,7 @@ class StateMeter:
         if budget is not None:
             # fits()'s first comparison inline: it holds for nearly every call, and this
             # runs for most guest writes a vGPU handles
-            if budget.used + nbytes > budget._known and not budget.fits(nbytes) and (
+            if budget.used + nbytes > budget.quota_seen and not budget.fits(nbytes) and (
                 not self.exempt()
             ):
                 return False

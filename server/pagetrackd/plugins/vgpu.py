@@ -229,7 +229,15 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                     dma[1] += 1
                     frame = dma[0]
                 else:
-                    if not self.state_meter.take_if_room(DMA_BYTES):
+                    # StateMeter.take_if_room, its usual case inlined (as is give below):
+                    # the two calls were some 5% of the daemon's time in this workload
+                    meter = self.state_meter
+                    budget = meter.budget
+                    if budget is None or budget.used + DMA_BYTES <= budget.quota_seen:
+                        meter.bytes += DMA_BYTES
+                        if budget is not None:
+                            budget.used += DMA_BYTES
+                    elif not meter.take_if_room(DMA_BYTES):
                         # as _handle_guest_write: the old shadow entry stays
                         self.stats.quota_refusals += 1
                         return
@@ -259,7 +267,10 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                 if dma[1] == 0:
                     del self._dma[page]
                     del self._frame_gfn[frame]
-                    self.state_meter.give(DMA_BYTES)
+                    meter = self.state_meter
+                    meter.bytes -= DMA_BYTES
+                    if meter.budget is not None:
+                        meter.budget.used -= DMA_BYTES
 
     def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
         """``kvmgt_page_track_remove_region``: forget the range from the protect table,
