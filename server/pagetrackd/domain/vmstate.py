@@ -71,6 +71,16 @@ class VmState:
     pools), notifiers, counters and seq. The VM's jobs are the subclasses
     (domain/memslot_ops.py, tracking.py, guest.py) and domain/batch.py."""
 
+    # Slots, so the write path's attribute reads and writes (seq, notifiers, slots, ...)
+    # stay fast on every VM: the daemon puts per-VM wrappers in the instance dict
+    # (quota_guard.py, the recorder in replay.py), which in CPython 3.11 makes reads of
+    # dict-held attributes take the slow, unspecialized path (some 2% of a tracked write).
+    __slots__ = (
+        "name", "vcpus", "dma_policy", "semantics", "cost", "limits", "slots", "notifiers",
+        "stats", "seq", "_generation", "on_change", "closed", "region_change",
+        "track_start_hooks", "__dict__", "__weakref__",
+    )
+
     def __init__(
         self,
         name: str,
