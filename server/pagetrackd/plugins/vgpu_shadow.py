@@ -359,9 +359,12 @@ class VgpuShadow:
         if entry is not None:
             entry[1] += 1
             return entry[0]
-        self._reserve(DMA_BYTES, gfn)
+        # reserve and take in one call (this runs for a good share of guest writes);
+        # when it does not fit, _reserve raises with the quota's message
+        if not self.state_meter.take_if_room(DMA_BYTES):
+            self._reserve(DMA_BYTES, gfn)
+            self.state_meter.take(DMA_BYTES)  # the quota was raised in between
         frame = self._alloc_frame()
-        self.state_meter.take(DMA_BYTES)
         self._dma[gfn] = [frame, 1]
         self._frame_gfn[frame] = gfn
         return frame
