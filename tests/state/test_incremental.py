@@ -26,8 +26,12 @@ PAGES = 4 * CHUNK_PAGES
 # (page, offset, length, byte) writes; None marks where a save begins
 writes = st.lists(
     st.one_of(
-        st.tuples(st.integers(0, PAGES - 1), st.integers(0, 4000), st.integers(1, 96),
-                  st.integers(1, 255)),
+        st.tuples(
+            # mostly within a few chunks; sometimes far out, so a batch spans more than
+            # the 63 chunks SlotMemory._touch finds by bits
+            st.one_of(st.integers(0, PAGES - 1), st.integers(0, 100 * CHUNK_PAGES)),
+            st.integers(0, 4000), st.integers(1, 96), st.integers(1, 255),
+        ),
         st.just(None),
     ),
     max_size=60,
@@ -67,7 +71,7 @@ def test_a_save_gets_memory_as_it_was_when_it_began(
     written while it runs (copy on write); the dirty set then names exactly the chunks
     written since, plus the save's own if it failed. Writes go one by one, one per
     write_many, or as batches (the writes between two Nones in one write_many, which
-    then spans one chunk, two or more)."""
+    then spans one chunk, a few, or more than 63)."""
     mem = SlotMemory()
     model: dict[int, bytearray] = {}
 
