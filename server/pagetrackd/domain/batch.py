@@ -425,8 +425,8 @@ def _emulate_from(
 ) -> tuple[int, bool]:
     """Store pieces from ``i`` on up to the last emulated one, each emulated piece
     notified before the next lands; stop early when a notifier changed tracking or
-    memslots, after classifying the rest again. Returns the first piece not stored and
-    whether emulated pieces may remain."""
+    memslots (after classifying the rest again) or the registrations. Returns the first
+    piece not stored and whether emulated pieces may remain."""
     # The emulated pieces still to do, found once (and again after a re-classification),
     # not by rescanning the rest of the batch per piece; their columns as Python lists,
     # which iterate far faster than numpy scalars.
