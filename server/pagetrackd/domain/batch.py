@@ -442,6 +442,7 @@ def _emulate_from(
     notifiers = vm.notifiers
     nodes, one = writes.direct()
     start, by_tell = len(seqs), 0  # the calls to `one` are counted from these at the end
+    stopped = False
     for j, p, ix, gp, o, ln, vc, fl in zip(
         todo.tolist(), pc.pos[todo].tolist(), pc.index[todo].tolist(), pc.pgpa[todo].tolist(),
         pc.poff[todo].tolist(), pc.plen[todo].tolist(), pc.pvcpu[todo].tolist(),
@@ -468,14 +469,14 @@ def _emulate_from(
                 writes.failed(vm)
         i = j + 1
         if vm._generation != gen or notifiers.sync is not nodes:
-            writes.called(len(seqs) - start - by_tell)
-            if i >= pc.size:
-                return i, False
-            if vm._generation != gen:
-                _classify_rest(vm, pc, i, j)
-            return i, True
+            stopped = True
+            break
     writes.called(len(seqs) - start - by_tell)
-    return i, False
+    if not stopped or i >= pc.size:
+        return i, False
+    if vm._generation != gen:
+        _classify_rest(vm, pc, i, j)
+    return i, True
 
 
 def _classify_rest(vm: Vm, pc: _Pieces, i: int, j: int) -> None:
