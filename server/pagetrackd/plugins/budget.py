@@ -107,11 +107,7 @@ class StateMeter:
         nothing taken) if the budget cannot take ``nbytes`` more."""
         budget = self.budget
         if budget is not None:
-            # fits()'s first comparison inline: it holds for nearly every call, and this
-            # runs for most guest writes a vGPU handles
-            if budget.used + nbytes > budget.quota_seen and not budget.fits(nbytes) and (
-                not self.exempt()
-            ):
+            if not budget.fits(nbytes) and not self.exempt():
                 return False
             budget.used += nbytes
         self.bytes += nbytes
