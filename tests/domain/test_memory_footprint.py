@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pagetrackd.domain.events import EventBatch, WriteEvent
 from pagetrackd.domain.hub import History, Stamped
-from pagetrackd.domain.memory import SlotMemory
+from pagetrackd.domain.memory import CHUNK_SHIFT, SlotMemory
 from pagetrackd.domain.track import SlotTracking
 from pagetrackd.domain.types import TENANT_OWNER, Source
 
@@ -69,11 +69,14 @@ writes = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(first=writes, second=writes, batch=st.booleans())
+@given(first=writes, second=writes, batch=st.booleans(), saved=st.booleans())
 def test_memory_growth_bound_holds(
-    first: list[tuple[int, int, int]], second: list[tuple[int, int, int]], batch: bool
+    first: list[tuple[int, int, int]], second: list[tuple[int, int, int]], batch: bool,
+    saved: bool,
 ) -> None:
     m = SlotMemory()
+    if saved:
+        m.mark_saved()  # writes mark their chunks from the first save on
     for group in (first, second):
         # Half the pieces on a few pages, so extents widen and pages repeat.
         page = np.array([p % 64 if i % 2 else p for i, (p, _, _) in enumerate(group)],
@@ -92,6 +95,33 @@ def test_memory_growth_bound_holds(
                                   strict=True):
                 m.write(p, o, data[s : s + n])
         assert m.footprint - before <= bound
+
+
+@settings(max_examples=100, deadline=None)
+@given(group=writes, batch=st.booleans())
+def test_memory_footprint_is_the_same_before_and_after_the_first_save(
+    group: list[tuple[int, int, int]], batch: bool
+) -> None:
+    """Before its first save a memory keeps no chunk marks, but it holds (and counts)
+    the same chunk map, so a quota sees the same bytes either way."""
+    page = np.array([p * 97 for p, _, _ in group], dtype=np.int64)  # over many chunks
+    off = np.array([o for _, o, _ in group], dtype=np.int64)
+    length = np.maximum(1, np.minimum(np.array([n for _, _, n in group]), 4096 - off))
+    data = b"\x02" * int(length.sum())
+    start = np.cumsum(length) - length
+    never, saved = SlotMemory(), SlotMemory()
+    saved.mark_saved()
+    for m in (never, saved):
+        if batch:
+            m.write_many(page, off, data, start, length)
+        else:
+            for p, o, s, n in zip(page.tolist(), off.tolist(), start.tolist(),
+                                  length.tolist(), strict=True):
+                m.write(p, o, data[s : s + n])
+    assert never.footprint == saved.footprint
+    assert never.dirty_chunks() == saved.dirty_chunks() == sorted(
+        {p >> CHUNK_SHIFT for p in page.tolist()}
+    )
 
 
 @settings(max_examples=100, deadline=None)

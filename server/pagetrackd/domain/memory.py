@@ -83,7 +83,7 @@ class SlotMemory:
 
     __slots__ = (
         "nbytes", "_extent", "_nrows", "_lo", "_hi", "_base", "_slab", "_slab_mv", "_used",
-        "_top", "_mid", "_leaf", "_nmid", "_nleaf", "_indexed", "_dirty", "_cow",
+        "_top", "_mid", "_leaf", "_nmid", "_nleaf", "_indexed", "_dirty", "_marking", "_cow",
     )
 
     def __init__(self) -> None:
@@ -105,8 +105,13 @@ class SlotMemory:
         self._leaf = np.zeros((1, FAN), dtype=np.int32)
         self._nmid = self._nleaf = 1
         self._indexed = False  # the directory is built on the first batch
-        # one byte a chunk: 1 = written since the last begin_save (or ever, before one)
+        # one byte a chunk: 1 = written since the last begin_save; grown to the highest
+        # chunk written to (so the footprint is the same whether or not marks are kept)
         self._dirty = bytearray()
+        #: whether writes mark their chunks: from the first save (or load) on. Until
+        #: then the first save takes every chunk that holds a page anyway, so a memory
+        #: that is never saved (a daemon without a state directory) pays no mark per write
+        self._marking = False
         #: during a save: its chunks not yet taken -> their copy, None until a write
         #: into the chunk made one (copy on write); None when no save runs
         self._cow: dict[int, ChunkCopy | None] | None = None
@@ -285,6 +290,7 @@ class SlotMemory:
         else:
             row = self._new_row(index)
             old_lo = old_hi = 0
+            self._grow_dirty(index >> CHUNK_SHIFT)  # a page in a new chunk, marked or not
         if hi - lo > PROMOTE_BYTES:
             lo, hi = 0, PAGE_SIZE
         at = self._alloc(hi - lo)  # before reading the old base: it may compact
@@ -305,14 +311,15 @@ class SlotMemory:
     def write(self, index: int, offset: int, data: bytes | memoryview) -> None:
         """Store ``data`` at ``offset`` of page ``index``; it must fit in the page."""
         end = offset + len(data)
-        chunk = index >> CHUNK_SHIFT
-        if self._cow is not None and chunk in self._cow and self._cow[chunk] is None:
-            self._cow[chunk] = self.copy_chunk(chunk)
-        try:
-            self._dirty[chunk] = 1
-        except IndexError:
-            self._grow_dirty(chunk)
-            self._dirty[chunk] = 1
+        if self._marking:
+            chunk = index >> CHUNK_SHIFT
+            if self._cow is not None and chunk in self._cow and self._cow[chunk] is None:
+                self._cow[chunk] = self.copy_chunk(chunk)
+            try:
+                self._dirty[chunk] = 1
+            except IndexError:
+                self._grow_dirty(chunk)
+                self._dirty[chunk] = 1
         ext = self._extent.get(index)
         if ext is None or offset < ext[0] or end > ext[1]:
             ext = self._cover(index, offset, end)
@@ -383,6 +390,9 @@ class SlotMemory:
     def _touch(self, index: I64, top: int) -> None:
         """Mark the chunks of pages ``index`` (``top`` the highest) dirty, copying first
         those a running save has not taken yet."""
+        if not self._marking:
+            self._grow_dirty(top >> CHUNK_SHIFT)
+            return
         first, last = int(index.min()) >> CHUNK_SHIFT, top >> CHUNK_SHIFT
         chunks: range | list[int]
         if last - first <= 1:
@@ -413,12 +423,17 @@ class SlotMemory:
             self._dirty.extend(bytes(max(chunk + 1, n + n // 2) - n))
 
     def dirty_chunks(self) -> list[int]:
-        """The chunks written since the last :meth:`begin_save`, ascending."""
+        """The chunks written since the last :meth:`begin_save` (before the first one:
+        every chunk that holds a written page), ascending."""
+        if not self._marking:
+            return sorted({page >> CHUNK_SHIFT for page in self._extent})
         return np.flatnonzero(np.frombuffer(self._dirty, dtype=np.uint8)).tolist()
 
     def mark_saved(self) -> None:
-        """Every chunk is saved as it is now (a VM just loaded from its files)."""
+        """Every chunk is saved as it is now (a VM just loaded from its files); from now
+        on writes mark the chunks they change."""
         self._dirty[:] = bytes(len(self._dirty))
+        self._marking = True
 
     def copy_chunk(self, chunk: int) -> ChunkCopy:
         """The written pages of ``chunk``, copied: their page numbers, extents and bytes."""
