@@ -102,6 +102,12 @@ class StateMeter:
         if budget is not None and not budget.fits(nbytes) and not self.exempt():
             budget.check(nbytes, what)
 
+    def room(self, nbytes: int) -> bool:
+        """Whether the budget can take ``nbytes`` more (always, without a budget or while
+        exempt); nothing is taken."""
+        budget = self.budget
+        return budget is None or budget.fits(nbytes) or self.exempt()
+
     def take_if_room(self, nbytes: int) -> bool:
         """:meth:`reserve` and :meth:`take` in one call, for the write path: False (and
         nothing taken) if the budget cannot take ``nbytes`` more."""

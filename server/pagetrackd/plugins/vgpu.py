@@ -217,6 +217,7 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
         entries = spt.entries
         old = entries[index]
         scratch = self.scratch[1]
+        charge = 0  # plugin-state bytes this write takes (DMA_BYTES) or gives (minus)
         if ge & PTE_PRESENT:
             page = (ge & ADDR_MASK) >> PAGE_SHIFT
             lo, hi, _ = self._hot_data
@@ -229,18 +230,20 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                     dma[1] += 1
                     frame = dma[0]
                 else:
-                    # StateMeter.take_if_room, its usual case inlined (as is give below):
-                    # the two calls were some 5% of the daemon's time in this workload
-                    meter = self.state_meter
-                    budget = meter.budget
-                    if budget is None or budget.used + DMA_BYTES <= budget.quota_seen:
-                        meter.bytes += DMA_BYTES
-                        if budget is not None:
-                            budget.used += DMA_BYTES
-                    elif not meter.take_if_room(DMA_BYTES):
+                    # StateMeter.take_if_room's check, its usual case inlined: the calls
+                    # were some 5% of the daemon's time in this workload
+                    budget = self.state_meter.budget
+                    if (
+                        budget is not None and budget.used + DMA_BYTES > budget.quota_seen
+                        and not self.state_meter.room(DMA_BYTES)
+                    ):
                         # as _handle_guest_write: the old shadow entry stays
                         self.stats.quota_refusals += 1
                         return
+                    # The bytes are taken at the end: most often the old entry's mapping
+                    # goes in this same write and its bytes pay for this one (the same
+                    # totals as taking here and giving back below, with no await between).
+                    charge = DMA_BYTES
                     frame = self._next_frame
                     self._next_frame = frame + 1
                     self._dma[page] = [frame, 1]
@@ -261,16 +264,18 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                 page = self._frame_gfn.get(frame, -1)
                 if page < 0:
                     self._dma_unmap(frame)  # counts the error
-                    return
-                dma = self._dma[page]
-                dma[1] -= 1
-                if dma[1] == 0:
-                    del self._dma[page]
-                    del self._frame_gfn[frame]
-                    meter = self.state_meter
-                    meter.bytes -= DMA_BYTES
-                    if meter.budget is not None:
-                        meter.budget.used -= DMA_BYTES
+                else:
+                    dma = self._dma[page]
+                    dma[1] -= 1
+                    if dma[1] == 0:
+                        del self._dma[page]
+                        del self._frame_gfn[frame]
+                        charge -= DMA_BYTES
+        if charge:  # StateMeter.take or give, inlined
+            meter = self.state_meter
+            meter.bytes += charge
+            if meter.budget is not None:
+                meter.budget.used += charge
 
     def track_remove_region(self, vm: Vm, base_gfn: int, npages: int) -> None:
         """``kvmgt_page_track_remove_region``: forget the range from the protect table,
