@@ -240,9 +240,9 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                         # as _handle_guest_write: the old shadow entry stays
                         self.stats.quota_refusals += 1
                         return
-                    # The bytes are taken at the end: most often the old entry's mapping
-                    # goes in this same write and its bytes pay for this one (the same
-                    # totals as taking here and giving back below, with no await between).
+                    # The bytes are taken at the end: when the old entry's mapping goes
+                    # in this same write, its bytes pay for this one (the same totals as
+                    # taking here and giving back below, with no await between).
                     charge = DMA_BYTES
                     frame = self._next_frame
                     self._next_frame = frame + 1
