@@ -60,6 +60,9 @@ FAN = 1 << FAN_SHIFT
 #: Average piece size above which a batch is stored piece by piece (byte indexes would
 #: cost more than one memcpy per piece).
 _BYTEWISE_MAX_AVG = 64
+#: a batch of at most this many pieces into memory that has no directory yet is stored
+#: piece by piece (and bounded so by growth_bound): only a larger one builds the directory
+SMALL_BATCH = 64
 
 _unpack_u64 = struct.Struct("<Q").unpack_from
 
@@ -140,7 +143,7 @@ class SlotMemory:
         be checked before a write changes anything."""
         if not index.size:
             return 0
-        if self._indexed or index.size > 64:
+        if self._indexed or index.size > SMALL_BATCH:
             if not self._indexed:
                 self._build_index()  # what the batch would do first; holds no data
             self._grow_top(int(index.max()))
@@ -334,6 +337,13 @@ class SlotMemory:
         calling :meth:`write` for each, in a few array operations."""
         if not index.size:
             return
+        if not self._indexed and index.size <= SMALL_BATCH:
+            view = memoryview(data)
+            for i, o, s, n in zip(
+                index.tolist(), offset.tolist(), start.tolist(), length.tolist(), strict=True
+            ):
+                self.write(i, o, view[s : s + n])
+            return
         top = int(index.max())
         self._touch(index, top)
         if not self._indexed:
@@ -506,6 +516,12 @@ class SlotMemory:
         if a < b:
             out[a - offset : b - offset] = self._slab_mv[base + a : base + b]
         return bytes(out)
+
+    def holds(self, index: int, lo: int, hi: int) -> bool:
+        """Whether page ``index`` holds bytes ``[lo, hi)`` already (a write into them
+        grows nothing)."""
+        ext = self._extent.get(index)
+        return ext is not None and ext[0] <= lo and hi <= ext[1]
 
     def read_u64(self, index: int, offset: int) -> int:
         """The little-endian 8-byte value at ``offset`` of page ``index``: the same as
