@@ -82,6 +82,69 @@ async def test_scattered_guest_writes_stop_at_guest_memory_bytes(tmp_path: Path)
         await att.close()
 
 
+async def _fill(att: Tenant, vm: str) -> int:
+    """Write 8 bytes to fresh pages 0, 1, ... (in batches, then one by one) until the
+    guest memory quota refuses one; returns how many pages were written."""
+    page = 0
+    for size in (256, 1):
+        while True:
+            request = pb.WriteGuestBatchRequest(
+                vm=vm, gpa=[(page + i) << 12 for i in range(size)], vcpu=[0],
+                length=[8] * size, data=b"\x5a" * 8 * size,
+            )
+            try:
+                await att.call(att.api.mem.WriteGuestBatch, request)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                break
+            page += size
+    return page
+
+
+async def _held_writes_land(att: Tenant, vm: str, fresh_page: int) -> None:
+    """A fresh page is refused; writes into bytes held already (unary and batched) land
+    and grow nothing."""
+    before = (await _stats(att, vm)).vms[0]
+    await refused(att.call(att.api.mem.WriteGuest, pb.WriteGuestRequest(
+        vm=vm, gpa=fresh_page << 12, data=b"\x01" * 8)), "guest_memory_bytes")
+    await att.call(att.api.mem.WriteGuest,
+                   pb.WriteGuestRequest(vm=vm, gpa=7 << 12, data=b"\x11" * 8))
+    await att.call(att.api.mem.WriteGuestBatch, pb.WriteGuestBatchRequest(
+        vm=vm, gpa=[p << 12 for p in range(64)], vcpu=[0], length=[8] * 64,
+        data=b"\x22" * 8 * 64))
+    after = (await _stats(att, vm)).vms[0]
+    assert after.memory_bytes == before.memory_bytes
+    assert after.guest_writes == before.guest_writes + 65
+    got = await att.call(att.api.mem.ReadGuest, pb.ReadGuestRequest(vm=vm, gpa=7 << 12,
+                                                                     length=8))
+    assert got.data == b"\x22" * 8
+
+
+async def test_writes_into_memory_already_held_pass_at_the_quota(tmp_path: Path) -> None:
+    """guest_memory_bytes stops growth: at the quota a write to a fresh page is refused,
+    but writes into bytes the tenant's memory holds already still land (they grow
+    nothing), also after a restart with a quota below what the tenant holds (its VMs
+    are loaded as they were)."""
+    state = tmp_path / "state"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    quota = f"[tenant_quotas.attacker]\nguest_memory_bytes = {MiB}\n"
+    with daemon(tmp_path / "a", quota, "--state-dir", str(state)) as d:
+        att = Tenant(d.tcp, ATTACKER)
+        vm = await att.new_vm(1 << 20)
+        pages = await _fill(att, vm)
+        assert pages > 1000, pages
+        await _held_writes_land(att, vm, pages + 1)
+        await att.close()
+    lower = f"[tenant_quotas.attacker]\nguest_memory_bytes = {MiB // 2}\n"
+    with daemon(tmp_path / "b", lower, "--state-dir", str(state)) as d:
+        att = Tenant(d.tcp, ATTACKER)
+        held = (await _stats(att, vm)).vms[0].memory_bytes
+        assert held > MiB // 2, held  # over the new quota
+        await _held_writes_land(att, vm, pages + 1)
+        await att.close()
+
+
 async def test_tracking_on_a_huge_slot_stops_at_tracking_bytes(tmp_path: Path) -> None:
     """Counters keep a dense directory per slot: tracking scattered gfns on a slot of 2^31
     pages makes it hold 128 MiB. That is counted against tracking_bytes before anything

@@ -90,19 +90,23 @@ class Tenancy(EngineBase):
             if tenant is None or vm.closed:
                 continue
             was = self._counted.get(vm, _NOTHING)
+            usage = self._usage.setdefault(tenant, [0, 0, 0, 0])
             gen = vm.generation
             if self._counted_gen.get(vm) == gen:
                 # Only guest memory changed (a write): memslots and tracking move the
-                # generation, and their sums cost far more than a write.
-                now = (was[0], was[1], vm.memory_footprint, was[3])
-            else:
-                now = (
-                    sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count,
-                    vm.memory_footprint, vm.tracking_footprint,
-                )
-                self._counted_gen[vm] = gen
+                # generation, and their sums cost far more than a write. Most writes
+                # land in bytes the memory holds already: then nothing changed.
+                memory = vm.memory_footprint
+                if memory != was[2]:
+                    usage[2] += memory - was[2]
+                    self._counted[vm] = (was[0], was[1], memory, was[3])
+                continue
+            now = (
+                sum(s.info.npages for s in vm.slots.slots()), vm.tracked_count,
+                vm.memory_footprint, vm.tracking_footprint,
+            )
+            self._counted_gen[vm] = gen
             self._counted[vm] = now
-            usage = self._usage.setdefault(tenant, [0, 0, 0, 0])
             for k in range(4):
                 usage[k] += now[k] - was[k]
 
@@ -161,7 +165,7 @@ class Tenancy(EngineBase):
             grow = entry.vm.memory_growth_bound(
                 np.asarray(gpa, dtype=np.int64), np.asarray(length, dtype=np.int64)
             )
-        if used + grow > q:
+        if grow and used + grow > q:  # writes that grow nothing pass, even over a lowered quota
             raise QuotaExceeded(
                 f"guest memory would hold up to {used + grow} bytes (now {used}); the"
                 f" tenant's guest_memory_bytes quota is {q}. Nothing was written",

@@ -241,6 +241,19 @@ class GuestAccess(VmState):
             stats.notifier_errors = notifiers.errors
         return _piece(gpa, n, _EMULATED, seq)
 
+    def holds(self, gpa: int, length: int) -> bool:
+        """Whether guest memory holds the bytes ``[gpa, gpa + length)`` already, inside
+        one page of a slot: a write there stores into them and grows nothing, so it
+        needs no memory quota check. False when unsure (the caller checks then)."""
+        offset = gpa & PAGE_MASK
+        if offset + length > PAGE_SIZE:
+            return False
+        gfn = gpa >> PAGE_SHIFT
+        slot = self.slots.find(gfn)
+        return slot is not None and slot.memory.holds(
+            gfn - slot.info.base_gfn, offset, offset + length
+        )
+
     def read(self, gpa: int, length: int) -> bytes:
         """Read guest memory; pages never written read as zeros. Every byte must be in
         a memslot."""
