@@ -20,9 +20,8 @@ whole change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -67,27 +66,58 @@ class VmLocks:
     in the order they came; taking a free lock does not yield to the loop."""
 
     def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[tuple[str, str], _VmLock] = {}
 
     def busy(self, tenant: str, name: str) -> bool:
         """Whether a call on the VM runs or waits."""
         return (tenant, name) in self._locks
 
-    @contextlib.asynccontextmanager
-    async def hold(self, tenant: str, name: str) -> AsyncIterator[None]:
-        """Run the block as the only call on VM ``name`` of ``tenant``."""
-        key = (tenant, name)
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
+    def hold(self, tenant: str, name: str) -> _Held:
+        """``async with`` it to run the block as the only call on VM ``name`` of
+        ``tenant``."""
+        return _Held(self._locks, (tenant, name))
+
+
+class _VmLock:
+    """A VM's lock and how many calls hold it or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class _Held:
+    """:meth:`VmLocks.hold`'s context manager: a class rather than a generator, as it
+    wraps every unary call that names a VM."""
+
+    __slots__ = ("_locks", "_key", "_held")
+
+    def __init__(self, locks: dict[tuple[str, str], _VmLock], key: tuple[str, str]) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        held = self._locks.get(self._key)
+        if held is None:
+            held = self._locks[self._key] = _VmLock()
+        held.users += 1
+        self._held = held
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await held.lock.acquire()
+        except BaseException:  # cancelled while waiting: no longer a user
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._held.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._held.users -= 1
+        if not self._held.users:
+            del self._locks[self._key]
 
 
 class Slicer:
