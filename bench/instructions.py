@@ -24,7 +24,11 @@ Units (all in process, no sockets, so what they measure is the daemon's own code
 * ``batch_4096``: a domain ``write_batch`` of 4,096 tracked 8-byte writes spread over 4,096
   pages (as bench/streams.py writes), the event history registered, per batch;
 * ``write_guest_batch``: ``MemoryService.WriteGuestBatch`` called directly (servicer,
-  application layer and domain) with the same 4,096 writes, per call.
+  application layer and domain) with the same 4,096 writes, per call;
+* ``write_guest``: ``MemoryService.WriteGuest`` called directly, one tracked 8-byte write
+  into bytes already written (a guest rewriting its page tables or counters), the event
+  history registered, per call. The RPC interceptor (authentication, the VM's lock) is
+  not in it.
 
 Prints ``name: value`` lines: for each unit ``<unit>_instructions`` (this tree),
 ``<unit>_instructions_baseline`` and ``ratio_<unit>_vs_baseline`` (this tree / baseline; a
@@ -147,11 +151,43 @@ async def main():
 asyncio.run(main())
 """
 
+_UNARY = _COMMON + """
+import asyncio
+from pagetrack.v1 import pagetrack_pb2 as pb
+try:
+    from pagetrackd.application import Engine
+    from pagetrackd.limits import ServerLimits
+    from pagetrackd.transport.services import MemoryService, TrackingService, VmService
+except ImportError:  # before the application layer (issue 13)
+    from pagetrackd.engine import Engine
+    from pagetrackd.transport.limits import ServerLimits
+    from pagetrackd.transport.servicer import MemoryService, TrackingService, VmService
+
+async def main():
+    engine, lim = Engine(), ServerLimits()
+    vms, mem, trk = VmService(engine), MemoryService(engine, lim), TrackingService(engine, lim)
+    await vms.CreateVm(pb.CreateVmRequest(name="bench"), None)
+    await mem.SetMemoryRegion(
+        pb.SetMemoryRegionRequest(vm="bench", slot=0, base_gfn=0, npages=65536), None)
+    await trk.AddTracking(
+        pb.TrackingChangeRequest(vm="bench", ranges=[pb.GfnRange(start=0, count=1024)]), None)
+    reqs = [pb.WriteGuestRequest(vm="bench", vcpu=i % 4, gpa=i << 12, data=b"Z" * 8)
+            for i in range(1024)]
+    for r in reqs:  # the pages hold these bytes from now on
+        await mem.WriteGuest(r, None)
+    for i in range(units):
+        await mem.WriteGuest(reqs[i % 1024], None)
+    engine.history_gone = True
+
+asyncio.run(main())
+"""
+
 #: name -> (script, units measured: gpu-ppgtt frames after the warm-up, or batches, or calls)
 UNITS = {
     "gpu_ppgtt": (_GPU_PPGTT, 240),
     "batch_4096": (_BATCH, 30),
     "write_guest_batch": (_SERVICER, 30),
+    "write_guest": (_UNARY, 3000),
 }
 
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
