@@ -119,7 +119,9 @@ for i in range(units):
     vm.write_batch(gpas[i % 8], vcpu, length, data)
 """
 
-_SERVICER = _COMMON + """
+#: the gRPC services called directly (no server), a VM with a 65,536-page slot; older
+#: trees kept them elsewhere
+_SERVICES = _COMMON + """
 import asyncio
 from pagetrack.v1 import pagetrack_pb2 as pb
 try:
@@ -131,14 +133,20 @@ except ImportError:  # before the application layer (issue 13)
     from pagetrackd.transport.limits import ServerLimits
     from pagetrackd.transport.servicer import MemoryService, TrackingService, VmService
 
-async def main():
+async def services(tracked):  # the engine and the memory service; "bench" tracks 0..tracked-1
     engine, lim = Engine(), ServerLimits()
     vms, mem, trk = VmService(engine), MemoryService(engine, lim), TrackingService(engine, lim)
     await vms.CreateVm(pb.CreateVmRequest(name="bench"), None)
     await mem.SetMemoryRegion(
         pb.SetMemoryRegionRequest(vm="bench", slot=0, base_gfn=0, npages=65536), None)
     await trk.AddTracking(
-        pb.TrackingChangeRequest(vm="bench", ranges=[pb.GfnRange(start=0, count=4096)]), None)
+        pb.TrackingChangeRequest(vm="bench", ranges=[pb.GfnRange(start=0, count=tracked)]), None)
+    return engine, mem
+"""
+
+_SERVICER = _SERVICES + """
+async def main():
+    engine, mem = await services(4096)
     rng = np.random.default_rng(3)
     reqs = [pb.WriteGuestBatchRequest(
         vm="bench", gpa=(rng.integers(0, 4096, 4096) << 12).tolist(), vcpu=[0],
@@ -151,26 +159,9 @@ async def main():
 asyncio.run(main())
 """
 
-_UNARY = _COMMON + """
-import asyncio
-from pagetrack.v1 import pagetrack_pb2 as pb
-try:
-    from pagetrackd.application import Engine
-    from pagetrackd.limits import ServerLimits
-    from pagetrackd.transport.services import MemoryService, TrackingService, VmService
-except ImportError:  # before the application layer (issue 13)
-    from pagetrackd.engine import Engine
-    from pagetrackd.transport.limits import ServerLimits
-    from pagetrackd.transport.servicer import MemoryService, TrackingService, VmService
-
+_UNARY = _SERVICES + """
 async def main():
-    engine, lim = Engine(), ServerLimits()
-    vms, mem, trk = VmService(engine), MemoryService(engine, lim), TrackingService(engine, lim)
-    await vms.CreateVm(pb.CreateVmRequest(name="bench"), None)
-    await mem.SetMemoryRegion(
-        pb.SetMemoryRegionRequest(vm="bench", slot=0, base_gfn=0, npages=65536), None)
-    await trk.AddTracking(
-        pb.TrackingChangeRequest(vm="bench", ranges=[pb.GfnRange(start=0, count=1024)]), None)
+    engine, mem = await services(1024)
     reqs = [pb.WriteGuestRequest(vm="bench", vcpu=i % 4, gpa=i << 12, data=b"Z" * 8)
             for i in range(1024)]
     for r in reqs:  # the pages hold these bytes from now on
