@@ -111,12 +111,9 @@ class StateMeter:
     def take_if_room(self, nbytes: int) -> bool:
         """:meth:`reserve` and :meth:`take` in one call, for the write path: False (and
         nothing taken) if the budget cannot take ``nbytes`` more."""
-        budget = self.budget
-        if budget is not None:
-            if not budget.fits(nbytes) and not self.exempt():
-                return False
-            budget.used += nbytes
-        self.bytes += nbytes
+        if not self.room(nbytes):
+            return False
+        self.take(nbytes)
         return True
 
     def take(self, nbytes: int) -> None:
