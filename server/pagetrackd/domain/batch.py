@@ -354,11 +354,13 @@ class _HeldEvents:
         """Give the batch nodes the events held so far."""
         if self.sent == len(self.seqs):
             return
-        seqs, js = self.seqs[self.sent :], np.array(self.pieces[self.sent :], dtype=np.int64)
+        seqs, pieces = self.seqs[self.sent :], self.pieces[self.sent :]
         self.sent = len(self.seqs)
         vm = self.vm
         if vm.notifiers.batch:
-            batch = self.pc.events(np.array(seqs, dtype=np.int64), js)
+            # every piece of the batch (the usual case): no selection to gather
+            whole = pieces[0] == 0 and len(pieces) == self.pc.size
+            batch = self.pc.events(_increasing(seqs), None if whole else _increasing(pieces))
             vm.stats.notifications += vm.notifiers.dispatch_batch(vm, batch)
 
     def __enter__(self) -> _HeldEvents:
@@ -377,6 +379,15 @@ class _HeldEvents:
         finally:
             notifiers.flush = self.outer
             self.vm.stats.notifier_errors = notifiers.errors
+
+
+def _increasing(values: list[int]) -> I64:
+    """Strictly increasing ``values`` as an array; when they are consecutive (seqs and
+    piece numbers usually are), a range, with no Python int converted one by one."""
+    n = len(values)
+    if n and values[-1] - values[0] == n - 1:
+        return np.arange(values[0], values[0] + n, dtype=np.int64)
+    return np.array(values, dtype=np.int64)
 
 
 def _gather(data: bytes, start: I64, length: I64) -> bytes:
@@ -407,15 +418,10 @@ def _apply_sync(vm: Vm, pc: _Pieces, seq: I64) -> None:
         while more:
             i, more = _emulate_from(vm, pc, i, writes, held)
         _apply_range(pc, i, pc.size, vm.slots.slots())
-        done = held.seqs
-        if done:
+        if held.seqs:
             # Every piece that ends up EMULATED was emulated here, in order; their seqs
             # are consecutive unless a notifier took some in between.
-            first, last = done[0], done[-1]
-            if last - first + 1 == len(done):
-                seq[pc.path == _EMULATED] = np.arange(first, last + 1, dtype=np.int64)
-            else:
-                seq[pc.path == _EMULATED] = done
+            seq[pc.path == _EMULATED] = _increasing(held.seqs)
         vm.stats.notifications += writes.finish()
         vm.stats.notifier_errors = vm.notifiers.errors
 
