@@ -265,16 +265,21 @@ def test_a_meter_takes_within_the_quota_and_a_raised_quota_applies_at_once() -> 
     budget = StateBudget(lambda: quota[0])
     meter = StateMeter()
     meter.join(budget)
-    assert meter.take_if_room(600) and meter.take_if_room(400)
-    assert not meter.take_if_room(1)  # nothing taken when it does not fit
+    assert meter.room(600)
+    meter.take(600)
+    assert meter.room(400)
+    meter.take(400)
+    assert not meter.room(1)  # room takes nothing
     assert budget.used == meter.bytes == 1000
     with pytest.raises(QuotaExceeded, match="quota is 1000"):
         meter.reserve(1, "one more")
     quota[0] = 1500
-    assert meter.take_if_room(500)
+    assert meter.room(500)
+    meter.take(500)
     assert budget.used == meter.bytes == 1500 == budget.limit
     meter.exempt = lambda: True  # loading a VM accepted before: no check
-    assert meter.take_if_room(10)
+    assert meter.room(10)
+    meter.take(10)
     meter.reserve(10, "loading")
     meter.give(510)
     assert budget.used == meter.bytes == 1000

@@ -34,7 +34,7 @@ class StateBudget:
 
     ``used`` and ``quota_seen`` are public for a plugin's hot path (the vGPU's DMA
     mappings): ``used + n <= quota_seen`` means ``n`` more bytes fit, with no call; only
-    when it does not hold must :meth:`StateMeter.take_if_room` decide."""
+    when it does not hold must :meth:`StateMeter.room` decide."""
 
     __slots__ = ("used", "_limit", "quota_seen")
 
@@ -107,14 +107,6 @@ class StateMeter:
         exempt); nothing is taken."""
         budget = self.budget
         return budget is None or budget.fits(nbytes) or self.exempt()
-
-    def take_if_room(self, nbytes: int) -> bool:
-        """:meth:`reserve` and :meth:`take` in one call, for the write path: False (and
-        nothing taken) if the budget cannot take ``nbytes`` more."""
-        if not self.room(nbytes):
-            return False
-        self.take(nbytes)
-        return True
 
     def take(self, nbytes: int) -> None:
         """An object of ``nbytes`` was made."""

@@ -230,7 +230,7 @@ class Vgpu(VgpuPpgtts, VgpuAudit):
                     dma[1] += 1
                     frame = dma[0]
                 else:
-                    # StateMeter.take_if_room's check, its usual case inlined: the calls
+                    # StateMeter.room's check, its usual case inlined: the calls
                     # were some 5% of the daemon's time in this workload
                     budget = self.state_meter.budget
                     if (
