@@ -663,7 +663,9 @@ async def _watch_subscriber(target: str, vms: int) -> None:
     total: list[Any] = []  # per message: each event's write-to-subscriber ns
     hub: list[Any] = []  # per message: each event's hub-to-subscriber ns (wall clock)
     got = got_written = gaps = msgs = registered = 0
-    t0 = t1 = 0
+    # no window until the parent sends one: the writer's first call (stamped 0, to
+    # connect) may arrive before it and must not count as written in the window
+    t0, t1 = 1, 0
     async with _channel(target) as ch:
         s = stubs(ch)
 

@@ -38,6 +38,10 @@ def test_scale_quick_prints_every_curve_and_the_summary() -> None:
         assert curve in lines, f"{curve} missing"
     # a curve's growth line: the per-unit cost at its largest size and the ratio
     assert "track_add_ns_per_gfn_ratio_64ki_vs_4ki" in lines
+    # written in the window and not received: never below zero (the writer's first,
+    # connecting call once counted as received in a window not yet set: -100)
+    undelivered = {k: float(v) for k, v in lines.items() if k.endswith("_undelivered")}
+    assert undelivered and all(v >= 0 for v in undelivered.values()), undelivered
 
 
 def test_scale_refuses_an_unknown_curve() -> None:
