@@ -173,6 +173,15 @@ def test_guest_writes_past_the_budget_keep_the_old_shadow_entry() -> None:
     put(vm, PD + 1, 1, pte(DATA + 500))
     assert vgpu.stats.quota_refusals == refusals + 1
     assert full.used == vgpu.state_meter.bytes
+    # So is one the handler maps (_dma_map): an entry written in halves, shadowed at
+    # the flush (R8.7); the entry stays on the scratch page the first half put it on.
+    put_half(vm, PD + 1, 2, pte(DATA + 600), high=False)
+    put_half(vm, PD + 1, 2, pte(DATA + 600), high=True)
+    before = vgpu.status()
+    assert vgpu.call("flush") == {"flushed": 1}
+    assert vgpu.stats.quota_refusals == refusals + 2
+    assert full.used == vgpu.state_meter.bytes == held
+    assert vgpu.status()["dma_mapped_pages"] == before["dma_mapped_pages"]
 
 
 def shadow_mmu_held(mmu: ShadowMmu) -> int:
