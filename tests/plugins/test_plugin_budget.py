@@ -177,11 +177,15 @@ def test_guest_writes_past_the_budget_keep_the_old_shadow_entry() -> None:
     # the flush (R8.7); the entry stays on the scratch page the first half put it on.
     put_half(vm, PD + 1, 2, pte(DATA + 600), high=False)
     put_half(vm, PD + 1, 2, pte(DATA + 600), high=True)
-    before = vgpu.status()
+
+    def shadow() -> dict[int, list[int]]:
+        return {mfn: list(spt.entries) for mfn, spt in vgpu._spt_by_mfn.items()}
+
+    before, mapped = shadow(), vgpu.status()["dma_mapped_pages"]
     assert vgpu.call("flush") == {"flushed": 1}
     assert vgpu.stats.quota_refusals == refusals + 2
     assert full.used == vgpu.state_meter.bytes == held
-    assert vgpu.status()["dma_mapped_pages"] == before["dma_mapped_pages"]
+    assert shadow() == before and vgpu.status()["dma_mapped_pages"] == mapped
 
 
 def shadow_mmu_held(mmu: ShadowMmu) -> int:
