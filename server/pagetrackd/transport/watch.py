@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -98,16 +98,40 @@ def _options(request: pb.WatchRequest, lim: ServerLimits) -> _WatchOptions:
                          heartbeat_ms, policy, block_ms)
 
 
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    """Until ``event`` is set or ``seconds`` pass (the event is then set, which
-    is harmless: the caller re-checks its state). No task per wait, unlike wait_for."""
-    if event.is_set():
-        return
-    handle = asyncio.get_running_loop().call_later(seconds, event.set)
-    try:
-        await event.wait()
-    finally:
-        handle.cancel()
+class _Signal:
+    """``asyncio.Event``'s set, clear and wait for the one task that waits on it (a
+    stream's sender), on a loop given once: ``asyncio.Event.wait`` looks the running loop
+    up on every wait, which in CPython 3.11 makes a ``getpid`` system call, and a stream
+    waits once per message."""
+
+    __slots__ = ("_flag", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self) -> None:
+        if self._flag:
+            return
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
 
 def _events_msg(
@@ -194,46 +218,72 @@ _FLUSH_SLACK_S = 0.0005
 
 
 class _Flusher:
-    """Batch delays for every stream of the daemon, with one timer per delay length
-    instead of one per stream and message.
+    """Wake-ups for every stream of the daemon (batch delays, heartbeats), with one loop
+    timer per delay length instead of one per stream and message.
 
     A stream whose queue gains events while it has nothing held is put on the list for
-    its delay, with its deadline; the timer fires at the list's head and wakes every stream
+    its delay, with its deadline; the timer fires at the list's head and runs every entry
     due by then in the same loop turn, so their messages go out together. The lists are
-    in deadline order because a delay's deadlines only grow."""
+    in deadline order because a delay's deadlines only grow.
 
-    def __init__(self) -> None:
-        self._due: dict[float, deque[tuple[float, _Waker, int]]] = {}
+    ``slack_s``: an entry due this close is run with the head (batch delays: waiting out
+    less would spin the loop). With no slack (heartbeats) nothing runs before its
+    deadline; the timer then waits at least a millisecond for the next head instead."""
+
+    def __init__(self, slack_s: float = _FLUSH_SLACK_S) -> None:
+        self._slack = slack_s
+        self._due: dict[float, deque[tuple[float, Callable[[int], None], int]]] = {}
         self._timers: dict[float, asyncio.TimerHandle] = {}
 
     def hold(self, waker: _Waker, delay_s: float) -> None:
         """Wake ``waker`` (its generation now) ``delay_s`` from now."""
+        self.after(delay_s, waker.release, waker.generation)
+
+    def after(self, delay_s: float, fn: Callable[[int], None], arg: int) -> None:
+        """Call ``fn(arg)`` ``delay_s`` from now."""
         deadline = time.monotonic() + delay_s
         due = self._due.get(delay_s)
         if due is None:
             due = self._due[delay_s] = deque()
-        due.append((deadline, waker, waker.generation))
+        due.append((deadline, fn, arg))
         if delay_s not in self._timers:
-            self._timers[delay_s] = asyncio.get_running_loop().call_later(
-                delay_s, self._fire, delay_s
-            )
+            loop = asyncio.get_running_loop()
+            self._timers[delay_s] = loop.call_later(delay_s, self._fire, delay_s, loop)
 
-    def _fire(self, delay_s: float) -> None:
+    def _fire(self, delay_s: float, loop: asyncio.AbstractEventLoop) -> None:
         # The loop's timers count from the start of its current turn and round to whole
         # milliseconds, so this may run before the head is due: what is not yet due waits
         # for another timer.
         now = time.monotonic()
         due = self._due[delay_s]
-        while due and due[0][0] <= now + _FLUSH_SLACK_S:
-            _, waker, generation = due.popleft()
-            waker.release(generation)
+        reach = now + self._slack
+        while due and due[0][0] <= reach:
+            _, fn, arg = due.popleft()
+            fn(arg)
         if due:
-            self._timers[delay_s] = asyncio.get_running_loop().call_later(
-                due[0][0] - now, self._fire, delay_s
+            wait = due[0][0] - now
+            self._timers[delay_s] = loop.call_later(
+                wait if self._slack else max(wait, 0.001), self._fire, delay_s, loop
             )
         else:
             del self._timers[delay_s]
             del self._due[delay_s]
+
+
+class _Beat:
+    """A stream's next heartbeat: the timer entry that wakes its sender. Only the latest
+    armed generation wakes it (a beat sent early, on a wake-up for events, leaves an
+    older entry behind); a closed stream leaves only this and its signal in the list."""
+
+    __slots__ = ("generation", "signal")
+
+    def __init__(self, signal: _Signal) -> None:
+        self.signal = signal
+        self.generation = 0
+
+    def ring(self, generation: int) -> None:
+        if generation == self.generation:
+            self.signal.set()
 
 
 class _Waker:
@@ -248,7 +298,7 @@ class _Waker:
     __slots__ = ("delay_s", "event", "flusher", "generation", "held", "max_events", "sub")
 
     def __init__(
-        self, event: asyncio.Event, flusher: _Flusher, delay_s: float, max_events: int
+        self, event: _Signal | asyncio.Event, flusher: _Flusher, delay_s: float, max_events: int
     ) -> None:
         self.event = event
         self.flusher = flusher
@@ -284,10 +334,11 @@ class _Waker:
 class _Stream:
     """State of one open Watch stream."""
 
-    def __init__(self, entry: VmEntry, sub: Subscriber, wake: asyncio.Event) -> None:
+    def __init__(self, entry: VmEntry, sub: Subscriber, wake: _Signal) -> None:
         self.entry = entry
         self.sub = sub
         self.wake = wake
+        self.beat = _Beat(wake)
         self.unwatched = False
         self.registered_ns = time.time_ns()
         self.lease_id = ""
@@ -303,6 +354,7 @@ class WatchService(pbg.WatchServiceServicer):
         #: (tenant, vm, notifier id) -> open stream
         self.streams: dict[tuple[str, str, int], _Stream] = {}
         self._flusher = _Flusher()
+        self._beats = _Flusher(slack_s=0.0)
 
     @streaming
     async def Watch(
@@ -402,7 +454,7 @@ class WatchService(pbg.WatchServiceServicer):
             [canonical_name(p) for p in request.plugins],
             request.only_findings,
         )
-        wake = asyncio.Event()
+        wake = _Signal(asyncio.get_running_loop())
         waker = _Waker(wake, self._flusher, opts.delay_ms / 1000, opts.max_events)
         sub = Subscriber(
             name=f"watch:{peer}", flt=flt, queue_limit=opts.queue_limit, policy=opts.policy,
@@ -443,6 +495,8 @@ class WatchService(pbg.WatchServiceServicer):
         shutdown = self.engine.shutting_down
         heartbeat_s = heartbeat_ms / 1000
         next_beat = time.monotonic() + heartbeat_s
+        beat, beats = stream.beat, self._beats
+        beats.after(heartbeat_s, beat.ring, beat.generation)
         while True:
             if shutdown.is_set():
                 raise Unavailable("pagetrackd is shutting down; reconnect and resume from the"
@@ -461,11 +515,11 @@ class WatchService(pbg.WatchServiceServicer):
                     yield pb.WatchResponse(closed=pb.Closed(reason=reason, last_seq=sub.last_seq))
                     return
                 stream.wake.clear()
-                await _wait(stream.wake, max(0.0, next_beat - time.monotonic()))
+                await stream.wake.wait()  # events, the heartbeat's timer, or the end
             elif self._holding(stream):
                 # the batch fills up until the flusher (or a full batch) wakes the stream
                 stream.wake.clear()
-                await _wait(stream.wake, max(0.0, next_beat - time.monotonic()))
+                await stream.wake.wait()
             if sub.pending and not self._holding(stream):
                 budget = max(1, min(max_events, max_bytes // 8))
                 for msg in _messages(sub.take(budget), vm, max_events, max_bytes, omit_data):
@@ -475,6 +529,8 @@ class WatchService(pbg.WatchServiceServicer):
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + heartbeat_s
+                beat.generation += 1
+                beats.after(heartbeat_s, beat.ring, beat.generation)
                 yield _progress(sub, vm)
 
     def _holding(self, stream: _Stream) -> bool:
