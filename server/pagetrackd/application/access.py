@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from pagetrackd.application import slices
 from pagetrackd.domain import InvalidArgument, SlotFlags, TenantId, Vm, WritePath
+from pagetrackd.domain.arrays import uniform
 from pagetrackd.domain.types import PAGE_SIZE, Memslot, SlotChange
 
 if TYPE_CHECKING:
@@ -160,7 +161,9 @@ async def write_batch(
             f"vcpu has {len(vcpus)} entries; give one per write ({n}) or exactly one"
         )
     g64 = gpa.astype(np.int64)
-    if int(length.min()) > 0 and int(length.max()) <= max_write_bytes:
+    same = uniform(length)  # usually: one comparison instead of a min and a max
+    lo, hi = (same, same) if same is not None else (int(length.min()), int(length.max()))
+    if lo > 0 and hi <= max_write_bytes:
         await slices.check_memory(engine, entry, g64, length)
     if entry.hub.subscribers:
         await engine.admit(entry)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["distinct"]
+__all__ = ["distinct", "uniform"]
 
 
 def distinct(values: npt.ArrayLike) -> npt.NDArray[Any]:
@@ -25,3 +25,13 @@ def distinct(values: npt.ArrayLike) -> npt.NDArray[Any]:
     np.not_equal(flat[1:], flat[:-1], out=keep[1:])
     out: npt.NDArray[Any] = flat[keep]
     return out
+
+
+def uniform(values: npt.NDArray[Any]) -> int | None:
+    """The value every element of ``values`` holds (None if they differ or there are
+    none). Compared as bytes: on a batch's few hundred values that beats numpy's
+    per-call cost, and one comparison replaces a min, a max and a sum."""
+    if not values.size:
+        return None
+    raw = values.tobytes()
+    return int(values[0]) if raw == raw[: values.itemsize] * values.size else None

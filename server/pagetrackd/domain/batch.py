@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from pagetrackd.domain.arrays import distinct
+from pagetrackd.domain.arrays import distinct, uniform
 from pagetrackd.domain.errors import (
     InvalidArgument,
 )
@@ -111,20 +111,24 @@ def check_batch(
     if count == 0:
         return g, v, n
     lim = vm.limits
-    if int(n.min()) <= 0 or int(n.max()) > lim.max_write_bytes:
+    # Batches usually write one length from one vCPU: one comparison each then.
+    same_n = uniform(n)
+    n_lo, n_hi = (same_n, same_n) if same_n is not None else (int(n.min()), int(n.max()))
+    if n_lo <= 0 or n_hi > lim.max_write_bytes:
         raise InvalidArgument(f"every write needs 1..{lim.max_write_bytes} bytes")
-    total = int(n.sum())
+    total = same_n * count if same_n is not None else int(n.sum())
     if total != len(data):
         raise InvalidArgument(f"lengths add up to {total} bytes but data holds {len(data)}")
-    if int(g.min()) < 0 or int((g + n).max()) > lim.gfn_limit << PAGE_SHIFT:
+    end = int(g.max()) + same_n if same_n is not None else int((g + n).max())
+    if int(g.min()) < 0 or end > lim.gfn_limit << PAGE_SHIFT:
         raise InvalidArgument(
             f"a write falls outside the {lim.gfn_bits + PAGE_SHIFT}-bit guest physical"
             " address space"
         )
-    if int(v.min()) < 0 or int(v.max()) >= vm.vcpus:
-        raise InvalidArgument(
-            f"vcpu ids must be 0..{vm.vcpus - 1}; got {int(v.min())}..{int(v.max())}"
-        )
+    same_v = uniform(v)
+    v_lo, v_hi = (same_v, same_v) if same_v is not None else (int(v.min()), int(v.max()))
+    if v_lo < 0 or v_hi >= vm.vcpus:
+        raise InvalidArgument(f"vcpu ids must be 0..{vm.vcpus - 1}; got {v_lo}..{v_hi}")
     return g, v, n
 
 
@@ -177,17 +181,18 @@ def _classify_pages(
 ) -> tuple[npt.NDArray[np.int8], I64, I64]:
     """Path, slot position and page index of each piece by its own page alone."""
     gfn = pgpa >> PAGE_SHIFT
-    pos = vm.slots.find_many(gfn)
     if not gfn.size:
-        return np.zeros(0, dtype=np.int8), pos, np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int8), np.zeros(0, dtype=np.int64), gfn
     slots = vm.slots.slots()
-    lo, hi = int(pos.min()), int(pos.max())
-    if lo == hi and lo >= 0 and not slots[lo].readonly:
+    one = vm.slots.holding(int(gfn.min()), int(gfn.max()))
+    if one >= 0 and not slots[one].readonly:
         # Every piece in one writable slot (the common case): no masks.
-        slot = slots[lo]
+        slot = slots[one]
         index = gfn - slot.base_gfn
         path = (slot.tracking.counters.get(index) > 0).astype(np.int8) + np.int8(_FAST)
-        return path, pos, index
+        return path, np.full(gfn.shape, one, dtype=np.int64), index
+    pos = vm.slots.find_many(gfn)
+    lo, hi = int(pos.min()), int(pos.max())
     path = np.full(gfn.size, _MMIO_EXIT, dtype=np.int8)
     index = np.zeros(gfn.size, dtype=np.int64)
     for p in range(max(lo, 0), hi + 1):
@@ -317,12 +322,13 @@ def _account(vm: Vm, pc: _Pieces, counts: list[int]) -> None:
     if counts[_MMIO_EXIT]:
         stats.bytes_written += int(plen[path != _MMIO_EXIT].sum())
     else:
-        stats.bytes_written += int(plen.sum())
+        same_len = uniform(plen)
+        stats.bytes_written += same_len * plen.size if same_len is not None else int(plen.sum())
     if not any(per_path):
         return
     vcpu_cycles = stats.vcpu_cycles
-    writer = int(pvcpu[0])
-    if bool((pvcpu == writer).all()):  # one vCPU wrote the whole batch
+    writer = uniform(pvcpu)
+    if writer is not None:  # one vCPU wrote the whole batch
         total = sum(c * k for c, k in zip(per_path, counts, strict=True))
         if total:
             vcpu_cycles[writer] = vcpu_cycles.get(writer, 0) + total
@@ -516,8 +522,8 @@ def _apply_range(pc: _Pieces, a: int, b: int, slots: list[Slot]) -> None:
                 slot.dirty.add(ix)
         return
     groups: list[tuple[Slot, I64 | slice]]
-    first = int(pos[a])
-    if first >= 0 and bool((pos[a:b] == first).all()):
+    first = uniform(pos[a:b])
+    if first is not None and first >= 0:
         # Every piece in one slot (the common case): slices, no index arrays. No
         # MMIO piece either, as a slot is all readonly or all writable.
         if slots[first].readonly:

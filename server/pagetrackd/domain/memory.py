@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from pagetrackd.domain.arrays import distinct
+from pagetrackd.domain.arrays import distinct, uniform
 from pagetrackd.domain.types import PAGE_SIZE
 
 #: pages per chunk, the unit of incremental saves (1 MiB of guest memory)
@@ -370,9 +370,10 @@ class SlotMemory:
         Relies on numpy assigning a 1-D fancy index in index order, so the last of
         repeated positions wins (tests/domain/test_memory.py checks this numpy behaviour).
         """
-        n = int(length[0])
+        same = uniform(length)
         src = np.frombuffer(data, dtype=np.uint8)
-        if bool((length == n).all()):
+        if same is not None:
+            n = same
             if n in (1, 2, 4, 8) and not ((dest | start) & (n - 1)).any():
                 # Aligned words (PTEs, GTT entries): one word per piece.
                 word = np.dtype(f"<u{n}")

@@ -78,14 +78,19 @@ class MemslotTable:
             return self._sorted[i]
         return None
 
+    def holding(self, lo: int, hi: int) -> int:
+        """The position (in :meth:`slots` order) of the slot holding every gfn from
+        ``lo`` to ``hi``, or -1 if no one slot does."""
+        i = bisect.bisect_right(self._bases, lo) - 1
+        return i if i >= 0 and hi < self._ends[i] else -1
+
     def find_many(self, gfns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """For each gfn, the position of its slot in :meth:`slots` order, or -1."""
         if gfns.size:
             # All in one slot (the common case)? Slots are contiguous ranges, so it is
             # enough that the lowest and the highest gfn are in the same slot.
-            lo, hi = int(gfns.min()), int(gfns.max())
-            i = bisect.bisect_right(self._bases, lo) - 1
-            if i >= 0 and hi < self._ends[i]:
+            i = self.holding(int(gfns.min()), int(gfns.max()))
+            if i >= 0:
                 return np.full(gfns.shape, i, dtype=np.int64)
         pos = np.searchsorted(self._np_bases, gfns, side="right").astype(np.int64) - 1
         if len(self._sorted) == 0:
