@@ -55,7 +55,7 @@ class Streams(Vms):
         entry.wake_room()
 
     @staticmethod
-    def _must_admit(entry: VmEntry) -> bool:
+    def must_admit(entry: VmEntry) -> bool:
         """Whether a block-policy stream of the VM has no room (admit() would wait)."""
         for s in entry.hub.subscribers.values():
             if s.policy is SlowPolicy.BLOCK and s.full:

@@ -150,7 +150,7 @@ class Workloads(Leasing):
         # room, so admit() decides before the next write.
         end = time.monotonic() + WORKLOAD_SLICE_S
         while made and (not run.count or run.writes < run.count):
-            if time.monotonic() >= end or self._must_admit(entry):
+            if time.monotonic() >= end or self.must_admit(entry):
                 break
             if run.duration_s and run.elapsed_s >= run.duration_s:
                 break
