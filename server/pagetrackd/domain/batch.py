@@ -82,14 +82,17 @@ def write_batch(
     """
     if vm.on_change is not None:
         vm.on_change(vm)
-    g, v, n = check_batch(vm, gpa, vcpu, length, data)
+    g, v, n, lo, hi = _checked(vm, gpa, vcpu, length, data)
     if not g.size:
         empty = np.zeros(0, dtype=np.int64)
         return BatchResult(empty, empty, empty, np.zeros(0, dtype=np.int8), empty)
     widx, pgpa, plen, poff = split_writes(g, n)
     pvcpu = v if pgpa is g else v[widx]
     vm.stats.writes += g.size
-    return _apply_pieces(vm, widx, pgpa, plen, poff, pvcpu, data, packed=pgpa is g)
+    packed = pgpa is g  # then the pieces' gfns lie within the writes' first and last
+    bounds = (lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) if packed else None
+    return _apply_pieces(vm, widx, pgpa, plen, poff, pvcpu, data, packed=packed,
+                         gfn_bounds=bounds)
 
 
 def check_batch(
@@ -97,6 +100,14 @@ def check_batch(
 ) -> tuple[I64, I64, I64]:
     """The gpa, vcpu and length columns of a batch as int64 arrays, checked whole:
     raises InvalidArgument (having changed nothing) if any write is not valid."""
+    g, v, n, _, _ = _checked(vm, gpa, vcpu, length, data)
+    return g, v, n
+
+
+def _checked(
+    vm: Vm, gpa: npt.ArrayLike, vcpu: npt.ArrayLike, length: npt.ArrayLike, data: bytes
+) -> tuple[I64, I64, I64, int, int]:
+    """:func:`check_batch`, and the lowest and highest gpa (0, -1 for no writes)."""
     g = np.asarray(gpa, dtype=np.int64).ravel()
     v = np.asarray(vcpu, dtype=np.int64).ravel()
     n = np.asarray(length, dtype=np.int64).ravel()
@@ -109,7 +120,7 @@ def check_batch(
     if count > MAX_BATCH_WRITES:
         raise InvalidArgument(f"{count} writes in one batch; at most {MAX_BATCH_WRITES}")
     if count == 0:
-        return g, v, n
+        return g, v, n, 0, -1
     lim = vm.limits
     # Batches usually write one length from one vCPU: one comparison each then.
     same_n = uniform(n)
@@ -119,8 +130,9 @@ def check_batch(
     total = same_n * count if same_n is not None else int(n.sum())
     if total != len(data):
         raise InvalidArgument(f"lengths add up to {total} bytes but data holds {len(data)}")
-    end = int(g.max()) + same_n if same_n is not None else int((g + n).max())
-    if int(g.min()) < 0 or end > lim.gfn_limit << PAGE_SHIFT:
+    g_lo, g_hi = int(g.min()), int(g.max())
+    end = g_hi + same_n if same_n is not None else int((g + n).max())
+    if g_lo < 0 or end > lim.gfn_limit << PAGE_SHIFT:
         raise InvalidArgument(
             f"a write falls outside the {lim.gfn_bits + PAGE_SHIFT}-bit guest physical"
             " address space"
@@ -129,7 +141,7 @@ def check_batch(
     v_lo, v_hi = (same_v, same_v) if same_v is not None else (int(v.min()), int(v.max()))
     if v_lo < 0 or v_hi >= vm.vcpus:
         raise InvalidArgument(f"vcpu ids must be 0..{vm.vcpus - 1}; got {v_lo}..{v_hi}")
-    return g, v, n
+    return g, v, n, g_lo, g_hi
 
 
 def split_writes(g: I64, n: I64) -> tuple[I64, I64, I64, I64]:
@@ -154,14 +166,15 @@ def split_writes(g: I64, n: I64) -> tuple[I64, I64, I64, I64]:
 
 
 def classify(
-    vm: Vm, pgpa: I64, widx: I64 | None = None, carry: int = -1
+    vm: Vm, pgpa: I64, widx: I64 | None = None, carry: int = -1,
+    gfn_bounds: tuple[int, int] | None = None,
 ) -> tuple[npt.NDArray[np.int8], I64, I64, U8]:
     """Path, slot position, page index and event flags of each piece, from current
     state. ``widx`` (given when writes cross pages): the write of each piece. A write
     that faults on any of its pieces is emulated whole (see :meth:`write`), so its
     pieces on untracked RAM are EMULATED with FLAG_UNTRACKED; ``carry`` is a write
     whose earlier pieces were emulated already."""
-    path, pos, index = _classify_pages(vm, pgpa)
+    path, pos, index = _classify_pages(vm, pgpa, gfn_bounds)
     flags = np.zeros(path.size, dtype=np.uint8)
     if widx is not None and path.size:
         fast = path == _FAST
@@ -177,14 +190,16 @@ def classify(
 
 
 def _classify_pages(
-    vm: Vm, pgpa: I64
+    vm: Vm, pgpa: I64, gfn_bounds: tuple[int, int] | None = None
 ) -> tuple[npt.NDArray[np.int8], I64, I64]:
-    """Path, slot position and page index of each piece by its own page alone."""
+    """Path, slot position and page index of each piece by its own page alone
+    (``gfn_bounds``: the lowest and highest gfn, when known already)."""
     gfn = pgpa >> PAGE_SHIFT
     if not gfn.size:
         return np.zeros(0, dtype=np.int8), np.zeros(0, dtype=np.int64), gfn
     slots = vm.slots.slots()
-    one = vm.slots.holding(int(gfn.min()), int(gfn.max()))
+    lo, hi = gfn_bounds if gfn_bounds is not None else (int(gfn.min()), int(gfn.max()))
+    one = vm.slots.holding(lo, hi)
     if one >= 0 and not slots[one].readonly:
         # Every piece in one writable slot (the common case): no masks.
         slot = slots[one]
@@ -192,10 +207,10 @@ def _classify_pages(
         path = (slot.tracking.counters.get(index) > 0).astype(np.int8) + np.int8(_FAST)
         return path, np.full(gfn.shape, one, dtype=np.int64), index
     pos = vm.slots.find_many(gfn)
-    lo, hi = int(pos.min()), int(pos.max())
+    first, last = int(pos.min()), int(pos.max())
     path = np.full(gfn.size, _MMIO_EXIT, dtype=np.int8)
     index = np.zeros(gfn.size, dtype=np.int64)
-    for p in range(max(lo, 0), hi + 1):
+    for p in range(max(first, 0), last + 1):
         slot = slots[p]
         if slot.readonly:
             continue
@@ -251,14 +266,16 @@ class _Pieces:
 
 def _apply_pieces(
     vm: Vm, widx: I64, pgpa: I64, plen: I64, poff: I64, pvcpu: I64, data: bytes,
-    *, packed: bool = False,
+    *, packed: bool = False, gfn_bounds: tuple[int, int] | None = None,
 ) -> BatchResult:
     """Classify, store, notify and account pieces. ``packed``: the pieces are the
-    writes themselves, their bytes back to back from the start of ``data``."""
+    writes themselves, their bytes back to back from the start of ``data``;
+    ``gfn_bounds``: the pieces' lowest and highest gfn, if known."""
     multi = None if packed else widx  # writes that cross pages: classified whole
     if not isinstance(data, bytes):
         data = bytes(data)
-    pc = _Pieces(widx, pgpa, plen, poff, pvcpu, data, multi, *classify(vm, pgpa, multi))
+    pc = _Pieces(widx, pgpa, plen, poff, pvcpu, data, multi,
+                 *classify(vm, pgpa, multi, gfn_bounds=gfn_bounds))
     counts: list[int]
     if not vm.notifiers.sync:
         # No per-event notifier: nothing can change tracking mid-batch, so one pass.

@@ -93,7 +93,7 @@ class EventBatch:
     flags: U8
 
     def __len__(self) -> int:
-        return int(self.seq.shape[0])
+        return len(self.seq)
 
     @property
     def offsets(self) -> U64:
