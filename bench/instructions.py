@@ -25,6 +25,8 @@ Units (all in process, no sockets, so what they measure is the daemon's own code
   pages (as bench/streams.py writes), the event history registered, per batch;
 * ``write_guest_batch``: ``MemoryService.WriteGuestBatch`` called directly (servicer,
   application layer and domain) with the same 4,096 writes, per call;
+* ``write_guest_batch_100``: the same with 100 tracked 8-byte writes into 16 pages, per
+  call (the call ``bench/scale.py``'s watchers workload makes 1,000 times a second);
 * ``write_guest``: ``MemoryService.WriteGuest`` called directly, one tracked 8-byte write
   into bytes already written (a guest rewriting its page tables or counters), the event
   history registered, per call. The RPC interceptor (authentication, the VM's lock) is
@@ -159,6 +161,23 @@ async def main():
 asyncio.run(main())
 """
 
+#: the call bench/scale.py's watchers workload makes 1,000 times a second: 100 8-byte writes
+#: into 16 tracked pages of a small VM
+_SERVICER_100 = _SERVICES + """
+async def main():
+    engine, mem = await services(16)
+    gpas = [(k % 16) * 4096 + 8 * (k // 16) for k in range(100)]
+    req = pb.WriteGuestBatchRequest(vm="bench", gpa=gpas, vcpu=[0], length=[8] * 100,
+                                    data=b"Z" * 800)
+    for _ in range(20):  # the pages hold these bytes from now on
+        await mem.WriteGuestBatch(req, None)
+    for i in range(units):
+        await mem.WriteGuestBatch(req, None)
+    engine.history_gone = True
+
+asyncio.run(main())
+"""
+
 _UNARY = _SERVICES + """
 async def main():
     engine, mem = await services(1024)
@@ -178,6 +197,7 @@ UNITS = {
     "gpu_ppgtt": (_GPU_PPGTT, 240),
     "batch_4096": (_BATCH, 30),
     "write_guest_batch": (_SERVICER, 30),
+    "write_guest_batch_100": (_SERVICER_100, 1000),
     "write_guest": (_UNARY, 3000),
 }
 
