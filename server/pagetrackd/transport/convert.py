@@ -163,16 +163,16 @@ def track_state_pb(
 _WRITE_MODE_FLAGS = pb.TRACK_MODE_WRITE << 8
 
 
-#: the varints of 0..16383 (one or two bytes): tags, lengths and counts of a message
-_SMALL_VARINTS = tuple(
-    bytes((v,)) if v < 0x80 else bytes((v & 0x7F | 0x80, v >> 7)) for v in range(1 << 14)
-)
+#: the one-byte varints (0..127): tags and small counts
+_BYTE_VARINTS = tuple(bytes((v,)) for v in range(0x80))
 
 
 def varint(value: int) -> bytes:
     """Protobuf's varint encoding of one unsigned value."""
-    if 0 <= value < 0x4000:
-        return _SMALL_VARINTS[value]
+    if 0 <= value < 0x80:
+        return _BYTE_VARINTS[value]
+    if 0x80 <= value < 0x4000:  # two bytes: a message's field lengths, mostly
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
