@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 from pagetrackd.transport.watch import _Beat, _Flusher, _Signal
 
@@ -69,3 +71,36 @@ async def test_signal_wakes_its_waiter_and_can_be_cleared() -> None:
     await asyncio.gather(cancelled, return_exceptions=True)
     signal.set()  # a cancelled waiter is not woken twice
     await signal.wait()  # set: returns at once
+
+
+async def test_a_sender_held_past_its_beat_still_beats_on_an_idle_vm() -> None:
+    """A stream whose send waits longer than its interval (a slow reader) gets its
+    heartbeat's wake-up while it is away; back, it must send the beat rather than go to
+    sleep with no timer left (the VM is idle: nothing else would wake it)."""
+    from pagetrack.v1 import pagetrack_pb2 as pb
+    from pagetrackd.application import Engine
+    from pagetrackd.domain import TenantId
+    from pagetrackd.limits import ServerLimits
+    from pagetrackd.transport.watch import WatchService, _options
+
+    engine = Engine()
+    tenant = TenantId("t")
+    entry = engine.create_vm(tenant, "v")
+    service = WatchService(engine, ServerLimits())
+    request = pb.WatchRequest(vm="v", heartbeat_interval_ms=50)
+    opts = _options(request, service.limits)
+    stream = service._stream(request, entry, tenant, opts, "owner", "peer")
+    service._subscribe(entry, stream.sub, None, False)
+    sender = cast(
+        AsyncGenerator[Any, None],
+        service._deliver(stream, opts.max_events, opts.max_bytes, 50, False),
+    )
+    async with asyncio.timeout(30):  # bounds a hang only
+        first = await anext(sender)
+        assert first.WhichOneof("kind") == "progress"
+        # the reader is slow: the sender stays at its yield past the next beat's time (the
+        # sleep is the slow reader itself; the beat's timer, due at 50 ms, rings first)
+        await asyncio.sleep(0.15)
+        second = await anext(sender)
+    assert second.WhichOneof("kind") == "progress"
+    await sender.aclose()

@@ -514,12 +514,10 @@ class WatchService(pbg.WatchServiceServicer):
                     )
                     yield pb.WatchResponse(closed=pb.Closed(reason=reason, last_seq=sub.last_seq))
                     return
-                stream.wake.clear()
-                await stream.wake.wait()  # events, the heartbeat's timer, or the end
+                await self._sleep(stream, next_beat)
             elif self._holding(stream):
                 # the batch fills up until the flusher (or a full batch) wakes the stream
-                stream.wake.clear()
-                await stream.wake.wait()
+                await self._sleep(stream, next_beat)
             if sub.pending and not self._holding(stream):
                 budget = max(1, min(max_events, max_bytes // 8))
                 for msg in _messages(sub.take(budget), vm, max_events, max_bytes, omit_data):
@@ -532,6 +530,15 @@ class WatchService(pbg.WatchServiceServicer):
                 beat.generation += 1
                 beats.after(heartbeat_s, beat.ring, beat.generation)
                 yield _progress(sub, vm)
+
+    @staticmethod
+    async def _sleep(stream: _Stream, next_beat: float) -> None:
+        """Until the stream is woken: events, its heartbeat's timer, the end. Not at all
+        once the beat is due: its timer may have rung while the stream was away sending
+        (a slow reader), and that wake-up is what this clears."""
+        stream.wake.clear()
+        if time.monotonic() < next_beat:
+            await stream.wake.wait()
 
     def _holding(self, stream: _Stream) -> bool:
         """Whether the stream's events wait for its batch delay to end."""
