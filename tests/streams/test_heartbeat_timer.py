@@ -12,7 +12,11 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
-from pagetrackd.transport.watch import _Beat, _Flusher, _Signal
+from pagetrack.v1 import pagetrack_pb2 as pb
+from pagetrackd.application import Engine
+from pagetrackd.domain import TenantId
+from pagetrackd.limits import ServerLimits
+from pagetrackd.transport.watch import WatchService, _Beat, _Flusher, _options, _Signal
 
 
 def _busy(seconds: float) -> None:
@@ -77,12 +81,6 @@ async def test_a_sender_held_past_its_beat_still_beats_on_an_idle_vm() -> None:
     """A stream whose send waits longer than its interval (a slow reader) gets its
     heartbeat's wake-up while it is away; back, it must send the beat rather than go to
     sleep with no timer left (the VM is idle: nothing else would wake it)."""
-    from pagetrack.v1 import pagetrack_pb2 as pb
-    from pagetrackd.application import Engine
-    from pagetrackd.domain import TenantId
-    from pagetrackd.limits import ServerLimits
-    from pagetrackd.transport.watch import WatchService, _options
-
     engine = Engine()
     tenant = TenantId("t")
     entry = engine.create_vm(tenant, "v")
